@@ -1,0 +1,109 @@
+"""Engine configuration: one dataclass per concern, gathered in EngineConfig.
+
+EngineArgs (engine_args.py) turns flat user options into these; everything below the entrypoints reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: Optional[torch.dtype], device: str) -> torch.dtype:
+    """'auto' follows the checkpoint's dtype on CUDA (bf16 when it is float32), and float32 on the CPU.
+
+    The CPU default is float32 because that is what the reference (transformers) runs and our CPU path is a
+    reference first; pass dtype="bfloat16" for speed on CPUs with native bf16.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32
+        if config_dtype in (torch.float16, torch.bfloat16):
+            return config_dtype
+        return torch.bfloat16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}") from None
+
+
+@dataclass
+class ModelConfig:
+    model: str  # what the user named (path, GGUF file, or HF id)
+    source: Any  # loader.source.ModelSource
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    seed: int = 0
+    tokenizer: Optional[str] = None
+    served_model_name: Optional[str] = None
+    skip_tokenizer_init: bool = False
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else "LlamaForCausalLM"
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.hf_config, "head_dim", None)
+        return hd or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: Optional[int] = None  # bytes for the KV cache; None: a fraction of free memory
+    gpu_memory_utilization: float = 0.9  # fraction of device memory the engine may use (CPU: of free RAM)
+    num_blocks: Optional[int] = None  # set by the worker after sizing the KV cache
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    policy: str = "fcfs"  # fcfs | priority
+    max_queued_requests: Optional[int] = None
+
+
+@dataclass
+class DeviceConfig:
+    device: str = "cpu"
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)

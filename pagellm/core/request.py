@@ -1,0 +1,148 @@
+"""Request: one sequence's token ids and its progress through the engine.
+
+Scheduling is one rule: move `num_computed_tokens` toward `num_tokens`. Prefill, chunked prefill, prefix-cache
+hits and decode are all instances of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Iterable, Optional, Union
+
+from pagellm.core.block_pool import BlockHash, hash_block_tokens
+from pagellm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    # Everything after PREEMPTED is finished.
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @staticmethod
+    def is_finished(status: "RequestStatus") -> bool:
+        return status > RequestStatus.PREEMPTED
+
+    @staticmethod
+    def finish_reason(status: "RequestStatus") -> Optional[str]:
+        """The OpenAI finish_reason of a finished status ("stop" | "length" | "abort"), None if not finished."""
+        return _FINISH_REASONS.get(status)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """One sequence. `prompt_token_ids` is shared, never mutated (the n sequences of one prompt share it)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_id: Optional[int],
+        arrival_time: Optional[float] = None,
+        priority: int = 0,
+        cache_salt: Optional[str] = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.priority = priority  # lower is served first; ties by arrival_time
+        # Anything besides the token ids that changes the KV (cache salt, LoRA): part of every block hash.
+        self.extra_keys: Any = cache_salt
+
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Union[int, str, None] = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit tokens at the first schedule; -1 before it
+        self.num_preemptions = 0
+        self.output_token_ids: list[int] = []
+        self._all_token_ids: list[int] = list(prompt_token_ids)
+        # Hash of every full block of all_token_ids, in order; kept up to date once a block size is set.
+        self.block_hashes: list[BlockHash] = []
+        self._block_size: Optional[int] = None
+
+    # ---- token ids ----
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """prompt + output; a live list: read it, never mutate it."""
+        return self._all_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token_ids(self, token_ids: Union[int, Iterable[int]]) -> None:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        else:
+            token_ids = list(token_ids)
+        self.output_token_ids.extend(token_ids)
+        self._all_token_ids.extend(token_ids)
+        if self._block_size is not None:
+            self._update_block_hashes()
+
+    # ---- block hashes (prefix caching) ----
+
+    @property
+    def block_size(self) -> Optional[int]:
+        return self._block_size
+
+    def enable_block_hashing(self, block_size: int) -> None:
+        """Hash the full blocks now and keep hashing as tokens are appended. Idempotent for one block size."""
+        if self._block_size == block_size:
+            return
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self._block_size = block_size
+        self.block_hashes = []
+        self._update_block_hashes()
+
+    def _update_block_hashes(self) -> None:
+        bs = self._block_size
+        assert bs is not None
+        tokens = self._all_token_ids
+        hashes = self.block_hashes
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), len(tokens) // bs):
+            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], self.extra_keys)
+            hashes.append(parent)
+
+    # ---- status ----
+
+    @property
+    def is_finished(self) -> bool:
+        return RequestStatus.is_finished(self.status)
+
+    def get_finished_reason(self) -> Optional[str]:
+        return RequestStatus.finish_reason(self.status)
+
+    def sort_key(self) -> tuple[int, float]:
+        """Scheduling order under the priority policy: smaller first."""
+        return (self.priority, self.arrival_time)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, out={self.num_output_tokens})"
+        )

@@ -1,0 +1,377 @@
+"""Scheduler: one token budget per step, shared by decodes, chunked prefills and new requests.
+
+Each step: running requests first, in order (a decode gets 1 token, an unfinished prefill its next chunk);
+when the KV pool runs dry the lowest-priority running request is preempted by recompute. Then waiting requests
+are admitted (after a prefix-cache lookup) while budget, sequence cap and blocks allow. A request whose
+computed tokens reach its last known token samples one new token.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
+
+from pagellm.core.kv_cache_manager import KVCacheManager, cdiv
+from pagellm.core.request import Request, RequestStatus
+from pagellm.core.sched_output import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+
+if TYPE_CHECKING:  # config.py imports torch; core/ must not
+    from pagellm.config import CacheConfig, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+class FCFSQueue:
+    """Waiting requests in arrival order; preempted ones go back to the front."""
+
+    def __init__(self) -> None:
+        self._q: deque[Request] = deque()
+
+    def add(self, request: Request) -> None:
+        self._q.append(request)
+
+    def add_front(self, request: Request) -> None:
+        self._q.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        return self._q.popleft()
+
+    def remove(self, request: Request) -> None:
+        self._q.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._q)
+
+
+class PriorityQueue:
+    """Waiting requests by (priority, arrival_time); among equals, preempted ones first, then insertion order."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def add(self, request: Request) -> None:
+        heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
+
+    def add_front(self, request: Request) -> None:
+        heapq.heappush(self._heap, (request.priority, request.arrival_time, -next(self._counter), request))
+
+    def peek(self) -> Request:
+        return self._heap[0][3]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3]
+
+    def remove(self, request: Request) -> None:
+        for i, entry in enumerate(self._heap):
+            if entry[3] is request:
+                last = self._heap.pop()
+                if i < len(self._heap):
+                    self._heap[i] = last
+                    heapq.heapify(self._heap)
+                return
+        raise ValueError(f"{request.request_id} is not waiting")
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (entry[3] for entry in sorted(self._heap, key=lambda e: e[:3]))
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: "SchedulerConfig", cache_config: "CacheConfig") -> None:
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        if scheduler_config.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {scheduler_config.policy!r}")
+        if cache_config.num_blocks is None:
+            raise ValueError("cache_config.num_blocks must be set before the scheduler is built")
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_model_len = scheduler_config.max_model_len
+        self.block_size = cache_config.block_size
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.priority_policy = scheduler_config.policy == "priority"
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=cache_config.num_blocks,
+            block_size=cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+            max_model_len=scheduler_config.max_model_len,
+        )
+        if cdiv(self.max_model_len, self.block_size) > cache_config.num_blocks:
+            logger.warning(
+                "the KV cache holds %d tokens, less than max_model_len (%d): sequences that outgrow it will be "
+                "finished with reason 'length'", cache_config.num_blocks * self.block_size, self.max_model_len,
+            )
+
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting: Union[FCFSQueue, PriorityQueue] = PriorityQueue() if self.priority_policy else FCFSQueue()
+        self.running: list[Request] = []
+        # Ids that left since the last schedule(): the next SchedulerOutput tells the runner to drop them.
+        self.finished_req_ids: set[str] = set()
+        # Outputs of requests that schedule() had to finish (too long for the whole KV cache).
+        self._pending_outputs: list[EngineCoreOutput] = []
+        self.num_preemptions_total = 0
+
+    # ---- requests in and out ----
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id}: {request.num_tokens} tokens exceed max_model_len {self.max_model_len}"
+            )
+        if not request.prompt_token_ids:
+            raise ValueError(f"request {request.request_id}: empty prompt")
+        if self.kv_cache_manager.enable_caching:
+            request.enable_block_hashing(self.block_size)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus) -> None:
+        """Finish requests from outside (abort, stop string). Unknown or finished ids are ignored."""
+        if not RequestStatus.is_finished(status):
+            raise ValueError(f"{status!r} is not a finished status")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """The request has left running/waiting: set its status, free its blocks, forget it."""
+        request.status = status
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    # ---- one step ----
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the KV, go back to the front of the queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.add_front(request)
+
+    def _finish_too_long(self, request: Request) -> None:
+        """The request alone needs more blocks than the whole pool: it can never proceed."""
+        logger.warning(
+            "request %s needs more KV blocks than the cache holds (%d tokens): finished with reason 'length'",
+            request.request_id, request.num_tokens,
+        )
+        self._finish(request, RequestStatus.FINISHED_LENGTH)
+        self._pending_outputs.append(EngineCoreOutput(
+            req_id=request.request_id, new_token_ids=[], finish_reason="length",
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        ))
+
+    def schedule(self) -> SchedulerOutput:
+        kvm = self.kv_cache_manager
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}  # request id -> tokens this step, in scheduling order
+        scheduled_reqs: list[Request] = []
+        preempted_ids: set[str] = set()
+
+        # Under the priority policy the running list is kept in priority order, so that the victim (always the
+        # last) is the lowest-priority request and never one already scheduled in this step.
+        if self.priority_policy:
+            self.running.sort(key=Request.sort_key)
+
+        # 1. Running requests: decodes and unfinished (chunked) prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(
+                request.num_tokens - request.num_computed_tokens,
+                budget,
+                self.max_model_len - request.num_computed_tokens,
+            )
+            if n <= 0:
+                i += 1
+                continue
+            while True:
+                if kvm.allocate_slots(request, n) is not None:
+                    scheduled = True
+                    break
+                victim = self.running.pop()  # the lowest priority; its index is >= i
+                if victim is request and not self.running and not scheduled_reqs:
+                    # Nothing else holds blocks, and still it does not fit: it never will.
+                    self._finish_too_long(request)
+                    scheduled = False
+                    break
+                self._preempt(victim)
+                preempted_ids.add(victim.request_id)
+                if victim is request:
+                    scheduled = False
+                    break
+            if not scheduled:
+                continue  # the request left the list; running[i] is the next one (or the end)
+            num_scheduled[request.request_id] = n
+            scheduled_reqs.append(request)
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, unless this step already had to preempt.
+        while (
+            not preempted_ids
+            and len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            request = self.waiting.peek()
+            first_time = request.num_cached_tokens < 0
+            if request.sampling_params.prompt_logprobs is None:
+                hits, num_hit = kvm.get_computed_blocks(request, count_stats=False)
+            else:  # prompt logprobs need every prompt position computed: no prefix hits (its blocks still cache)
+                hits, num_hit = [], 0
+            n = min(request.num_tokens - num_hit, budget, self.max_model_len - num_hit)
+            if n <= 0:  # cannot happen for a valid request; do not spin on it
+                self.waiting.pop()
+                self._finish_too_long(request)
+                continue
+            if kvm.allocate_slots(request, n, hits) is None:
+                if not self.running:
+                    # The pool is all free (or evictable), yet the chunk does not fit: it never will.
+                    self.waiting.pop()
+                    self._finish_too_long(request)
+                    continue
+                break
+            self.waiting.pop()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            if first_time:
+                request.num_cached_tokens = num_hit
+                if request.sampling_params.prompt_logprobs is None:
+                    kvm.record_prefix_cache_query(request.num_tokens, num_hit)
+            self.running.append(request)
+            num_scheduled[request.request_id] = n
+            scheduled_reqs.append(request)
+            budget -= n
+
+        # 3. The step's message; then the scheduled tokens count as computed.
+        out = SchedulerOutput(
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=preempted_ids,
+        )
+        self.finished_req_ids = set()
+        for request in scheduled_reqs:
+            n = num_scheduled[request.request_id]
+            start = request.num_computed_tokens
+            out.scheduled.append(ScheduledRequest(
+                req_id=request.request_id,
+                token_ids=request.all_token_ids[start : start + n],
+                num_computed_tokens=start,
+                block_ids=kvm.get_block_ids(request.request_id),
+                sampling_params=request.sampling_params,
+                prompt_token_ids=request.prompt_token_ids,
+                # Live list: it gains this step's token in update_from_output, after the runner used it.
+                output_token_ids=request.output_token_ids,
+                do_sample=start + n == request.num_tokens,
+            ))
+            request.num_computed_tokens = start + n
+        assert out.num_batched_tokens <= self.max_num_batched_tokens
+        assert len(out.scheduled) <= self.max_num_seqs
+        return out
+
+    # ---- after the forward pass ----
+
+    def _check_stop(self, request: Request) -> Optional[RequestStatus]:
+        sp = request.sampling_params
+        if request.num_output_tokens >= sp.min_tokens:
+            last = request.output_token_ids[-1]
+            if not sp.ignore_eos and request.eos_token_id is not None and last == request.eos_token_id:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if last in sp.all_stop_token_ids:
+                request.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and request.num_output_tokens >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs = self._pending_outputs
+        self._pending_outputs = []
+        sampled = model_runner_output.sampled_token_ids
+        logprobs = model_runner_output.logprobs
+        prompt_logprobs = model_runner_output.prompt_logprobs
+        any_finished = False
+        for sr in scheduler_output.scheduled:
+            req_id = sr.req_id
+            request = self.requests.get(req_id)
+            if request is None:
+                continue  # finished (aborted) after schedule()
+            token = sampled.get(req_id)
+            plp = prompt_logprobs.get(req_id)
+            if token is None and plp is None:
+                continue
+            new_ids: list[int] = []
+            status = None
+            if token is not None:
+                request.append_output_token_ids(token)
+                new_ids.append(token)
+                status = self._check_stop(request)
+            if status is not None:
+                any_finished = True
+                self._finish(request, status)
+            outputs.append(EngineCoreOutput(
+                req_id=req_id,
+                new_token_ids=new_ids,
+                finish_reason=RequestStatus.finish_reason(status) if status is not None else None,
+                stop_reason=request.stop_reason if status is not None else None,
+                new_logprobs=logprobs.get(req_id) if token is not None else None,
+                new_prompt_logprobs=plp,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            ))
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return outputs

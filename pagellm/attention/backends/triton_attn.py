@@ -1,0 +1,426 @@
+"""Paged attention on CUDA in Triton: same `forward(q, k, v, kv_cache, meta, scale)` as `torch_ref`.
+
+Why these kernels, and not something torch already has:
+- torch SDPA and `varlen_attn` want each request's K/V contiguous. The cache is paged ([2, num_blocks,
+  block_size, Hk, D], a request's blocks anywhere), so using them means gathering every request's whole
+  context into a fresh buffer every step and layer: O(context) extra reads and writes, plus one call per
+  request. That copy alone costs as much as decode attention itself.
+- flex_attention can be taught the paged layout through index tricks, but it compiles per shape/mask and
+  recompiles as batch composition changes, which a continuous-batching step changes every time.
+- So the kernels here read K/V straight through the block table. There are three of them, plus a reduce:
+
+1. `_write_kv_kernel`: scatters this step's K/V [T, Hk, D] into the cache at `slot_mapping`; one program per
+   token (and chunk of Hk*D). A slot of -1 means a padded token (CUDA-graph padding): the program skips it.
+2. `_paged_attn_kernel`, one source compiled in two modes:
+   - prefill mode (requests num_decodes..num_reqs-1): a program owns BLOCK_Q consecutive query tokens of one
+     request times the GROUP query heads that share one KV head (rows = BLOCK_Q * GROUP_P2, so each K/V tile
+     is loaded once for the whole group), walks the request's KV tiles through the block table with an online
+     softmax (fp32 statistics and accumulator), and applies the causal mask offset by the cached prefix
+     (query i of a request sits at position seq_len - query_len + i). Tiles wholly below the first query's
+     position run unmasked; only the few diagonal tiles pay for masking. The flat grid has
+     (prefill tokens // BLOCK_Q + prefill requests) programs, a bound on the tiles needed that the host knows
+     without reading device memory; each program finds its request by binary search over query_start_loc.
+   - decode mode (the first num_decodes requests, one query each): one program per (request, KV head,
+     split); rows are that KV head's query heads (padded to 16 for the tensor-core dot).
+3. Split-KV (flash-decoding) for decode: when few (request, KV head) pairs exist for the chip (few decodes,
+   e.g. batch 1 at 32k context) one program per pair would leave most SMs idle while it streams the whole
+   context alone. Then each pair's KV range is cut into `num_splits` tile-aligned parts, each program writes a
+   partial output and its log-sum-exp, and `_reduce_splits_kernel` combines them. See `decode_num_splits`:
+   split only when num_decodes * Hk < SMs and max_seq_len >= 512; aim at ~4 programs per SM, at least 256
+   keys per part, at most 64 parts. The parts are cut from each request's own seq_len on the device, so a
+   request much shorter than max_seq_len still spreads evenly. Measured on an H100 (Llama-8B heads, bf16,
+   attention alone in a CUDA graph): B=1 x 32k 54 us with 64 parts vs 772 us unsplit; B=16 x 8k (128
+   programs) 187 us with 5 parts vs 229 us; B=32 x 2k (256 programs) 95 us unsplit vs 108 us with 3 parts,
+   hence the threshold of one program per SM.
+
+Launch path: no `.item()`/`.tolist()`, no device->host reads; grids come from host ints (num_actual_tokens,
+num_decodes, num_reqs, max_seq_len) only. The decode path is CUDA-graph capturable: its grid depends only on
+(num_decodes, num_kv_heads, max_seq_len), so a graph runner passes a fixed max_seq_len (e.g. max_model_len)
+for a captured batch size; padded decode slots with seq_len 0 produce zeros, and slot -1 skips the cache write.
+
+Supported: head dims that are powers of two in [16, 256]; block sizes that are powers of two; any GQA ratio
+(non-powers of two are padded and masked); bf16, fp16 and fp32 (fp32 dots run in IEEE fp32, for tests).
+Other head dims fall back to torch_ref (correct, slow).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagellm.attention.metadata import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_c_kv, stride_c_b, stride_c_s, stride_c_h,
+    num_elems,
+    HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:  # padded token
+        return
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = e < num_elems
+    h = e // HEAD_D
+    d = e % HEAD_D
+    key = tl.load(k_ptr + tok * stride_kt + h * stride_kh + d, mask=ok)
+    val = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d, mask=ok)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    dst = cache_ptr + blk * stride_c_b + off * stride_c_s + h * stride_c_h + d
+    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + stride_c_kv, val.to(cache_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _attn_kv_tile(
+    acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n, offs_d,
+    stride_c_b, stride_c_s, scale_log2,
+    BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """One KV tile [start, start + TILE_N) of the online softmax. With MASK, keys >= kv_hi and keys after a
+    row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak)."""
+    n = start + offs_n
+    if MASK:
+        n_ok = n < kv_hi
+        page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0)
+    else:
+        page = tl.load(bt_row + n // BLOCK_SIZE)
+    kv_off = page.to(tl.int64) * stride_c_b + (n % BLOCK_SIZE) * stride_c_s
+    kv_off2 = kv_off[:, None] + offs_d[None, :]
+    if MASK:
+        k = tl.load(k_base + kv_off2, mask=n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + kv_off2)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    if MASK:
+        visible = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASK:
+        v = tl.load(v_base + kv_off2, mask=n_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + kv_off2)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr, o_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_b, stride_c_s, stride_c_h, stride_bt,
+    first_req, num_reqs, num_splits,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # --- which request and which query tile this program owns
+    if DECODE:
+        req = pid
+        q_tile = 0
+    else:
+        # Request r's tiles start at (qsl[r] - qsl[first]) // BLOCK_Q + (r - first): strictly increasing in r
+        # and leaving each request at least cdiv(query_len, BLOCK_Q) tiles. Find the last r starting <= pid.
+        q_base = tl.load(qsl_ptr + first_req)
+        lo = pid * 0 + first_req  # (pid * 0 keeps these i32 tensors even when an arg is specialized to 1)
+        hi = pid * 0 + num_reqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            mid_start = (tl.load(qsl_ptr + mid) - q_base) // BLOCK_Q + (mid - first_req)
+            go = mid_start <= pid
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        req = lo
+        q_tile = pid - ((tl.load(qsl_ptr + req) - q_base) // BLOCK_Q + (req - first_req))
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + req)
+    q_off0 = q_tile * BLOCK_Q
+    if q_off0 >= q_len:  # a spare tile of the bound
+        return
+
+    # --- rows: BLOCK_Q tokens x GROUP_P2 query heads of KV head kvh
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = offs_m // GROUP_P2
+    head = offs_m % GROUP_P2
+    row_ok = (tok < BLOCK_Q) & (q_off0 + tok < q_len) & (head < GROUP)
+    q_row = (q_start + q_off0 + tok).to(tl.int64)
+    q_head = kvh * GROUP + head
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(q_ptr + q_row[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q = q.to(cache_ptr.dtype.element_ty)
+    ctx0 = seq_len - q_len + q_off0  # position of the tile's first query
+    q_pos = ctx0 + tok
+
+    # --- KV range: keys < kv_hi matter to some row; keys < full_hi are visible to every valid row
+    kv_hi = tl.minimum(seq_len, ctx0 + BLOCK_Q)
+    full_hi = ctx0 + 1
+    if SPLIT:
+        part = tl.cdiv(tl.cdiv(kv_hi, num_splits), TILE_N) * TILE_N
+        kv_lo = split * part
+        kv_hi = tl.minimum(kv_hi, kv_lo + part)
+    else:
+        kv_lo = 0
+    n_full = tl.maximum(tl.minimum(kv_hi, full_hi) - kv_lo, 0) // TILE_N
+    kv_mid = kv_lo + n_full * TILE_N
+
+    bt_row = bt_ptr + req.to(tl.int64) * stride_bt
+    k_base = cache_ptr + kvh * stride_c_h
+    v_base = k_base + stride_c_kv
+    offs_n = tl.arange(0, TILE_N)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    for start in range(kv_lo, kv_mid, TILE_N):
+        acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC)
+    for start in range(kv_mid, kv_hi, TILE_N):
+        acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLIT:
+        num_heads = tl.num_programs(1) * GROUP
+        idx = (req.to(tl.int64) * num_heads + q_head) * num_splits + split
+        tl.store(part_o_ptr + idx[:, None] * HEAD_D + offs_d[None, :], out, mask=row_ok[:, None])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        tl.store(part_lse_ptr + idx, lse, mask=row_ok)
+    else:
+        tl.store(o_ptr + q_row[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
+    HEAD_D: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < num_splits
+    base = (req * num_heads + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx)  # empty parts: exp2(-inf) = 0
+    denom = tl.sum(w, 0)
+    offs_d = tl.arange(0, HEAD_D)
+    part = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    row = tl.load(qsl_ptr + req).to(tl.int64)
+    tl.store(o_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch configuration (fixed tables, no autotuning: autotune would time on first call, and graph capture
+# needs the choice made before capture anyway)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # rows per program (query tokens x padded group); for decode, max(16, group)
+    tile_n: int  # keys per KV tile
+    num_warps: int
+    num_stages: int
+
+
+# Defaults picked by `benchmarks/attention_kernels.py --sweep` on an H100 (bf16, Llama-8B heads):
+# prefill D=128, 4x2048 causal: (64 rows, 64 keys, 4 warps, 2 stages) 437 us = 315 TFLOP/s, 190 registers, no
+# spills; (128, 32, 4, 3) as fast (436 us) but at 255 registers with spills; the first default (128, 64, 8, 3)
+# 485 us; 8 warps with 64-row tiles up to 875 us. Decode: (64 keys, 4 warps, 2 stages) 360 us at B=256 x 1024
+# (95% of the 3.0 TB/s copy rate); other tiles and stage counts within 1-8%, 8 warps worse.
+def prefill_config(head_dim: int, group_p2: int, elem_size: int) -> KernelConfig:
+    if head_dim <= 64:
+        cfg = KernelConfig(128, 64, 4, 3)
+    elif head_dim <= 128:
+        cfg = KernelConfig(64, 64, 4, 2)
+    else:
+        cfg = KernelConfig(64, 32, 8, 2)
+    if elem_size >= 4:  # fp32 (tests only): IEEE dots run on FMAs; half the tiles, 8 warps
+        cfg = KernelConfig(max(16, cfg.block_m // 2), max(16, cfg.tile_n // 2), 8, 2)
+    return KernelConfig(max(cfg.block_m, group_p2, 16), cfg.tile_n, cfg.num_warps, cfg.num_stages)
+
+
+def decode_config(head_dim: int, group_p2: int, elem_size: int) -> KernelConfig:
+    block_m = max(16, group_p2)
+    if elem_size >= 4:
+        return KernelConfig(block_m, 32, 8, 2)
+    if head_dim <= 128:
+        return KernelConfig(block_m, 64, 4, 2)
+    return KernelConfig(block_m, 32, 4, 2)
+
+
+# Split-KV heuristic (see the module docstring).
+SPLIT_MAX_PROGRAMS_PER_SM = 1  # split only below this many (request, KV head) programs per SM
+SPLIT_TARGET_PROGRAMS_PER_SM = 4
+SPLIT_MIN_SEQ = 512
+SPLIT_MIN_KEYS = 256
+SPLIT_MAX = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter on CPU tensors (local checks)
+        return 132
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def decode_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """How many parts each decode's KV range is cut into. Host ints only, so the grid is graph-stable."""
+    programs = num_decodes * num_kv_heads
+    if programs == 0 or programs >= SPLIT_MAX_PROGRAMS_PER_SM * num_sms or max_seq_len < SPLIT_MIN_SEQ:
+        return 1
+    want = triton.cdiv(SPLIT_TARGET_PROGRAMS_PER_SM * num_sms, programs)
+    return max(1, min(want, max_seq_len // SPLIT_MIN_KEYS, SPLIT_MAX))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _supported(head_dim: int, block_size: int) -> bool:
+    pow2 = lambda x: x > 0 and (x & (x - 1)) == 0  # noqa: E731
+    return pow2(head_dim) and 16 <= head_dim <= 256 and pow2(block_size)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             num_tokens: int) -> None:
+    """Store k/v [T, Hk, D] (first num_tokens rows) at slot_mapping in kv_cache [2, NB, BS, Hk, D]."""
+    if num_tokens == 0:
+        return
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    assert k.stride(2) == 1 and v.stride(2) == 1
+    num_elems = num_kv_heads * head_dim
+    block_e = min(triton.next_power_of_2(num_elems), 4096)
+    grid = (num_tokens, triton.cdiv(num_elems, block_e))
+    _write_kv_kernel[grid](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        num_elems,
+        HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], BLOCK_E=block_e, num_warps=4,
+    )
+
+
+def _prec(kv_cache: torch.Tensor) -> str:
+    return "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+
+
+def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, num_splits: int | None = None, cfg: KernelConfig | None = None) -> None:
+    """Attention for the first meta.num_decodes requests (one query each), written into out."""
+    nd = meta.num_decodes
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    if cfg is None:
+        cfg = decode_config(head_dim, group_p2, kv_cache.element_size())
+    if num_splits is None:
+        num_splits = decode_num_splits(nd, num_kv_heads, meta.max_seq_len, _device_sms(q.device))
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty((nd, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((nd, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    bt = meta.block_tables
+    _paged_attn_kernel[(nd, num_kv_heads, num_splits)](
+        q, out, kv_cache, bt, meta.seq_lens, meta.query_start_loc, part_o, part_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0),
+        0, nd, num_splits,
+        GROUP=group, GROUP_P2=group_p2, BLOCK_Q=1, BLOCK_M=cfg.block_m, TILE_N=cfg.tile_n, HEAD_D=head_dim,
+        BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(kv_cache),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _reduce_splits_kernel[(nd, num_heads)](
+            part_o, part_lse, out, meta.query_start_loc, num_splits, out.stride(0), out.stride(1),
+            HEAD_D=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+
+
+def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                   scale: float, cfg: KernelConfig | None = None) -> None:
+    """Attention for requests num_decodes..num_reqs-1 (prefill chunks, any query length), written into out."""
+    nd, nr = meta.num_decodes, meta.num_reqs
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    if cfg is None:
+        cfg = prefill_config(head_dim, group_p2, kv_cache.element_size())
+    block_q = max(1, cfg.block_m // group_p2)
+    # Decodes own exactly tokens [0, nd); the rest belong to prefills. This bounds the tiles needed.
+    num_tiles = (meta.num_actual_tokens - nd) // block_q + (nr - nd)
+    bt = meta.block_tables
+    _paged_attn_kernel[(num_tiles, num_kv_heads, 1)](
+        q, out, kv_cache, bt, meta.seq_lens, meta.query_start_loc, out, out,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0),
+        nd, nr, 1,
+        GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_q * group_p2, TILE_N=cfg.tile_n,
+        HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(kv_cache),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hk, D] for the flat batch; returns [T, Hq, D] (rows past num_actual_tokens are
+    left unwritten)."""
+    head_dim, block_size = q.shape[2], kv_cache.shape[2]
+    if not _supported(head_dim, block_size):
+        from pagellm.attention.backends import torch_ref
+
+        return torch_ref.forward(q, k, v, kv_cache, meta, scale)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    assert kv_cache.stride(4) == 1 and meta.block_tables.stride(1) == 1
+    write_kv(k, v, kv_cache, meta.slot_mapping, meta.num_actual_tokens)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if meta.num_decodes:
+        attend_decode(q, out, kv_cache, meta, scale)
+    if meta.num_reqs > meta.num_decodes:
+        attend_prefill(q, out, kv_cache, meta, scale)
+    return out
+
+
+__all__ = ["forward", "write_kv", "attend_decode", "attend_prefill", "decode_num_splits", "KernelConfig",
+           "prefill_config", "decode_config"]

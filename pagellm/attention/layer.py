@@ -1,0 +1,42 @@
+"""The Attention module a model calls: picks the backend for the device once, then forwards to it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagellm.attention.backends import get_attention_backend
+from pagellm.attention.metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the layer's paged cache, then attends over each request's blocks.
+
+    q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim]; kv_cache:
+    [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [T, num_heads * head_dim].
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        backend = get_attention_backend(q.device)
+        out = backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
+        return out.reshape(t, self.num_heads * self.head_dim)

@@ -1,0 +1,396 @@
+"""Sampler: one step's logits [N, V] -> one new token per request, batched, on any device.
+
+Row i of the logits belongs to request i. The order of the work, per step:
+
+1. logprobs (when any request asks): log_softmax of the model's raw logits in float32, before anything below
+   changes them; the top-k of each row now, the sampled token's logprob and rank after sampling.
+2. logit_bias, then the min_tokens mask (stop tokens -> -inf while a request is shorter than min_tokens),
+   then repetition, frequency and presence penalties.
+3. Greedy rows take the argmax. Random rows: temperature, min_p, top_k, top_p (one sort, keeping at least one
+   token), softmax, then inverse-CDF sampling: one uniform u per row, and the first token whose cumulative
+   probability exceeds u * total. One random number per row (not one per vocabulary entry, as the
+   exponential-race or Gumbel tricks need) keeps the draw cheap on CPUs, where generating V random numbers
+   per row cost more than the rest of sampling. A row with its own torch.Generator (a seeded request) draws
+   its u with that generator only, so a seed gives the same tokens whatever else shares the batch.
+
+Everything per token is a tensor op; the only Python loops are per request while building the metadata and
+over the seeded rows' generators. `SamplingMetadata` carries flags (all_greedy, no_penalties, no_top_k, ...)
+so the common cases skip the work they do not need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagellm.core.sched_output import TokenLogprobs
+from pagellm.sampling_params import SamplingParams
+
+Device = Union[str, torch.device]
+
+# Prompt logprobs are computed this many positions at a time, to bound the [P, V] float32 temporaries.
+PROMPT_LOGPROBS_CHUNK = 256
+
+
+def make_generator(seed: int, device: Device) -> torch.Generator:
+    """The random stream of one seeded request; the model runner keeps it across the request's steps."""
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(int(seed) % 2**64)  # negative seeds (allowed by SamplingParams) wrap like torch does
+    return gen
+
+
+def _pad_token_lists(lists: Sequence[Sequence[int]], pad: int, device: Device) -> torch.Tensor:
+    """[N, max_len] int64, rows padded with `pad` (an id one past the vocabulary: scattered into a spare column)."""
+    width = max(1, max((len(x) for x in lists), default=0))
+    arr = np.full((len(lists), width), pad, dtype=np.int64)
+    for i, ids in enumerate(lists):
+        if len(ids):
+            arr[i, : len(ids)] = ids
+    np.clip(arr, 0, pad, out=arr)  # an out-of-range id must not index past the spare column
+    return torch.from_numpy(arr).to(device)
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step sampling inputs as tensors; row i is request i. Build it with `SamplingMetadata.build`."""
+
+    num_rows: int
+    vocab_size: int
+    all_greedy: bool
+    all_random: bool
+    # [N] bool, True on greedy rows; only when the batch mixes greedy and random rows.
+    greedy_mask: Optional[torch.Tensor] = None
+    # [N] float32 (1.0 on greedy rows); None when all rows are greedy or every temperature is 1.
+    temperature: Optional[torch.Tensor] = None
+    # [N] int64 in [1, V] (V: no cut); None when no random row uses top-k.
+    top_k: Optional[torch.Tensor] = None
+    # [N] float32 in (0, 1]; None when no random row uses top-p.
+    top_p: Optional[torch.Tensor] = None
+    # [N] float32 in [0, 1]; None when no random row uses min-p.
+    min_p: Optional[torch.Tensor] = None
+    # Penalties: [N] float32 each (neutral values on rows without them); None when no row uses that penalty.
+    repetition_penalties: Optional[torch.Tensor] = None
+    frequency_penalties: Optional[torch.Tensor] = None
+    presence_penalties: Optional[torch.Tensor] = None
+    # [N, Lp] / [N, Lo] int64 padded with vocab_size; only when some penalty needs them.
+    prompt_token_ids: Optional[torch.Tensor] = None
+    output_token_ids: Optional[torch.Tensor] = None
+    # logit_bias as (rows, token ids, values); None when no row has one.
+    logit_bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    # (rows, token ids) whose logits are -inf this step (stop tokens of rows below min_tokens).
+    min_tokens_mask: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    # How many top logprobs each row wants (None: no logprobs), and the largest of them.
+    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    max_num_logprobs: Optional[int] = None
+    # row -> generator, random rows of seeded requests only (greedy rows draw nothing).
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # True when some random row has no generator and draws from the shared (global) stream.
+    needs_shared_draw: bool = False
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.repetition_penalties is None and self.frequency_penalties is None and self.presence_penalties is None
+
+    @property
+    def no_top_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_p is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.min_p is None
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+        generators: dict[int, torch.Generator],
+        vocab_size: int,
+        device: Device,
+    ) -> "SamplingMetadata":
+        n = len(params)
+        if len(prompt_token_ids) != n or len(output_token_ids) != n:
+            raise ValueError("params, prompt_token_ids and output_token_ids must have one entry per row")
+        V = vocab_size
+        greedy = [p.greedy for p in params]
+        all_greedy = all(greedy)
+        all_random = not any(greedy)
+        md = cls(num_rows=n, vocab_size=V, all_greedy=all_greedy, all_random=all_random)
+
+        def f32(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        if not all_greedy:
+            if not all_random:
+                md.greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+            temps = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
+            if any(t != 1.0 for t in temps):
+                md.temperature = f32(temps)
+            ks = [V if g or not 0 < p.top_k < V else p.top_k for p, g in zip(params, greedy)]
+            if any(k < V for k in ks):
+                md.top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+            ps = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
+            if any(p < 1.0 for p in ps):
+                md.top_p = f32(ps)
+            mps = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
+            if any(m > 0.0 for m in mps):
+                md.min_p = f32(mps)
+            md.generators = {row: gen for row, gen in generators.items() if 0 <= row < n and not greedy[row]}
+            md.needs_shared_draw = any(not g and row not in md.generators for row, g in enumerate(greedy))
+
+        reps = [float(p.repetition_penalty) for p in params]
+        freqs = [float(p.frequency_penalty) for p in params]
+        pres = [float(p.presence_penalty) for p in params]
+        has_rep = any(r != 1.0 for r in reps)
+        has_freq = any(f != 0.0 for f in freqs)
+        has_pres = any(x != 0.0 for x in pres)
+        if has_rep:
+            md.repetition_penalties = f32(reps)
+            md.prompt_token_ids = _pad_token_lists(
+                [ids if r != 1.0 else () for ids, r in zip(prompt_token_ids, reps)], V, device)
+        if has_freq:
+            md.frequency_penalties = f32(freqs)
+        if has_pres:
+            md.presence_penalties = f32(pres)
+        if has_rep or has_freq or has_pres:
+            needs_output = [r != 1.0 or f != 0.0 or x != 0.0 for r, f, x in zip(reps, freqs, pres)]
+            md.output_token_ids = _pad_token_lists(
+                [ids if need else () for ids, need in zip(output_token_ids, needs_output)], V, device)
+
+        bias_rows: list[int] = []
+        bias_toks: list[int] = []
+        bias_vals: list[float] = []
+        stop_rows: list[int] = []
+        stop_toks: list[int] = []
+        for row, p in enumerate(params):
+            if p.logit_bias:
+                for tok, val in p.logit_bias.items():
+                    if 0 <= tok < V:  # the processor rejects ids outside the model's vocabulary
+                        bias_rows.append(row)
+                        bias_toks.append(tok)
+                        bias_vals.append(float(val))
+            if p.min_tokens and len(output_token_ids[row]) < p.min_tokens:
+                for tok in p.all_stop_token_ids:
+                    if 0 <= tok < V:
+                        stop_rows.append(row)
+                        stop_toks.append(tok)
+        if bias_rows:
+            md.logit_bias = (
+                torch.tensor(bias_rows, dtype=torch.int64, device=device),
+                torch.tensor(bias_toks, dtype=torch.int64, device=device),
+                f32(bias_vals),
+            )
+        if stop_rows:
+            md.min_tokens_mask = (
+                torch.tensor(stop_rows, dtype=torch.int64, device=device),
+                torch.tensor(stop_toks, dtype=torch.int64, device=device),
+            )
+
+        md.num_logprobs = [p.logprobs for p in params]
+        wanted = [k for k in md.num_logprobs if k is not None]
+        md.max_num_logprobs = max(wanted) if wanted else None
+        return md
+
+
+@dataclass
+class LogprobsTensors:
+    """Column 0: the sampled (or prompt) token; columns 1..k: the top-k, best first. All [N, k + 1]."""
+
+    token_ids: torch.Tensor  # int64
+    logprobs: torch.Tensor  # float32
+    ranks: torch.Tensor  # int64, 1 = most likely
+
+    def tolists(self) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
+        return self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist()
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [N] int64
+    logprobs: Optional[LogprobsTensors] = None
+    _lists: Optional[tuple] = field(default=None, repr=False)  # host copy of `logprobs`, made once
+
+    def logprobs_lists(self) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
+        if self.logprobs is None:
+            raise ValueError("logprobs: no row of this step asked for logprobs")
+        if self._lists is None:
+            self._lists = self.logprobs.tolists()  # one device->host copy for the whole batch
+        return self._lists
+
+
+def to_token_logprobs(output: SamplerOutput, row: int, num_logprobs: Optional[int] = None) -> TokenLogprobs:
+    """Row `row` as Python lists: the sampled token first, then its top `num_logprobs` (default: all computed)."""
+    ids, lps, ranks = output.logprobs_lists()
+    width = len(ids[row]) if num_logprobs is None else min(len(ids[row]), 1 + num_logprobs)
+    return TokenLogprobs(token_ids=ids[row][:width], logprobs=lps[row][:width], ranks=ranks[row][:width])
+
+
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """logprobs [N, V] (already log-softmaxed), token_ids [N] -> the token's logprob and rank plus the top-k."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [N, 1]
+    # rank = 1 + the number of tokens strictly more likely
+    chosen_rank = (logprobs > chosen).sum(dim=1, keepdim=True) + 1
+    ids, lps, ranks = token_ids.unsqueeze(1), chosen, chosen_rank
+    if k > 0:
+        top_lps, top_ids = logprobs.topk(k, dim=1)
+        top_ranks = torch.arange(1, k + 1, device=logprobs.device).expand(logprobs.shape[0], k)
+        ids = torch.cat([ids, top_ids], dim=1)
+        lps = torch.cat([lps, top_lps], dim=1)
+        ranks = torch.cat([ranks, top_ranks], dim=1)
+    return LogprobsTensors(token_ids=ids, logprobs=lps, ranks=ranks)
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor,
+                            num_logprobs: int) -> list[TokenLogprobs]:
+    """logits [P, V] at P prompt positions, next_token_ids [P] (the prompt token each position predicts) ->
+    per position: that token's logprob and rank, then the top `num_logprobs`, from the raw log_softmax."""
+    P = logits.shape[0]
+    next_token_ids = next_token_ids.to(device=logits.device, dtype=torch.int64)
+    entries: list[TokenLogprobs] = []
+    for start in range(0, P, PROMPT_LOGPROBS_CHUNK):
+        end = min(P, start + PROMPT_LOGPROBS_CHUNK)
+        lp = torch.log_softmax(logits[start:end].to(torch.float32), dim=-1)
+        ids, lps, ranks = _gather_logprobs(lp, next_token_ids[start:end], num_logprobs).tolists()
+        entries.extend(TokenLogprobs(token_ids=i, logprobs=l, ranks=r) for i, l, r in zip(ids, lps, ranks))
+    return entries
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Repetition (tokens seen in prompt or output), frequency and presence (output counts) penalties."""
+    n, V = logits.shape
+    counts = torch.zeros(n, V + 1, dtype=logits.dtype, device=logits.device)
+    assert md.output_token_ids is not None
+    out_ids = md.output_token_ids.clamp(max=V)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+    counts = counts[:, :V]
+    in_output = counts > 0
+    if md.repetition_penalties is not None:
+        assert md.prompt_token_ids is not None
+        seen = torch.zeros(n, V + 1, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, md.prompt_token_ids.clamp(max=V), True)
+        seen = seen[:, :V] | in_output
+        rep = md.repetition_penalties.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    if md.frequency_penalties is not None:
+        logits = logits - md.frequency_penalties.unsqueeze(1) * counts
+    if md.presence_penalties is not None:
+        logits = logits - md.presence_penalties.unsqueeze(1) * in_output.to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor],
+                      top_p: Optional[torch.Tensor]) -> torch.Tensor:
+    """Keep each row's k best tokens, then the smallest set of them whose probability reaches p (at least one).
+    Rows with k = V and p = 1 are left exactly as they are. Changes `logits` in place and returns it."""
+    if top_k is None and top_p is None:
+        return logits
+    V = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=1, descending=True, stable=True)
+    drop = None
+    if top_k is not None:
+        positions = torch.arange(V, device=logits.device).unsqueeze(0)
+        drop = positions >= top_k.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=1)
+        mass_before = probs.cumsum(dim=1) - probs  # exactly 0 for the best token: it is always kept
+        drop_p = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+        drop = drop_p if drop is None else drop | drop_p
+    mask = torch.empty_like(drop).scatter_(1, order, drop)
+    return logits.masked_fill_(mask, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with prob < min_p * max prob, i.e. logit < max logit + log(min_p). In place."""
+    threshold = logits.amax(dim=1, keepdim=True) + torch.log(min_p).unsqueeze(1)  # log(0) = -inf: keeps all
+    return logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def draw_uniforms(md: SamplingMetadata, device: torch.device) -> torch.Tensor:
+    """[N, 1] uniforms in [0, 1): seeded rows from their own generator, the rest from the shared stream."""
+    u = torch.empty((md.num_rows, 1), dtype=torch.float64, device=device)
+    if md.needs_shared_draw:
+        u.uniform_()
+    for row, gen in md.generators.items():
+        u[row].uniform_(generator=gen)
+    return u
+
+
+def inverse_cdf_sample(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """A draw from each row of probs [N, V]: the first token whose cumulative probability exceeds u * total.
+
+    A token of probability 0 spans an empty interval and is never drawn; the cumulative sum is float64 on the
+    CPU (cheap there) so the intervals of a large vocabulary keep their widths.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=1) if probs.device.type == "cpu" else probs.cumsum(dim=1)
+    u = draw_uniforms(md, probs.device).to(cdf.dtype) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1)
+    # Rounding can land u * total on the very end of the last interval; never return a zero-probability token.
+    ok = probs.gather(1, idx) > 0
+    if probs.device.type == "cpu" and bool(ok.all()):  # the usual case; the check is free on the CPU
+        return idx.squeeze(1)
+    return torch.where(ok, idx, probs.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != md.num_rows:
+            raise ValueError(f"logits must be [{md.num_rows}, V], got {tuple(logits.shape)}")
+        raw_logprobs = None
+        if md.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=1)
+
+        needs_changes = (md.logit_bias is not None or md.min_tokens_mask is not None
+                         or not md.no_penalties or not md.all_greedy)
+        if needs_changes:
+            logits = logits.to(torch.float32, copy=True)  # never change the caller's tensor
+            logits = self.process_logits(logits, md)
+        else:
+            logits = logits.to(torch.float32)
+
+        if md.all_greedy:
+            sampled = logits.argmax(dim=1)
+        else:
+            greedy_tokens = None if md.all_random else logits.argmax(dim=1)
+            sampled = self.sample_random(logits, md)
+            if greedy_tokens is not None:
+                sampled = torch.where(md.greedy_mask, greedy_tokens, sampled)
+
+        out_logprobs = None
+        if raw_logprobs is not None:
+            out_logprobs = _gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=out_logprobs)
+
+    @staticmethod
+    def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """logit_bias, min_tokens mask and penalties: what both greedy and random rows see."""
+        if md.logit_bias is not None:
+            rows, toks, vals = md.logit_bias
+            logits.index_put_((rows, toks), vals, accumulate=True)
+        if md.min_tokens_mask is not None:
+            rows, toks = md.min_tokens_mask
+            logits.index_put_((rows, toks), torch.tensor(float("-inf"), device=logits.device))
+        if not md.no_penalties:
+            logits = apply_penalties(logits, md)
+        return logits
+
+    @staticmethod
+    def sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Temperature, min_p, top_k/top_p, softmax, inverse-CDF draw. Changes `logits` in place."""
+        if md.temperature is not None:
+            logits = logits.div_(md.temperature.unsqueeze(1))
+        if md.min_p is not None:
+            logits = apply_min_p(logits, md.min_p)
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        probs = logits.softmax(dim=1)
+        return inverse_cdf_sample(probs, md)

@@ -1,0 +1,107 @@
+"""Model loading: build the architecture's module on the device in the requested dtype, then fill it from
+the checkpoint (safetensors folder or GGUF file) or with random weights (load_format="dummy").
+
+    load_model(model_config, device) -> nn.Module in eval mode
+
+Every parameter must come from the checkpoint: a missing one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from pagellm.model_executor.loader.source import ModelSource, load_hf_config, resolve_model_source
+from pagellm.model_executor.models.llama import sliding_window_of
+from pagellm.model_executor.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+def resolve_load_format(load_format: str, source: Optional[ModelSource]) -> str:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
+    if load_format == "auto":
+        if source is None:
+            raise ValueError("load_format='auto' needs a model source")
+        return "gguf" if source.kind == "gguf" else "safetensors"
+    if load_format == "gguf" and (source is None or source.kind != "gguf"):
+        raise ValueError("load_format='gguf' needs a .gguf model")
+    if load_format == "safetensors" and (source is None or source.kind != "hf"):
+        raise ValueError("load_format='safetensors' needs an HF model folder (config.json + *.safetensors)")
+    return load_format
+
+
+def check_sliding_window(config, max_model_len: int) -> None:
+    """Sliding-window attention is not implemented: accept such a model only when the window covers every
+    sequence it will see, where full attention is the same computation."""
+    window = sliding_window_of(config)
+    if window is not None and max_model_len > window:
+        raise ValueError(
+            f"this model uses sliding-window attention (window {window}), which pagellm does not implement; "
+            f"pass max_model_len <= {window} (got {max_model_len})")
+
+
+def weights_iterator(source: ModelSource, load_format: str, config) -> Iterable[tuple[str, torch.Tensor]]:
+    if load_format == "gguf":
+        from pagellm.model_executor.loader.gguf_loader import iterate_gguf_weights
+
+        return iterate_gguf_weights(source.file_path, config)
+    from pagellm.model_executor.loader.safetensors_loader import iterate_safetensors_weights
+
+    return iterate_safetensors_weights(source.path)
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The architecture's module with uninitialized weights (no loading)."""
+    cls = get_model_class(config)
+    return cls(config, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def load_model(model_config, device: torch.device | str) -> nn.Module:
+    device = torch.device(device)
+    config = model_config.hf_config
+    source = model_config.source
+    if config is None:
+        source = source or resolve_model_source(model_config.model)
+        config = load_hf_config(source)
+    load_format = resolve_load_format(model_config.load_format, source if model_config.load_format != "dummy"
+                                      else None)
+    check_sliding_window(config, model_config.max_model_len)
+    start = time.perf_counter()
+    model = build_model(config, model_config.dtype, device)
+    if load_format == "dummy":
+        from pagellm.model_executor.loader.dummy_loader import load_dummy_weights
+
+        load_dummy_weights(model, config, model_config.seed)
+    else:
+        loaded = model.load_weights(weights_iterator(source, load_format, config))
+        missing = [name for name, _ in model.named_parameters() if name not in loaded]
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint {source.file_path}: {_describe(model, missing)}")
+    model.eval()
+    logger.info("loaded %s (%s, %s) on %s in %.1fs", type(model).__name__, load_format, model_config.dtype, device,
+                time.perf_counter() - start)
+    return model
+
+
+def _describe(model: nn.Module, missing: list[str]) -> str:
+    """Missing parameter names, each with the checkpoint names that would have filled it when they differ."""
+    required = model.required_params() if hasattr(model, "required_params") else {}
+    parts = []
+    for name in missing[:10]:
+        sources = sorted(required.get(name, {name}))
+        parts.append(name if sources == [name] else f"{name} (from {', '.join(sources)})")
+    if len(missing) > 10:
+        parts.append(f"... ({len(missing)} in all)")
+    return ", ".join(parts)
+
+
+__all__ = ["load_model", "build_model", "resolve_load_format", "check_sliding_window"]

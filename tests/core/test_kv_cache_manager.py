@@ -6,7 +6,7 @@ import pytest
 
 from pagellm.core.kv_cache_manager import KVCacheManager
 
-from core_sim import make_request
+from tests.core.core_sim import make_request
 
 
 def snapshot(kvm: KVCacheManager):

@@ -7,7 +7,7 @@ import pytest
 from pagellm.core.request import RequestStatus
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, TokenLogprobs
 
-from core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler, \
+from tests.core.core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler, \
     run_to_completion
 
 

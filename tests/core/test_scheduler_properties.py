@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from pagellm.core.kv_cache_manager import cdiv
 from pagellm.core.request import RequestStatus
 
-from core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler
+from tests.core.core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler
 
 # Prompts start with a prefix of one of a few base sequences, then a short tail from a tiny alphabet: many
 # requests share prefixes (and whole prompts), which exercises prefix hits, shared blocks and eviction.

@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 from pagellm.attention.metadata import AttentionMetadata
 
+# Decode batches are attended in at most this many groups of at least this many requests (see forward).
+DECODE_GROUPS = 4
+DECODE_GROUP_MIN = 8
+
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store this step's K/V [T, Hk, D] at their slots of the cache [2, num_blocks, block_size, Hk, D]."""
@@ -26,45 +30,48 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     block_size = kv_cache.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
     ids = block_table[:num_blocks].long()
-    k = kv_cache[0, ids].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, ids].flatten(0, 1)[:seq_len]
+    k = kv_cache[0].index_select(0, ids).flatten(0, 1)[:seq_len]
+    v = kv_cache[1].index_select(0, ids).flatten(0, 1)[:seq_len]
     return k, v
 
 
 def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
             max_seq_len: int, scale: float) -> torch.Tensor:
-    """q [B, Hq, D] against each request's whole context, as one masked batch. Returns [B, Hq, D]."""
-    bsz, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    group = num_heads // num_kv_heads
+    """q [B, Hq, D] against each request's whole context, as one masked batch. Returns [B, Hq, D] float32.
+
+    K/V are gathered once into [B, S, Hk, D] and handed to SDPA as strided [B, Hk, S, D] views with GQA:
+    an einsum over the same tensors made two more copies of K (measured 2x slower on a 2-core CPU).
+    """
+    bsz = q.shape[0]
+    block_size = kv_cache.shape[2]
     num_blocks = (max_seq_len + block_size - 1) // block_size
-    ids = block_tables[:, :num_blocks].long()
-    k = kv_cache[0, ids].flatten(1, 2)  # [B, S, Hk, D]
-    v = kv_cache[1, ids].flatten(1, 2)
-    qg = q.view(bsz, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("bhgd,bshd->bhgs", qg, k.float()) * scale
-    pad = torch.arange(k.shape[1], device=q.device)[None, :] >= seq_lens[:, None].long()
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("bhgs,bshd->bhgd", probs, v.float())
-    return out.reshape(bsz, num_heads, head_dim)
+    ids = block_tables[:, :num_blocks].reshape(-1).long()
+    # index_select over whole blocks: 2.5x the bandwidth of advanced indexing (kv_cache[0, ids]) on the CPU.
+    k = kv_cache[0].index_select(0, ids).view(bsz, -1, *kv_cache.shape[3:]).transpose(1, 2)  # [B, Hk, S, D]
+    v = kv_cache[1].index_select(0, ids).view(bsz, -1, *kv_cache.shape[3:]).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :].float(), k.float(), v.float(), attn_mask=visible[:, None, None, :], scale=scale,
+        enable_gqa=True,
+    )
+    return out[:, :, 0]
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [L, Hq, D] are the last L positions of a context of k, v [S, Hk, D]; causal. Returns [L, Hq, D]."""
-    q_len, num_heads, _ = q.shape
-    seq_len, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    q_len = q.shape[0]
+    seq_len = k.shape[0]
     ctx = seq_len - q_len
-    mask = torch.arange(seq_len, device=q.device)[None, :] <= (ctx + torch.arange(q_len, device=q.device))[:, None]
-    dtype = q.dtype
+    if ctx == 0:  # plain causal attention: SDPA's own mask, no mask tensor
+        mask, causal = None, True
+    else:
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= (ctx + torch.arange(q_len, device=q.device))[:, None]
+        causal = False
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=mask, scale=scale
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=mask,
+        is_causal=causal, scale=scale, enable_gqa=True,
     )
-    return out.transpose(0, 1).to(dtype)
+    return out.transpose(0, 1).to(q.dtype)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -74,12 +81,21 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     write_kv(k[:t], v[:t], kv_cache, meta.slot_mapping[:t])
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
-        max_len = max(meta.seq_lens_cpu[:nd])
-        out[:nd] = _decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max_len, scale).to(q.dtype)
+    # Decodes go in a few groups of neighbours, each padded only to its own longest context: the model runner
+    # orders decodes by length, so this gathers far less padding than one batch padded to the longest.
+    groups = min(DECODE_GROUPS, max(1, nd // DECODE_GROUP_MIN))
+    bounds = [nd * g // groups for g in range(groups + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            max_len = max(meta.seq_lens_cpu[lo:hi])
+            out[lo:hi] = _decode(q[lo:hi], kv_cache, meta.block_tables[lo:hi], meta.seq_lens[lo:hi], max_len,
+                                 scale).to(q.dtype)
     qsl = meta.query_start_loc_cpu
     for i in range(nd, meta.num_reqs):
         start, end = qsl[i], qsl[i + 1]
-        kc, vc = gather_kv(kv_cache, meta.block_tables[i], meta.seq_lens_cpu[i])
+        if meta.seq_lens_cpu[i] == end - start:  # nothing cached before this chunk: its own K/V are the context
+            kc, vc = k[start:end], v[start:end]
+        else:
+            kc, vc = gather_kv(kv_cache, meta.block_tables[i], meta.seq_lens_cpu[i])
         out[start:end] = _prefill(q[start:end], kc, vc, scale)
     return out

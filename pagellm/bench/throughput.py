@@ -142,7 +142,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
     ours = run_pagellm(engine_kwargs, requests)
     results: dict[str, Any] = {
         "workload": wl.name,
-        "model": model if tmp is None else wl.name + " shape (dummy weights)",
+        "model": source.display_name if tmp is None else wl.name + " shape (dummy weights)",
         "num_requests": len(requests),
         "input_tokens": num_in,
         "output_tokens": num_out,

@@ -1,0 +1,432 @@
+"""The EngineCore busy loop in its own process, and the client the API process uses to talk to it.
+
+Two ZMQ PUSH/PULL pairs over ipc:// sockets in a private (0700) temporary folder carry msgpack (msgspec)
+messages, never pickles:
+
+    API process  --input-->   core process: AddRequest | Abort | Stop | Utility | Shutdown
+    API process  <--output--  core process: Ready | Outputs (+ CoreStats) | UtilityResult | CoreError
+
+The core process blocks on its input socket while it has nothing to do, drains every pending input message
+between steps, and steps while any request is unfinished. If the core raises, it sends a CoreError and exits;
+it also exits when its parent process dies (PR_SET_PDEATHSIG where available, and a parent-pid check).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Optional, Union
+
+import msgspec
+import zmq
+
+from pagellm.core.sched_output import EngineCoreOutput
+from pagellm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages. Tagged structs, so one decoder per direction takes a Union of them.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AddRequest(msgspec.Struct, tag="add"):
+    """The fields of one core Request (one sequence of a user request)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # SamplingParams.__post_init__ resets all_stop_token_ids, so it travels beside it.
+    all_stop_token_ids: list[int]
+    eos_token_id: Optional[int]
+    arrival_time: float
+    priority: int = 0
+    cache_salt: Optional[str] = None
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    """Requests that met a stop string (found by the API process's detokenizer)."""
+
+    request_ids: list[str]
+
+
+class Utility(msgspec.Struct, tag="utility"):
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+InputMessage = Union[AddRequest, Abort, Stop, Utility, Shutdown]
+
+
+class CoreStats(msgspec.Struct):
+    """The core's numbers for /metrics. Counters are cumulative since start; queue_times are new ones."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    queue_times: list[float] = []
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    num_blocks: int
+    pid: int
+
+
+class Outputs(msgspec.Struct, tag="outputs"):
+    outputs: list[EngineCoreOutput]
+    stats: Optional[CoreStats] = None
+
+
+class UtilityResult(msgspec.Struct, tag="utility_result"):
+    call_id: int
+    result: Any = None
+    error: Optional[str] = None
+
+
+class CoreError(msgspec.Struct, tag="error"):
+    message: str
+
+
+OutputMessage = Union[Ready, Outputs, UtilityResult, CoreError]
+
+
+def make_add_request(request: Any) -> AddRequest:
+    """A core Request -> its wire message."""
+    return AddRequest(
+        request_id=request.request_id,
+        prompt_token_ids=list(request.prompt_token_ids),
+        sampling_params=request.sampling_params,
+        all_stop_token_ids=sorted(request.sampling_params.all_stop_token_ids),
+        eos_token_id=request.eos_token_id,
+        arrival_time=request.arrival_time,
+        priority=request.priority,
+        cache_salt=request.extra_keys if isinstance(request.extra_keys, str) else None,
+    )
+
+
+def to_core_request(msg: AddRequest) -> Any:
+    from pagellm.core.request import Request
+
+    params = msg.sampling_params
+    params.all_stop_token_ids = set(msg.all_stop_token_ids)
+    return Request(
+        request_id=msg.request_id,
+        prompt_token_ids=msg.prompt_token_ids,
+        sampling_params=params,
+        eos_token_id=msg.eos_token_id,
+        arrival_time=msg.arrival_time,
+        priority=msg.priority,
+        cache_salt=msg.cache_salt,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The core process.
+# ---------------------------------------------------------------------------------------------------------------
+
+_IDLE_POLL_MS = 1000  # how often an idle core checks that its parent is alive
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: the kernel kills this process when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - best effort; the parent-pid check remains
+        pass
+
+
+class EngineCoreProc:
+    """Owns an EngineCore and the two sockets; `run()` is the busy loop."""
+
+    def __init__(self, engine_core: Any, input_addr: str, output_addr: str, parent_pid: int) -> None:
+        self.core = engine_core
+        self.parent_pid = parent_pid
+        self.ctx = zmq.Context(io_threads=1)
+        self.input = self.ctx.socket(zmq.PULL)
+        self.input.setsockopt(zmq.RCVHWM, 0)
+        self.input.setsockopt(zmq.LINGER, 0)
+        self.input.connect(input_addr)
+        self.output = self.ctx.socket(zmq.PUSH)
+        self.output.setsockopt(zmq.SNDHWM, 0)
+        self.output.setsockopt(zmq.LINGER, 2000)
+        self.output.connect(output_addr)
+        self.decoder = msgspec.msgpack.Decoder(InputMessage)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.poller = zmq.Poller()
+        self.poller.register(self.input, zmq.POLLIN)
+        self.queued_since: dict[str, float] = {}  # request id -> time it reached the core, until first scheduled
+        self.should_stop = False
+        self.state_changed = False  # requests came or went since the last stats message
+
+    def send(self, msg: Any) -> None:
+        self.output.send(self.encoder.encode(msg), copy=False)
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.parent_pid
+
+    # ---- stats ----
+
+    def stats(self, step_start: Optional[float] = None) -> CoreStats:
+        """`step_start`: when the step that just ran began (a request it scheduled stopped queueing then)."""
+        sched = self.core.scheduler
+        kv = sched.kv_cache_manager
+        pcs = kv.prefix_cache_stats
+        queue_times = []
+        if step_start is not None:
+            for req_id in list(self.queued_since):
+                request = sched.requests.get(req_id)
+                if request is None or request.num_computed_tokens > 0 or request.status.name == "RUNNING":
+                    queue_times.append(max(0.0, step_start - self.queued_since.pop(req_id)))
+        return CoreStats(
+            num_running=sched.num_running, num_waiting=sched.num_waiting, kv_cache_usage=float(kv.usage),
+            num_blocks=kv.num_blocks, prefix_cache_queries=pcs.queries, prefix_cache_hits=pcs.hits,
+            num_preemptions=sched.num_preemptions_total, queue_times=queue_times,
+        )
+
+    # ---- input ----
+
+    def handle(self, msg: InputMessage) -> None:
+        if isinstance(msg, (AddRequest, Abort, Stop)):
+            self.state_changed = True
+        if isinstance(msg, AddRequest):
+            try:
+                self.core.add_request(to_core_request(msg))
+                self.queued_since[msg.request_id] = time.time()
+            except ValueError as e:  # validated in the API process already; report, never die of it
+                logger.warning("rejected request %s: %s", msg.request_id, e)
+                self.send(Outputs([EngineCoreOutput(msg.request_id, [], finish_reason="abort",
+                                                    stop_reason=str(e))]))
+        elif isinstance(msg, Abort):
+            self.core.abort_requests(msg.request_ids)
+            for req_id in msg.request_ids:
+                self.queued_since.pop(req_id, None)
+        elif isinstance(msg, Stop):
+            self.core.stop_requests(msg.request_ids)
+        elif isinstance(msg, Utility):
+            self.send(self.call_utility(msg))
+        elif isinstance(msg, Shutdown):
+            self.should_stop = True
+
+    def call_utility(self, msg: Utility) -> UtilityResult:
+        try:
+            if msg.method == "get_stats":
+                result: Any = msgspec.to_builtins(self.stats())
+            elif msg.method == "reset_prefix_cache":
+                result = bool(self.core.scheduler.reset_prefix_cache())
+            elif msg.method == "ping":
+                result = "pong"
+            else:
+                return UtilityResult(msg.call_id, error=f"unknown utility method {msg.method!r}")
+            return UtilityResult(msg.call_id, result=result)
+        except Exception as e:  # a utility call's failure is the caller's problem, not the core's
+            return UtilityResult(msg.call_id, error=f"{type(e).__name__}: {e}")
+
+    def drain_input(self, timeout_ms: int) -> bool:
+        """Handle every pending message; wait up to timeout_ms for the first. Returns whether any came."""
+        got = False
+        if self.poller.poll(timeout_ms):
+            while True:
+                try:
+                    frame = self.input.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                got = True
+                try:
+                    msg = self.decoder.decode(frame.buffer)
+                except msgspec.DecodeError as e:
+                    logger.error("dropped an undecodable input message: %s", e)
+                    continue
+                self.handle(msg)
+        return got
+
+    # ---- the loop ----
+
+    def run(self) -> None:
+        while not self.should_stop:
+            if not self.parent_alive():
+                logger.warning("the API process is gone; the engine core exits")
+                return
+            busy = self.core.has_unfinished_requests()
+            self.drain_input(0 if busy else _IDLE_POLL_MS)
+            if self.should_stop:
+                return
+            if self.core.has_unfinished_requests():
+                step_start = time.time()
+                outputs = self.core.step()
+                self.state_changed = False
+                self.send(Outputs(outputs, self.stats(step_start)))
+            elif self.state_changed:
+                # Aborts or stops emptied the engine: publish the freed blocks for /metrics.
+                self.state_changed = False
+                self.send(Outputs([], self.stats()))
+
+    def run_and_report(self) -> int:
+        """run(); if the core raises, tell the API process (CoreError) and return exit code 1."""
+        try:
+            self.run()
+            return 0
+        except Exception as e:
+            logger.error("engine core died:\n%s", traceback.format_exc())
+            try:
+                self.send(CoreError(f"engine core died: {type(e).__name__}: {e}"))
+            except Exception:
+                pass
+            return 1
+
+    def close(self) -> None:
+        self.input.close(linger=0)
+        self.output.close(linger=2000)
+        self.ctx.term()
+
+
+def run_engine_core(engine_args: Any, input_addr: str, output_addr: str, parent_pid: int,
+                    log_level: str = "WARNING") -> None:
+    """Entry point of the core process (multiprocessing spawn target)."""
+    _set_parent_death_signal()
+    # The API process owns shutdown: a Ctrl-C or SIGTERM sent to the whole process group must not kill the
+    # core under requests that the API process is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s [core] %(name)s: %(message)s")
+    ctx = zmq.Context()
+    early = ctx.socket(zmq.PUSH)  # for a startup failure, before the EngineCoreProc exists
+    early.setsockopt(zmq.LINGER, 2000)
+    early.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        from pagellm.engine.core import EngineCore
+
+        config = engine_args.create_engine_config()
+        core = EngineCore(config)
+    except BaseException as e:
+        logger.error("engine core failed to start:\n%s", traceback.format_exc())
+        early.send(encoder.encode(CoreError(f"engine core failed to start: {type(e).__name__}: {e}")))
+        early.close(linger=2000)
+        ctx.term()
+        sys.exit(1)
+    early.close(linger=2000)
+    ctx.term()
+
+    proc = EngineCoreProc(core, input_addr, output_addr, parent_pid)
+    proc.send(Ready(num_blocks=config.cache_config.num_blocks or 0, pid=os.getpid()))
+    code = 1
+    try:
+        code = proc.run_and_report()
+    finally:
+        try:
+            core.shutdown()
+        except Exception:
+            pass
+        proc.close()
+    # Skip the interpreter's teardown (about a second with torch loaded): everything is closed already.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API process's side.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process failed or exited; nothing more will come from it."""
+
+
+class CoreProcClient:
+    """Starts the core process and owns the API process's ends of the sockets.
+
+    Sending is synchronous and never blocks (unbounded high-water mark), so it can be done from any code on
+    the event loop, including `finally` blocks of cancelled tasks. Receiving is done by the async engine on
+    `output_socket` (a zmq.asyncio socket).
+    """
+
+    def __init__(self, engine_args: Any, log_level: str = "WARNING") -> None:
+        import multiprocessing
+
+        import zmq.asyncio
+
+        self.tmpdir = tempfile.mkdtemp(prefix="pagellm-")
+        os.chmod(self.tmpdir, 0o700)
+        input_addr = f"ipc://{self.tmpdir}/input"
+        output_addr = f"ipc://{self.tmpdir}/output"
+        self.sync_ctx = zmq.Context()
+        self.input_socket = self.sync_ctx.socket(zmq.PUSH)
+        self.input_socket.setsockopt(zmq.SNDHWM, 0)
+        self.input_socket.setsockopt(zmq.LINGER, 0)
+        self.input_socket.bind(input_addr)
+        self.async_ctx = zmq.asyncio.Context()
+        self.output_socket = self.async_ctx.socket(zmq.PULL)
+        self.output_socket.setsockopt(zmq.RCVHWM, 0)
+        self.output_socket.setsockopt(zmq.LINGER, 0)
+        self.output_socket.bind(output_addr)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(OutputMessage)
+        mp = multiprocessing.get_context("spawn")
+        self.proc = mp.Process(
+            target=run_engine_core, name="pagellm-engine-core",
+            args=(engine_args, input_addr, output_addr, os.getpid(), log_level),
+        )
+        self.proc.start()
+        self.dead = False
+        self.closed = False
+
+    def send(self, msg: InputMessage) -> None:
+        if self.dead or self.closed:
+            raise EngineDeadError("the engine core is not running")
+        try:
+            self.input_socket.send(self.encoder.encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            raise EngineDeadError(f"cannot reach the engine core: {e}") from e
+
+    def decode(self, frame: bytes) -> OutputMessage:
+        return self.decoder.decode(frame)
+
+    def is_alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the core to exit, wait up to `timeout`, then kill it. Idempotent."""
+        if self.closed:
+            return
+        if self.proc.is_alive() and not self.dead:
+            try:
+                self.input_socket.send(self.encoder.encode(Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.closed = True
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            logger.warning("the engine core did not exit in %.0f s: killing it", timeout)
+            self.proc.kill()
+            self.proc.join(5)
+        self.input_socket.close(linger=0)
+        self.output_socket.close(linger=0)
+        self.sync_ctx.term()
+        self.async_ctx.term()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -1,0 +1,392 @@
+"""`pagellm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of an AsyncLLM.
+
+The engine core runs in its own process (engine/core_proc.py); this process parses requests, applies chat
+templates, tokenizes, detokenizes and streams. SIGTERM (or Ctrl-C) drains: new requests get 503, requests in
+flight finish (up to --shutdown-timeout), then the engine process and this one exit with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import pagellm
+from pagellm.engine.async_llm import AsyncLLM
+from pagellm.engine_args import EngineArgs
+from pagellm.entrypoints.openai.cli_args import add_serve_args
+from pagellm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    VersionResponse,
+)
+from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagellm.entrypoints.openai.serving_engine import APIError, error_body, error_response, to_api_error
+from pagellm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+
+logger = logging.getLogger("pagellm.server")
+
+# Paths served without the API key (compared with the raw request path, exactly).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping", "/openapi.json", "/docs", "/redoc",
+                        "/docs/oauth2-redirect"})
+# Paths still served while draining for shutdown.
+DRAIN_PATHS = frozenset({"/metrics", "/version"})
+
+
+class ServerState:
+    def __init__(self, api_key: Optional[str], max_body_bytes: int) -> None:
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.draining = False
+        self.http_in_flight = 0
+
+
+async def _send_error(send: Any, status: int, message: str, type: str, code: Optional[str] = None,
+                      headers: Optional[list] = None) -> None:
+    import json
+
+    body = json.dumps(error_body(message, type, None, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())] + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Pure ASGI, outermost: drain (503), API key on the raw path (401), request body cap (413), and the
+    count of HTTP requests in flight."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state
+        raw = scope.get("raw_path")
+        path = raw.decode("latin-1") if isinstance(raw, bytes) else scope.get("path", "")
+        if state.draining and path not in DRAIN_PATHS:
+            return await _send_error(send, 503, "the server is shutting down", "service_unavailable",
+                                     "shutting_down", [(b"connection", b"close")])
+        if state.api_key is not None and path not in OPEN_PATHS:
+            given = b""
+            for name, value in scope.get("headers", []):
+                if name == b"authorization":
+                    given = value
+                    break
+            expected = b"Bearer " + state.api_key.encode()
+            if not hmac.compare_digest(given, expected):
+                return await _send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                         "invalid_request_error", "invalid_api_key")
+        limit = state.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await _send_error(send, 413, f"the request body exceeds {limit} bytes",
+                                             "invalid_request_error", "body_too_large",
+                                             [(b"connection", b"close")])
+        received = 0
+        over = False
+        replaced = False
+
+        async def capped_receive() -> Any:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            nonlocal replaced
+            if over:
+                if not replaced and message["type"] == "http.response.start":
+                    replaced = True
+                    await _send_error(send, 413, f"the request body exceeds {limit} bytes",
+                                      "invalid_request_error", "body_too_large", [(b"connection", b"close")])
+                return
+            await send(message)
+
+        state.http_in_flight += 1
+        try:
+            await self.app(scope, capped_receive, guarded_send)
+        finally:
+            state.http_in_flight -= 1
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _with_cancellation(request: Request, coro: Any) -> Any:
+    """Run a handler; if the client disconnects first, cancel it (which aborts its engine requests)."""
+    handler = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        handler.cancel()
+        watcher.cancel()
+        raise
+    if handler in done:
+        watcher.cancel()
+        return handler.result()
+    handler.cancel()
+    try:
+        await handler
+    except BaseException:  # noqa: BLE001 - the client is gone
+        pass
+    return Response(status_code=499)
+
+
+def _api_error_response(e: BaseException) -> JSONResponse:
+    return to_api_error(e).response()
+
+
+def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str] = None) -> tuple[Any, FastAPI]:
+    """The ASGI app to serve (FastAPI wrapped in the guard middleware), and the FastAPI app."""
+    model_name = engine.served_model_name
+    app = FastAPI(title="pagellm OpenAI-compatible API", version=pagellm.__version__,
+                  description="OpenAI-compatible completions and chat completions served by pagellm.")
+    completion = OpenAIServingCompletion(engine, model_name, chat_template)
+    chat = OpenAIServingChat(engine, model_name, chat_template)
+    tokenization = OpenAIServingTokenization(engine, model_name, chat_template)
+    app.state.engine = engine
+    app.state.server_state = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        param = None
+        message = "invalid request"
+        if errors:
+            err = errors[0]
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            param = ".".join(loc) or None
+            message = f"{param or 'body'}: {err.get('msg', 'invalid value')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more errors)"
+        return error_response(message[:2000], 400, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        kind = "invalid_request_error" if status < 500 else "internal_error"
+        code = "not_found" if status == 404 else None
+        return error_response(str(exc.detail), status, kind, None, code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _api_error_response(exc)
+
+    error_responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
+    }
+
+    @app.post("/v1/completions", responses=error_responses)
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
+        try:
+            return await _with_cancellation(raw_request, completion.create_completion(request))
+        except Exception as e:  # noqa: BLE001
+            return _api_error_response(e)
+
+    @app.post("/v1/chat/completions", responses=error_responses)
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
+        try:
+            return await _with_cancellation(raw_request, chat.create_chat_completion(request))
+        except Exception as e:  # noqa: BLE001
+            return _api_error_response(e)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, root=engine.model_config.model,
+                                         max_model_len=engine.model_config.max_model_len)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses)
+    async def get_model(model_id: str) -> Any:
+        if model_id != model_name:
+            return error_response(f"The model `{model_id}` does not exist.", 404, "invalid_request_error",
+                                  "model", "model_not_found")
+        return ModelCard(id=model_name, root=engine.model_config.model,
+                         max_model_len=engine.model_config.max_model_len)
+
+    @app.post("/tokenize", responses=error_responses)
+    async def tokenize(request: TokenizeRequest) -> Any:
+        try:
+            return (await tokenization.tokenize(request)).model_dump()
+        except Exception as e:  # noqa: BLE001
+            return _api_error_response(e)
+
+    @app.post("/detokenize", responses=error_responses)
+    async def detokenize(request: DetokenizeRequest) -> Any:
+        try:
+            return (await tokenization.detokenize(request)).model_dump()
+        except Exception as e:  # noqa: BLE001
+            return _api_error_response(e)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return error_response("the server is shutting down", 503, "service_unavailable", None,
+                                  "shutting_down")
+        if not engine.is_healthy:
+            return error_response(f"the engine is not running: {engine.errored or 'stopped'}", 503,
+                                  "service_unavailable", None, "engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=pagellm.__version__)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from pagellm.metrics import CONTENT_TYPE_LATEST
+
+        if engine.metrics is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST)
+        if engine.is_healthy:
+            await engine.refresh_stats(timeout=1.0)
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return GuardMiddleware(app, state), app
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT starting a drain instead of closing connections under running requests.
+
+    A second signal exits at once. The signal is not re-raised afterwards, so a drained server exits 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._draining = False
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._draining or self._loop is None:
+            logger.warning("second signal: exiting now")
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self._draining = True
+        logger.info("signal %s: draining (up to %.0f s), then exiting", sig, self.shutdown_timeout)
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        self.state.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        finished = await self.engine.drain(self.shutdown_timeout)
+        if not finished:
+            logger.warning("shutdown timeout: %d requests still running are aborted",
+                           self.engine.num_requests_in_flight)
+        # Let the last responses go out (their HTTP handlers finish after the engine's last output).
+        while self.state.http_in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.should_exit = True
+
+
+def _load_chat_template(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"chat_template: {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+async def run_server(args: argparse.Namespace) -> int:
+    log_level = getattr(args, "log_level", "warning")
+    engine_args = EngineArgs.from_cli_args(args)
+    chat_template = _load_chat_template(args.chat_template)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PAGELLM_API_KEY") or None
+    engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper())
+    await engine.start()
+    state = ServerState(api_key, args.max_request_body_bytes)
+    asgi_app, _ = build_app(engine, state, chat_template)
+    config = uvicorn.Config(
+        asgi_app, host=args.host, port=args.port, log_level=log_level, access_log=log_level in ("debug", "info"),
+        timeout_keep_alive=5, timeout_graceful_shutdown=5, lifespan="off",
+    )
+    server = DrainingServer(config, engine, state, args.shutdown_timeout)
+    print(f"pagellm {pagellm.__version__}: serving {engine.served_model_name} on http://{args.host}:{args.port} "
+          f"(engine core pid {engine.core_pid}, {engine.num_blocks} KV blocks)", file=sys.stderr, flush=True)
+    try:
+        await server.serve()
+    finally:
+        await engine.shutdown()
+    if not server.started:
+        return 1
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise ValueError("max_queued_requests must be non-negative")
+    if args.shutdown_timeout < 0:
+        raise ValueError("shutdown_timeout must be non-negative")
+    if args.max_request_body_bytes < 1:
+        raise ValueError("max_request_body_bytes must be positive")
+    return asyncio.run(run_server(args))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="pagellm serve")
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "warning").upper())
+    return serve(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The command-line options of `pagellm serve` (kept apart from the server so `pagellm --help` stays light)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pagellm.engine_args import EngineArgs
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    EngineArgs.add_cli_args(parser, positional_model=True)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    group.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+                       "(default: $PAGELLM_API_KEY; /health, /metrics and /version stay open)")
+    group.add_argument("--chat-template", default=None,
+                       help="Jinja chat template, or a file holding one (default: the model's)")
+    group.add_argument("--max-queued-requests", type=int, default=None,
+                       help="answer 429 when more sequences than this would wait beyond --max-num-seqs "
+                       "(default: no limit)")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds to let requests in flight finish before exiting (default: 30)")
+    group.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                       help="larger request bodies get 413 (default: 8 MiB)")
+    parser.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"], help="log level (default: warning)")
+    parser.epilog = (
+        "Caps on one request: n <= 128; logprobs and top_logprobs <= 20; at most 64 stop strings of 1024 "
+        "characters; at most 1024 logit_bias entries; at most 1024 prompts and 1024 sequences (prompts x n) "
+        f"per /v1/completions request; a text prompt of at most max_model_len x 32 characters; prompt + "
+        "max_tokens <= --max-model-len; the request body <= --max-request-body-bytes "
+        f"(default {DEFAULT_MAX_BODY_BYTES} bytes)."
+    )

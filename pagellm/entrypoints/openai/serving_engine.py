@@ -1,0 +1,238 @@
+"""What the OpenAI handlers share: model-name checks, tokenization, errors, merging request streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any, AsyncIterator, Optional, Sequence
+
+from fastapi.responses import JSONResponse
+
+from pagellm.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineShuttingDownError,
+    QueueFullError,
+    RequestFailedError,
+    RequestStream,
+)
+from pagellm.engine.processor import ProcessedPrompt
+from pagellm.entrypoints.openai.protocol import ChatMessage, ErrorInfo, ErrorResponse
+from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+# A text prompt longer than max_model_len x this many characters cannot fit: refused before tokenizing it.
+MAX_CHARS_PER_TOKEN = 32
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class APIError(Exception):
+    """An error the client caused or must know about, sent as OpenAI's error envelope."""
+
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.message, self.status, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+
+
+def error_response(message: str, status: int, type: str, param: Optional[str] = None,
+                   code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+_FIELD = re.compile(r"^([a-z_][a-z0-9_]*)\b")
+
+
+def to_api_error(e: BaseException) -> APIError:
+    """Map an exception from validation or the engine to a status, type and (for 400s) the field's name."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFullError):
+        return APIError(str(e), 429, "rate_limit_error", code="queue_full")
+    if isinstance(e, EngineShuttingDownError):
+        return APIError(str(e), 503, "service_unavailable", code="shutting_down")
+    if isinstance(e, EngineDeadError):
+        return APIError(f"the engine is not running: {e}", 503, "service_unavailable", code="engine_dead")
+    if isinstance(e, RequestFailedError):
+        return APIError(str(e), 500, "internal_error")
+    if isinstance(e, ValueError):
+        message = str(e)
+        m = _FIELD.match(message)
+        return APIError(message, 400, "invalid_request_error", param=m.group(1) if m else None)
+    logger.exception("internal error", exc_info=e)
+    return APIError(f"internal error: {type(e).__name__}", 500, "internal_error")
+
+
+def sse(data: Any) -> str:
+    if hasattr(data, "model_dump_json"):
+        return f"data: {data.model_dump_json()}\n\n"
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    err = to_api_error(e)
+    return sse(error_body(err.message, err.type, err.param, err.code))
+
+
+async def merge_streams(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index of the stream, output) from several streams as they come. Leaving early cancels them all."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].abort()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.abort()
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, served_model_name: str, chat_template: Optional[str] = None) -> None:
+        self.engine = engine
+        self.model_name = served_model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.model_config.max_model_len
+        self.chat_template = chat_template
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(f"The model `{model}` does not exist.", 404, "invalid_request_error", param="model",
+                           code="model_not_found")
+
+    def _need_tokenizer(self, field: str) -> Any:
+        if self.tokenizer is None:
+            raise APIError(f"{field}: the server runs without a tokenizer (--skip-tokenizer-init): "
+                           "send token ids", param=field)
+        return self.tokenizer
+
+    async def tokenize_text(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        tokenizer = self._need_tokenizer(field)
+        if len(text) > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            raise APIError(f"{field}: the prompt has {len(text)} characters, far more than max_model_len "
+                           f"({self.max_model_len} tokens) can hold", param=field)
+        if len(text) > 4096:
+            return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def process_prompt(self, prompt: Any, add_special_tokens: bool = True) -> ProcessedPrompt:
+        """A text or token-id prompt -> checked token ids (ValueError naming `prompt` when it does not fit)."""
+        if isinstance(prompt, str):
+            ids = await self.tokenize_text(prompt, add_special_tokens)
+            return self.engine.processor.tokenize_prompt({"prompt_token_ids": ids, "prompt": prompt})
+        return self.engine.processor.tokenize_prompt({"prompt_token_ids": list(prompt)})
+
+    # ---- chat ----
+
+    def chat_messages(self, messages: list[ChatMessage]) -> list[dict[str, str]]:
+        from pagellm.entrypoints.openai.protocol import MAX_CHAT_MESSAGES
+
+        if not messages:
+            raise APIError("messages must not be empty", param="messages")
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise APIError(f"messages: at most {MAX_CHAT_MESSAGES} messages", param="messages")
+        result = []
+        for m in messages:
+            if m.role not in CHAT_ROLES:
+                raise APIError(f"messages: role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
+                               param="messages")
+            if m.content is None:
+                content = ""
+            elif isinstance(m.content, str):
+                content = m.content
+            else:
+                texts = []
+                for part in m.content:
+                    if part.type != "text" or part.text is None:
+                        raise APIError(f"messages: only text content parts are supported, got {part.type!r}",
+                                       param="messages")
+                    texts.append(part.text)
+                content = "\n".join(texts)
+            result.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        return result
+
+    def _render_chat(self, conversation: list[dict[str, str]], add_generation_prompt: bool,
+                     continue_final_message: bool) -> list[int]:
+        tokenizer = self._need_tokenizer("messages")
+        kwargs: dict[str, Any] = {}
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        out = tokenizer.apply_chat_template(
+            conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
+            tokenize=True, return_dict=True, **kwargs,
+        )
+        return list(out["input_ids"])
+
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False) -> ProcessedPrompt:
+        conversation = self.chat_messages(messages)
+        total_chars = sum(len(m["content"]) for m in conversation)
+        if total_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            raise APIError(f"messages: {total_chars} characters, far more than max_model_len "
+                           f"({self.max_model_len} tokens) can hold", param="messages")
+        if continue_final_message and add_generation_prompt:
+            raise APIError("continue_final_message: cannot be used with add_generation_prompt",
+                           param="continue_final_message")
+        try:
+            ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt,
+                                          continue_final_message)
+        except APIError:
+            raise
+        except Exception as e:  # jinja errors, a missing template, ...
+            raise APIError(f"messages: cannot apply the chat template: {e}", param="messages") from None
+        return self.engine.processor.tokenize_prompt({"prompt_token_ids": ids})
+
+    # ---- logprob helpers ----
+
+    def token_str(self, token_id: int, lp: Optional[Logprob] = None) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    @staticmethod
+    def top_entries(position: PositionLogprobs, k: int) -> list[tuple[int, Logprob]]:
+        """The top-k of one position (rank 1..k), best first."""
+        ranked = [(tok, lp) for tok, lp in position.items() if lp.rank is not None and lp.rank <= k]
+        ranked.sort(key=lambda e: e[1].rank)
+        return ranked[:k]

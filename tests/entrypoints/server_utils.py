@@ -1,0 +1,191 @@
+"""A live `pagellm serve` in a subprocess on a free loopback port, for the server tests.
+
+Everything waits with a timeout, so a broken server fails a test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import httpx
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The embedded SmolLM2 as the tests serve it: float32 (the reference dtype), a small KV cache.
+SMOLLM_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", str(64 * 2**20)]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid: int) -> list[int]:
+    """All descendants of pid (Linux /proc)."""
+    result = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    for kid in kids:
+        result.append(kid)
+        result.extend(child_pids(kid))
+    return result
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """Wait until none of pids is alive (the resource tracker exits only after its parent); the survivors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class RemoteServer:
+    def __init__(self, args: list[str], api_key: Optional[str] = None, startup_timeout: float = 300.0,
+                 env: Optional[dict] = None) -> None:
+        self.port = free_port()
+        self.api_key = api_key
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", *args, "--port", str(self.port)]
+        if api_key is not None:
+            cmd += ["--api-key", api_key]
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.pop("PAGELLM_API_KEY", None)
+        full_env.update(env or {})
+        self.log = tempfile.NamedTemporaryFile(prefix="pagellm-server-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=full_env)
+        self._children: set[int] = set()
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
+            self._children.update(child_pids(self.proc.pid))
+            try:
+                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                    self._children.update(child_pids(self.proc.pid))
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the server did not become healthy in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log.name, errors="replace") as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    def engine_core_pid(self) -> int:
+        kids = [p for p in child_pids(self.proc.pid) if "spawn_main" in cmdline(p)]
+        assert len(kids) == 1, f"expected one engine core process, found {kids}"
+        return kids[0]
+
+    def client(self, **kwargs):
+        import openai
+
+        kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("timeout", 120.0)
+        return openai.OpenAI(base_url=self.url("/v1"), api_key=self.api_key or "unused", **kwargs)
+
+    def async_client(self, **kwargs):
+        import openai
+
+        kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("timeout", 120.0)
+        return openai.AsyncOpenAI(base_url=self.url("/v1"), api_key=self.api_key or "unused", **kwargs)
+
+    def all_pids(self) -> list[int]:
+        self._children.update(child_pids(self.proc.pid))
+        return [self.proc.pid, *sorted(self._children)]
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait for exit; returns the exit code."""
+        self._children.update(child_pids(self.proc.pid))
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Kill the server and the processes it started (by pid), whatever state they are in."""
+        pids = self.all_pids() if self.proc.poll() is None else sorted(self._children)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in pids:
+            if pid != self.proc.pid and pid_alive(pid) and "python" in cmdline(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self.terminate(timeout=30)
+                except Exception:
+                    pass
+        finally:
+            self.kill()
+            self.log.close()
+            try:
+                os.unlink(self.log.name)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RemoteServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

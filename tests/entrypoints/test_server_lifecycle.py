@@ -1,0 +1,164 @@
+"""Server lifecycle on a tiny random model (fast steps): the waiting-queue cap (429), SIGTERM draining, and an
+engine core that dies. Prompts are token ids (--skip-tokenizer-init: the tiny model has no tokenizer)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import msgspec
+import openai
+import pytest
+from tests.entrypoints.server_utils import RemoteServer, wait_gone
+
+from pagellm.engine.core_proc import AddRequest, InputMessage, make_add_request, to_core_request
+from pagellm.sampling_params import SamplingParams
+
+PROMPT = list(range(10, 30))
+
+
+def tiny_args(model_dir: str, *extra: str) -> list[str]:
+    return [model_dir, "--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init",
+            "--kv-cache-memory", str(16 * 2**20), *extra]
+
+
+def test_wire_messages_round_trip():
+    """What crosses to the core process is msgpack, and comes back as the same core Request."""
+    from pagellm.core.request import Request
+
+    params = SamplingParams(temperature=0.5, top_k=3, stop=["x"], stop_token_ids=[7], logit_bias={5: 1.5},
+                            seed=11, max_tokens=9, logprobs=2, prompt_logprobs=1)
+    params.all_stop_token_ids = {2, 7}
+    request = Request("r1", [1, 2, 3], params, eos_token_id=2, arrival_time=123.5, priority=3)
+    data = msgspec.msgpack.encode(make_add_request(request))
+    msg = msgspec.msgpack.Decoder(InputMessage).decode(data)
+    assert isinstance(msg, AddRequest)
+    back = to_core_request(msg)
+    assert back.request_id == "r1" and back.prompt_token_ids == [1, 2, 3] and back.priority == 3
+    assert back.arrival_time == 123.5 and back.eos_token_id == 2
+    assert back.sampling_params.all_stop_token_ids == {2, 7}
+    for name in ("temperature", "top_k", "stop", "stop_token_ids", "logit_bias", "seed", "max_tokens", "logprobs",
+                 "prompt_logprobs"):
+        assert getattr(back.sampling_params, name) == getattr(params, name), name
+    with pytest.raises(msgspec.DecodeError):
+        msgspec.msgpack.Decoder(InputMessage).decode(msgspec.msgpack.encode({"type": "pickle", "x": 1}))
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_served_model):
+    with RemoteServer(tiny_args(tiny_served_model, "--max-num-seqs", "1", "--max-queued-requests", "1")) as s:
+        yield s
+
+
+def test_queue_full_is_429(tiny_server):
+    client = tiny_server.client()
+    model = client.models.list().data[0].id
+    long = dict(model=model, prompt=PROMPT, max_tokens=480, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+    first = client.completions.create(**long)  # runs
+    second = client.completions.create(**long)  # waits: the queue holds one
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+        assert info.value.body["code"] == "queue_full"
+    finally:
+        first.close()
+        second.close()
+    deadline = time.monotonic() + 20
+    while True:  # the disconnects abort both; then there is room again
+        try:
+            out = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "aborted requests still hold the queue"
+            time.sleep(0.2)
+    assert out.usage.completion_tokens == 2 and out.choices[0].text == ""  # no tokenizer: no text
+
+
+def test_serve_bench_against_server(tiny_server, tmp_path):
+    """`pagellm bench serve` on a few requests of a workload, against a live server (at most 2 in flight: this
+    server runs one sequence and queues one)."""
+    import json
+
+    from pagellm.entrypoints.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "serve", "--base-url", tiny_server.base_url, "--workload", "smollm-cpu", "--num-prompts",
+                 "4", "--vocab-size", "4096", "--request-rate", "50", "--max-concurrency", "2",
+                 "--output-json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 4 and report["failed"] == 0
+    assert report["output_tokens"] == report["expected_output_tokens"]
+    assert report["output_throughput"] > 0 and report["ttft"]["mean_ms"] > 0 and report["itl"]["p99_ms"] > 0
+
+
+def test_engine_death_is_reported(tiny_server):
+    """The core process dies mid-request: the stream fails with an error, /health says 503, new requests get
+    503, and SIGTERM still exits cleanly."""
+    client = tiny_server.client()
+    model = client.models.list().data[0].id
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=480, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    os.kill(tiny_server.engine_core_pid(), signal.SIGKILL)
+    with pytest.raises(openai.APIError) as info:
+        for _ in it:
+            pass
+    assert "engine" in str(info.value.message)
+    deadline = time.monotonic() + 10
+    while httpx.get(tiny_server.url("/health"), timeout=5).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+    assert info.value.status_code == 503
+    pids = tiny_server.all_pids()
+    assert tiny_server.terminate(timeout=30) == 0
+    assert not wait_gone(pids), "a child process outlived the server"
+
+
+def test_sigterm_drains(tiny_served_model):
+    """SIGTERM with requests in flight (one running, two waiting): new requests get 503, the three finish
+    completely, the server exits 0 and leaves no process behind."""
+    with RemoteServer(tiny_args(tiny_served_model, "--max-num-seqs", "1", "--shutdown-timeout", "120")) as srv:
+        model = httpx.get(srv.url("/v1/models"), timeout=10).json()["data"][0]["id"]
+        num_tokens = 60
+        started = threading.Barrier(4, timeout=60)
+        results: list = [None] * 3
+
+        def worker(i: int) -> None:
+            try:
+                client = srv.client()
+                stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=num_tokens,
+                                                   temperature=0, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True})
+                started.wait()
+                chunks = list(stream)
+                results[i] = (chunks[-1].usage.completion_tokens,
+                              [c.choices[0].finish_reason for c in chunks if c.choices][-1])
+            except BaseException as e:  # noqa: BLE001 - checked below
+                results[i] = e
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        started.wait()  # all three are in the engine
+        pids = srv.all_pids()
+        assert len(pids) >= 2  # the server and its engine core
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        r = httpx.post(srv.url("/v1/completions"), json={"model": model, "prompt": PROMPT, "max_tokens": 2},
+                       timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(srv.url("/health"), timeout=10).status_code == 503
+        for t in threads:
+            t.join(120)
+        assert results == [(num_tokens, "length")] * 3, results
+        assert srv.proc.wait(60) == 0
+        assert not wait_gone(pids), "a child process outlived the server"

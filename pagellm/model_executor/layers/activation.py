@@ -11,6 +11,10 @@ class SiluAndMul(nn.Module):
     """x [..., 2*I] holds [gate | up] (as a merged gate_up projection writes it); returns silu(gate) * up [..., I]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one fused pass instead of three
+            from pagellm.model_executor.layers import triton_ops
+
+            return triton_ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 

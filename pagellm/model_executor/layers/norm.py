@@ -32,6 +32,13 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if x.is_cuda:  # one fused pass (the sum goes into `residual` in place)
+            from pagellm.model_executor.layers import triton_ops
+
+            if residual is None:
+                return triton_ops.rms_norm(x, self.weight, self.eps)
+            if residual.is_contiguous():
+                return triton_ops.rms_norm(x, self.weight, self.eps, residual), residual
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -112,6 +112,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos_sin_cache.device != positions.device:
             self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:  # in place, one kernel for q and k
+            from pagellm.model_executor.layers import triton_ops
+
+            triton_ops.rotary_neox_(positions, q, k, self.cos_sin_cache, self.head_dim)
+            return q, k
         cos_sin = self.cos_sin_cache.index_select(0, positions)
         half = self.head_dim // 2
         cos = cos_sin[:, None, :half]

@@ -54,6 +54,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs
 
     @property
     def architecture(self) -> str:

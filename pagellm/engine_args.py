@@ -39,6 +39,7 @@ _HELP = {
     "scheduling_policy": "fcfs (first come, first served) or priority (lower value first, then arrival)",
     "served_model_name": "model name in the API (default: the model argument)",
     "skip_tokenizer_init": "load no tokenizer: prompts must be token ids and outputs carry no text",
+    "enforce_eager": "CUDA: run every step eagerly (no CUDA graphs for decode batches)",
 }
 
 
@@ -60,6 +61,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -91,6 +93,7 @@ class EngineArgs:
                             help=_HELP["scheduling_policy"])
         parser.add_argument("--served-model-name", default=None, help=_HELP["served_model_name"])
         parser.add_argument("--skip-tokenizer-init", action="store_true", help=_HELP["skip_tokenizer_init"])
+        parser.add_argument("--enforce-eager", action="store_true", help=_HELP["enforce_eager"])
         return parser
 
     @classmethod
@@ -150,6 +153,7 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             served_model_name=self.served_model_name,
             skip_tokenizer_init=self.skip_tokenizer_init,
+            enforce_eager=self.enforce_eager,
         )
         max_num_seqs = self.max_num_seqs or (256 if on_cuda else 64)
         max_batched = self.max_num_batched_tokens or (8192 if on_cuda else 2048)

@@ -93,8 +93,13 @@ class Request:
         return len(self.output_token_ids)
 
     def append_output_token_ids(self, token_ids: Union[int, Iterable[int]]) -> None:
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
+        if isinstance(token_ids, int):  # one token a step: the hot path, kept cheap
+            self.output_token_ids.append(token_ids)
+            self._all_token_ids.append(token_ids)
+            bs = self._block_size
+            if bs is not None and len(self._all_token_ids) % bs == 0:
+                self._update_block_hashes()
+            return
         else:
             token_ids = list(token_ids)
         self.output_token_ids.extend(token_ids)

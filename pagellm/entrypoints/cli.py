@@ -53,6 +53,13 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from pagellm.bench.latency import run_latency_bench
+
+    run_latency_bench(args)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pagellm.entrypoints.openai.api_server import serve
 
@@ -108,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench_sub.add_parser("throughput", help="offline throughput on a fixed workload (shared/BENCHMARKS.md)")
     add_throughput_args(tp)
     tp.set_defaults(func=_cmd_bench_throughput)
+
+    from pagellm.bench.latency import add_latency_args
+
+    lat = bench_sub.add_parser("latency", help="decode speed of one small batch (default: one request)")
+    add_latency_args(lat)
+    lat.set_defaults(func=_cmd_bench_latency)
 
     from pagellm.bench.serve import add_serve_bench_args
 

@@ -66,15 +66,23 @@ class Worker:
         return num_blocks
 
     def _profile_cuda_budget(self) -> int:
-        """gpu_memory_utilization of the device, minus what the model and a peak forward pass need."""
+        """gpu_memory_utilization of the device, minus the weights, the peak activations of the largest step
+        (measured by running it), the decode CUDA graphs' pool (estimated: they are captured after the KV cache
+        exists) and whatever other processes hold."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        self.runner.profile_run()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - max(used_by_others, 0)
+        weights = torch.cuda.memory_allocated(self.device)
+        profile_kv = self.runner.profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - profile_kv  # the profile's own small KV cache
+        graphs = self.runner.graph_memory_estimate()
+        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak - graphs - max(used_by_others, 0)
+        logger.info("GPU memory: %.1f GiB total, weights %.2f GiB, peak activations %.2f GiB, CUDA graphs ~%.2f GiB, "
+                    "others %.2f GiB -> KV cache %.2f GiB (gpu_memory_utilization %.2f)", total / 2**30,
+                    weights / 2**30, (peak - weights) / 2**30, graphs / 2**30, max(used_by_others, 0) / 2**30,
+                    max(budget, 0) / 2**30, self.config.cache_config.gpu_memory_utilization)
         torch.cuda.empty_cache()
         return max(budget, 0)
 

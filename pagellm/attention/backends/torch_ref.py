@@ -19,8 +19,12 @@ DECODE_GROUP_MIN = 8
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store this step's K/V [T, Hk, D] at their slots of the cache [2, num_blocks, block_size, Hk, D]."""
+    """Store this step's K/V [T, Hk, D] at their slots of the cache [2, num_blocks, block_size, Hk, D].
+    A slot of -1 marks a padding token (a CUDA-graph batch's spare rows): nothing is written for it."""
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
@@ -53,8 +57,9 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     out = F.scaled_dot_product_attention(
         q[:, :, None, :].float(), k.float(), v.float(), attn_mask=visible[:, None, None, :], scale=scale,
         enable_gqa=True,
-    )
-    return out[:, :, 0]
+    )[:, :, 0]
+    # An empty context (a padding row, seq_len 0) attends to nothing: zeros, as the Triton kernel gives.
+    return out.masked_fill_((seq_lens == 0)[:, None, None], 0.0)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""The whole engine on CUDA against the CPU engine: greedy tokens of a tiny random model in float32 are the same,
+with decode CUDA graphs and without, alone and in a batch (CUDA only)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _prompts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(3, 90))]} for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_greedy_tokens_equal_cpu(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    opts = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory=32 * 2**20)
+    prompts = _prompts(24)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    cpu = [o.outputs[0].token_ids for o in LLM(path, device="cpu", **opts).generate(prompts, params, use_tqdm=False)]
+    for eager in (False, True):
+        llm = LLM(path, device="cuda", enforce_eager=eager, max_num_seqs=16, **opts)
+        runner = llm.llm_engine.core.executor.worker.runner
+        assert bool(runner.graphs) != eager
+        batch = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
+        assert batch == cpu, f"enforce_eager={eager}"
+        assert alone == cpu[:3]
+        del llm
+        torch.cuda.empty_cache()
+
+
+def test_cuda_memory_profile_uses_the_device(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
+              gpu_memory_utilization=0.5, max_model_len=512)
+    free, total = torch.cuda.mem_get_info()
+    used = total - free
+    assert used > 0.4 * total  # the KV cache took what gpu_memory_utilization left
+    assert used < 0.55 * total
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

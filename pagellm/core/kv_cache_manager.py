@@ -38,6 +38,8 @@ class KVCacheManager:
         self.max_model_len = max_model_len
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # The same blocks' ids, kept in step (the block table the scheduler sends every step, without rebuilding it).
+        self.req_to_block_ids: dict[str, list[int]] = {}
         # How many leading blocks of each request are registered in (or came from) the prefix cache.
         self.num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_stats = PrefixCacheStats()
@@ -121,13 +123,18 @@ class KVCacheManager:
 
         if req_blocks is None:
             req_blocks = self.req_to_blocks[req_id] = []
+            self.req_to_block_ids[req_id] = []
             self.num_cached_blocks[req_id] = 0
+        block_ids = self.req_to_block_ids[req_id]
         if hits:
             self.block_pool.touch(hits)
             req_blocks.extend(hits)
+            block_ids.extend(b.block_id for b in hits)
             self.num_cached_blocks[req_id] = len(hits)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks) if num_new_blocks else []
-        req_blocks.extend(new_blocks)
+        if new_blocks:
+            req_blocks.extend(new_blocks)
+            block_ids.extend(b.block_id for b in new_blocks)
 
         if self.enable_caching:
             request.enable_block_hashing(self.block_size)
@@ -141,6 +148,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks, last block first (so its tail is evicted before its shared prefix)."""
         blocks = self.req_to_blocks.pop(request.request_id, None)
+        self.req_to_block_ids.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
         if blocks:
             self.block_pool.free_blocks(reversed(blocks))
@@ -149,7 +157,8 @@ class KVCacheManager:
         return self.req_to_blocks.get(request_id, [])
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+        """The request's block table, a live list: read it, never change it."""
+        return self.req_to_block_ids.get(request_id, [])
 
     def reset_prefix_cache(self) -> bool:
         ok = self.block_pool.reset_prefix_cache()

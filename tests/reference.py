@@ -53,3 +53,20 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[i
     tokens = out.sequences[0, len(prompt_ids):].tolist()
     logprobs = [torch.log_softmax(l[0].float(), dim=-1) for l in out.logits]
     return tokens, logprobs
+
+
+def tiny_llm(path: str, **kwargs):
+    """A float32 pagellm engine on a tiny model, without a tokenizer, with a small KV cache."""
+    from pagellm import LLM
+
+    opts = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_memory=16 * 2**20, max_model_len=256)
+    opts.update(kwargs)
+    return LLM(path, **opts)
+
+
+def random_prompt(seed: int, length: int) -> dict:
+    """A token-id prompt of `length` ids drawn from the tiny models' vocabulary (above the special ids)."""
+    import random
+
+    rng = random.Random(seed)
+    return {"prompt_token_ids": [rng.randrange(3, 512) for _ in range(length)]}

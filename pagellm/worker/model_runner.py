@@ -259,48 +259,41 @@ class ModelRunner:
             positions = starts[req_of_token] + (np.arange(total) - qsl[:-1][req_of_token])
             slot_mapping = block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
-        num_decodes = int(np.count_nonzero(q_lens == 1))
         if buf is None:
             dev = self.device
-            meta = AttentionMetadata(
-                num_actual_tokens=total,
-                query_start_loc=torch.from_numpy(qsl).to(dev, torch.int32),
-                seq_lens=torch.from_numpy(seq_lens).to(dev, torch.int32),
-                block_tables=torch.from_numpy(block_tables).to(dev, torch.int32),
-                slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-                max_query_len=int(q_lens.max()),
-                max_seq_len=int(seq_lens.max()),
-                num_decodes=num_decodes,
-                block_size=bs,
-                query_start_loc_cpu=qsl.tolist(),
-                seq_lens_cpu=seq_lens.tolist(),
-            )
-            return torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta
-
-        buf.ids_np[:total] = input_ids
-        buf.pos_np[:total] = positions
-        buf.slot_np[:total] = slot_mapping
-        buf.qsl_np[: n + 1] = qsl
-        buf.seq_np[:n] = seq_lens
-        if pad_to is not None:  # a graph replays: it was captured with its own views of these buffers
-            self._fill_graph_padding(n, pad_to)
-            buf.upload(pad_to, pad_to, max_blocks)
-            return buf.input_ids[:pad_to], buf.positions[:pad_to], None
-        buf.upload(total, n, max_blocks)
+            ids_t, pos_t = torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
+            qsl_t = torch.from_numpy(qsl).to(dev, torch.int32)
+            seq_t = torch.from_numpy(seq_lens).to(dev, torch.int32)
+            bt_t = torch.from_numpy(block_tables).to(dev, torch.int32)
+            slot_t = torch.from_numpy(slot_mapping).to(dev)
+        else:
+            buf.ids_np[:total] = input_ids
+            buf.pos_np[:total] = positions
+            buf.slot_np[:total] = slot_mapping
+            buf.qsl_np[: n + 1] = qsl
+            buf.seq_np[:n] = seq_lens
+            if pad_to is not None:  # a graph replays: it was captured with its own views of these buffers
+                self._fill_graph_padding(n, pad_to)
+                buf.upload(pad_to, pad_to, max_blocks)
+                return buf.input_ids[:pad_to], buf.positions[:pad_to], None
+            buf.upload(total, n, max_blocks)
+            ids_t, pos_t = buf.input_ids[:total], buf.positions[:total]
+            qsl_t, seq_t, bt_t, slot_t = (buf.query_start_loc[: n + 1], buf.seq_lens[:n], buf.block_tables[:n],
+                                          buf.slot_mapping[:total])
         meta = AttentionMetadata(
             num_actual_tokens=total,
-            query_start_loc=buf.query_start_loc[: n + 1],
-            seq_lens=buf.seq_lens[:n],
-            block_tables=buf.block_tables[:n],
-            slot_mapping=buf.slot_mapping[:total],
+            query_start_loc=qsl_t,
+            seq_lens=seq_t,
+            block_tables=bt_t,
+            slot_mapping=slot_t,
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
-            num_decodes=num_decodes,
+            num_decodes=int(np.count_nonzero(q_lens == 1)),
             block_size=bs,
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        return buf.input_ids[:total], buf.positions[:total], meta
+        return ids_t, pos_t, meta
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

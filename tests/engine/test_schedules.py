@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from pagellm import LLM, SamplingParams
+from pagellm import SamplingParams
+from tests.reference import random_prompt, tiny_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-def _llm(path: str, **kwargs) -> LLM:
-    opts = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_memory=16 * 2**20, max_model_len=256)
-    opts.update(kwargs)
-    return LLM(path, **opts)
-
-
-def _prompt(seed: int, length: int) -> dict:
-    rng = random.Random(seed)
-    return {"prompt_token_ids": [rng.randrange(3, 512) for _ in range(length)]}
+_llm = tiny_llm
+_prompt = random_prompt
 
 
 @pytest.fixture(scope="module")

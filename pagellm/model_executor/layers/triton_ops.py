@@ -92,6 +92,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_heads(base, offs, ok, cos, sin, HALF: tl.constexpr):
+    """Rotate the heads of one token at `base` (rows of head x first-half offsets) in place, in float32."""
+    x1 = tl.load(base + offs, mask=ok, other=0.0)
+    x2 = tl.load(base + offs + HALF, mask=ok, other=0.0)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    tl.store(base + offs, (f1 * cos - f2 * sin).to(x1.dtype), mask=ok)
+    tl.store(base + offs + HALF, (f2 * cos + f1 * sin).to(x1.dtype), mask=ok)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_kt, stride_cache, num_q_heads, num_k_heads,
     HALF: tl.constexpr, HEADS_P2: tl.constexpr,
@@ -103,24 +114,8 @@ def _rotary_kernel(
     sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs)[None, :]
     heads = tl.arange(0, HEADS_P2)[:, None]
     d1 = heads * (2 * HALF) + offs[None, :]
-    # q
-    ok = heads < num_q_heads
-    base = q_ptr + tok * stride_qt
-    x1 = tl.load(base + d1, mask=ok, other=0.0)
-    x2 = tl.load(base + d1 + HALF, mask=ok, other=0.0)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    tl.store(base + d1, (f1 * cos - f2 * sin).to(x1.dtype), mask=ok)
-    tl.store(base + d1 + HALF, (f2 * cos + f1 * sin).to(x1.dtype), mask=ok)
-    # k
-    ok = heads < num_k_heads
-    base = k_ptr + tok * stride_kt
-    x1 = tl.load(base + d1, mask=ok, other=0.0)
-    x2 = tl.load(base + d1 + HALF, mask=ok, other=0.0)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    tl.store(base + d1, (f1 * cos - f2 * sin).to(x1.dtype), mask=ok)
-    tl.store(base + d1 + HALF, (f2 * cos + f1 * sin).to(x1.dtype), mask=ok)
+    _rotate_heads(q_ptr + tok * stride_qt, d1, heads < num_q_heads, cos, sin, HALF)
+    _rotate_heads(k_ptr + tok * stride_kt, d1, heads < num_k_heads, cos, sin, HALF)
 
 
 def rotary_neox_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,

@@ -324,3 +324,22 @@ def test_prompt_logprobs(monkeypatch) -> None:
         assert e.token_ids[1] == int(ref[i].argmax()) and e.ranks[1:] == [1, 2]
     assert entries[4].ranks[0] == 2
     assert len(compute_prompt_logprobs(logits, targets, 0)[0].token_ids) == 1
+
+
+def test_candidate_top_k_top_p_equals_the_full_sort() -> None:
+    """apply_top_k_top_p (topk candidates) keeps exactly the tokens one full sort keeps, for peaked rows (the
+    candidates cover p) and flat rows (they do not: the fallback), with and without top-k, mixed in a batch."""
+    from pagellm.model_executor.layers import sampler as smp
+
+    gen = torch.Generator().manual_seed(5)
+    V = 5000
+    for trial in range(20):
+        n = 9
+        logits = torch.randn(n, V, generator=gen) * (8.0 if trial % 2 else 0.5)  # peaked / flat
+        ks = torch.tensor([V, 1, 7, V, 2000, V, 40, V, 3])[:n]
+        ps = torch.tensor([1.0, 0.9, 1.0, 0.5, 0.95, 0.999, 0.2, 1e-6, 1.0])[:n]
+        for top_k, top_p in ((ks, ps), (None, ps), (ks, None)):
+            ref = smp._apply_top_k_top_p_sorted(logits.clone(), top_k, top_p)
+            got = smp.apply_top_k_top_p(logits.clone(), top_k, top_p)
+            assert torch.equal(torch.isinf(got), torch.isinf(ref)), (trial, top_k is None, top_p is None)
+            assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])

@@ -72,6 +72,7 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
         "num_blocks": config.cache_config.num_blocks,
         "dtype": str(config.model_config.dtype).replace("torch.", ""),
     }
+    llm.llm_engine.core.shutdown()  # the peer runs next on the same device: free ours first
     del llm, outputs
     gc.collect()
     if torch.cuda.is_available():

@@ -23,4 +23,4 @@ class UniprocExecutor:
         return self.worker.execute_model(scheduler_output)
 
     def shutdown(self) -> None:
-        pass
+        self.worker.shutdown()

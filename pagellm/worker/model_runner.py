@@ -107,6 +107,14 @@ class ModelRunner:
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.device)
 
+    def release(self) -> None:
+        """Drop the model, KV cache, graphs and buffers; the runner cannot step afterwards."""
+        self.graphs.clear()
+        self.kv_caches = []
+        self.model = None
+        self.buffers = None
+        self.generators.clear()
+
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()

@@ -89,5 +89,11 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
+    def shutdown(self) -> None:
+        """Give the device memory back now (weights, KV cache, graphs), not whenever the engine is collected."""
+        self.runner.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)

@@ -33,8 +33,7 @@ def test_cuda_greedy_tokens_equal_cpu(tiny_model_dir, arch):
         alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
         assert batch == cpu, f"enforce_eager={eager}"
         assert alone == cpu[:3]
-        del llm
-        torch.cuda.empty_cache()
+        llm.llm_engine.core.shutdown()
 
 
 def test_cuda_memory_profile_uses_the_device(tiny_model_dir):

@@ -16,6 +16,7 @@ import torch
 from pagellm.attention.metadata import AttentionMetadata
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, ScheduledRequest, SchedulerOutput
+from pagellm.distributed.parallel_state import local_kv_cache_dims
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplingMetadata,
@@ -40,6 +41,10 @@ class ModelRunner:
         self.sampler = Sampler()
         # Per-request sampling state that must outlive a step: seeded generators.
         self.generators: dict[str, torch.Generator] = {}
+        # The KV cache of this rank: its pipeline stage's layers, its tensor-parallel share of the KV heads
+        # (the whole model's on a single device).
+        self.num_cache_layers, self.num_cache_kv_heads = local_kv_cache_dims(self.model_config.num_layers,
+                                                                             self.model_config.num_kv_heads)
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -48,12 +53,13 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        return 2 * self.num_cache_layers * self.block_size * self.num_cache_kv_heads * mc.head_dim * elem
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        shape = (2, num_blocks, self.block_size, self.num_cache_kv_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_cache_layers)]
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -129,6 +135,8 @@ class ModelRunner:
                                                       r.num_computed_tokens if r.num_scheduled_tokens == 1 else 0))
         input_ids, positions, meta = self._prepare_inputs(reqs)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if hidden is None:  # a pipeline stage before the last: its output went to the next stage
+            return out
 
         qsl = meta.query_start_loc_cpu
         sample_rows = [i for i, r in enumerate(reqs) if r.do_sample]

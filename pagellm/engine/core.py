@@ -9,7 +9,7 @@ from pagellm.config import EngineConfig
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.scheduler import Scheduler
 from pagellm.core.sched_output import EngineCoreOutput
-from pagellm.executor import UniprocExecutor
+from pagellm.executor import make_executor
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +17,14 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor = UniprocExecutor(config)
-        num_blocks = self.executor.determine_num_blocks()
-        config.cache_config.num_blocks = num_blocks
-        self.executor.initialize_kv_cache(num_blocks)
+        self.executor = make_executor(config)  # uni, or mp/ray for tensor/pipeline parallelism
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            config.cache_config.num_blocks = num_blocks
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # no worker processes left behind
+            raise
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
 
     def add_request(self, request: Request) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from pagellm.distributed.parallel_state import get_pp_group, init_distributed_environment
+from pagellm.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed_environment
 from pagellm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ class Worker:
                                          backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(config.model_config.seed)
         self.runner = ModelRunner(config, self.device)
+
+    @property
+    def is_driver(self) -> bool:
+        """The rank whose ModelRunnerOutput the engine reads: TP rank 0 of the last pipeline stage."""
+        return get_pp_group().is_last_rank and get_tp_group().is_first_rank
 
     def load_model(self) -> None:
         self.runner.load_model()

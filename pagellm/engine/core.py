@@ -47,5 +47,9 @@ class EngineCore:
         runner_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
+    def check_health(self) -> None:
+        """Raise (WorkerDiedError) if a worker of the executor is gone, even while no step runs."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

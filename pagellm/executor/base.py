@@ -25,6 +25,14 @@ class Executor:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         raise NotImplementedError
 
+    # Pipeline parallelism keeps several batches in flight: submit returns at once, collect waits for that
+    # batch (handles are collected in submission order). By default: run at submit.
+    def submit_model(self, scheduler_output: SchedulerOutput) -> object:
+        return self.execute_model(scheduler_output)
+
+    def collect_model(self, handle: object) -> ModelRunnerOutput:
+        return handle  # type: ignore[return-value]
+
     def check_health(self) -> None:
         """Raise WorkerDiedError if a worker is gone."""
 

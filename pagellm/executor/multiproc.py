@@ -143,8 +143,7 @@ class MultiprocExecutor(Executor):
         self.failed = message
         raise WorkerDiedError(message)
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
-        """Call `method(*args)` on every worker; their answers in rank order."""
+    def _send_all(self, method: str, args: tuple) -> None:
         if self.failed is not None:
             raise WorkerDiedError(self.failed)
         for rank, conn in enumerate(self.conns):
@@ -152,7 +151,20 @@ class MultiprocExecutor(Executor):
                 conn.send((method, args))
             except (BrokenPipeError, OSError):
                 self._die(f"worker {rank} (pid {self.procs[rank].pid}) is gone")
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call `method(*args)` on every worker; their answers in rank order."""
+        self._send_all(method, args)
         return self._gather()
+
+    def submit_model(self, scheduler_output: SchedulerOutput) -> object:
+        """Send a batch to every worker without waiting: each worker answers its calls in order, so the first
+        stage starts the next batch while later stages still work on this one."""
+        self._send_all("execute_model", (scheduler_output,))
+        return None
+
+    def collect_model(self, handle: object) -> ModelRunnerOutput:
+        return self._gather()[self.driver_rank]  # the oldest batch's answers are first in every pipe
 
     def determine_num_blocks(self) -> int:
         return min(self.collective_rpc("determine_num_blocks"))  # every rank must hold the blocks

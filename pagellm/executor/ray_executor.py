@@ -131,8 +131,18 @@ class RayExecutor(Executor):
         self.collective_rpc("initialize_kv_cache", num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        ref = self._ray.put(scheduler_output)  # once, for every actor
-        return self.collective_rpc("execute_model", ref)[self.driver_rank]
+        return self.collect_model(self.submit_model(scheduler_output))
+
+    def submit_model(self, scheduler_output: SchedulerOutput) -> object:
+        """One ray.put of the batch for every actor; an actor runs its calls in order (one at a time), so the
+        first stage starts the next batch while later stages still work on this one."""
+        if self.failed is not None:
+            raise WorkerDiedError(self.failed)
+        ref = self._ray.put(scheduler_output)
+        return [a.call.remote("execute_model", ref) for a in self.actors]
+
+    def collect_model(self, handle: object) -> ModelRunnerOutput:
+        return self._wait(handle)[self.driver_rank]  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         if self.closed:

@@ -124,3 +124,18 @@ def test_parallel_options_are_validated(tiny_model_dir):
         _llm(path, data_parallel_size=2)
     with pytest.raises(ValueError, match="uni"):
         _llm(path, tensor_parallel_size=2, distributed_executor_backend="uni")
+
+
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_pp_keeps_two_micro_batches_in_flight(tiny_model_dir, backend, request):
+    """max_num_seqs=3 with 6 prompts: two groups of requests alternate, one batch on each stage at a time."""
+    if backend == "ray":
+        request.getfixturevalue("local_ray")
+    path = tiny_model_dir("llama")
+    llm = _llm(path, pipeline_parallel_size=2, max_num_seqs=3, distributed_executor_backend=backend)
+    try:
+        got = [o.outputs[0] for o in llm.generate(_prompts(), PARAMS, use_tqdm=False)]
+        assert llm.llm_engine.core.peak_batches_in_flight == 2
+    finally:
+        llm.shutdown()
+    _assert_same(got, _reference(path))

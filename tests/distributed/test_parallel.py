@@ -139,3 +139,27 @@ def test_pp_keeps_two_micro_batches_in_flight(tiny_model_dir, backend, request):
     finally:
         llm.shutdown()
     _assert_same(got, _reference(path))
+
+
+@pytest.mark.slow
+def test_gguf_tp3_matches_single_device(smollm_llm):
+    """The embedded SmolLM2 GGUF (9 heads, 3 KV heads, tied 49152-token vocabulary) split over 3 ranks: the GGUF
+    loader hands whole dequantized tensors and each layer's weight loader keeps its rank's slice."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    ref = [o.outputs[0].token_ids for o in smollm_llm.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(dtype="float32", max_model_len=256, kv_cache_memory=32 * 2**20, tensor_parallel_size=3)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert got == ref
+
+
+def test_dummy_weights_under_tp(tiny_model_dir):
+    llm = _llm(tiny_model_dir("qwen2"), tensor_parallel_size=2, load_format="dummy")
+    try:
+        out = llm.generate(_prompts(2), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    finally:
+        llm.shutdown()

@@ -103,8 +103,31 @@ class DeviceConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How many devices one engine spans (tensor x pipeline) and how many engines serve (data parallel)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1  # engine cores behind one API server (the server only)
+    data_parallel_rank: int = 0  # which of them this engine core is (picks its devices)
+    # uni (the worker in the engine's process) | mp (one process per rank) | ray (one Ray actor per rank);
+    # None: uni at world size 1, else mp.
+    distributed_executor_backend: Optional[str] = None
+
+    @property
+    def world_size(self) -> int:
+        """Processes (devices) of one engine: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        return self.distributed_executor_backend or ("mp" if self.world_size > 1 else "uni")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)

@@ -14,6 +14,7 @@ from pagellm.config import (
     DeviceConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     resolve_dtype,
 )
@@ -40,6 +41,12 @@ _HELP = {
     "served_model_name": "model name in the API (default: the model argument)",
     "skip_tokenizer_init": "load no tokenizer: prompts must be token ids and outputs carry no text",
     "enforce_eager": "CUDA: run every step eagerly (no CUDA graphs for decode batches)",
+    "tensor_parallel_size": "devices that split every layer's weights (one worker process per device)",
+    "pipeline_parallel_size": "pipeline stages: devices that each hold a contiguous slice of the layers",
+    "data_parallel_size": "engine cores behind one server (each with its own devices and KV cache); requests go "
+    "to the least loaded, conversations stay on the core that caches their prefix (server only)",
+    "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
+    "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
 
 
@@ -62,6 +69,11 @@ class EngineArgs:
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None
+    data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -94,6 +106,12 @@ class EngineArgs:
         parser.add_argument("--served-model-name", default=None, help=_HELP["served_model_name"])
         parser.add_argument("--skip-tokenizer-init", action="store_true", help=_HELP["skip_tokenizer_init"])
         parser.add_argument("--enforce-eager", action="store_true", help=_HELP["enforce_eager"])
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help=_HELP["tensor_parallel_size"])
+        parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                            help=_HELP["pipeline_parallel_size"])
+        parser.add_argument("--data-parallel-size", "-dp", type=int, default=1, help=_HELP["data_parallel_size"])
+        parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+                            help=_HELP["distributed_executor_backend"])
         return parser
 
     @classmethod
@@ -105,8 +123,15 @@ class EngineArgs:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             positive(name, getattr(self, name))
+        if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be uni, mp or ray, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError("distributed_executor_backend='uni' runs one worker: use mp or ray with "
+                             "tensor_parallel_size or pipeline_parallel_size > 1")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -169,4 +194,29 @@ class EngineArgs:
             kv_cache_memory=self.kv_cache_memory,
             gpu_memory_utilization=self.gpu_memory_utilization,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device))
+        parallel_config = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            data_parallel_rank=self.data_parallel_rank,
+            distributed_executor_backend=self.distributed_executor_backend,
+        )
+        check_parallel_fits_model(hf_config, parallel_config)
+        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config)
+
+
+def check_parallel_fits_model(hf_config: Any, parallel: ParallelConfig) -> None:
+    """Fail early, naming the option, when the model cannot be split as asked."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide num_attention_heads ({heads})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide num_key_value_heads ({kv_heads}) or be a "
+                         f"multiple of it")
+    inter = getattr(hf_config, "intermediate_size", None)
+    if inter is not None and inter % tp:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide intermediate_size ({inter})")
+    if pp > hf_config.num_hidden_layers:
+        raise ValueError(f"pipeline_parallel_size ({pp}) exceeds the model's {hf_config.num_hidden_layers} layers")

@@ -57,6 +57,11 @@ class Metrics:
         self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
                                                    _TOKEN_BUCKETS)
         self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+        self._routed = Counter("pagellm:engine_core_requests", "Requests sent to each engine core (data "
+                               "parallelism: one core per replica).", ["model_name", "engine_core"], registry=r)
+
+    def record_routed(self, core: int) -> None:
+        self._routed.labels(self.model_name, str(core)).inc()
 
     def record_core_stats(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)

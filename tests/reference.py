@@ -21,6 +21,8 @@ def tiny_config(arch: str):
     )
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "llama-kv1":  # one KV head (multi-query): tensor parallelism replicates it
+        return LlamaConfig(**{**common, "num_key_value_heads": 1}, tie_word_embeddings=False)
     if arch == "llama3":  # Llama 3.1 style rope scaling
         return LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

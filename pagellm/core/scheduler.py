@@ -128,6 +128,10 @@ class Scheduler:
         # Outputs of requests that schedule() had to finish (too long for the whole KV cache).
         self._pending_outputs: list[EngineCoreOutput] = []
         self.num_preemptions_total = 0
+        # Request id -> batches scheduled and not yet updated. Always empty at schedule() time in a synchronous
+        # engine; with pipeline parallelism several batches are in flight, and a request in one of them is never
+        # preempted (its blocks are being written).
+        self.in_flight: dict[str, int] = {}
 
     # ---- requests in and out ----
 
@@ -221,9 +225,11 @@ class Scheduler:
         if self.priority_policy:
             self.running.sort(key=Request.sort_key)
 
-        # 1. Running requests: decodes and unfinished (chunked) prefills.
+        # 1. Running requests: decodes and unfinished (chunked) prefills. A decode whose last token is still being
+        # computed (pipeline parallelism) has nothing to schedule (n == 0).
+        blocked = False  # no blocks free and the next victim is in flight: wait for the batches in flight
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and not blocked:
             request = self.running[i]
             n = min(
                 request.num_tokens - request.num_computed_tokens,
@@ -237,6 +243,10 @@ class Scheduler:
                 if kvm.allocate_slots(request, n) is not None:
                     scheduled = True
                     break
+                if self.running[-1].request_id in self.in_flight:
+                    blocked = True
+                    scheduled = False
+                    break
                 victim = self.running.pop()  # the lowest priority; its index is >= i
                 if victim is request and not self.running and not scheduled_reqs:
                     # Nothing else holds blocks, and still it does not fit: it never will.
@@ -248,6 +258,8 @@ class Scheduler:
                 if victim is request:
                     scheduled = False
                     break
+            if blocked:
+                break
             if not scheduled:
                 continue  # the request left the list; running[i] is the next one (or the end)
             num_scheduled[request.request_id] = n
@@ -258,6 +270,7 @@ class Scheduler:
         # 2. Waiting requests, unless this step already had to preempt.
         while (
             not preempted_ids
+            and not blocked
             and len(self.waiting)
             and budget > 0
             and len(self.running) < self.max_num_seqs
@@ -314,6 +327,7 @@ class Scheduler:
                 do_sample=start + n == request.num_tokens,
             ))
             request.num_computed_tokens = start + n
+            self.in_flight[request.request_id] = self.in_flight.get(request.request_id, 0) + 1
         assert out.num_batched_tokens <= self.max_num_batched_tokens
         assert len(out.scheduled) <= self.max_num_seqs
         return out
@@ -347,6 +361,9 @@ class Scheduler:
         any_finished = False
         for sr in scheduler_output.scheduled:
             req_id = sr.req_id
+            left = self.in_flight.pop(req_id, 1) - 1
+            if left > 0:
+                self.in_flight[req_id] = left
             request = self.requests.get(req_id)
             if request is None:
                 continue  # finished (aborted) after schedule()

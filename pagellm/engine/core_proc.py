@@ -271,7 +271,11 @@ class EngineCoreProc:
                 logger.warning("the API process is gone; the engine core exits")
                 return
             busy = self.core.has_unfinished_requests()
-            self.drain_input(0 if busy else _IDLE_POLL_MS)
+            if not self.drain_input(0 if busy else _IDLE_POLL_MS) and not busy:
+                # Idle: notice a dead worker now rather than at the next request (raises WorkerDiedError).
+                check = getattr(self.core, "check_health", None)
+                if check is not None:
+                    check()
             if self.should_stop:
                 return
             if self.core.has_unfinished_requests():

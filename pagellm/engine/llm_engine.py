@@ -71,6 +71,10 @@ class LLMEngine:
             self.core.stop_requests(stopped)
         return outputs
 
+    def shutdown(self) -> None:
+        """Stop the workers (multi-device engines); the engine cannot step afterwards."""
+        self.core.shutdown()
+
     @property
     def prefix_cache_stats(self):
         return self.core.scheduler.kv_cache_manager.prefix_cache_stats

@@ -33,7 +33,14 @@ class LLM:
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: unknown engine option (known: {sorted(EngineArgs.field_names())})")
         self.engine_args = EngineArgs(model=model, **kwargs)
+        if self.engine_args.data_parallel_size != 1:
+            raise ValueError("data_parallel_size: data parallelism is for the server (pagellm serve "
+                             "--data-parallel-size N); the offline LLM runs one engine")
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes or actors (tensor/pipeline parallelism); idempotent."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

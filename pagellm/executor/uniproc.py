@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagellm.executor.base import Executor
 from pagellm.worker.worker import Worker
 
 
-class UniprocExecutor:
+class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.worker = Worker(config)

@@ -22,6 +22,7 @@ import torch
 from pagellm.attention.metadata import AttentionMetadata
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, ScheduledRequest, SchedulerOutput
+from pagellm.distributed.parallel_state import local_kv_cache_dims
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplingMetadata,
@@ -91,6 +92,10 @@ class ModelRunner:
         self.sampler = Sampler()
         # Per-request sampling state that must outlive a step: seeded generators.
         self.generators: dict[str, torch.Generator] = {}
+        # The KV cache of this rank: its pipeline stage's layers, its tensor-parallel share of the KV heads
+        # (the whole model's on a single device).
+        self.num_cache_layers, self.num_cache_kv_heads = local_kv_cache_dims(self.model_config.num_layers,
+                                                                             self.model_config.num_kv_heads)
         sc = config.scheduler_config
         self.max_model_len = config.model_config.max_model_len
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -98,7 +103,9 @@ class ModelRunner:
         if device.type == "cuda":
             self.buffers = StepBuffers(max(sc.max_num_batched_tokens, sc.max_num_seqs), sc.max_num_seqs,
                                        self.max_blocks_per_seq, device)
-        self.use_graphs = device.type == "cuda" and not config.model_config.enforce_eager
+        # Pipeline stages exchange tensors with their neighbours every step: they run eagerly.
+        self.use_graphs = (device.type == "cuda" and not config.model_config.enforce_eager
+                           and config.parallel_config.pipeline_parallel_size == 1)
         # batch size -> (graph, logits it writes [bs, vocab])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = graph_batch_sizes(sc.max_num_seqs) if self.use_graphs else []
@@ -118,7 +125,7 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        return 2 * self.num_cache_layers * self.block_size * self.num_cache_kv_heads * mc.head_dim * elem
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv_cache(num_blocks)
@@ -127,8 +134,9 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        shape = (2, num_blocks, self.block_size, self.num_cache_kv_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_cache_layers)]
 
     def graph_memory_estimate(self) -> int:
         """Bytes the decode graphs' private memory pool will hold (activations of the largest graph: logits in
@@ -329,6 +337,8 @@ class ModelRunner:
                 self._sample(reqs, sample_rows, logits, out)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            if hidden is None:  # a pipeline stage before the last: its output went to the next stage
+                return out
             if sample_rows:
                 last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], device=self.device)
                 self._sample(reqs, sample_rows, self.model.compute_logits(hidden[last]), out)

@@ -1,4 +1,9 @@
-"""Worker: owns one device, its model runner and its KV cache, and decides how many KV blocks fit."""
+"""Worker: owns one device, its model runner and its KV cache, and decides how many KV blocks fit.
+
+With tensor or pipeline parallelism there is one Worker per device, each in its own process (executor/): the
+worker joins the engine's torch.distributed group (NCCL on GPUs, gloo on CPUs) before its model is built, so
+the layers shard themselves for its rank. At world size 1 it initializes nothing distributed.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import os
 
 import torch
 
+from typing import Optional
+
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagellm.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed_environment
 from pagellm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -30,17 +38,53 @@ def available_cpu_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_for_rank(config: EngineConfig, local_rank: Optional[int]) -> torch.device:
+    """This worker's device. On CUDA, data-parallel engine d's rank r uses GPU base + d * world_size + r
+    (`local_rank` overrides that: Ray gives each actor its own CUDA_VISIBLE_DEVICES, so there it is 0)."""
+    device = config.device_config.device
+    pc = config.parallel_config
+    if not device.startswith("cuda"):
+        return torch.device(device)
+    if local_rank is None:
+        if pc.world_size == 1 and pc.data_parallel_rank == 0:
+            return torch.device(device)
+        local_rank = pc.data_parallel_rank * pc.world_size
+    base = int(device.split(":", 1)[1]) if ":" in device else 0
+    return torch.device("cuda", base + local_rank)
+
+
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: Optional[int] = None,
+                 distributed_init_method: Optional[str] = None) -> None:
         self.config = config
-        self.device = torch.device(config.device_config.device)
+        self.rank = rank
+        pc = config.parallel_config
+        if local_rank is None and pc.world_size > 1:
+            local_rank = pc.data_parallel_rank * pc.world_size + rank
+        self.device = device_for_rank(config, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if pc.world_size > 1:
+            if distributed_init_method is None:
+                raise ValueError("a worker of a multi-device engine needs distributed_init_method")
+            init_distributed_environment(pc.world_size, rank, distributed_init_method, pc.tensor_parallel_size,
+                                         pc.pipeline_parallel_size,
+                                         backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(config.model_config.seed)
         self.runner = ModelRunner(config, self.device)
 
+    @property
+    def is_driver(self) -> bool:
+        """The rank whose ModelRunnerOutput the engine reads: TP rank 0 of the last pipeline stage."""
+        return get_pp_group().is_last_rank and get_tp_group().is_first_rank
+
     def load_model(self) -> None:
         self.runner.load_model()
+        if get_pp_group().world_size > 1:
+            from pagellm.worker.pipeline import PipelineStage
+
+            mc = self.config.model_config
+            self.runner.model = PipelineStage(self.runner.model, mc.hf_config.hidden_size, mc.dtype, self.device)
 
     def determine_num_blocks(self) -> int:
         """Blocks of KV cache that fit: kv_cache_memory bytes if given, else a share of the free memory."""

@@ -358,7 +358,8 @@ async def run_server(args: argparse.Namespace) -> int:
     )
     server = DrainingServer(config, engine, state, args.shutdown_timeout)
     print(f"pagellm {pagellm.__version__}: serving {engine.served_model_name} on http://{args.host}:{args.port} "
-          f"(engine core pid {engine.core_pid}, {engine.num_blocks} KV blocks)", file=sys.stderr, flush=True)
+          f"(engine core pid {', '.join(map(str, engine.core_pids))}, {engine.num_blocks} KV blocks)",
+          file=sys.stderr, flush=True)
     try:
         await server.serve()
     finally:

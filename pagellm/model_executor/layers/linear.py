@@ -1,4 +1,13 @@
-"""Linear layers. Single-device for now: tensor-parallel variants will shard these same modules.
+"""Linear layers, tensor-parallel (Megatron style) when the TP group has more than one rank.
+
+- `Linear`: replicated (every rank holds the whole weight).
+- `MergedLinear` / `QKVLinear`: column-parallel. Each projection's output rows are split across the TP
+  ranks, so every rank computes its own heads / its own slice of the MLP with no communication.
+- `RowParallelLinear`: the input dim is split; each rank's partial product is summed by an all-reduce
+  (o_proj, down_proj). The bias is added once, after the sum.
+
+At TP size 1 (the default) these are exactly the single-device layers: same shapes, same names, no
+collective anywhere.
 
 Every parameter carries a `weight_loader(param, loaded_tensor, shard_id=None)` attribute: a model's
 `load_weights` never copies into a parameter itself, it calls that hook, so a sharded layer can later pick its
@@ -7,6 +16,10 @@ naming which checkpoint projection the tensor is, and copy it into that projecti
 
 Parameters are created uninitialized (torch.empty) in the requested dtype on the requested device: the loader
 fills them, and a missing checkpoint tensor is an error, not a silently random weight.
+
+A loaded tensor may be a lazy one (the safetensors loader under TP/PP): anything with `.shape`,
+`.narrow(dim, start, length) -> Tensor` (reads only that slice) and `.materialize() -> Tensor`. Sharded
+loaders narrow first, so a rank reads only its own shard from the file.
 """
 
 from __future__ import annotations
@@ -16,6 +29,19 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagellm.distributed.parallel_state import get_tp_group
+
+
+def materialize(loaded) -> torch.Tensor:
+    """A checkpoint tensor as a Tensor (reads a lazy one whole)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.materialize()
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})")
+    return numerator // denominator
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -31,6 +57,7 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=No
     touched) allocation is freed. Loaders hand over fresh tensors, never views of memory still in use."""
     if shard_id is not None:
         raise ValueError(f"this parameter is not merged, but shard {shard_id!r} was given")
+    loaded = materialize(loaded)
     if (isinstance(param, torch.nn.Parameter) and loaded.dtype == param.dtype and loaded.device == param.device
             and tuple(loaded.shape) == tuple(param.shape) and loaded.is_contiguous()
             and not loaded.requires_grad and loaded.storage_offset() == 0
@@ -70,19 +97,55 @@ class Linear(nn.Module):
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
 
 
+class RowParallelLinear(Linear):
+    """y = sum over TP ranks of x_r @ W_r^T (+ b): W [output_size, input_size / tp] on each rank, x already
+    split along its last dim (the output of a column-parallel layer). At TP size 1 it is `Linear`."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+        tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
+        self.full_input_size = input_size
+        super().__init__(divide(input_size, self.tp_size, "input size of a row-parallel layer"), output_size, bias,
+                         dtype, device)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        if self.tp_size == 1 or param.dim() == 1:  # the bias is not split
+            default_weight_loader(param, loaded, shard_id)
+            return
+        if shard_id is not None:
+            raise ValueError(f"this parameter is not merged, but shard {shard_id!r} was given")
+        n = self.input_size
+        copy_weight(param.data, loaded.narrow(1, self.tp_rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = get_tp_group().all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
 class MergedLinear(Linear):
     """Several projections of the same input stacked along the output dim, computed as one matmul.
 
-    output_sizes[i] rows belong to shard i; shard_id is the index, or a name from shard_names.
+    output_sizes[i] rows belong to shard i; shard_id is the index, or a name from shard_names. Column-parallel:
+    with TP, each rank holds rows [rank * n/tp, (rank + 1) * n/tp) of every shard, and `output_sizes` are
+    these per-rank sizes (`full_output_sizes` the checkpoint's).
     """
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
                  shard_names: Optional[Sequence[str]] = None) -> None:
-        super().__init__(input_size, sum(output_sizes), bias, dtype, device)
-        self.output_sizes = list(output_sizes)
+        tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
+        self.full_output_sizes = list(output_sizes)
+        self.output_sizes = self._rank_sizes(list(output_sizes))
+        super().__init__(input_size, sum(self.output_sizes), bias, dtype, device)
         self.shard_names = list(shard_names) if shard_names is not None else None
         self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+
+    def _rank_sizes(self, full: list[int]) -> list[int]:
+        return [divide(n, self.tp_size, "output size of a column-parallel layer") for n in full]
 
     def shard_index(self, shard_id: Union[int, str]) -> int:
         if isinstance(shard_id, str):
@@ -93,12 +156,35 @@ class MergedLinear(Linear):
             raise ValueError(f"shard index {shard_id} out of range ({len(self.output_sizes)} shards)")
         return shard_id
 
+    def shard_start(self, i: int) -> int:
+        """First row of shard i, in the checkpoint tensor of that shard, that this rank holds."""
+        return self.tp_rank * self.output_sizes[i]
+
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         if shard_id is None:  # the whole merged tensor at once (e.g. a checkpoint already merged)
-            copy_weight(param.data, loaded)
+            if self.tp_size == 1:
+                copy_weight(param.data, materialize(loaded))
+                return
+            if tuple(loaded.shape)[0] != sum(self.full_output_sizes):
+                raise ValueError(f"shape mismatch: merged checkpoint tensor {tuple(loaded.shape)}, expected "
+                                 f"{sum(self.full_output_sizes)} rows")
+            start = 0
+            for i, n in enumerate(self.full_output_sizes):
+                self._load_shard(param, loaded.narrow(0, start, n), i)
+                start += n
             return
-        i = self.shard_index(shard_id)
-        copy_weight(param.data.narrow(0, self.offsets[i], self.output_sizes[i]), loaded)
+        self._load_shard(param, loaded, self.shard_index(shard_id))
+
+    def _load_shard(self, param: torch.Tensor, loaded, i: int) -> None:
+        n = self.output_sizes[i]
+        if self.tp_size == 1:
+            src = materialize(loaded)
+        else:
+            full = self.full_output_sizes[i]
+            if tuple(loaded.shape)[0] != full:
+                raise ValueError(f"shape mismatch: checkpoint tensor {tuple(loaded.shape)}, expected {full} rows")
+            src = loaded.narrow(0, self.shard_start(i), n)
+        copy_weight(param.data.narrow(0, self.offsets[i], n), src)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The output of forward() split back into its shards (views)."""
@@ -106,12 +192,36 @@ class MergedLinear(Linear):
 
 
 class QKVLinear(MergedLinear):
-    """q, k, v projections as one matmul; shard ids "q", "k", "v"."""
+    """q, k, v projections as one matmul; shard ids "q", "k", "v".
+
+    With TP, each rank holds num_heads / tp query heads and num_kv_heads / tp KV heads; when there are fewer
+    KV heads than ranks, each KV head is replicated on tp / num_kv_heads ranks (each rank holds one).
+    `num_heads` and `num_kv_heads` are this rank's; `total_num_heads`, `total_num_kv_heads` the model's.
+    """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+        tp = get_tp_group()
+        tp_size = tp.world_size
         self.head_dim = head_dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        if num_kv_heads >= tp_size:
+            self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = divide(tp_size, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
+        self._kv_sizes = [self.num_kv_heads * head_dim] * 2
         sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
         super().__init__(hidden_size, sizes, bias, dtype, device, shard_names=["q", "k", "v"])
+
+    def _rank_sizes(self, full: list[int]) -> list[int]:
+        return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
+
+    def shard_start(self, i: int) -> int:
+        if i == 0:
+            return self.tp_rank * self.output_sizes[0]
+        kv_head = self.tp_rank // self.kv_replicas * self.num_kv_heads
+        return kv_head * self.head_dim

@@ -53,9 +53,12 @@ def weights_iterator(source: ModelSource, load_format: str, config) -> Iterable[
         from pagellm.model_executor.loader.gguf_loader import iterate_gguf_weights
 
         return iterate_gguf_weights(source.file_path, config)
+    from pagellm.distributed.parallel_state import get_pp_group, get_tp_group
     from pagellm.model_executor.loader.safetensors_loader import iterate_safetensors_weights
 
-    return iterate_safetensors_weights(source.path)
+    # Sharded (TP) or split (PP) models read only their part of each file; a single device reads it all.
+    lazy = get_tp_group().world_size > 1 or get_pp_group().world_size > 1
+    return iterate_safetensors_weights(source.path, lazy=lazy)
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -31,11 +31,35 @@ def safetensors_files(folder: str) -> list[str]:
     return files
 
 
-def iterate_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields each tensor of the checkpoint as it is read (memory-mapped), never the whole state dict."""
+class LazySafetensor:
+    """A checkpoint tensor not read yet: `narrow` reads only the slice asked for (a tensor-parallel rank's
+    shard), `materialize` the whole tensor. Valid only while the iteration is on its file."""
+
+    def __init__(self, f, name: str) -> None:
+        self._f = f
+        self.name = name
+        self._slice = f.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        dim = dim % len(self.shape)
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+    def materialize(self) -> torch.Tensor:
+        return self._f.get_tensor(self.name)
+
+
+def iterate_safetensors_weights(folder: str, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields each tensor of the checkpoint as it is read (memory-mapped), never the whole state dict.
+
+    lazy=True (tensor/pipeline parallelism) yields LazySafetensor instead: a rank reads only its shards, and
+    nothing of the layers of other pipeline stages.
+    """
     from safetensors import safe_open
 
     for path in safetensors_files(folder):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (LazySafetensor(f, name) if lazy else f.get_tensor(name))

@@ -11,6 +11,13 @@ Interface the model runner relies on:
 
 Checkpoint names are HF's; q/k/v go into one qkv_proj and gate/up into one gate_up_proj through the merged
 layers' weight_loader hooks.
+
+Parallelism: under tensor parallelism the layers shard themselves (layers/linear.py, layers/embedding.py);
+each attention layer holds its rank's heads. Under pipeline parallelism a stage builds only its decoder layers
+(the others are empty `PPMissingLayer`s, so parameter names stay the checkpoint's), the first stage the
+embedding, the last the final norm and LM head; `forward` then takes the previous stage's hidden states and
+residual (`intermediate`) and, on a stage that is not last, returns both as `IntermediateTensors`. With one
+stage (the default) nothing of this is visible.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import torch
 from torch import nn
 
 from pagellm.attention import Attention, AttentionMetadata
+from pagellm.distributed.parallel_state import get_pp_group, pp_layer_range
 from pagellm.model_executor.layers.activation import get_act_and_mul
 from pagellm.model_executor.layers.embedding import LMHead, VocabEmbedding
-from pagellm.model_executor.layers.linear import Linear, MergedLinear, QKVLinear
+from pagellm.model_executor.layers.linear import MergedLinear, QKVLinear, RowParallelLinear, materialize
 from pagellm.model_executor.layers.norm import RMSNorm
 from pagellm.model_executor.layers.rotary import RotaryEmbedding, get_rope
+from pagellm.model_executor.models.utils import IntermediateTensors, PPMissingLayer
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ class LlamaMLP(nn.Module):
                  dtype=None, device=None) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, dtype, device)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, dtype, device)
         self.act_fn = get_act_and_mul(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +91,16 @@ class LlamaAttention(nn.Module):
                  dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = head_dim_of(config)
+        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, device)
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias,
-                                  dtype, device)
-        self.o_proj = Linear(self.q_size, self.hidden_size, o_bias, dtype, device)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, self.hidden_size, o_bias, dtype, device)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
@@ -135,22 +146,37 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, need_embedding: bool = False) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
+        if self.is_first_stage or need_embedding:
+            self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        else:
+            self.embed_tokens = PPMissingLayer()
         self.rotary_emb = get_rope(config, head_dim_of(config), device=device)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, dtype, device, self.rotary_emb)
-            for _ in range(config.num_hidden_layers)
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device) if self.is_last_stage \
+            else PPMissingLayer()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                ) -> torch.Tensor | IntermediateTensors:
+        """kv_caches: one per layer of this stage. `intermediate`: the previous stage's output (later stages)."""
+        if intermediate is None:
+            hidden = self.embed_tokens(input_ids)
+            residual = None
+        else:
+            hidden, residual = intermediate.hidden, intermediate.residual
+        for layer, kv_cache in zip(self.layers[self.start_layer:self.end_layer], kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -166,10 +192,17 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         dtype = dtype or torch.get_default_dtype()
         qkv_bias, o_bias = self.attention_biases(config)
-        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, dtype, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size, dtype, device,
-                              tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+        last_stage = get_pp_group().is_last_rank
+        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, dtype, device,
+                                need_embedding=self.tie_word_embeddings and last_stage)
+        if last_stage:
+            self.lm_head = LMHead(config.hidden_size, config.vocab_size, dtype, device,
+                                  tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+        else:
+            self.lm_head = PPMissingLayer()
+        # Checkpoint names under these prefixes belong to other pipeline stages: skipped, never read.
+        self._other_stages = tuple(name + "." for name, m in self.named_modules() if isinstance(m, PPMissingLayer))
 
     @staticmethod
     def attention_biases(config: Any) -> tuple[bool, bool]:
@@ -178,8 +211,9 @@ class LlamaForCausalLM(nn.Module):
         return bias, bias
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -200,8 +234,10 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied: the embedding is the head
             if name == "rope_freqs.weight":  # GGUF (llama.cpp) per-frequency rope factors, Llama 3.1
-                self.model.rotary_emb.set_freq_factors(tensor)  # shared by all layers
+                self.model.rotary_emb.set_freq_factors(materialize(tensor))  # shared by all layers
                 continue
+            if self._other_stages and name.startswith(self._other_stages):
+                continue  # another pipeline stage's weight
             target, shard_id = name, None
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in STACKED_PARAMS:
@@ -216,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
                 if loader is None:
                     if shard_id is not None:
                         raise ValueError("parameter has no weight_loader for a merged shard")
-                    param.data.copy_(tensor)
+                    param.data.copy_(materialize(tensor))
                 elif shard_id is None:
                     loader(param, tensor)
                 else:

@@ -1,0 +1,159 @@
+"""RayExecutor: one Ray actor per rank, placed by a placement group (one bundle per device), so an engine can
+span the GPUs of several machines of a Ray cluster.
+
+The actors form one torch.distributed group, as with the multiproc executor (NCCL on GPUs, gloo on CPUs);
+rank 0's actor picks the rendezvous address (its node's IP and a free port) so it works across nodes. Each
+step's SchedulerOutput is put in Ray's object store once (`ray.put`) and every actor gets the reference; only
+the driver rank's actor returns the sampled tokens. Ray is the transport here: its own serialization between
+its own processes, nothing of ours on a socket.
+
+Uses the Ray cluster this process is connected to, or starts a local one (no dashboard, no usage stats).
+A dead actor makes the step raise WorkerDiedError (ray.wait notices it even while the other ranks are blocked
+in a collective with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Optional
+
+from pagellm.config import EngineConfig
+from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagellm.executor.base import Executor, WorkerDiedError, worker_threads
+
+logger = logging.getLogger(__name__)
+
+
+class RayWorkerWrapper:
+    """The actor: holds a Worker once `init_worker` has run (all ranks at once, since they rendezvous)."""
+
+    def __init__(self, config: EngineConfig, rank: int, num_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(num_threads)
+        self.config = config
+        self.rank = rank
+        self.worker: Any = None
+
+    def rendezvous_address(self) -> str:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    def init_worker(self, init_method: str, local_rank: Optional[int]) -> int:
+        from pagellm.worker.worker import Worker
+
+        self.worker = Worker(self.config, rank=self.rank, local_rank=local_rank, distributed_init_method=init_method)
+        return os.getpid()
+
+    def call(self, method: str, *args: Any) -> Any:
+        result = getattr(self.worker, method)(*args)
+        if method == "execute_model" and not self.worker.is_driver:
+            return None
+        return result
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._ray = ray
+        self._remove_pg = remove_placement_group
+        self.config = config
+        pc = config.parallel_config
+        self.world_size = pc.world_size
+        self.driver_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
+        self.failed: Optional[str] = None
+        self.closed = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(include_dashboard=False, log_to_driver=False)
+        on_cuda = config.device_config.device.startswith("cuda")
+        bundle = {"GPU": 1, "CPU": 1} if on_cuda else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=120)
+        except Exception as e:
+            self._remove_pg(self.pg)
+            raise RuntimeError(f"Ray could not place {self.world_size} workers ({bundle} each): {e}") from e
+        actor_cls = ray.remote(RayWorkerWrapper)
+        threads = worker_threads(self.world_size)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=1, num_gpus=1 if on_cuda else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(config, rank, threads)
+            for rank in range(self.world_size)
+        ]
+        try:
+            init_method = ray.get(self.actors[0].rendezvous_address.remote(), timeout=300)
+            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: its device is cuda:0 there.
+            local_rank = 0 if on_cuda else None
+            self.pids = self._wait([a.init_worker.remote(init_method, local_rank) for a in self.actors])
+            self.collective_rpc("load_model")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """Results in rank order; the first failure (a dead actor, an exception) raises at once."""
+        ray = self._ray
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except Exception as e:
+                    self.failed = f"worker {index[ref]} failed: {type(e).__name__}: {e}"
+                    raise WorkerDiedError(self.failed) from None
+        return results
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        if self.failed is not None:
+            raise WorkerDiedError(self.failed)
+        return self._wait([a.call.remote(method, *args) for a in self.actors])
+
+    def determine_num_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_kv_cache", num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect_model(self.submit_model(scheduler_output))
+
+    def submit_model(self, scheduler_output: SchedulerOutput) -> object:
+        """One ray.put of the batch for every actor; an actor runs its calls in order (one at a time), so the
+        first stage starts the next batch while later stages still work on this one."""
+        if self.failed is not None:
+            raise WorkerDiedError(self.failed)
+        ref = self._ray.put(scheduler_output)
+        return [a.call.remote("execute_model", ref) for a in self.actors]
+
+    def collect_model(self, handle: object) -> ModelRunnerOutput:
+        return self._wait(handle)[self.driver_rank]  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for actor in getattr(self, "actors", []):
+            try:
+                self._ray.kill(actor)
+            except Exception:
+                pass
+        try:
+            self._remove_pg(self.pg)
+        except Exception:
+            pass

@@ -1,0 +1,165 @@
+"""Tensor and pipeline parallelism on the CPU (gloo): greedy tokens identical to one device, in float32.
+
+The single-device engine is itself checked against transformers (tests/engine/test_correctness.py), so equality
+with it is equality with the reference. Each multi-rank engine runs its ranks as processes (mp) or Ray actors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from pagellm import LLM, SamplingParams
+from pagellm.executor import WorkerDiedError
+
+LOGPROB_TOL = 1e-4  # float32; the all-reduce sums partial products in another order than one matmul
+
+
+def _llm(path: str, **kwargs) -> LLM:
+    opts = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_memory=4 * 2**20, max_model_len=256,
+                max_num_batched_tokens=64)  # 64: longer prompts are chunked, so chunked prefill is covered too
+    opts.update(kwargs)
+    return LLM(path, **opts)
+
+
+def _prompts(n: int = 6, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(3, 90))]} for _ in range(n)]
+
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2)
+
+
+def _generate(path: str, **kwargs) -> list:
+    llm = _llm(path, **kwargs)
+    try:
+        return [o.outputs[0] for o in llm.generate(_prompts(), PARAMS, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+_REFERENCE: dict[str, list] = {}
+
+
+def _reference(path: str) -> list:
+    if path not in _REFERENCE:
+        _REFERENCE[path] = _generate(path)
+    return _REFERENCE[path]
+
+
+def _assert_same(got: list, ref: list) -> None:
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+        for tok, glp, rlp in zip(g.token_ids, g.logprobs, r.logprobs):
+            assert abs(glp[tok].logprob - rlp[tok].logprob) < LOGPROB_TOL
+
+
+@pytest.mark.parametrize("arch,tp,pp", [
+    ("llama", 2, 1),      # 4 heads, 2 KV heads: one KV head per rank
+    ("llama-kv1", 2, 1),  # 1 KV head: replicated on both ranks
+    ("qwen2", 2, 1),      # q/k/v bias (column-parallel bias), tied embedding as the vocab-parallel LM head
+    ("qwen3", 2, 1),      # per-head q/k norm, head_dim != hidden / heads
+    ("llama", 1, 2),      # two pipeline stages of one layer each
+    ("qwen2", 1, 2),      # tied embedding: the last stage holds it for the LM head too
+])
+def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
+    path = tiny_model_dir(arch)
+    got = _generate(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    _assert_same(got, _reference(path))
+
+
+def test_mp_tp2_x_pp2_matches_single_device(tiny_model_dir):
+    """Four ranks (two stages of two TP ranks): about 25 s on 2 cores, one thread per worker."""
+    path = tiny_model_dir("llama")
+    got = _generate(path, tensor_parallel_size=2, pipeline_parallel_size=2)
+    _assert_same(got, _reference(path))
+
+
+def test_dead_worker_fails_the_step_instead_of_hanging(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = _llm(path, tensor_parallel_size=2)
+    try:
+        executor = llm.llm_engine.core.executor
+        os.kill(executor.pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="worker 1"):
+            llm.generate(_prompts(2), PARAMS, use_tqdm=False)
+        assert time.monotonic() - start < 30
+        with pytest.raises(WorkerDiedError):  # and stays failed
+            executor.check_health()
+    finally:
+        llm.shutdown()
+    for proc in executor.procs:
+        assert not proc.is_alive()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_ray_parallel_matches_single_device(tiny_model_dir, local_ray, tp, pp):
+    path = tiny_model_dir("llama")
+    got = _generate(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="ray")
+    _assert_same(got, _reference(path))
+
+
+def test_parallel_options_are_validated(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        _llm(path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
+        _llm(path, pipeline_parallel_size=3)
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        _llm(path, data_parallel_size=2)
+    with pytest.raises(ValueError, match="uni"):
+        _llm(path, tensor_parallel_size=2, distributed_executor_backend="uni")
+
+
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_pp_keeps_two_micro_batches_in_flight(tiny_model_dir, backend, request):
+    """max_num_seqs=3 with 6 prompts: two groups of requests alternate, one batch on each stage at a time."""
+    if backend == "ray":
+        request.getfixturevalue("local_ray")
+    path = tiny_model_dir("llama")
+    llm = _llm(path, pipeline_parallel_size=2, max_num_seqs=3, distributed_executor_backend=backend)
+    try:
+        got = [o.outputs[0] for o in llm.generate(_prompts(), PARAMS, use_tqdm=False)]
+        assert llm.llm_engine.core.peak_batches_in_flight == 2
+    finally:
+        llm.shutdown()
+    _assert_same(got, _reference(path))
+
+
+@pytest.mark.slow
+def test_gguf_tp3_matches_single_device(smollm_llm):
+    """The embedded SmolLM2 GGUF (9 heads, 3 KV heads, tied 49152-token vocabulary) split over 3 ranks: the GGUF
+    loader hands whole dequantized tensors and each layer's weight loader keeps its rank's slice."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    ref = [o.outputs[0].token_ids for o in smollm_llm.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(dtype="float32", max_model_len=256, kv_cache_memory=32 * 2**20, tensor_parallel_size=3)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert got == ref
+
+
+def test_dummy_weights_under_tp(tiny_model_dir):
+    llm = _llm(tiny_model_dir("qwen2"), tensor_parallel_size=2, load_format="dummy")
+    try:
+        out = llm.generate(_prompts(2), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    finally:
+        llm.shutdown()

@@ -19,6 +19,7 @@ from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, Schedul
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplingMetadata,
+    apply_grammar_bitmask,
     compute_prompt_logprobs,
     make_generator,
     to_token_logprobs,
@@ -144,6 +145,7 @@ class ModelRunner:
         last = torch.tensor([qsl[i + 1] - 1 for i in rows], device=self.device)
         logits = self.model.compute_logits(hidden[last])
         sreqs = [reqs[i] for i in rows]
+        apply_grammar_bitmask(logits, [r.grammar_bitmask for r in sreqs])  # structured output
         generators = {}
         for row, r in enumerate(sreqs):
             seed = r.sampling_params.seed

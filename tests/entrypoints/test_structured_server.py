@@ -273,24 +273,24 @@ def test_smollm_server(smollm_gguf):
                         finish = ch.finish_reason or finish
                 return text, finish
 
-            jobs = [chat(i % 2 == 1, i, response_format={"type": "json_object"}) for i in range(6)]
+            jobs = [chat(i % 2 == 1, i, response_format={"type": "json_object"}) for i in range(4)]
             jobs += [chat(i % 2 == 1, i, response_format={"type": "json_schema", "json_schema": {
-                "name": "order", "schema": SCHEMAS["order"]}}) for i in range(6)]
+                "name": "person", "schema": SCHEMAS["person"]}}) for i in range(4)]
+            common = dict(model=model, messages=MSG, tools=TOOLS, temperature=0.7, max_tokens=200)
+            jobs += [client.chat.completions.create(tool_choice="required", seed=i, **common) for i in range(2)]
+            jobs += [_areassemble(await client.chat.completions.create(
+                tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=i, stream=True,
+                **common)) for i in range(2)]
             return await asyncio.gather(*jobs)
 
         results = asyncio.run(run())
-        for i, (text, finish) in enumerate(results):
+        for i, (text, finish) in enumerate(results[:8]):
             assert finish == "stop", text
-            check_json(text, None if i < 6 else SCHEMAS["order"])
-        client = srv.client()
-        model = client.models.list().data[0].id
-        for i in range(3):
-            out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, tool_choice="required",
-                                                 temperature=0.7, seed=i, max_tokens=200)
+            check_json(text, None if i < 4 else SCHEMAS["person"])
+        for out in results[8:10]:
             assert out.choices[0].finish_reason == "tool_calls"
             for call in out.choices[0].message.tool_calls:
                 _check_call(call.function.name, call.function.arguments)
-            calls, _, _ = _reassemble(client.chat.completions.create(
-                model=model, messages=MSG, tools=TOOLS, tool_choice={"type": "function", "function": {
-                    "name": "get_weather"}}, temperature=0.7, seed=i, max_tokens=200, stream=True))
+        for calls, _, finish in results[10:]:
+            assert [c["name"] for c in calls] == ["get_weather"]
             _check_call("get_weather", calls[0]["arguments"])

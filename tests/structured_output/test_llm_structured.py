@@ -144,3 +144,16 @@ def test_grammar_lark_and_gbnf(tiny_llm):
             assert re.fullmatch(r"\([0-9]{1,3}(,[0-9]{1,3})*\)", text), text
         else:
             assert text in ("color=red", "color=green"), text
+
+
+def test_compiled_grammar_cache_is_bounded(tiny_llm):
+    tiny_llm.generate(["c"], SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[ab]")),
+                      use_tqdm=False)
+    manager = tiny_llm.llm_engine.core.structured_output
+    manager.cache.cap = 3
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=10,
+                             structured_outputs=StructuredOutputsParams(regex=f"x{{{i + 1}}}")) for i in range(6)]
+    outs = tiny_llm.generate(["c"] * 6, params, use_tqdm=False)
+    assert [o.outputs[0].text for o in outs] == ["x" * (i + 1) for i in range(6)]
+    assert len(manager.cache) <= 3
+    assert not manager.matchers and not manager.pending  # finished requests leave nothing behind

@@ -157,3 +157,9 @@ def test_compiled_grammar_cache_is_bounded(tiny_llm):
     assert [o.outputs[0].text for o in outs] == ["x" * (i + 1) for i in range(6)]
     assert len(manager.cache) <= 3
     assert not manager.matchers and not manager.pending  # finished requests leave nothing behind
+
+
+def test_min_tokens_with_a_grammar_is_refused(tiny_llm):
+    with pytest.raises(ValueError, match="^min_tokens"):
+        tiny_llm.generate(["x"], SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(
+            regex="a")), use_tqdm=False)

@@ -37,7 +37,8 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured-output", default="none", choices=["none", "json"],
                         help="json: time the workload with and without a JSON schema grammar on every request "
                         "(same engine, runs alternated; no peer) and print the ratio")
-    parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each (--structured-output)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternated runs of each (--structured-output); the best of each is reported")
     EngineArgs.add_cli_args(parser)
 
 
@@ -116,8 +117,9 @@ def run_structured_ab(engine_kwargs: dict[str, Any], requests: list[BenchRequest
             if sum(len(o.outputs[0].token_ids) for o in outputs) != num_out:
                 raise RuntimeError("the structured run did not generate the workload's token count")
     so = llm.llm_engine.core.structured_output
-    result = {name: {"seconds": sorted(ts)[len(ts) // 2], "all_seconds": ts,
-                     "output_tokens_per_s": num_out / sorted(ts)[len(ts) // 2]} for name, ts in times.items()}
+    # Best of the alternated runs: on a shared machine the slower runs measure the neighbours.
+    result = {name: {"seconds": min(ts), "all_seconds": ts,
+                     "output_tokens_per_s": num_out / min(ts)} for name, ts in times.items()}
     result["json_over_plain"] = result["json"]["output_tokens_per_s"] / result["plain"]["output_tokens_per_s"]
     result["grammar_compile_seconds"] = so.compile_seconds if so is not None else 0.0
     result["schema"] = BENCH_SCHEMA
@@ -194,7 +196,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\nworkload {wl.name}: {len(requests)} requests, {num_in} input / {num_out} output tokens, "
               f"{results['device']}")
         for name in ("plain", "json"):
-            print(f"{name:<6} median {ab[name]['seconds']:7.1f} s  {ab[name]['output_tokens_per_s']:8.1f} out tok/s"
+            print(f"{name:<6} best {ab[name]['seconds']:7.1f} s  {ab[name]['output_tokens_per_s']:8.1f} out tok/s"
                   f"  (runs: {', '.join(f'{t:.1f}' for t in ab[name]['all_seconds'])} s)")
         print(f"json schema / plain, output tokens/s: {ab['json_over_plain']:.3f} "
               f"(grammar compile {ab['grammar_compile_seconds'] * 1000:.0f} ms, once, cached)")

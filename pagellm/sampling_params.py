@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 # Caps that keep one request from costing the engine unbounded work.
 MAX_N = 128
@@ -32,6 +32,93 @@ def _check_int(name: str, value: object, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+MAX_CHOICES = 1024
+MAX_STRUCTURED_SPEC_CHARS = 256 * 1024  # a schema, regex or grammar (as text) of at most this many characters
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output to a grammar (vLLM's name). Exactly one of the fields is set.
+
+    json: a JSON schema (dict or its JSON text); regex: a regular expression the whole output matches;
+    choice: the output is one of these strings; grammar: a Lark grammar (or GBNF, recognised by `::=`);
+    json_object: any JSON object. The grammar itself is checked by the engine (pagellm.structured_output),
+    which raises a ValueError starting with `structured_outputs` when it does not compile.
+    """
+
+    json: Optional[Union[str, dict[str, Any]]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    # Compact JSON (no whitespace between tokens): small models otherwise may emit whitespace forever.
+    disable_any_whitespace: bool = True
+
+    def __post_init__(self) -> None:
+        name = "structured_outputs"
+        if self.json_object is False:
+            self.json_object = None
+        if self.choice is not None:
+            if isinstance(self.choice, (str, bytes)) or not isinstance(self.choice, (list, tuple)):
+                raise ValueError(f"{name}.choice must be a list of strings, got {self.choice!r}")
+            self.choice = list(self.choice)
+            if not self.choice:
+                raise ValueError(f"{name}.choice must not be empty")
+            if len(self.choice) > MAX_CHOICES:
+                raise ValueError(f"{name}.choice may hold at most {MAX_CHOICES} strings")
+            for c in self.choice:
+                if not isinstance(c, str):
+                    raise ValueError(f"{name}.choice must be a list of strings, got {c!r}")
+        set_fields = [k for k in STRUCTURED_KINDS if getattr(self, k) is not None]
+        if len(set_fields) != 1:
+            raise ValueError(f"{name}: set exactly one of {', '.join(STRUCTURED_KINDS)}, got "
+                             f"{', '.join(set_fields) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"{name}.json must be a JSON schema (an object or its JSON text), got "
+                             f"{type(self.json).__name__}")
+        for k in ("regex", "grammar"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name}.{k} must be a non-empty string, got {v!r}")
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError(f"{name}.json_object must be a boolean, got {self.json_object!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(f"{name}.disable_any_whitespace must be a boolean")
+        kind, spec = self.key()
+        if len(spec) > MAX_STRUCTURED_SPEC_CHARS:
+            raise ValueError(f"{name}.{kind} is too large ({len(spec)} characters; at most "
+                             f"{MAX_STRUCTURED_SPEC_CHARS})")
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): the grammar cache's key."""
+        import json as _json
+
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = _json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+                if not isinstance(schema, (dict, bool)):
+                    raise ValueError("structured_outputs.json must be a JSON object (a schema)")
+            else:
+                schema = self.json
+            try:
+                text = _json.dumps(schema, sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"structured_outputs.json is not JSON-serializable: {e}") from None
+            return ("json" if self.disable_any_whitespace else "json_ws", text)
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.choice is not None:
+            return ("choice", _json.dumps(self.choice))
+        if self.grammar is not None:
+            return ("grammar", self.grammar)
+        return ("json_object" if self.disable_any_whitespace else "json_object_ws", "")
 
 
 @dataclass
@@ -59,6 +146,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
     # Filled by the engine: EOS and the generation config's extra stop tokens, never by the user.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -77,6 +165,15 @@ class SamplingParams:
                 self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError):
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         self._verify()
         self.all_stop_token_ids = set(self.stop_token_ids)
 

@@ -66,3 +66,11 @@ def smollm_llm():
     from pagellm import LLM
 
     return LLM(dtype="float32", max_model_len=1024, kv_cache_memory=256 * 2**20)
+
+
+@pytest.fixture(scope="session")
+def tiny_so_model(tmp_path_factory, smollm_gguf) -> str:
+    """A 2-layer random Llama with the SmolLM2 tokenizer (vocabulary padded by 64): structured output tests."""
+    from tests.structured_output.cases import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-so")), smollm_gguf)

@@ -34,6 +34,11 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer-batch-size", type=int, default=None,
                         help="batch size of the transformers peer (default: 16 on CPU, 64 on CUDA)")
     parser.add_argument("--output-json", default=None, help="write the results here")
+    parser.add_argument("--structured-output", default="none", choices=["none", "json"],
+                        help="json: time the workload with and without a JSON schema grammar on every request "
+                        "(same engine, runs alternated; no peer) and print the ratio")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternated runs of each (--structured-output); the best of each is reported")
     EngineArgs.add_cli_args(parser)
 
 
@@ -77,6 +82,50 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return result
+
+
+# The grammar of `--structured-output json`: an object holding an array of strings, which never has to end,
+# so that every one of a request's output_len tokens (ignore_eos) is sampled under an active grammar.
+BENCH_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+                "required": ["notes"], "additionalProperties": False}
+
+
+def run_structured_ab(engine_kwargs: dict[str, Any], requests: list[BenchRequest], repeats: int) -> dict[str, Any]:
+    """Output tokens/s of the workload without and with a JSON schema on every request, alternated."""
+    from pagellm.entrypoints.llm import LLM
+    from pagellm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    llm = LLM(**{**engine_kwargs, "skip_tokenizer_init": False})
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    schema = StructuredOutputsParams(json=BENCH_SCHEMA, disable_any_whitespace=False)
+
+    def params(structured: bool) -> list[SamplingParams]:
+        return [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=1.0, top_p=1.0, seed=i,
+                               structured_outputs=schema if structured else None, detokenize=False)
+                for i, r in enumerate(requests)]
+
+    # Warm-up, including the grammar's compilation (cached by schema afterwards).
+    llm.generate(prompts[:2], params(True)[:2], use_tqdm=False)
+    llm.generate(prompts[:2], params(False)[:2], use_tqdm=False)
+    num_out = sum(r.output_len for r in requests)
+    times: dict[str, list[float]] = {"plain": [], "json": []}
+    for _ in range(repeats):
+        for name in ("plain", "json"):
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params(name == "json"), use_tqdm=False)
+            times[name].append(time.perf_counter() - start)
+            if sum(len(o.outputs[0].token_ids) for o in outputs) != num_out:
+                raise RuntimeError("the structured run did not generate the workload's token count")
+    so = llm.llm_engine.core.structured_output
+    # Best of the alternated runs: on a shared machine the slower runs measure the neighbours.
+    result = {name: {"seconds": min(ts), "all_seconds": ts,
+                     "output_tokens_per_s": num_out / min(ts)} for name, ts in times.items()}
+    result["json_over_plain"] = result["json"]["output_tokens_per_s"] / result["plain"]["output_tokens_per_s"]
+    result["grammar_compile_seconds"] = so.compile_seconds if so is not None else 0.0
+    result["schema"] = BENCH_SCHEMA
+    del llm
+    gc.collect()
     return result
 
 
@@ -139,6 +188,26 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
     requests = make_requests(wl, vocab)
     num_in = sum(len(r.prompt_token_ids) for r in requests)
     num_out = sum(r.output_len for r in requests)
+
+    if getattr(args, "structured_output", "none") == "json":
+        ab = run_structured_ab(engine_kwargs, requests, max(1, args.repeats))
+        results = {"workload": wl.name, "num_requests": len(requests), "input_tokens": num_in,
+                   "output_tokens": num_out, "device": f"{device} ({os.cpu_count()} cores, torch threads "
+                   f"{torch.get_num_threads()})", "structured_output": ab}
+        print(f"\nworkload {wl.name}: {len(requests)} requests, {num_in} input / {num_out} output tokens, "
+              f"{results['device']}")
+        for name in ("plain", "json"):
+            print(f"{name:<6} best {ab[name]['seconds']:7.1f} s  {ab[name]['output_tokens_per_s']:8.1f} out tok/s"
+                  f"  (runs: {', '.join(f'{t:.1f}' for t in ab[name]['all_seconds'])} s)")
+        print(f"json schema / plain, output tokens/s: {ab['json_over_plain']:.3f} "
+              f"(grammar compile {ab['grammar_compile_seconds'] * 1000:.0f} ms, once, cached)")
+        if tmp is not None:
+            tmp.cleanup()
+        if args.output_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            with open(args.output_json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
 
     ours = run_pagellm(engine_kwargs, requests)
     results: dict[str, Any] = {

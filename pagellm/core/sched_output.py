@@ -6,7 +6,7 @@ Plain dataclasses of Python lists, so that they cross a process boundary (msgpac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from pagellm.sampling_params import SamplingParams
 
@@ -23,6 +23,9 @@ class ScheduledRequest:
     prompt_token_ids: list[int]  # for penalties and prompt logprobs
     output_token_ids: list[int]  # tokens generated so far, for penalties
     do_sample: bool  # the step reaches the request's last known token: sample one new token
+    # Structured output: the allowed next tokens (int32 numpy row of ceil(V / 32) words; bit t allows token t),
+    # set by the engine core after schedule() for sampling requests with a grammar; None: no constraint.
+    grammar_bitmask: Optional[Any] = None
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 from pagellm.config import EngineConfig
 from pagellm.core.request import Request, RequestStatus
@@ -16,8 +16,15 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
+        """`tokenizer`: the HF tokenizer when the caller has one (structured output needs it; when None it is
+        loaded on first use, off the loop)."""
         self.config = config
+        self.tokenizer = tokenizer
+        # Structured output: built on the first request with a grammar; requests wait here (not in the
+        # scheduler) until their grammar is compiled.
+        self.structured_output: Any = None
+        self.grammar_waiting: dict[str, Request] = {}
         self.executor = make_executor(config)  # uni, or mp/ray for tensor/pipeline parallelism
         try:
             num_blocks = self.executor.determine_num_blocks()
@@ -34,26 +41,112 @@ class EngineCore:
         self.peak_batches_in_flight = 0
 
     def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+        structured = request.sampling_params.structured_outputs
+        if structured is None:
+            self.scheduler.add_request(request)
+            return
+        if request.request_id in self.scheduler.requests or request.request_id in self.grammar_waiting:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._structured_output_manager().submit(request.request_id, structured)
+        self.grammar_waiting[request.request_id] = request
+
+    def _structured_output_manager(self) -> Any:
+        if self.structured_output is None:
+            from pagellm.structured_output import StructuredOutputManager
+
+            mc = self.config.model_config
+
+            def load() -> Any:
+                if self.tokenizer is None and not mc.skip_tokenizer_init:
+                    from pagellm.model_executor.loader.source import load_tokenizer
+
+                    self.tokenizer = load_tokenizer(mc.source, mc.tokenizer)
+                return self.tokenizer
+
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if eos is None:
+                config_eos = getattr(mc.hf_config, "eos_token_id", None)
+                eos = config_eos[0] if isinstance(config_eos, (list, tuple)) and config_eos else config_eos
+            self.structured_output = StructuredOutputManager(load, mc.vocab_size, eos)
+        return self.structured_output
+
+    def _drop_grammar_requests(self, request_ids: Union[str, Iterable[str]]) -> list[str]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        if self.structured_output is not None:
+            for req_id in ids:
+                self.grammar_waiting.pop(req_id, None)
+                self.structured_output.remove(req_id)
+        return ids
 
     def abort_requests(self, request_ids: Union[str, Iterable[str]]) -> None:
-        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        ids = self._drop_grammar_requests(request_ids)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def stop_requests(self, request_ids: Union[str, Iterable[str]]) -> None:
         """Finish requests that met a stop string (found by the detokenizer, outside the core)."""
-        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+        ids = self._drop_grammar_requests(request_ids)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.grammar_waiting)
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Move requests whose grammar is ready into the scheduler; outputs of those whose grammar failed."""
+        so = self.structured_output
+        outputs: list[EngineCoreOutput] = []
+        if so is None or not self.grammar_waiting:
+            return outputs
+        if not self.scheduler.has_unfinished_requests():
+            so.wait_any(0.05)  # nothing else to run: wait for a grammar instead of spinning
+        ready, failed = so.poll()
+        for req_id in ready:
+            request = self.grammar_waiting.pop(req_id, None)
+            if request is None:
+                so.remove(req_id)
+                continue
+            try:
+                self.scheduler.add_request(request)
+            except ValueError as e:
+                so.remove(req_id)
+                failed.append((req_id, str(e)))
+        for req_id, reason in failed:
+            logger.warning("request %s: %s", req_id, reason)
+            self.grammar_waiting.pop(req_id, None)
+            outputs.append(EngineCoreOutput(req_id, [], finish_reason="abort", stop_reason=reason))
+        return outputs
 
     def step(self) -> list[EngineCoreOutput]:
+        outputs = self._admit_compiled()
         if self.batch_queue is not None:
-            return self._step_pipelined()
+            return outputs + self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
-            return []
+            return outputs
         scheduler_output = self.scheduler.schedule()
+        self._attach_bitmasks(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs += self._advance_grammars(self.scheduler.update_from_output(scheduler_output, runner_output))
+        return outputs
+
+    def _attach_bitmasks(self, scheduler_output: SchedulerOutput) -> None:
+        """Structured output: each sampled row of a request with a grammar carries its allowed-token bitmask."""
+        so = self.structured_output
+        if so is not None and so.matchers:
+            rows = [sr for sr in scheduler_output.scheduled if sr.do_sample and so.has_matcher(sr.req_id)]
+            if rows:
+                bitmask = so.fill_bitmask([sr.req_id for sr in rows])
+                for i, sr in enumerate(rows):
+                    sr.grammar_bitmask = bitmask[i]
+
+    def _advance_grammars(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Structured output: the sampled tokens advance their requests' grammars; finished ones are dropped."""
+        so = self.structured_output
+        if so is not None and so.matchers:
+            for out in outputs:
+                if out.new_token_ids:
+                    so.accept_tokens(out.req_id, out.new_token_ids)
+                if out.finished:
+                    so.remove(out.req_id)
+        return outputs
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:
         """Pipeline parallelism: schedule and submit a new batch while fewer than pp are in flight and there is
@@ -65,6 +158,7 @@ class EngineCore:
         if len(queue) < self.max_batches_in_flight and sched.has_unfinished_requests():
             scheduler_output = sched.schedule()
             if scheduler_output.scheduled:
+                self._attach_bitmasks(scheduler_output)
                 queue.append((scheduler_output, self.executor.submit_model(scheduler_output)))
                 self.peak_batches_in_flight = max(self.peak_batches_in_flight, len(queue))
                 if len(queue) < self.max_batches_in_flight:
@@ -74,11 +168,13 @@ class EngineCore:
         if not queue:
             return sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
         scheduler_output, handle = queue.popleft()
-        return sched.update_from_output(scheduler_output, self.executor.collect_model(handle))
+        return self._advance_grammars(sched.update_from_output(scheduler_output, self.executor.collect_model(handle)))
 
     def check_health(self) -> None:
         """Raise (WorkerDiedError) if a worker of the executor is gone, even while no step runs."""
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        if self.structured_output is not None:
+            self.structured_output.shutdown()
         self.executor.shutdown()

@@ -197,12 +197,17 @@ class EngineCoreProc:
         pcs = kv.prefix_cache_stats
         queue_times = []
         if step_start is not None:
+            grammar_waiting = getattr(self.core, "grammar_waiting", {})
             for req_id in list(self.queued_since):
+                if req_id in grammar_waiting:
+                    continue
                 request = sched.requests.get(req_id)
                 if request is None or request.num_computed_tokens > 0 or request.status.name == "RUNNING":
                     queue_times.append(max(0.0, step_start - self.queued_since.pop(req_id)))
         return CoreStats(
-            num_running=sched.num_running, num_waiting=sched.num_waiting, kv_cache_usage=float(kv.usage),
+            num_running=sched.num_running, kv_cache_usage=float(kv.usage),
+            # Requests waiting for their grammar to compile wait in the core, outside the scheduler.
+            num_waiting=sched.num_waiting + len(getattr(self.core, "grammar_waiting", ())),
             num_blocks=kv.num_blocks, prefix_cache_queries=pcs.queries, prefix_cache_hits=pcs.hits,
             num_preemptions=sched.num_preemptions_total, queue_times=queue_times,
         )

@@ -24,7 +24,7 @@ class LLMEngine:
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.source, mc.tokenizer)
         self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source))
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.core = EngineCore(config)
+        self.core = EngineCore(config, self.tokenizer)
         self._ids = itertools.count()
 
     @classmethod

@@ -100,6 +100,15 @@ class Processor:
             bad = [t for t in params.logit_bias if t >= vocab]
             if bad:
                 raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary (size {vocab})")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: needs a tokenizer (the engine runs without one)")
+            if params.min_tokens:
+                # The min_tokens mask would forbid the EOS a finished grammar forces: no token would be left.
+                raise ValueError("min_tokens: cannot be combined with structured_outputs")
+            from pagellm.structured_output import validate_structured_outputs
+
+            validate_structured_outputs(params.structured_outputs)
         arrival_time = time.time() if arrival_time is None else arrival_time
         requests = []
         for i in range(params.n):

@@ -26,6 +26,7 @@ from pagellm.distributed.parallel_state import local_kv_cache_dims
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplingMetadata,
+    apply_grammar_bitmask,
     compute_prompt_logprobs,
     make_generator,
     to_token_logprobs,
@@ -350,6 +351,7 @@ class ModelRunner:
     def _sample(self, reqs: list[ScheduledRequest], rows: list[int], logits: torch.Tensor,
                 out: ModelRunnerOutput) -> None:
         sreqs = [reqs[i] for i in rows]
+        apply_grammar_bitmask(logits, [r.grammar_bitmask for r in sreqs])  # structured output
         generators = {}
         for row, r in enumerate(sreqs):
             seed = r.sampling_params.seed

@@ -169,13 +169,15 @@ def _api_error_response(e: BaseException) -> JSONResponse:
     return to_api_error(e).response()
 
 
-def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str] = None) -> tuple[Any, FastAPI]:
+def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str] = None,
+              enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None) -> tuple[Any, FastAPI]:
     """The ASGI app to serve (FastAPI wrapped in the guard middleware), and the FastAPI app."""
     model_name = engine.served_model_name
     app = FastAPI(title="pagellm OpenAI-compatible API", version=pagellm.__version__,
                   description="OpenAI-compatible completions and chat completions served by pagellm.")
     completion = OpenAIServingCompletion(engine, model_name, chat_template)
-    chat = OpenAIServingChat(engine, model_name, chat_template)
+    chat = OpenAIServingChat(engine, model_name, chat_template, enable_auto_tool_choice=enable_auto_tool_choice,
+                             tool_call_parser=tool_call_parser)
     tokenization = OpenAIServingTokenization(engine, model_name, chat_template)
     app.state.engine = engine
     app.state.server_state = state
@@ -351,7 +353,8 @@ async def run_server(args: argparse.Namespace) -> int:
     engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper())
     await engine.start()
     state = ServerState(api_key, args.max_request_body_bytes)
-    asgi_app, _ = build_app(engine, state, chat_template)
+    asgi_app, _ = build_app(engine, state, chat_template, getattr(args, "enable_auto_tool_choice", False),
+                            getattr(args, "tool_call_parser", None))
     config = uvicorn.Config(
         asgi_app, host=args.host, port=args.port, log_level=log_level, access_log=log_level in ("debug", "info"),
         timeout_keep_alive=5, timeout_graceful_shutdown=5, lifespan="off",
@@ -376,6 +379,8 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("shutdown_timeout must be non-negative")
     if args.max_request_body_bytes < 1:
         raise ValueError("max_request_body_bytes must be positive")
+    if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
+        raise ValueError("enable_auto_tool_choice: needs --tool-call-parser")
     return asyncio.run(run_server(args))
 
 

@@ -26,6 +26,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="on SIGTERM, seconds to let requests in flight finish before exiting (default: 30)")
     group.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                        help="larger request bodies get 413 (default: 8 MiB)")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
+    group.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                       help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
+                       "Hermes/Qwen) or llama3_json (Llama 3 JSON)")
     parser.add_argument("--log-level", default=argparse.SUPPRESS,
                         choices=["debug", "info", "warning", "error"], help="log level (default: warning)")
     parser.epilog = (

@@ -7,18 +7,26 @@ errors name the field; here only types and the API's own caps are checked.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import SamplingParams, StructuredOutputsParams
 
 # Caps of one HTTP request (besides SamplingParams' caps on n, logprobs, stop strings, logit_bias).
 MAX_PROMPTS_PER_REQUEST = 1024  # prompts of one /v1/completions request
 MAX_SEQUENCES_PER_REQUEST = 1024  # prompts x n
 MAX_CHAT_MESSAGES = 4096
+
+
+def rename_field(message: str, field: str) -> str:
+    """An error about structured_outputs, told in the name of the field the client used."""
+    if field == "structured_outputs":
+        return message
+    return re.sub(r"^structured_outputs(\.[a-z_]+)?", field, message)
 
 
 def random_id(prefix: str) -> str:
@@ -88,6 +96,55 @@ class SamplingFields(OpenAIModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     priority: int = 0
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs object and its older guided_* names.
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+
+    def structured_outputs_params(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
+        """(the request's grammar, the field that set it). ValueError naming the field when malformed."""
+        sources: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text") if isinstance(rf, dict) else None
+            if kind == "json_object":
+                sources.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict):
+                    raise ValueError("response_format: type json_schema needs a json_schema object")
+                schema = js.get("schema", js.get("json_schema"))
+                if schema is None:
+                    raise ValueError("response_format: json_schema.schema is required")
+                sources.append(("response_format", {"json": schema}))
+            elif kind != "text":
+                raise ValueError(f"response_format: type must be text, json_object or json_schema, got {kind!r}")
+        if self.structured_outputs is not None:
+            so = {k: v for k, v in self.structured_outputs.items() if v is not None and k not in (
+                "disable_additional_properties", "whitespace_pattern", "structural_tag")}
+            if so.get("json_object") is False:
+                so.pop("json_object")
+            sources.append(("structured_outputs", so))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                sources.append((name, {key: value}))
+        if not sources:
+            return None, None
+        if len(sources) > 1:
+            raise ValueError(f"{sources[1][0]}: only one of response_format, structured_outputs and guided_* "
+                             f"may be set (also got {sources[0][0]})")
+        name, kwargs = sources[0]
+        try:
+            return StructuredOutputsParams(**kwargs), name
+        except TypeError as e:
+            raise ValueError(f"{name}: {e}") from None
+        except ValueError as e:
+            raise ValueError(rename_field(str(e), name)) from None
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
@@ -135,8 +192,9 @@ class CompletionRequest(SamplingFields):
         prompt_logprobs = self.prompt_logprobs
         if self.echo and self.logprobs is not None:
             prompt_logprobs = self.logprobs if prompt_logprobs is None else max(prompt_logprobs, self.logprobs)
+        structured, _ = self.structured_outputs_params()
         return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
-                              **self._sampling_kwargs())
+                              structured_outputs=structured, **self._sampling_kwargs())
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -193,6 +251,8 @@ class ChatMessage(OpenAIModel):
     role: str
     content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # assistant messages that called tools
+    tool_call_id: Optional[str] = None  # role "tool": the call this message answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -205,15 +265,19 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Any] = None
-    response_format: Optional[dict[str, Any]] = None
+    parallel_tool_calls: Optional[bool] = True
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: Optional[int],
+                           structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
         logprobs = None
         if self.logprobs:
             logprobs = self.top_logprobs or 0
         elif self.top_logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self._sampling_kwargs())
+        if structured is None:
+            structured, _ = self.structured_outputs_params()
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured,
+                              **self._sampling_kwargs())
 
 
 class ChatLogProb(OpenAIModel):
@@ -230,9 +294,41 @@ class ChatLogProbs(OpenAIModel):
     content: Optional[list[ChatLogProbsContent]] = None
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(OpenAIModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatResponseMessage(OpenAIModel):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(OpenAIModel):
@@ -259,6 +355,7 @@ class DeltaMessage(OpenAIModel):
 
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages through the chat template, n, streaming, logprobs."""
+"""POST /v1/chat/completions: messages through the chat template, n, streaming, logprobs, structured output
+(response_format, structured_outputs, guided_*) and tool calling (tools, tool_choice)."""
 
 from __future__ import annotations
 
@@ -21,34 +22,126 @@ from pagellm.entrypoints.openai.protocol import (
     ChatLogProbs,
     ChatLogProbsContent,
     ChatResponseMessage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     UsageInfo,
     random_id,
 )
+from pagellm.entrypoints.openai.tool_parsers import (
+    ParsedToolCall,
+    StreamingToolState,
+    ToolParser,
+    check_tools,
+    get_tool_parser,
+    named_tool,
+    parameters_schema,
+    parse_required,
+    required_schema,
+    tool_call_id,
+)
+from pagellm.sampling_params import StructuredOutputsParams
 from pagellm.entrypoints.openai.serving_engine import APIError, OpenAIServing, merge_streams, sse, sse_error
 from pagellm.outputs import CompletionOutput, PositionLogprobs
 
 
+class _ToolMode:
+    """How one chat request treats tools: none | auto (a parser reads the text) | required | named."""
+
+    def __init__(self, kind: str, parser: Optional[ToolParser] = None, name: Optional[str] = None) -> None:
+        self.kind = kind
+        self.parser = parser
+        self.name = name
+
+    def extract(self, text: str, finish_reason: Optional[str]) -> tuple[Optional[str], list[ParsedToolCall]]:
+        """(content, tool calls) of a whole output."""
+        if self.kind == "named":
+            return None, [ParsedToolCall(self.name, text)]
+        if self.kind == "required":
+            try:
+                calls = parse_required(text)
+            except ValueError:  # cut by max_tokens: no complete calls
+                return text, []
+            return None, calls
+        if self.kind == "auto":
+            return self.parser.extract(text)
+        return text, []
+
+    def finish_reason(self, reason: Optional[str], calls: bool) -> Optional[str]:
+        if calls and reason == "stop" and self.kind in ("auto", "required"):
+            return "tool_calls"
+        return reason
+
+
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args: Any, enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.tool_call_parser = tool_call_parser
+        if tool_call_parser is not None:
+            get_tool_parser(tool_call_parser)  # a bad name fails at start-up
+
+    def _tool_mode(self, req: ChatCompletionRequest,
+                   structured: Optional[StructuredOutputsParams]) -> tuple[_ToolMode, Optional[StructuredOutputsParams]]:
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise APIError("tool_choice: needs tools", param="tool_choice")
+            return _ToolMode("none"), structured
+        try:
+            tools = check_tools(req.tools)
+        except ValueError as e:
+            raise APIError(str(e), param="tools") from None
+        if choice is None:
+            choice = "auto"
+        if choice == "none":
+            return _ToolMode("none"), structured
+        if choice == "auto":
+            if not self.enable_auto_tool_choice or self.tool_call_parser is None:
+                raise APIError('tool_choice: "auto" tool choice requires --enable-auto-tool-choice and '
+                               "--tool-call-parser to be set", param="tool_choice")
+            return _ToolMode("auto", parser=get_tool_parser(self.tool_call_parser)), structured
+        if structured is not None:
+            raise APIError("tool_choice: required or a named function cannot be combined with response_format, "
+                           "structured_outputs or guided_*", param="tool_choice")
+        if choice == "required":
+            schema = required_schema(tools, parallel=req.parallel_tool_calls is not False)
+            return _ToolMode("required"), StructuredOutputsParams(json=schema)
+        if isinstance(choice, dict):
+            try:
+                tool = named_tool(tools, choice)
+            except ValueError as e:
+                raise APIError(str(e), param="tool_choice") from None
+            return (_ToolMode("named", name=tool["function"]["name"]),
+                    StructuredOutputsParams(json=parameters_schema(tool)))
+        raise APIError(f"tool_choice must be none, auto, required or a named function, got {choice!r}",
+                       param="tool_choice")
+
     async def create_chat_completion(self, req: ChatCompletionRequest) -> Any:
         self.check_model(req.model)
-        if req.tools:
-            raise APIError("tools: tool calling is not supported by this server", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError("response_format: only {\"type\": \"text\"} is supported", param="response_format")
+        structured, field = req.structured_outputs_params()
+        mode, structured_for_tools = self._tool_mode(req, structured)
+        if structured_for_tools is not structured:
+            structured, field = structured_for_tools, "tools"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.to_sampling_params(max_tokens)
+        params = req.to_sampling_params(max_tokens, structured)
         if params.n > MAX_SEQUENCES_PER_REQUEST:
             raise APIError(f"n may be at most {MAX_SEQUENCES_PER_REQUEST}", param="n")
+        await self.check_structured_outputs(params, field)
         self.engine.check_admission(params.n)
-        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message)
+        tools = req.tools if mode.kind != "none" else None
+        prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
+                                        tools=tools)
         request_id = random_id("chatcmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
         stream = await self.engine.add_request(prompt, params, request_id, priority=req.priority, output_kind=kind)
         num_prompt = len(prompt.prompt_token_ids)
         created = int(time.time())
         if req.stream:
-            return StreamingResponse(self._stream(req, stream, request_id, created, num_prompt, params.n),
+            return StreamingResponse(self._stream(req, stream, request_id, created, num_prompt, params.n, mode),
                                      media_type="text/event-stream", background=BackgroundTask(stream.abort))
         try:
             final = None
@@ -60,10 +153,14 @@ class OpenAIServingChat(OpenAIServing):
         completion_tokens = 0
         for c in sorted(final.outputs, key=lambda c: c.index):
             completion_tokens += len(c.token_ids)
+            content, calls = mode.extract(c.text, c.finish_reason)
+            message = ChatResponseMessage(role="assistant", content=content, tool_calls=[
+                ToolCall(id=tool_call_id(), function=FunctionCall(name=call.name, arguments=call.arguments))
+                for call in calls])
             choices.append(ChatCompletionResponseChoice(
-                index=c.index, message=ChatResponseMessage(role="assistant", content=c.text),
+                index=c.index, message=message,
                 logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                finish_reason=mode.finish_reason(c.finish_reason, bool(calls)), stop_reason=c.stop_reason,
             ))
         response = ChatCompletionResponse(
             id=request_id, created=created, model=self.model_name, choices=choices,
@@ -90,7 +187,8 @@ class OpenAIServingChat(OpenAIServing):
         return ChatLogProbs(content=content)
 
     async def _stream(self, req: ChatCompletionRequest, stream: RequestStream, request_id: str, created: int,
-                      num_prompt: int, n: int) -> AsyncIterator[str]:
+                      num_prompt: int, n: int, mode: Optional[_ToolMode] = None) -> AsyncIterator[str]:
+        mode = mode or _ToolMode("none")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
         completion_tokens = 0
@@ -108,6 +206,23 @@ class OpenAIServingChat(OpenAIServing):
             ))
 
         finished = [False] * n
+        auto_states = [StreamingToolState(mode.parser) for _ in range(n)] if mode.kind == "auto" else None
+        buffers = [""] * n  # required: the JSON array so far
+        num_calls = [0] * n
+
+        def call_chunks(index: int, calls: list[ParsedToolCall]) -> list[str]:
+            """OpenAI's order: id, type and function name first (empty arguments), then the arguments."""
+            out = []
+            for call in calls:
+                i = num_calls[index]
+                num_calls[index] += 1
+                out.append(chunk(index, DeltaMessage(tool_calls=[DeltaToolCall(
+                    index=i, id=tool_call_id(), type="function",
+                    function=DeltaFunctionCall(name=call.name, arguments=""))])))
+                out.append(chunk(index, DeltaMessage(tool_calls=[DeltaToolCall(
+                    index=i, function=DeltaFunctionCall(arguments=call.arguments))])))
+            return out
+
         try:
             for i in range(n):
                 yield chunk(i, DeltaMessage(role="assistant", content=""))
@@ -119,11 +234,35 @@ class OpenAIServingChat(OpenAIServing):
                         continue
                     completion_tokens += len(c.token_ids)
                     logprobs = self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None
-                    if c.text or c.token_ids:
-                        yield chunk(c.index, DeltaMessage(content=c.text), logprobs)
-                    if c.finish_reason is not None:
+                    final = c.finish_reason is not None
+                    if mode.kind == "none":
+                        if c.text or c.token_ids:
+                            yield chunk(c.index, DeltaMessage(content=c.text), logprobs)
+                    elif mode.kind == "named":
+                        if num_calls[c.index] == 0 and (c.text or final):
+                            num_calls[c.index] = 1
+                            yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
+                                index=0, id=tool_call_id(), type="function",
+                                function=DeltaFunctionCall(name=mode.name, arguments=""))]))
+                        if c.text:
+                            yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
+                                index=0, function=DeltaFunctionCall(arguments=c.text))]), logprobs)
+                    elif mode.kind == "required":
+                        buffers[c.index] += c.text
+                        if final:
+                            _, calls = mode.extract(buffers[c.index], c.finish_reason)
+                            for piece in call_chunks(c.index, calls):
+                                yield piece
+                    else:
+                        content, calls = auto_states[c.index].feed(c.text, final)
+                        if content:
+                            yield chunk(c.index, DeltaMessage(content=content), logprobs)
+                        for piece in call_chunks(c.index, calls):
+                            yield piece
+                    if final:
                         finished[c.index] = True
-                        yield chunk(c.index, DeltaMessage(), finish_reason=c.finish_reason,
+                        yield chunk(c.index, DeltaMessage(),
+                                    finish_reason=mode.finish_reason(c.finish_reason, num_calls[c.index] > 0),
                                     stop_reason=c.stop_reason)
             if include_usage:
                 yield sse(ChatCompletionStreamResponse(

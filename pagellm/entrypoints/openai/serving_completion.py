@@ -94,6 +94,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
             raise APIError(f"n: prompts x n may be at most {MAX_SEQUENCES_PER_REQUEST}, got "
                            f"{len(prompts)} x {params.n}", param="n")
+        await self.check_structured_outputs(params, req.structured_outputs_params()[1])
         self.engine.check_admission(len(prompts) * params.n)
         processed = [await self.process_prompt(p, req.add_special_tokens) for p in prompts]
         request_id = random_id("cmpl")

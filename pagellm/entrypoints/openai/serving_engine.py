@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 # A text prompt longer than max_model_len x this many characters cannot fit: refused before tokenizing it.
 MAX_CHARS_PER_TOKEN = 32
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class APIError(Exception):
@@ -163,7 +163,23 @@ class OpenAIServing:
 
     # ---- chat ----
 
-    def chat_messages(self, messages: list[ChatMessage]) -> list[dict[str, str]]:
+    async def check_structured_outputs(self, params: Any, field: Optional[str]) -> None:
+        """Compile-check the request's grammar off the event loop (bounded time); a ValueError names `field`."""
+        if params.structured_outputs is None:
+            return
+        from pagellm.entrypoints.openai.protocol import rename_field
+        from pagellm.structured_output import validate_structured_outputs
+
+        try:
+            await asyncio.to_thread(validate_structured_outputs, params.structured_outputs)
+        except ValueError as e:
+            raise ValueError(rename_field(str(e), field or "structured_outputs")) from None
+
+    def _template_renders_tool_calls(self) -> bool:
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None) or ""
+        return "tool_calls" in str(template)
+
+    def chat_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
         from pagellm.entrypoints.openai.protocol import MAX_CHAT_MESSAGES
 
         if not messages:
@@ -187,15 +203,46 @@ class OpenAIServing:
                                        param="messages")
                     texts.append(part.text)
                 content = "\n".join(texts)
-            result.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.role == "tool" and m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                message["tool_calls"] = self._tool_calls_for_template(m.tool_calls)
+                if not self._template_renders_tool_calls():
+                    # A template that ignores tool_calls would drop them: write them as Hermes text instead.
+                    from pagellm.entrypoints.openai.tool_parsers import hermes_tool_call_text
+
+                    calls = "\n".join(hermes_tool_call_text(c["function"]["name"], c["function"]["arguments"])
+                                      for c in message["tool_calls"])
+                    message["content"] = (content + "\n" if content else "") + calls
+            result.append(message)
         return result
 
-    def _render_chat(self, conversation: list[dict[str, str]], add_generation_prompt: bool,
-                     continue_final_message: bool) -> list[int]:
+    @staticmethod
+    def _tool_calls_for_template(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Assistant tool calls as chat templates expect them: arguments as a dict (templates apply tojson)."""
+        out = []
+        for c in tool_calls:
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError("messages: tool_calls entries need function.name", param="messages")
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except ValueError:
+                    raise APIError("messages: tool_calls arguments must be JSON", param="messages") from None
+            out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+        return out
+
+    def _render_chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
+                     continue_final_message: bool, tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
         tokenizer = self._need_tokenizer("messages")
         kwargs: dict[str, Any] = {}
         if continue_final_message:
             kwargs["continue_final_message"] = True
+        if tools:
+            kwargs["tools"] = tools
         out = tokenizer.apply_chat_template(
             conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
             tokenize=True, return_dict=True, **kwargs,
@@ -203,7 +250,8 @@ class OpenAIServing:
         return list(out["input_ids"])
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False) -> ProcessedPrompt:
+                          continue_final_message: bool = False,
+                          tools: Optional[list[dict[str, Any]]] = None) -> ProcessedPrompt:
         conversation = self.chat_messages(messages)
         total_chars = sum(len(m["content"]) for m in conversation)
         if total_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
@@ -214,7 +262,7 @@ class OpenAIServing:
                            param="continue_final_message")
         try:
             ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt,
-                                          continue_final_message)
+                                          continue_final_message, tools)
         except APIError:
             raise
         except Exception as e:  # jinja errors, a missing template, ...

@@ -54,6 +54,28 @@ def _pad_token_lists(lists: Sequence[Sequence[int]], pad: int, device: Device) -
     return torch.from_numpy(arr).to(device)
 
 
+def apply_grammar_bitmask(logits: torch.Tensor, bitmasks: Sequence[Optional[np.ndarray]]) -> None:
+    """Structured output: in place, logits[i, t] = -inf where bit t of bitmasks[i] is 0 (rows with None are
+    left alone). A bitmask row is int32 words, bit t % 32 of word t // 32 standing for token t; logits columns
+    past the bitmask's width (a model vocabulary padded beyond the tokenizer's) are masked too."""
+    rows = [i for i, b in enumerate(bitmasks) if b is not None]
+    if not rows:
+        return
+    words = torch.from_numpy(np.stack([np.asarray(bitmasks[i], dtype=np.int32) for i in rows])).to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1).bool()
+    vocab = logits.shape[-1]
+    if allowed.shape[1] >= vocab:
+        allowed = allowed[:, :vocab]
+    else:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
 @dataclass
 class SamplingMetadata:
     """Per-step sampling inputs as tensors; row i is request i. Build it with `SamplingMetadata.build`."""

@@ -1,0 +1,262 @@
+"""Tool calling: the model's text -> OpenAI tool calls, and the grammars that force a call.
+
+Parsers (`--tool-call-parser`, used when tool_choice is "auto"):
+- hermes: Hermes / Qwen 2.5 / Qwen 3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any number of
+  them, possibly after some content.
+- llama3_json: Llama 3.x JSON tool calls: `{"name": ..., "parameters": {...}}` (optionally after
+  `<|python_tag|>`), several separated by `;`.
+
+tool_choice "required" and a named function are enforced by a JSON-schema grammar built from the functions'
+parameters, so the arguments always parse and match the schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+def tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+@dataclass
+class ParsedToolCall:
+    name: str
+    arguments: str  # JSON text
+
+
+def _call_from(obj: Any, arg_keys: tuple[str, ...] = ("arguments", "parameters")) -> Optional[ParsedToolCall]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args: Any = {}
+    for key in arg_keys:
+        if key in obj:
+            args = obj[key]
+            break
+    if isinstance(args, str):  # some models put the JSON text in a string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    return ParsedToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+class ToolParser:
+    name = ""
+    # While streaming: once this marker shows up, the rest is tool calls (None: decided by the first character).
+    start_marker: Optional[str] = None
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ParsedToolCall]]:
+        """(content, tool calls) of a whole model output; no calls: (text, [])."""
+        raise NotImplementedError
+
+
+class HermesToolParser(ToolParser):
+    name = "hermes"
+    start_marker = "<tool_call>"
+    _pattern = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ParsedToolCall]]:
+        if self.start_marker not in text:
+            return text, []
+        calls = []
+        for m in self._pattern.finditer(text):
+            try:
+                call = _call_from(json.loads(m.group(1)))
+            except ValueError:
+                call = None
+            if call is not None:
+                calls.append(call)
+        if not calls:
+            return text, []
+        content = text[: text.index(self.start_marker)].strip()
+        return content or None, calls
+
+
+class Llama3JsonToolParser(ToolParser):
+    name = "llama3_json"
+    python_tag = "<|python_tag|>"
+
+    def is_tool_text(self, text: str) -> bool:
+        stripped = text.lstrip()
+        return stripped.startswith("{") or stripped.startswith(self.python_tag)
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ParsedToolCall]]:
+        if not self.is_tool_text(text):
+            return text, []
+        body = text.lstrip()
+        if body.startswith(self.python_tag):
+            body = body[len(self.python_tag):]
+        decoder = json.JSONDecoder()
+        calls: list[ParsedToolCall] = []
+        pos = 0
+        while True:
+            while pos < len(body) and body[pos] in " \t\r\n;":
+                pos += 1
+            if pos >= len(body):
+                break
+            try:
+                obj, pos = decoder.raw_decode(body, pos)
+            except ValueError:
+                break
+            call = _call_from(obj, ("parameters", "arguments"))
+            if call is None:
+                break
+            calls.append(call)
+        if not calls:
+            return text, []
+        return None, calls
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+
+
+def get_tool_parser(name: str) -> ToolParser:
+    if name not in TOOL_PARSERS:
+        raise ValueError(f"tool_call_parser: unknown parser {name!r} (known: {', '.join(TOOL_PARSERS)})")
+    return TOOL_PARSERS[name]()
+
+
+# ---- tools and tool_choice ----
+
+
+def check_tools(tools: Any) -> list[dict[str, Any]]:
+    """The request's tools, checked: [{"type": "function", "function": {"name", "description"?, "parameters"?}}]."""
+    if not isinstance(tools, list) or not tools:
+        raise ValueError("tools must be a non-empty list")
+    if len(tools) > 128:
+        raise ValueError("tools: at most 128 tools")
+    names = set()
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ValueError("tools: each tool must be {\"type\": \"function\", \"function\": {...}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise ValueError(f"tools: function names must be 1-64 letters, digits, _ . or -, got {name!r}")
+        if name in names:
+            raise ValueError(f"tools: function {name!r} is defined twice")
+        names.add(name)
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"tools: the parameters of {name!r} must be a JSON schema object")
+    return tools
+
+
+def parameters_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    params = tool["function"].get("parameters")
+    return params if params else {"type": "object", "properties": {}}
+
+
+def named_tool(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any]:
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if tool_choice.get("type", "function") != "function" or not isinstance(name, str):
+        raise ValueError("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                         "{\"name\": ...}}")
+    for t in tools:
+        if t["function"]["name"] == name:
+            return t
+    raise ValueError(f"tool_choice: function {name!r} is not among the tools")
+
+
+def required_schema(tools: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
+    """A JSON array of one or more calls [{"name": ..., "parameters": {...}}] of the given tools."""
+    items = [{
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                       "parameters": parameters_schema(t)},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    } for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": items[0] if len(items) == 1 else {"anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def parse_required(text: str) -> list[ParsedToolCall]:
+    """The calls of an output generated under `required_schema`."""
+    calls = []
+    for obj in json.loads(text):
+        call = _call_from(obj, ("parameters", "arguments"))
+        if call is not None:
+            calls.append(call)
+    return calls
+
+
+def hermes_tool_call_text(name: str, arguments: Any) -> str:
+    """An assistant's tool call written back into a prompt whose chat template does not render tool_calls."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + \
+        "\n</tool_call>"
+
+
+class StreamingToolState:
+    """Splits a streamed auto-tool-choice output into content deltas and complete tool calls.
+
+    Content is sent as it comes, except text that may be the start of a tool call (held back until it is
+    known). Each tool call is sent when it is complete: one delta with its id, type and function name (and
+    empty arguments), then one with the arguments.
+    """
+
+    def __init__(self, parser: ToolParser) -> None:
+        self.parser = parser
+        self.text = ""
+        self.sent_content = 0  # characters of text sent as content
+        self.in_tools = False
+        self.calls_sent = 0
+
+    def feed(self, delta: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
+        """New content to send, and new complete tool calls."""
+        self.text += delta
+        content = ""
+        if not self.in_tools:
+            marker = self.parser.start_marker
+            if marker is not None:
+                pos = self.text.find(marker, self.sent_content)
+                if pos >= 0:
+                    self.in_tools = True
+                    end = pos
+                else:
+                    end = len(self.text)
+                    if not final:  # hold back a possible marker's prefix
+                        for k in range(min(len(marker) - 1, len(self.text) - self.sent_content), 0, -1):
+                            if self.text.endswith(marker[:k]):
+                                end -= k
+                                break
+            else:  # llama3_json: the first non-blank character decides
+                stripped = self.text.lstrip()
+                if not stripped:
+                    end = self.sent_content if not final else len(self.text)
+                elif self.sent_content == 0 and self.parser.is_tool_text(stripped):
+                    self.in_tools = True
+                    end = 0
+                elif self.sent_content == 0 and not final and self.parser.python_tag.startswith(stripped):
+                    end = 0  # maybe <|python_tag|>
+                else:
+                    end = len(self.text)
+            content = self.text[self.sent_content:end]
+            self.sent_content = end
+        calls: list[ParsedToolCall] = []
+        if self.in_tools:
+            tool_text = self.text[self.sent_content:]
+            if isinstance(self.parser, HermesToolParser):
+                closed = tool_text.count("</tool_call>")
+                _, parsed = self.parser.extract(tool_text)
+                ready = len(parsed) if final else min(closed, len(parsed))
+            else:
+                _, parsed = self.parser.extract(tool_text)
+                ready = len(parsed) if final else 0
+            calls = parsed[self.calls_sent:ready]
+            self.calls_sent = max(self.calls_sent, ready)
+        return content, calls

@@ -189,3 +189,34 @@ class RemoteServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_death_mid_stream(server: "RemoteServer", prompt: list[int], kill_pid: int, word: str,
+                           health_timeout: float) -> None:
+    """Kill `kill_pid` (a process of the serving engine) while a stream runs: the stream fails with an error
+    whose message names `word`, /health turns 503, a new request gets 503, and SIGTERM still exits 0 leaving
+    no process behind."""
+    import openai
+    import pytest
+
+    client = server.client()
+    model = client.models.list().data[0].id
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=480, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    os.kill(kill_pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as info:
+        for _ in it:
+            pass
+    assert word in str(info.value.message)
+    deadline = time.monotonic() + health_timeout
+    while httpx.get(server.url("/health"), timeout=5).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=model, prompt=prompt, max_tokens=2)
+    assert info.value.status_code == 503
+    pids = server.all_pids()
+    assert server.terminate(timeout=30) == 0
+    assert not wait_gone(pids), "a child process outlived the server"

@@ -3,7 +3,6 @@ engine core that dies. Prompts are token ids (--skip-tokenizer-init: the tiny mo
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -12,7 +11,7 @@ import httpx
 import msgspec
 import openai
 import pytest
-from tests.entrypoints.server_utils import RemoteServer, wait_gone
+from tests.entrypoints.server_utils import RemoteServer, check_death_mid_stream, wait_gone
 
 from pagellm.engine.core_proc import AddRequest, InputMessage, make_add_request, to_core_request
 from pagellm.sampling_params import SamplingParams
@@ -99,27 +98,7 @@ def test_serve_bench_against_server(tiny_server, tmp_path):
 def test_engine_death_is_reported(tiny_server):
     """The core process dies mid-request: the stream fails with an error, /health says 503, new requests get
     503, and SIGTERM still exits cleanly."""
-    client = tiny_server.client()
-    model = client.models.list().data[0].id
-    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=480, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
-    it = iter(stream)
-    next(it)
-    os.kill(tiny_server.engine_core_pid(), signal.SIGKILL)
-    with pytest.raises(openai.APIError) as info:
-        for _ in it:
-            pass
-    assert "engine" in str(info.value.message)
-    deadline = time.monotonic() + 10
-    while httpx.get(tiny_server.url("/health"), timeout=5).status_code != 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    with pytest.raises(openai.InternalServerError) as info:
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
-    assert info.value.status_code == 503
-    pids = tiny_server.all_pids()
-    assert tiny_server.terminate(timeout=30) == 0
-    assert not wait_gone(pids), "a child process outlived the server"
+    check_death_mid_stream(tiny_server, PROMPT, tiny_server.engine_core_pid(), "engine", health_timeout=10)
 
 
 def test_sigterm_drains(tiny_served_model):

@@ -3,14 +3,7 @@ worker, /health answers 503, new requests get 503, and SIGTERM still exits leavi
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
-import httpx
-import openai
-import pytest
-from tests.entrypoints.server_utils import RemoteServer, child_pids, cmdline, wait_gone
+from tests.entrypoints.server_utils import RemoteServer, check_death_mid_stream, child_pids, cmdline
 
 PROMPT = list(range(10, 30))
 
@@ -27,24 +20,4 @@ def test_tp2_server_worker_death_is_reported(tiny_served_model):
         workers = [p for p in child_pids(core) if "spawn_main" in cmdline(p)]
         assert len(workers) == 2, "one worker process per rank"
 
-        client = server.client()
-        model = client.models.list().data[0].id
-        stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=480, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
-        it = iter(stream)
-        next(it)
-        os.kill(workers[1], signal.SIGKILL)
-        with pytest.raises(openai.APIError) as info:
-            for _ in it:
-                pass
-        assert "worker" in str(info.value.message)
-        deadline = time.monotonic() + 15
-        while httpx.get(server.url("/health"), timeout=5).status_code != 503:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        with pytest.raises(openai.InternalServerError) as info:
-            client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
-        assert info.value.status_code == 503
-        pids = server.all_pids()
-        assert server.terminate(timeout=30) == 0
-        assert not wait_gone(pids), "a child process outlived the server"
+        check_death_mid_stream(server, PROMPT, workers[1], "worker", health_timeout=15)

@@ -325,26 +325,25 @@ class ModelRunner:
                                                       r.num_computed_tokens if r.num_scheduled_tokens == 1 else 0))
         graph_bs = self._graph_size(reqs)
         input_ids, positions, meta = self._prepare_inputs(reqs, pad_to=graph_bs)
-        qsl = list(range(len(reqs) + 1)) if graph_bs else meta.query_start_loc_cpu
         sample_rows = [i for i, r in enumerate(reqs) if r.do_sample]
-        if graph_bs is not None:
+        if graph_bs is not None:  # decodes only: every row samples, none has prompt logprobs left
             graph, graph_logits = self.graphs[graph_bs]
             graph.replay()
-            hidden = None
             if sample_rows:
                 logits = graph_logits[: len(reqs)]
                 if len(sample_rows) != len(reqs):
                     logits = logits[torch.tensor(sample_rows, device=self.device)]
                 self._sample(reqs, sample_rows, logits, out)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            if hidden is None:  # a pipeline stage before the last: its output went to the next stage
-                return out
-            if sample_rows:
-                last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], device=self.device)
-                self._sample(reqs, sample_rows, self.model.compute_logits(hidden[last]), out)
+            return out
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if hidden is None:  # a pipeline stage before the last: its output went to the next stage
+            return out
+        qsl = meta.query_start_loc_cpu
+        if sample_rows:
+            last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], device=self.device)
+            self._sample(reqs, sample_rows, self.model.compute_logits(hidden[last]), out)
         for i, r in enumerate(reqs):
-            if r.sampling_params.prompt_logprobs is not None and hidden is not None:
+            if r.sampling_params.prompt_logprobs is not None:
                 self._prompt_logprobs(r, hidden[qsl[i] : qsl[i + 1]], out)
         return out
 

@@ -46,8 +46,6 @@ def device_for_rank(config: EngineConfig, local_rank: Optional[int]) -> torch.de
     if not device.startswith("cuda"):
         return torch.device(device)
     if local_rank is None:
-        if pc.world_size == 1 and pc.data_parallel_rank == 0:
-            return torch.device(device)
         local_rank = pc.data_parallel_rank * pc.world_size
     base = int(device.split(":", 1)[1]) if ":" in device else 0
     return torch.device("cuda", base + local_rank)

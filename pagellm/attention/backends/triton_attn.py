@@ -123,7 +123,10 @@ def _attn_kv_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Step-dependent ints are not specialized: Triton would otherwise compile a variant per (value == 1, value % 16
+# == 0) combination of each, seconds of JIT stalls in the middle of serving (measured: 2-3 s per new mixed
+# step shape on an H100). Their values only bound loops and masks, so the specialization gains nothing here.
+@triton.jit(do_not_specialize=["first_req", "num_reqs", "num_splits"])
 def _paged_attn_kernel(
     q_ptr, o_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
     scale_log2,
@@ -215,7 +218,7 @@ def _paged_attn_kernel(
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
     part_o_ptr, part_lse_ptr, o_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
     HEAD_D: tl.constexpr, SPLITS_P2: tl.constexpr,

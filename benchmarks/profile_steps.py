@@ -42,6 +42,7 @@ class StepClock:
         self.profile_next: set[str] = set()
         self.tables: dict[str, str] = {}
         self.recording = True
+        self.min_batch = 192
 
     def timed(self, name: str, fn: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -64,7 +65,7 @@ class StepClock:
                 kind = "decode-graph" if runner._graph_size(reqs) is not None else "decode-eager"
             else:
                 kind = "mixed"
-            want = f"{kind}" if (kind != "mixed" and len(reqs) >= 192) or (kind == "mixed" and tokens >= 4096) \
+            want = f"{kind}" if (kind != "mixed" and len(reqs) >= self.min_batch) or (kind == "mixed" and tokens >= 4096) \
                 else None
             if want and want in self.profile_next:
                 self.profile_next.discard(want)
@@ -93,6 +94,11 @@ def main() -> None:
     parser.add_argument("--workload", default="llama8b-mixed", choices=sorted(WORKLOADS))
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--lengths", type=int, nargs=2, default=None, metavar=("IN", "OUT"),
+                        help="fixed input/output lengths instead of the workload's (e.g. 128 256 with "
+                        "--num-prompts 1 for batch-1 latency), greedy")
+    parser.add_argument("--profile-min-batch", type=int, default=192,
+                        help="profile the first decode step of at least this many requests")
     parser.add_argument("--no-phases", action="store_true", help="time whole steps only (fewer syncs)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
@@ -115,10 +121,15 @@ def main() -> None:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(**kwargs)
     requests = make_requests(wl, wl.shape["vocab_size"])[: args.num_prompts or wl.num_requests]
+    if args.lengths:
+        for r in requests:
+            r.prompt_token_ids, r.output_len = r.prompt_token_ids[:1] * args.lengths[0], args.lengths[1]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=1.0, top_p=1.0,
-                             detokenize=False) for r in requests]
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * 2, use_tqdm=False)
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0 if args.lengths else 1.0,
+                             top_p=1.0, detokenize=False) for r in requests]
+    clock.min_batch = args.profile_min_batch
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * len(prompts[:2]),
+                 use_tqdm=False)
     clock.by_kind.clear(), clock.by_phase.clear(), clock.step_tokens.clear()
 
     start = time.perf_counter()

@@ -95,6 +95,8 @@ class SchedulerConfig:
     max_model_len: int = 2048
     policy: str = "fcfs"  # fcfs | priority
     max_queued_requests: Optional[int] = None
+    # Schedule step N+1 while step N runs on the device (decodes scheduled ahead of their input token).
+    async_scheduling: bool = False
 
 
 @dataclass

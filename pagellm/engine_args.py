@@ -41,6 +41,8 @@ _HELP = {
     "served_model_name": "model name in the API (default: the model argument)",
     "skip_tokenizer_init": "load no tokenizer: prompts must be token ids and outputs carry no text",
     "enforce_eager": "CUDA: run every step eagerly (no CUDA graphs for decode batches)",
+    "async_scheduling": "schedule and launch each step while the one before it runs on the device, hiding the "
+    "host's per-step work (default: on for one CUDA device in the engine's process, off otherwise)",
     "tensor_parallel_size": "devices that split every layer's weights (one worker process per device)",
     "pipeline_parallel_size": "pipeline stages: devices that each hold a contiguous slice of the layers",
     "data_parallel_size": "engine cores behind one server (each with its own devices and KV cache); requests go "
@@ -69,6 +71,7 @@ class EngineArgs:
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
+    async_scheduling: Optional[bool] = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -106,6 +109,8 @@ class EngineArgs:
         parser.add_argument("--served-model-name", default=None, help=_HELP["served_model_name"])
         parser.add_argument("--skip-tokenizer-init", action="store_true", help=_HELP["skip_tokenizer_init"])
         parser.add_argument("--enforce-eager", action="store_true", help=_HELP["enforce_eager"])
+        parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                            help=_HELP["async_scheduling"])
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help=_HELP["tensor_parallel_size"])
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                             help=_HELP["pipeline_parallel_size"])
@@ -202,6 +207,13 @@ class EngineArgs:
             distributed_executor_backend=self.distributed_executor_backend,
         )
         check_parallel_fits_model(hf_config, parallel_config)
+        # Async scheduling needs a launch that returns before the step is done: the in-process worker's.
+        in_process = parallel_config.executor_backend == "uni"
+        if self.async_scheduling and not in_process:
+            raise ValueError("async_scheduling needs one device in the engine's process (distributed_executor_backend "
+                             "uni, tensor_parallel_size and pipeline_parallel_size 1)")
+        scheduler_config.async_scheduling = (in_process and on_cuda if self.async_scheduling is None
+                                             else self.async_scheduling)
         return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config)
 
 

@@ -11,12 +11,18 @@ from typing import Any, Optional, Union
 from pagellm.sampling_params import SamplingParams
 
 
+# The input token of a decode scheduled while the step that samples it is still running (async scheduling):
+# the model runner takes it from that step's sampled tokens on the device.
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclass
 class ScheduledRequest:
     """One request's share of a step."""
 
     req_id: str
-    token_ids: list[int]  # the tokens computed this step: all_token_ids[num_computed_tokens:+len]
+    token_ids: list[int]  # the tokens computed this step: all_token_ids[num_computed_tokens:+len], or
+    # [PLACEHOLDER_TOKEN] for a decode whose input token the previous step is still sampling
     num_computed_tokens: int  # position of token_ids[0]; tokens before it are in the KV cache
     block_ids: list[int]  # every block of the request, in order (the block table)
     sampling_params: SamplingParams

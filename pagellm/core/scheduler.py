@@ -4,6 +4,14 @@ Each step: running requests first, in order (a decode gets 1 token, an unfinishe
 when the KV pool runs dry the lowest-priority running request is preempted by recompute. Then waiting requests
 are admitted (after a prefix-cache lookup) while budget, sequence cap and blocks allow. A request whose
 computed tokens reach its last known token samples one new token.
+
+Async scheduling (`async_scheduling`): the engine core schedules step N+1 before step N's tokens are back. A
+running request whose step N samples its next token then gets a decode "ahead" in step N+1: one
+PLACEHOLDER_TOKEN, which the model runner replaces on the device with step N's sampled token. It is not
+scheduled ahead when step N's token is sure to finish it by length; a token that stops it (EOS, a stop token)
+is known only after step N+1 was launched, whose extra token is then dropped. Requests whose sampling reads
+their previous tokens on the host (penalties, min_tokens, a grammar) are "lockstep": while one is unfinished,
+the core runs steps one at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 from pagellm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import (
+    PLACEHOLDER_TOKEN,
     EngineCoreOutput,
     ModelRunnerOutput,
     ScheduledRequest,
@@ -132,6 +141,9 @@ class Scheduler:
         # engine; with pipeline parallelism several batches are in flight, and a request in one of them is never
         # preempted (its blocks are being written).
         self.in_flight: dict[str, int] = {}
+        self.async_scheduling = scheduler_config.async_scheduling
+        # Unfinished requests that need every previous token on the host before their next step (see above).
+        self.lockstep_ids: set[str] = set()
 
     # ---- requests in and out ----
 
@@ -148,6 +160,8 @@ class Scheduler:
             request.enable_block_hashing(self.block_size)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
+        if needs_lockstep(request):
+            self.lockstep_ids.add(request.request_id)
         self.waiting.add(request)
 
     def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus) -> None:
@@ -171,10 +185,26 @@ class Scheduler:
         request.status = status
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
+        self.lockstep_ids.discard(request.request_id)
         self.finished_req_ids.add(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the tokens of the one in flight are back."""
+        return self.async_scheduling and not self.lockstep_ids
+
+    def _decode_ahead(self, request: Request) -> bool:
+        """Async scheduling: the one batch in flight samples this request's next token, which will not finish it
+        by length, so its decode can be scheduled now with a placeholder input token."""
+        sp = request.sampling_params
+        return (self.async_scheduling
+                and self.in_flight.get(request.request_id) == 1
+                and request.num_computed_tokens == request.num_tokens
+                and request.request_id not in self.lockstep_ids
+                and (sp.max_tokens is None or request.num_output_tokens + 1 < sp.max_tokens)
+                and request.num_tokens + 1 < self.max_model_len)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -219,6 +249,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}  # request id -> tokens this step, in scheduling order
         scheduled_reqs: list[Request] = []
         preempted_ids: set[str] = set()
+        ahead: set[str] = set()  # decodes scheduled ahead of their input token
 
         # Under the priority policy the running list is kept in priority order, so that the victim (always the
         # last) is the lowest-priority request and never one already scheduled in this step.
@@ -226,7 +257,7 @@ class Scheduler:
             self.running.sort(key=Request.sort_key)
 
         # 1. Running requests: decodes and unfinished (chunked) prefills. A decode whose last token is still being
-        # computed (pipeline parallelism) has nothing to schedule (n == 0).
+        # computed has nothing to schedule (n == 0), unless it can be decoded ahead (async scheduling).
         blocked = False  # no blocks free and the next victim is in flight: wait for the batches in flight
         i = 0
         while i < len(self.running) and budget > 0 and not blocked:
@@ -237,8 +268,11 @@ class Scheduler:
                 self.max_model_len - request.num_computed_tokens,
             )
             if n <= 0:
-                i += 1
-                continue
+                if not self._decode_ahead(request):
+                    i += 1
+                    continue
+                n = 1
+                ahead.add(request.request_id)
             while True:
                 if kvm.allocate_slots(request, n) is not None:
                     scheduled = True
@@ -315,16 +349,18 @@ class Scheduler:
         for request in scheduled_reqs:
             n = num_scheduled[request.request_id]
             start = request.num_computed_tokens
+            token_ids = ([PLACEHOLDER_TOKEN] if request.request_id in ahead
+                         else request.all_token_ids[start : start + n])
             out.scheduled.append(ScheduledRequest(
                 req_id=request.request_id,
-                token_ids=request.all_token_ids[start : start + n],
+                token_ids=token_ids,
                 num_computed_tokens=start,
                 block_ids=kvm.get_block_ids(request.request_id),
                 sampling_params=request.sampling_params,
                 prompt_token_ids=request.prompt_token_ids,
                 # Live list: it gains this step's token in update_from_output, after the runner used it.
                 output_token_ids=request.output_token_ids,
-                do_sample=start + n == request.num_tokens,
+                do_sample=start + n >= request.num_tokens,
             ))
             request.num_computed_tokens = start + n
             self.in_flight[request.request_id] = self.in_flight.get(request.request_id, 0) + 1
@@ -392,3 +428,11 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return outputs
+
+
+def needs_lockstep(request: Request) -> bool:
+    """Whether sampling the request's next token reads its previous tokens on the host: penalties (over the
+    output so far), min_tokens (counts them), a grammar (advanced by each one)."""
+    sp = request.sampling_params
+    return (sp.structured_outputs is not None or sp.min_tokens > 0 or sp.presence_penalty != 0.0
+            or sp.frequency_penalty != 0.0 or sp.repetition_penalty != 1.0)

@@ -39,6 +39,9 @@ class EngineCore:
         self.max_batches_in_flight = pp
         self.batch_queue: "collections.deque[tuple[Any, Any]] | None" = collections.deque() if pp > 1 else None
         self.peak_batches_in_flight = 0
+        # Async scheduling: the step launched and not yet collected (its scheduler output and runner handle).
+        self.async_scheduling = config.scheduler_config.async_scheduling
+        self.launched: Optional[tuple[SchedulerOutput, Any]] = None
 
     def add_request(self, request: Request) -> None:
         structured = request.sampling_params.structured_outputs
@@ -88,7 +91,8 @@ class EngineCore:
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.grammar_waiting)
+        return (self.scheduler.has_unfinished_requests() or bool(self.grammar_waiting)
+                or self.launched is not None)
 
     def _admit_compiled(self) -> list[EngineCoreOutput]:
         """Move requests whose grammar is ready into the scheduler; outputs of those whose grammar failed."""
@@ -119,6 +123,8 @@ class EngineCore:
         outputs = self._admit_compiled()
         if self.batch_queue is not None:
             return outputs + self._step_pipelined()
+        if self.async_scheduling:
+            return outputs + self._step_ahead()
         if not self.scheduler.has_unfinished_requests():
             return outputs
         scheduler_output = self.scheduler.schedule()
@@ -147,6 +153,40 @@ class EngineCore:
                 if out.finished:
                     so.remove(out.req_id)
         return outputs
+
+    def _step_ahead(self) -> list[EngineCoreOutput]:
+        """Async scheduling: schedule and launch step N+1, then wait for step N and update from it, so that the
+        host's work (this update, the caller's output processing, the next schedule) overlaps the device's.
+        Falls back to one step at a time while a lockstep request (see Scheduler) is unfinished."""
+        sched = self.scheduler
+        outputs: list[EngineCoreOutput] = []
+        if self.launched is not None and not sched.can_schedule_ahead():
+            outputs += self._collect_launched()
+        if sched.has_unfinished_requests():
+            scheduler_output = sched.schedule()
+            if scheduler_output.scheduled:
+                self._attach_bitmasks(scheduler_output)
+                previous = self.launched
+                self.launched = (scheduler_output, self.executor.submit_model(scheduler_output))
+                if previous is not None:
+                    outputs += self._advance_grammars(
+                        sched.update_from_output(previous[0], self.executor.collect_model(previous[1])))
+                if not sched.can_schedule_ahead() or not sched.has_unfinished_requests():
+                    # One step at a time; or every request of the launched step has finished (its tokens are
+                    # extras past a stop): collect it now rather than leave it for a later request's step.
+                    outputs += self._collect_launched()
+                return outputs
+            sched.finished_req_ids |= scheduler_output.finished_req_ids  # for the next batch that goes out
+        if self.launched is not None:
+            return outputs + self._collect_launched()
+        # Nothing ran: still hand out what the scheduler finished by itself (requests too long for the cache).
+        return outputs + sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
+
+    def _collect_launched(self) -> list[EngineCoreOutput]:
+        scheduler_output, handle = self.launched
+        self.launched = None
+        return self._advance_grammars(
+            self.scheduler.update_from_output(scheduler_output, self.executor.collect_model(handle)))
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:
         """Pipeline parallelism: schedule and submit a new batch while fewer than pp are in flight and there is

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagellm.executor.base import Executor
+from pagellm.worker.model_runner import PendingOutput
 from pagellm.worker.worker import Worker
 
 
@@ -22,6 +23,15 @@ class UniprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    # Async scheduling: the step is launched at submit and read at collect, so the engine core schedules the
+    # next step while this one runs on the device.
+    def submit_model(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        return self.worker.execute_model_async(scheduler_output)
+
+    def collect_model(self, handle: object) -> ModelRunnerOutput:
+        assert isinstance(handle, PendingOutput)
+        return handle.result()
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -9,6 +9,12 @@ step made only of decodes replays a CUDA graph captured for the next batch size 
 padding rows marked as empty (slot -1, seq_len 0). The graph covers embedding, all layers, the final norm and
 the LM head; sampling runs eagerly on the GPU after it. Mixed and prefill steps run eagerly (their GPU work is
 large enough to hide the launches). `enforce_eager=True` turns the graphs off.
+
+A step is launched (`execute_model_async`) and its result read later (`PendingOutput.result`), so that the
+engine can schedule and launch the next step while this one runs on the GPU (async scheduling). Nothing in the
+launch waits for the device: host tensors reach it through pinned memory, and the sampled tokens come back the
+same way. A decode scheduled before its input token is known carries PLACEHOLDER_TOKEN; the runner takes that
+token from the previous step's sampled tokens, on the device.
 """
 
 from __future__ import annotations
@@ -21,14 +27,22 @@ import torch
 
 from pagellm.attention.metadata import AttentionMetadata
 from pagellm.config import EngineConfig
-from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, ScheduledRequest, SchedulerOutput
+from pagellm.core.sched_output import (
+    PLACEHOLDER_TOKEN,
+    ModelRunnerOutput,
+    PromptLogprobs,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from pagellm.distributed.parallel_state import local_kv_cache_dims
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplingMetadata,
     apply_grammar_bitmask,
     compute_prompt_logprobs,
+    SamplerOutput,
     make_generator,
+    to_device,
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model
@@ -66,6 +80,14 @@ class StepBuffers:
         self.seq_lens, self._seq_host, self.seq_np = pair((max_reqs,), torch.int32)
         self.block_tables, self._bt_host, self.bt_np = pair((max_reqs, max_blocks), torch.int32)
         self.max_tokens, self.max_reqs, self.max_blocks = max_tokens, max_reqs, max_blocks
+        self._uploaded: Optional[torch.cuda.Event] = None
+
+    def wait_host_free(self) -> None:
+        """Block until the last upload has read the pinned host buffers, before they are filled again (with
+        async scheduling the previous step may not have started on the device yet)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
 
     def upload(self, num_tokens: int, num_reqs: int, num_block_cols: int) -> None:
         """Copy the filled host prefixes to the device, asynchronously."""
@@ -79,6 +101,44 @@ class StepBuffers:
         else:  # only the columns in use: the rest of a row is never read (seq_lens bound every read)
             self.block_tables[:num_reqs, :num_block_cols].copy_(self._bt_host[:num_reqs, :num_block_cols],
                                                                  non_blocking=True)
+        if self.input_ids.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+
+
+class PendingOutput:
+    """A launched step. Its sampled token ids are on their way to pinned host memory; `result()` waits for them
+    and builds the ModelRunnerOutput (token logprobs too, which read the device)."""
+
+    def __init__(self, out: ModelRunnerOutput, sampled_reqs: Optional[list[ScheduledRequest]] = None,
+                 sampler_output: Optional[SamplerOutput] = None) -> None:
+        self._out = out
+        self._reqs = sampled_reqs or []
+        self._sampler_output = sampler_output
+        self._event: Optional[torch.cuda.Event] = None
+        self._host: Optional[torch.Tensor] = None
+        if sampler_output is not None:
+            ids = sampler_output.sampled_token_ids
+            if ids.device.type == "cuda":
+                self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+                self._host.copy_(ids, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+            else:
+                self._host = ids
+
+    def result(self) -> ModelRunnerOutput:
+        so = self._sampler_output
+        if so is not None:
+            self._sampler_output = None
+            if self._event is not None:
+                self._event.synchronize()
+            tokens = self._host.tolist()
+            for row, r in enumerate(self._reqs):
+                self._out.sampled_token_ids[r.req_id] = tokens[row]
+                if r.sampling_params.logprobs is not None:
+                    self._out.logprobs[r.req_id] = to_token_logprobs(so, row, r.sampling_params.logprobs)
+        return self._out
 
 
 class ModelRunner:
@@ -93,6 +153,9 @@ class ModelRunner:
         self.sampler = Sampler()
         # Per-request sampling state that must outlive a step: seeded generators.
         self.generators: dict[str, torch.Generator] = {}
+        # The last launched step's sampled tokens (device) and each sampling request's row in them: the input
+        # tokens of decodes scheduled ahead of them (PLACEHOLDER_TOKEN).
+        self.prev_sampled: Optional[tuple[dict[str, int], torch.Tensor]] = None
         # The KV cache of this rank: its pipeline stage's layers, its tensor-parallel share of the KV heads
         # (the whole model's on a single device).
         self.num_cache_layers, self.num_cache_kv_heads = local_kv_cache_dims(self.model_config.num_layers,
@@ -122,6 +185,7 @@ class ModelRunner:
         self.model = None
         self.buffers = None
         self.generators.clear()
+        self.prev_sampled = None
 
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
@@ -258,6 +322,8 @@ class ModelRunner:
         total = int(qsl[-1])
         max_blocks = max(len(r.block_ids) for r in reqs)
         buf = self.buffers
+        if buf is not None:
+            buf.wait_host_free()
 
         if buf is None:
             block_tables = np.zeros((n, max_blocks), dtype=np.int64)
@@ -275,6 +341,9 @@ class ModelRunner:
             req_of_token = np.repeat(np.arange(n), q_lens)
             positions = starts[req_of_token] + (np.arange(total) - qsl[:-1][req_of_token])
             slot_mapping = block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        # Decodes scheduled ahead of their input token. They are one-token requests, which come first, so a
+        # placeholder's token index is its request's index.
+        placeholders = np.flatnonzero(input_ids[:n] == PLACEHOLDER_TOKEN)
 
         if buf is None:
             dev = self.device
@@ -283,6 +352,7 @@ class ModelRunner:
             seq_t = torch.from_numpy(seq_lens).to(dev, torch.int32)
             bt_t = torch.from_numpy(block_tables).to(dev, torch.int32)
             slot_t = torch.from_numpy(slot_mapping).to(dev)
+            self._fill_placeholders(ids_t, placeholders, reqs)
         else:
             buf.ids_np[:total] = input_ids
             buf.pos_np[:total] = positions
@@ -292,8 +362,10 @@ class ModelRunner:
             if pad_to is not None:  # a graph replays: it was captured with its own views of these buffers
                 self._fill_graph_padding(n, pad_to)
                 buf.upload(pad_to, pad_to, max_blocks)
+                self._fill_placeholders(buf.input_ids, placeholders, reqs)
                 return buf.input_ids[:pad_to], buf.positions[:pad_to], None
             buf.upload(total, n, max_blocks)
+            self._fill_placeholders(buf.input_ids, placeholders, reqs)
             ids_t, pos_t = buf.input_ids[:total], buf.positions[:total]
             qsl_t, seq_t, bt_t, slot_t = (buf.query_start_loc[: n + 1], buf.seq_lens[:n], buf.block_tables[:n],
                                           buf.slot_mapping[:total])
@@ -312,13 +384,31 @@ class ModelRunner:
         )
         return ids_t, pos_t, meta
 
-    @torch.inference_mode()
+    def _fill_placeholders(self, input_ids: torch.Tensor, token_rows: np.ndarray,
+                           reqs: list[ScheduledRequest]) -> None:
+        """Write the previous step's sampled tokens (still on the device) into the placeholder rows."""
+        if not token_rows.size:
+            return
+        if self.prev_sampled is None:
+            raise RuntimeError("a decode was scheduled ahead of a token that no launched step samples")
+        rows_of, sampled = self.prev_sampled
+        src = [rows_of[reqs[i].req_id] for i in token_rows.tolist()]
+        dst_t = to_device(token_rows.tolist(), torch.int64, self.device)
+        src_t = to_device(src, torch.int64, self.device)
+        input_ids.index_copy_(0, dst_t, sampled.index_select(0, src_t))
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(sched).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput) -> PendingOutput:
+        """Launch the step; nothing here waits for the device (unless a sampling option needs a host-side
+        decision, like top-p's fallback check)."""
         for req_id in sched.finished_req_ids:
             self.generators.pop(req_id, None)
         out = ModelRunnerOutput()
         if not sched.scheduled:
-            return out
+            return PendingOutput(out)
         # Decodes first, so the attention backend sees them as one dense block; decodes by context length, so
         # a backend that pads groups of decodes pads each only to its neighbours' lengths.
         reqs = sorted(sched.scheduled, key=lambda r: (r.num_scheduled_tokens != 1,
@@ -329,26 +419,27 @@ class ModelRunner:
         if graph_bs is not None:  # decodes only: every row samples, none has prompt logprobs left
             graph, graph_logits = self.graphs[graph_bs]
             graph.replay()
-            if sample_rows:
-                logits = graph_logits[: len(reqs)]
-                if len(sample_rows) != len(reqs):
-                    logits = logits[torch.tensor(sample_rows, device=self.device)]
-                self._sample(reqs, sample_rows, logits, out)
-            return out
+            if not sample_rows:
+                return PendingOutput(out)
+            logits = graph_logits[: len(reqs)]
+            if len(sample_rows) != len(reqs):
+                logits = logits[to_device(sample_rows, torch.int64, self.device)]
+            return self._sample(reqs, sample_rows, logits, out)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if hidden is None:  # a pipeline stage before the last: its output went to the next stage
-            return out
+            return PendingOutput(out)
         qsl = meta.query_start_loc_cpu
+        pending = PendingOutput(out)
         if sample_rows:
-            last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], device=self.device)
-            self._sample(reqs, sample_rows, self.model.compute_logits(hidden[last]), out)
+            last = to_device([qsl[i + 1] - 1 for i in sample_rows], torch.int64, self.device)
+            pending = self._sample(reqs, sample_rows, self.model.compute_logits(hidden[last]), out)
         for i, r in enumerate(reqs):
             if r.sampling_params.prompt_logprobs is not None:
                 self._prompt_logprobs(r, hidden[qsl[i] : qsl[i + 1]], out)
-        return out
+        return pending
 
     def _sample(self, reqs: list[ScheduledRequest], rows: list[int], logits: torch.Tensor,
-                out: ModelRunnerOutput) -> None:
+                out: ModelRunnerOutput) -> PendingOutput:
         sreqs = [reqs[i] for i in rows]
         apply_grammar_bitmask(logits, [r.grammar_bitmask for r in sreqs])  # structured output
         generators = {}
@@ -368,11 +459,8 @@ class ModelRunner:
             self.device,
         )
         result = self.sampler(logits, metadata)
-        tokens = result.sampled_token_ids.tolist()
-        for row, r in enumerate(sreqs):
-            out.sampled_token_ids[r.req_id] = tokens[row]
-            if r.sampling_params.logprobs is not None:
-                out.logprobs[r.req_id] = to_token_logprobs(result, row, r.sampling_params.logprobs)
+        self.prev_sampled = ({r.req_id: row for row, r in enumerate(sreqs)}, result.sampled_token_ids)
+        return PendingOutput(out, sreqs, result)
 
     def _prompt_logprobs(self, r: ScheduledRequest, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         """Logprobs of prompt tokens computed this step: the hidden state at p predicts token p + 1."""

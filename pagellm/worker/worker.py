@@ -17,7 +17,7 @@ from typing import Optional
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagellm.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed_environment
-from pagellm.worker.model_runner import ModelRunner
+from pagellm.worker.model_runner import ModelRunner, PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +139,7 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        """Launch the step; `.result()` of the answer waits for it (async scheduling)."""
+        return self.runner.execute_model_async(scheduler_output)

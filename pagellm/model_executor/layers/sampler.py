@@ -54,6 +54,16 @@ def _pad_token_lists(lists: Sequence[Sequence[int]], pad: int, device: Device) -
     return torch.from_numpy(arr).to(device)
 
 
+def to_device(values: list, dtype: torch.dtype, device: Device) -> torch.Tensor:
+    """A small host list on the device without waiting for the GPU. A blocking copy would first drain the stream
+    (ending the overlap of the next step's host work with this step's forward pass); a pinned staging tensor
+    (from torch's caching host allocator, which keeps it until the copy is done) copies asynchronously."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def apply_grammar_bitmask(logits: torch.Tensor, bitmasks: Sequence[Optional[np.ndarray]]) -> None:
     """Structured output: in place, logits[i, t] = -inf where bit t of bitmasks[i] is 0 (rows with None are
     left alone). A bitmask row is int32 words, bit t % 32 of word t // 32 standing for token t; logits columns
@@ -150,17 +160,17 @@ class SamplingMetadata:
         md = cls(num_rows=n, vocab_size=V, all_greedy=all_greedy, all_random=all_random)
 
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         if not all_greedy:
             if not all_random:
-                md.greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+                md.greedy_mask = to_device(greedy, torch.bool, device)
             temps = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
             if any(t != 1.0 for t in temps):
                 md.temperature = f32(temps)
             ks = [V if g or not 0 < p.top_k < V else p.top_k for p, g in zip(params, greedy)]
             if any(k < V for k in ks):
-                md.top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+                md.top_k = to_device(ks, torch.int64, device)
                 md.max_top_k = max(k for k in ks if k < V)
             ps = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
             if any(p < 1.0 for p in ps):
@@ -209,14 +219,14 @@ class SamplingMetadata:
                         stop_toks.append(tok)
         if bias_rows:
             md.logit_bias = (
-                torch.tensor(bias_rows, dtype=torch.int64, device=device),
-                torch.tensor(bias_toks, dtype=torch.int64, device=device),
+                to_device(bias_rows, torch.int64, device),
+                to_device(bias_toks, torch.int64, device),
                 f32(bias_vals),
             )
         if stop_rows:
             md.min_tokens_mask = (
-                torch.tensor(stop_rows, dtype=torch.int64, device=device),
-                torch.tensor(stop_toks, dtype=torch.int64, device=device),
+                to_device(stop_rows, torch.int64, device),
+                to_device(stop_toks, torch.int64, device),
             )
 
         md.num_logprobs = [p.logprobs for p in params]

@@ -73,18 +73,21 @@ def test_smollm_every_grammar(smollm_llm):
 
 @pytest.mark.slow
 def test_smollm_json_object(smollm_llm):
-    """json_object has no bounds: the model itself must close the object. A short example in the prompt and a
-    cooler temperature keep SmolLM2's objects short; every output must finish and parse."""
+    """json_object has no bounds: the model itself must close the object. A short example in the prompt, a cooler
+    temperature and a frequency penalty (SmolLM2 otherwise loops over keys "0", "1", ... in about 1 request of 50
+    until max_tokens) keep its objects short; all N outputs must finish and parse. The penalty also makes these
+    grammar requests lockstep ones (see the scheduler): the grammar and the host-side token history together."""
     tok = smollm_llm.get_tokenizer()
     prompt = tok.apply_chat_template([
         {"role": "user", "content": "Reply with a small JSON object about a cat, like {\"name\":\"Tom\",\"age\":3}."},
     ], tokenize=False, add_generation_prompt=True)
-    outs = smollm_llm.generate([prompt] * 20, [SamplingParams(
-        temperature=0.5, seed=i, max_tokens=200, structured_outputs=StructuredOutputsParams(json_object=True))
-        for i in range(20)], use_tqdm=False)
+    outs = smollm_llm.generate([prompt] * N, [SamplingParams(
+        temperature=0.8, frequency_penalty=1.0, seed=i, max_tokens=200,
+        structured_outputs=StructuredOutputsParams(json_object=True)) for i in range(N)], use_tqdm=False)
     for o in outs:
         assert o.outputs[0].finish_reason == "stop", o.outputs[0].text
         check_json(o.outputs[0].text, None)
+    assert len({o.outputs[0].text for o in outs}) > 5  # sampled, not one answer 50 times
 
 
 def test_greedy_and_n(tiny_llm):

@@ -50,7 +50,8 @@ class EngineCore:
             return
         if request.request_id in self.scheduler.requests or request.request_id in self.grammar_waiting:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self._structured_output_manager().submit(request.request_id, structured)
+        self._structured_output_manager().submit(request.request_id, structured,
+                                                 request.sampling_params.max_tokens)
         self.grammar_waiting[request.request_id] = request
 
     def _structured_output_manager(self) -> Any:
@@ -151,6 +152,8 @@ class EngineCore:
                 if out.new_token_ids:
                     so.accept_tokens(out.req_id, out.new_token_ids)
                 if out.finished:
+                    if out.finish_reason == "stop" and so.closed_early(out.req_id):
+                        out.finish_reason, out.stop_reason = "length", None  # closed because the budget ran out
                     so.remove(out.req_id)
         return outputs
 

@@ -157,6 +157,22 @@ def validate_structured_outputs(params: Optional[StructuredOutputsParams],
         raise ValueError(error)
 
 
+# json_object requests close their JSON before max_tokens (json_closer.py): from this many tokens before the end
+# the manager computes what closing takes, and starts forcing it CLOSE_SLACK tokens early (one free token may
+# open more than one thing to close, e.g. '[{"').
+CLOSE_WINDOW = 64
+CLOSE_SLACK = 4
+
+
+class _Budget:
+    """A json_object request's token budget and its tokens so far."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.token_ids: list[int] = []
+        self.forced = False
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -181,6 +197,8 @@ class StructuredOutputManager:
         self.cache = _LRU(cache_size)  # grammar key -> a fresh (never advanced) matcher to deep-copy
         self.pending: dict[str, tuple[Future, float]] = {}  # request id -> (compile future, submit time)
         self.matchers: dict[str, Any] = {}
+        self.budgets: dict[str, _Budget] = {}  # json_object requests with a max_tokens
+        self._hf_tok: Any = None
         self.num_words = bitmask_words(vocab_size)
         self._executor: Any = None
         self.compile_seconds = 0.0
@@ -197,6 +215,7 @@ class StructuredOutputManager:
                     hf_tok = self._tokenizer_factory()
                     if hf_tok is None:
                         raise ValueError(f"{FIELD}: the engine runs without a tokenizer")
+                    self._hf_tok = hf_tok
                     n_vocab = self.vocab_size if self.vocab_size >= len(hf_tok) else None
                     tok = llguidance.hf.from_tokenizer(hf_tok, n_vocab=n_vocab)
                     self._ll_tokenizer.set_result(tok)
@@ -218,9 +237,12 @@ class StructuredOutputManager:
             self.cache.put(key, template)
         return template.deep_copy()
 
-    def submit(self, request_id: str, params: StructuredOutputsParams) -> None:
-        """Start compiling the request's grammar (or take it from the cache)."""
+    def submit(self, request_id: str, params: StructuredOutputsParams, max_tokens: Optional[int] = None) -> None:
+        """Start compiling the request's grammar (or take it from the cache). A json_object request with a
+        max_tokens will close its JSON before it runs out."""
         self.pending[request_id] = (self.pool.submit(self._compile, params), time.monotonic())
+        if params.json_object and max_tokens is not None:
+            self.budgets[request_id] = _Budget(max_tokens)
 
     def poll(self) -> tuple[list[str], list[tuple[str, str]]]:
         """Requests whose grammar became ready, and (request, reason) of those that failed or timed out."""
@@ -276,7 +298,41 @@ class StructuredOutputManager:
         for m, i in work:
             if m.is_error() or not bitmask[i].any():  # never leave a row without a token
                 self._allow_only_eos(bitmask[i])
+        if self.budgets:
+            for i, req_id in enumerate(request_ids):
+                budget = self.budgets.get(req_id)
+                if budget is not None and budget.max_tokens - len(budget.token_ids) <= CLOSE_WINDOW:
+                    self._close_json(budget, bitmask[i])
         return bitmask
+
+    def _close_json(self, budget: _Budget, row: np.ndarray) -> None:
+        """Near the end of a json_object request's budget: allow only the next token of the JSON's shortest
+        completion (when the grammar allows it too), from the moment that completion needs nearly all the tokens
+        left."""
+        from pagellm.structured_output.json_closer import json_completion
+
+        tok = self._hf_tok
+        suffix = json_completion(tok.decode(budget.token_ids))
+        if suffix is None:
+            return
+        ids = tok.encode(suffix, add_special_tokens=False) if suffix else []
+        if not budget.forced and len(ids) + CLOSE_SLACK < budget.max_tokens - len(budget.token_ids):
+            return
+        budget.forced = True
+        if suffix:
+            candidates = ids[:1] + tok.encode(suffix[0], add_special_tokens=False)[:1]
+        else:
+            candidates = [self.eos_token_id] if self.eos_token_id is not None else []
+        for t in candidates:
+            if 0 <= t < self.num_words * 32 and (int(row[t // 32]) >> (t % 32)) & 1:
+                row[:] = 0
+                row[t // 32] = np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+                return
+
+    def closed_early(self, request_id: str) -> bool:
+        """Whether the request's JSON was closed by its budget (it then finished by length, not by itself)."""
+        budget = self.budgets.get(request_id)
+        return budget is not None and budget.forced
 
     def _allow_only_eos(self, row: np.ndarray) -> None:
         row[:] = 0
@@ -288,6 +344,10 @@ class StructuredOutputManager:
         m = self.matchers.get(request_id)
         if m is None:
             return
+        budget = self.budgets.get(request_id)
+        if budget is not None:
+            token_ids = list(token_ids)
+            budget.token_ids.extend(token_ids)
         for t in token_ids:
             if m.is_stopped():
                 break  # the forced EOS after the grammar's end
@@ -297,6 +357,7 @@ class StructuredOutputManager:
 
     def remove(self, request_id: str) -> None:
         self.matchers.pop(request_id, None)
+        self.budgets.pop(request_id, None)
         entry = self.pending.pop(request_id, None)
         if entry is not None:
             entry[0].cancel()

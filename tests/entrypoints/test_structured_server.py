@@ -106,6 +106,31 @@ def test_many_requests_every_grammar_streamed_and_not(server):
         check(text)
 
 
+def test_json_object_on_a_random_model_always_parses(server):
+    """json_object has no bounds, and a random model rarely closes its object by itself: near max_tokens the
+    engine closes it (finish_reason "length"). Every output of 50, streamed and not, on both endpoints parses."""
+    kwargs = {"response_format": {"type": "json_object"}}
+
+    async def run():
+        client = server.async_client()
+        model = (await client.models.list()).data[0].id
+        jobs = []
+        for i in range(N):
+            endpoint = "chat" if i % 4 < 2 else "completions"
+            jobs.append(_one(client, endpoint, kwargs, stream=i % 2 == 1, seed=i))
+        # and with a budget too small for much more than the closing
+        jobs.append(client.chat.completions.create(model=model, messages=MSG, max_tokens=8, seed=1, **kwargs))
+        return await asyncio.gather(*jobs)
+
+    *results, short = asyncio.run(run())
+    for text, finish in results:
+        assert finish in ("stop", "length"), (text, finish)
+        check_json(text, None)
+    assert {finish for _, finish in results} == {"stop", "length"}  # some closed by themselves, some were closed
+    check_json(short.choices[0].message.content, None)
+    assert short.usage.completion_tokens <= 8
+
+
 def test_bad_grammars_are_400(server):
     client = server.client()
     model = client.models.list().data[0].id

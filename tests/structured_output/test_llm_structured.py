@@ -52,6 +52,23 @@ def test_random_model_every_grammar(tiny_llm):
     assert len({o.outputs[0].text for o in outs}) > N
 
 
+def test_random_model_json_object_closes_before_max_tokens(tiny_llm):
+    """A random model seldom closes an unbounded JSON object by itself; near max_tokens the engine forces the
+    shortest completion, and the request finishes by length with its JSON whole."""
+    for max_tokens in (30, 120):
+        outs = tiny_llm.generate(["hello", "write json", "x y z"] * (N // 3 + 1), [SamplingParams(
+            temperature=1.0, seed=i, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(
+                json_object=True)) for i in range(N // 3 * 3 + 3)], use_tqdm=False)
+        reasons = set()
+        for o in outs:
+            c = o.outputs[0]
+            check_json(c.text, None)
+            assert len(c.token_ids) <= max_tokens
+            reasons.add(c.finish_reason)
+        assert reasons == {"stop", "length"}, reasons
+    assert not tiny_llm.llm_engine.core.structured_output.budgets  # forgotten with their requests
+
+
 def test_random_model_logits_wider_than_tokenizer(tiny_llm):
     """The tiny model has 64 more logits than tokens: those must never be sampled under a grammar."""
     tok = tiny_llm.get_tokenizer()

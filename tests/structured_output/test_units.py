@@ -179,3 +179,24 @@ def test_required_schema_round_trip():
     assert [(c.name, json.loads(c.arguments)) for c in parse_required(text)] == [("a", {"x": 1}), ("b", {})]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([], schema)
+
+
+@pytest.mark.parametrize("doc", [
+    '{"a": [1, 2.5e-3, {"b": "x\\"y\\u00e9"}], "c": true, "d": null, "e": false, "f": -0.5, "g": {}, "h": []}',
+    '{"k":{"k2":[[],[{}],"s\\\\"]}}',
+    '{ }',
+    '{"x" : [ 1 , 2 ] , "y":"}]"}',
+])
+def test_json_completion_of_every_prefix(doc):
+    """Every prefix of a JSON document plus its completion parses; a whole document needs nothing."""
+    from pagellm.structured_output.json_closer import json_completion
+
+    json.loads(doc)
+    for i in range(len(doc) + 1):
+        suffix = json_completion(doc[:i])
+        assert suffix is not None, doc[:i]
+        json.loads(doc[:i] + suffix)
+    assert json_completion(doc) == ""
+    assert json_completion("") == "{}"
+    assert json_completion(doc + " x") is None
+    assert json_completion('{"a" 1') is None

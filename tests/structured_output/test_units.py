@@ -179,6 +179,35 @@ def test_required_schema_round_trip():
     assert [(c.name, json.loads(c.arguments)) for c in parse_required(text)] == [("a", {"x": 1}), ("b", {})]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([], schema)
+    with pytest.raises(ValueError):  # cut by max_tokens
+        parse_required(text[:-3])
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 13, 1000])
+def test_required_calls_stream_name_first_then_arguments_in_pieces(step):
+    """Fed in pieces of any size, a required-mode output gives each call's name once, then arguments pieces
+    that join into the raw text parse_required gives for the whole output (braces inside strings included)."""
+    from pagellm.entrypoints.openai.tool_parsers import RequiredCallStream
+
+    text = ('[ {"name": "get_weather", "parameters": {"city": "Pa\\"ris}", "x": [1, {"a": "]"}]}} ,\n'
+            '{"name":"search","parameters": {}}]')
+    reader, names, args = RequiredCallStream(), [], {}
+    pieces = 0
+    for i in range(0, len(text), step):
+        for index, name, piece in reader.feed(text[i : i + step]):
+            if name is not None:
+                assert index == len(names) and index not in args
+                names.append(name)
+                args[index] = ""
+            else:
+                args[index] += piece
+                pieces += 1
+    whole = parse_required(text)
+    assert names == [c.name for c in whole] == ["get_weather", "search"]
+    assert [args[i] for i in range(len(names))] == [c.arguments for c in whole]
+    assert json.loads(whole[0].arguments) == {"city": 'Pa"ris}', "x": [1, {"a": "]"}]}
+    if step == 1:
+        assert pieces > 20  # the arguments really came in pieces
 
 
 @pytest.mark.parametrize("doc", [

@@ -32,6 +32,7 @@ from pagellm.entrypoints.openai.protocol import (
 )
 from pagellm.entrypoints.openai.tool_parsers import (
     ParsedToolCall,
+    RequiredCallStream,
     StreamingToolState,
     ToolParser,
     check_tools,
@@ -207,7 +208,7 @@ class OpenAIServingChat(OpenAIServing):
 
         finished = [False] * n
         auto_states = [StreamingToolState(mode.parser) for _ in range(n)] if mode.kind == "auto" else None
-        buffers = [""] * n  # required: the JSON array so far
+        required_readers = [RequiredCallStream() for _ in range(n)] if mode.kind == "required" else None
         num_calls = [0] * n
 
         def call_chunks(index: int, calls: list[ParsedToolCall]) -> list[str]:
@@ -247,12 +248,16 @@ class OpenAIServingChat(OpenAIServing):
                         if c.text:
                             yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
                                 index=0, function=DeltaFunctionCall(arguments=c.text))]), logprobs)
-                    elif mode.kind == "required":
-                        buffers[c.index] += c.text
-                        if final:
-                            _, calls = mode.extract(buffers[c.index], c.finish_reason)
-                            for piece in call_chunks(c.index, calls):
-                                yield piece
+                    elif mode.kind == "required":  # each call's name, then its arguments as they grow
+                        for i, name, args in required_readers[c.index].feed(c.text):
+                            if name is not None:
+                                num_calls[c.index] += 1
+                                yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
+                                    index=i, id=tool_call_id(), type="function",
+                                    function=DeltaFunctionCall(name=name, arguments=""))]))
+                            else:
+                                yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
+                                    index=i, function=DeltaFunctionCall(arguments=args))]), logprobs)
                     else:
                         content, calls = auto_states[c.index].feed(c.text, final)
                         if content:

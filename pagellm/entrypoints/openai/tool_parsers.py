@@ -180,14 +180,88 @@ def required_schema(tools: list[dict[str, Any]], parallel: bool = True) -> dict[
     return schema
 
 
+class RequiredCallStream:
+    """Reads an output generated under `required_schema` as it grows: [{"name": N, "parameters": {...}}, ...].
+
+    A call's name is known as soon as its "name" string closes, and its arguments (the raw JSON text of
+    "parameters") grow fragment by fragment: streamed as OpenAI streams tool calls, a name first, then the
+    arguments in pieces. The grammar fixes the key order and that parameters is an object.
+    """
+
+    _HEAD = re.compile(r'\s*[\[,]\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:')
+    _CLOSE = re.compile(r"\s*\}")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.pos = 0  # the first character not read yet
+        self.state = "head"  # head | args | close
+        self.depth = 0
+        self.in_str = self.escape = False
+        self.calls: list[ParsedToolCall] = []
+        self.num_complete = 0  # calls whose object has closed
+
+    def feed(self, delta: str) -> list[tuple[int, Optional[str], str]]:
+        """What `delta` adds: (call index, its name when the call is new else None, new arguments text)."""
+        self.text += delta
+        events: list[tuple[int, Optional[str], str]] = []
+        text = self.text
+        while True:
+            if self.state == "head":
+                m = self._HEAD.match(text, self.pos)
+                if m is None:
+                    break
+                self.calls.append(ParsedToolCall(json.loads(m.group(1)), ""))
+                self.pos, self.state, self.depth = m.end(), "args", 0
+                events.append((len(self.calls) - 1, self.calls[-1].name, ""))
+            elif self.state == "args":
+                start, end = self.pos, None
+                if self.depth == 0:  # blanks before the value are not part of it
+                    while start < len(text) and text[start] in " \t\r\n":
+                        start += 1
+                for i in range(start, len(text)):
+                    ch = text[i]
+                    if self.in_str:
+                        if self.escape:
+                            self.escape = False
+                        elif ch == "\\":
+                            self.escape = True
+                        elif ch == '"':
+                            self.in_str = False
+                    elif ch == '"':
+                        self.in_str = True
+                    elif ch in "{[":
+                        self.depth += 1
+                    elif ch in "}]":
+                        self.depth -= 1
+                        if self.depth == 0:
+                            end = i + 1
+                            break
+                stop = len(text) if end is None else end
+                if stop > start:
+                    self.calls[-1].arguments += text[start:stop]
+                    events.append((len(self.calls) - 1, None, text[start:stop]))
+                self.pos = stop
+                if end is None:
+                    break
+                self.state = "close"
+            else:  # the call object's closing brace
+                m = self._CLOSE.match(text, self.pos)
+                if m is None:
+                    break
+                self.pos, self.state = m.end(), "head"
+                self.num_complete += 1
+        return events
+
+
 def parse_required(text: str) -> list[ParsedToolCall]:
-    """The calls of an output generated under `required_schema`."""
-    calls = []
-    for obj in json.loads(text):
-        call = _call_from(obj, ("parameters", "arguments"))
-        if call is not None:
-            calls.append(call)
-    return calls
+    """The calls of a whole output generated under `required_schema`, each call's arguments the raw JSON text
+    the model wrote (as streamed). ValueError if the output is not whole (cut by max_tokens)."""
+    value = json.loads(text)
+    reader = RequiredCallStream()
+    reader.feed(text)
+    if not isinstance(value, list) or reader.num_complete != len(value):
+        raise ValueError("not an array of tool calls")
+    return reader.calls
 
 
 def hermes_tool_call_text(name: str, arguments: Any) -> str:

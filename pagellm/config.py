@@ -115,6 +115,8 @@ class ParallelConfig:
     # uni (the worker in the engine's process) | mp (one process per rank) | ray (one Ray actor per rank);
     # None: uni at world size 1, else mp.
     distributed_executor_backend: Optional[str] = None
+    # mp/ray: how long the engine waits for its workers' answer to one step before it declares them hung.
+    step_timeout_s: float = 300.0
 
     @property
     def world_size(self) -> int:

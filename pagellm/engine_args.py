@@ -47,6 +47,8 @@ _HELP = {
     "pipeline_parallel_size": "pipeline stages: devices that each hold a contiguous slice of the layers",
     "data_parallel_size": "engine cores behind one server (each with its own devices and KV cache); requests go "
     "to the least loaded, conversations stay on the core that caches their prefix (server only)",
+    "distributed_step_timeout": "seconds a multi-device engine (mp or ray) waits for its workers' answer to one "
+    "step before it declares them hung: the step fails and the engine reports unhealthy",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -76,6 +78,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
+    distributed_step_timeout: float = 300.0
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -117,6 +120,8 @@ class EngineArgs:
         parser.add_argument("--data-parallel-size", "-dp", type=int, default=1, help=_HELP["data_parallel_size"])
         parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
                             help=_HELP["distributed_executor_backend"])
+        parser.add_argument("--distributed-step-timeout", type=float, default=defaults.distributed_step_timeout,
+                            help=_HELP["distributed_step_timeout"])
         return parser
 
     @classmethod
@@ -131,6 +136,9 @@ class EngineArgs:
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
                      "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             positive(name, getattr(self, name))
+        if not (isinstance(self.distributed_step_timeout, (int, float)) and self.distributed_step_timeout > 0):
+            raise ValueError(f"distributed_step_timeout must be a positive number of seconds, got "
+                             f"{self.distributed_step_timeout!r}")
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
             raise ValueError(f"distributed_executor_backend must be uni, mp or ray, got "
                              f"{self.distributed_executor_backend!r}")
@@ -205,6 +213,7 @@ class EngineArgs:
             data_parallel_size=self.data_parallel_size,
             data_parallel_rank=self.data_parallel_rank,
             distributed_executor_backend=self.distributed_executor_backend,
+            step_timeout_s=self.distributed_step_timeout,
         )
         check_parallel_fits_model(hf_config, parallel_config)
         # Async scheduling needs a launch that returns before the step is done: the in-process worker's.

@@ -20,8 +20,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
@@ -114,14 +115,21 @@ class MultiprocExecutor(Executor):
 
     # ---- calls ----
 
-    def _gather(self) -> list[Any]:
-        """Wait for one answer from every worker; raise WorkerDiedError at the first death or error."""
+    def _gather(self, timeout: Optional[float] = None) -> list[Any]:
+        """Wait for one answer from every worker; raise WorkerDiedError at the first death or error, or when
+        `timeout` seconds pass without all answers (a hung worker)."""
         results: list[Any] = [None] * self.world_size
         pending = set(range(self.world_size))
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             waitables = {self.conns[i]: i for i in pending}
             waitables.update({self.procs[i].sentinel: i for i in pending})
-            for ready in multiprocessing.connection.wait(list(waitables)):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready_list = multiprocessing.connection.wait(list(waitables), timeout=left)
+            if not ready_list and deadline is not None and time.monotonic() >= deadline:
+                self._die(f"worker(s) {sorted(pending)} gave no answer to a step within {timeout:g} s "
+                          "(distributed_step_timeout): hung")
+            for ready in ready_list:
                 rank = waitables[ready]
                 if rank not in pending:
                     continue
@@ -164,7 +172,8 @@ class MultiprocExecutor(Executor):
         return None
 
     def collect_model(self, handle: object) -> ModelRunnerOutput:
-        return self._gather()[self.driver_rank]  # the oldest batch's answers are first in every pipe
+        # the oldest batch's answers are first in every pipe
+        return self._gather(self.config.parallel_config.step_timeout_s)[self.driver_rank]
 
     def determine_num_blocks(self) -> int:
         return min(self.collective_rpc("determine_num_blocks"))  # every rank must hold the blocks
@@ -173,7 +182,7 @@ class MultiprocExecutor(Executor):
         self.collective_rpc("initialize_kv_cache", num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collective_rpc("execute_model", scheduler_output)[self.driver_rank]
+        return self.collect_model(self.submit_model(scheduler_output))
 
     def check_health(self) -> None:
         if self.failed is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any, Optional
 
 from pagellm.config import EngineConfig
@@ -103,14 +104,21 @@ class RayExecutor(Executor):
             self.shutdown()
             raise
 
-    def _wait(self, refs: list[Any]) -> list[Any]:
-        """Results in rank order; the first failure (a dead actor, an exception) raises at once."""
+    def _wait(self, refs: list[Any], timeout: Optional[float] = None) -> list[Any]:
+        """Results in rank order; the first failure (a dead actor, an exception) raises at once, and so does
+        `timeout` seconds without all results (a hung actor)."""
         ray = self._ray
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready and deadline is not None and time.monotonic() >= deadline:
+                self.failed = (f"worker(s) {sorted(index[r] for r in pending)} gave no answer to a step within "
+                               f"{timeout:g} s (distributed_step_timeout): hung")
+                raise WorkerDiedError(self.failed)
             for ref in ready:
                 try:
                     results[index[ref]] = ray.get(ref)
@@ -142,7 +150,8 @@ class RayExecutor(Executor):
         return [a.call.remote("execute_model", ref) for a in self.actors]
 
     def collect_model(self, handle: object) -> ModelRunnerOutput:
-        return self._wait(handle)[self.driver_rank]  # type: ignore[arg-type]
+        refs: list[Any] = handle  # type: ignore[assignment]
+        return self._wait(refs, self.config.parallel_config.step_timeout_s)[self.driver_rank]
 
     def shutdown(self) -> None:
         if self.closed:

@@ -97,6 +97,27 @@ def test_dead_worker_fails_the_step_instead_of_hanging(tiny_model_dir):
         assert not proc.is_alive()
 
 
+def test_hung_worker_fails_the_step_after_the_step_timeout(tiny_model_dir):
+    """A worker that stops answering (SIGSTOP: alive, but never replies) fails the step once
+    distributed_step_timeout has passed, naming the worker, instead of hanging the engine."""
+    path = tiny_model_dir("llama")
+    llm = _llm(path, tensor_parallel_size=2, distributed_step_timeout=3.0)
+    executor = llm.llm_engine.core.executor
+    try:
+        assert llm.generate(_prompts(1), PARAMS, use_tqdm=False)[0].outputs[0].token_ids  # it works first
+        os.kill(executor.pids[1], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"worker\(s\) \[.*1.*\] gave no answer .* within 3 s"):
+            llm.generate(_prompts(2), PARAMS, use_tqdm=False)
+        assert 2.5 < time.monotonic() - start < 30
+        with pytest.raises(WorkerDiedError):  # and stays failed
+            executor.check_health()
+    finally:
+        llm.shutdown()  # kills the stopped worker
+    for proc in executor.procs:
+        assert not proc.is_alive()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
@@ -124,6 +145,9 @@ def test_parallel_options_are_validated(tiny_model_dir):
         _llm(path, data_parallel_size=2)
     with pytest.raises(ValueError, match="uni"):
         _llm(path, tensor_parallel_size=2, distributed_executor_backend="uni")
+    for bad in (0, -1.0, "5"):
+        with pytest.raises(ValueError, match="distributed_step_timeout"):
+            _llm(path, tensor_parallel_size=2, distributed_step_timeout=bad)
 
 
 @pytest.mark.parametrize("backend", ["mp", "ray"])

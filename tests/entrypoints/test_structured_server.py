@@ -2,7 +2,7 @@
 
 A random 2-layer model with the SmolLM2 tokenizer: 50 sampled requests (temperature 1) per grammar, half of
 them streamed, all concurrent; every output must finish by its grammar and validate. Tool calling with
-tool_choice required / named / auto (hermes parser). Then the embedded SmolLM2 (slow) for a few of each.
+tool_choice required / named / auto (hermes parser). Then the embedded SmolLM2 (slow): 50 of each grammar too.
 """
 
 from __future__ import annotations
@@ -278,7 +278,8 @@ def test_auto_needs_the_flag(tiny_so_model):
 
 @pytest.mark.slow
 def test_smollm_server(smollm_gguf):
-    """The embedded SmolLM2 behind the server: json_object, a schema and tool calls, streamed and not."""
+    """The embedded SmolLM2 behind the server: N requests each of json_object, the three schemas, a regex and a
+    choice list, half of them streamed, all concurrent, every output parses and validates; tool calls too."""
     with RemoteServer(SMOLLM_ARGS + ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as srv:
         async def run():
             client = srv.async_client()
@@ -287,7 +288,7 @@ def test_smollm_server(smollm_gguf):
                        "Reply with a small JSON object about a cat, like {\"name\":\"Tom\",\"age\":3}."}]
 
             async def chat(stream, seed, **kw):
-                kw = dict(model=model, messages=prompt, temperature=0.5, seed=seed, max_tokens=200, **kw)
+                kw = dict(model=model, messages=prompt, seed=seed, max_tokens=200, **kw)
                 if not stream:
                     out = await client.chat.completions.create(**kw)
                     return out.choices[0].message.content, out.choices[0].finish_reason
@@ -298,24 +299,31 @@ def test_smollm_server(smollm_gguf):
                         finish = ch.finish_reason or finish
                 return text, finish
 
-            jobs = [chat(i % 2 == 1, i, response_format={"type": "json_object"}) for i in range(4)]
-            jobs += [chat(i % 2 == 1, i, response_format={"type": "json_schema", "json_schema": {
-                "name": "person", "schema": SCHEMAS["person"]}}) for i in range(4)]
+            # json_object as in tests/structured_output (a penalty keeps SmolLM2 from looping over keys)
+            cases = [("json_object", {"response_format": {"type": "json_object"}, "temperature": 0.8,
+                                      "frequency_penalty": 1.0}, lambda t: check_json(t, None))]
+            cases += [(name, {**kwargs, "temperature": 0.5}, check) for name, kwargs, check in _extra("all")]
+            jobs, checks = [], []
+            for name, kwargs, check in cases:
+                for i in range(N):
+                    jobs.append(chat(i % 2 == 1, i, **kwargs))
+                    checks.append((name, i % 2 == 1, check))
             common = dict(model=model, messages=MSG, tools=TOOLS, temperature=0.7, max_tokens=200)
             jobs += [client.chat.completions.create(tool_choice="required", seed=i, **common) for i in range(2)]
             jobs += [_areassemble(await client.chat.completions.create(
                 tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=i, stream=True,
                 **common)) for i in range(2)]
-            return await asyncio.gather(*jobs)
+            return checks, await asyncio.gather(*jobs)
 
-        results = asyncio.run(run())
-        for i, (text, finish) in enumerate(results[:8]):
-            assert finish == "stop", text
-            check_json(text, None if i < 4 else SCHEMAS["person"])
-        for out in results[8:10]:
+        checks, results = asyncio.run(run())
+        for (name, stream, check), (text, finish) in zip(checks, results):
+            assert finish == "stop", (name, stream, text, finish)
+            check(text)
+        rest = results[len(checks):]
+        for out in rest[:2]:
             assert out.choices[0].finish_reason == "tool_calls"
             for call in out.choices[0].message.tool_calls:
                 _check_call(call.function.name, call.function.arguments)
-        for calls, _, finish in results[10:]:
+        for calls, _, finish in rest[2:]:
             assert [c["name"] for c in calls] == ["get_weather"]
             _check_call("get_weather", calls[0]["arguments"])

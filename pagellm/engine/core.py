@@ -172,8 +172,7 @@ class EngineCore:
                 previous = self.launched
                 self.launched = (scheduler_output, self.executor.submit_model(scheduler_output))
                 if previous is not None:
-                    outputs += self._advance_grammars(
-                        sched.update_from_output(previous[0], self.executor.collect_model(previous[1])))
+                    outputs += self._update_from_batch(*previous)
                 if not sched.can_schedule_ahead() or not sched.has_unfinished_requests():
                     # One step at a time; or every request of the launched step has finished (its tokens are
                     # extras past a stop): collect it now rather than leave it for a later request's step.
@@ -186,8 +185,11 @@ class EngineCore:
         return outputs + sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
 
     def _collect_launched(self) -> list[EngineCoreOutput]:
-        scheduler_output, handle = self.launched
-        self.launched = None
+        launched, self.launched = self.launched, None
+        return self._update_from_batch(*launched)
+
+    def _update_from_batch(self, scheduler_output: SchedulerOutput, handle: Any) -> list[EngineCoreOutput]:
+        """Wait for a submitted batch's answer and update the scheduler (and grammars) from it."""
         return self._advance_grammars(
             self.scheduler.update_from_output(scheduler_output, self.executor.collect_model(handle)))
 
@@ -210,8 +212,7 @@ class EngineCore:
                 sched.finished_req_ids |= scheduler_output.finished_req_ids
         if not queue:
             return sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
-        scheduler_output, handle = queue.popleft()
-        return self._advance_grammars(sched.update_from_output(scheduler_output, self.executor.collect_model(handle)))
+        return self._update_from_batch(*queue.popleft())
 
     def check_health(self) -> None:
         """Raise (WorkerDiedError) if a worker of the executor is gone, even while no step runs."""

@@ -341,9 +341,6 @@ class ModelRunner:
             req_of_token = np.repeat(np.arange(n), q_lens)
             positions = starts[req_of_token] + (np.arange(total) - qsl[:-1][req_of_token])
             slot_mapping = block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        # Decodes scheduled ahead of their input token. They are one-token requests, which come first, so a
-        # placeholder's token index is its request's index.
-        placeholders = np.flatnonzero(input_ids[:n] == PLACEHOLDER_TOKEN)
 
         if buf is None:
             dev = self.device
@@ -352,7 +349,6 @@ class ModelRunner:
             seq_t = torch.from_numpy(seq_lens).to(dev, torch.int32)
             bt_t = torch.from_numpy(block_tables).to(dev, torch.int32)
             slot_t = torch.from_numpy(slot_mapping).to(dev)
-            self._fill_placeholders(ids_t, placeholders, reqs)
         else:
             buf.ids_np[:total] = input_ids
             buf.pos_np[:total] = positions
@@ -362,10 +358,8 @@ class ModelRunner:
             if pad_to is not None:  # a graph replays: it was captured with its own views of these buffers
                 self._fill_graph_padding(n, pad_to)
                 buf.upload(pad_to, pad_to, max_blocks)
-                self._fill_placeholders(buf.input_ids, placeholders, reqs)
                 return buf.input_ids[:pad_to], buf.positions[:pad_to], None
             buf.upload(total, n, max_blocks)
-            self._fill_placeholders(buf.input_ids, placeholders, reqs)
             ids_t, pos_t = buf.input_ids[:total], buf.positions[:total]
             qsl_t, seq_t, bt_t, slot_t = (buf.query_start_loc[: n + 1], buf.seq_lens[:n], buf.block_tables[:n],
                                           buf.slot_mapping[:total])
@@ -384,16 +378,18 @@ class ModelRunner:
         )
         return ids_t, pos_t, meta
 
-    def _fill_placeholders(self, input_ids: torch.Tensor, token_rows: np.ndarray,
-                           reqs: list[ScheduledRequest]) -> None:
-        """Write the previous step's sampled tokens (still on the device) into the placeholder rows."""
-        if not token_rows.size:
+    def _fill_placeholders(self, input_ids: torch.Tensor, reqs: list[ScheduledRequest]) -> None:
+        """Decodes scheduled ahead of their input token (PLACEHOLDER_TOKEN): write the previous step's sampled
+        tokens, still on the device, into their rows. They are one-token requests, which come first, so a
+        placeholder's token index is its request's index."""
+        rows = [i for i, r in enumerate(reqs) if r.token_ids[0] == PLACEHOLDER_TOKEN]
+        if not rows:
             return
         if self.prev_sampled is None:
             raise RuntimeError("a decode was scheduled ahead of a token that no launched step samples")
         rows_of, sampled = self.prev_sampled
-        src = [rows_of[reqs[i].req_id] for i in token_rows.tolist()]
-        dst_t = to_device(token_rows.tolist(), torch.int64, self.device)
+        src = [rows_of[reqs[i].req_id] for i in rows]
+        dst_t = to_device(rows, torch.int64, self.device)
         src_t = to_device(src, torch.int64, self.device)
         input_ids.index_copy_(0, dst_t, sampled.index_select(0, src_t))
 
@@ -415,6 +411,7 @@ class ModelRunner:
                                                       r.num_computed_tokens if r.num_scheduled_tokens == 1 else 0))
         graph_bs = self._graph_size(reqs)
         input_ids, positions, meta = self._prepare_inputs(reqs, pad_to=graph_bs)
+        self._fill_placeholders(input_ids, reqs)
         sample_rows = [i for i, r in enumerate(reqs) if r.do_sample]
         if graph_bs is not None:  # decodes only: every row samples, none has prompt logprobs left
             graph, graph_logits = self.graphs[graph_bs]

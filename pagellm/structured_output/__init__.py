@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from pagellm.sampling_params import StructuredOutputsParams
+from pagellm.structured_output.json_closer import json_completion
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +310,6 @@ class StructuredOutputManager:
         """Near the end of a json_object request's budget: allow only the next token of the JSON's shortest
         completion (when the grammar allows it too), from the moment that completion needs nearly all the tokens
         left."""
-        from pagellm.structured_output.json_closer import json_completion
-
         tok = self._hf_tok
         suffix = json_completion(tok.decode(budget.token_ids))
         if suffix is None:

@@ -211,17 +211,22 @@ class OpenAIServingChat(OpenAIServing):
         required_readers = [RequiredCallStream() for _ in range(n)] if mode.kind == "required" else None
         num_calls = [0] * n
 
+        # OpenAI's order for a tool call: id, type and function name first (empty arguments), then the arguments
+        # (in one or more pieces).
+        def call_start(index: int, i: int, name: str) -> str:
+            return chunk(index, DeltaMessage(tool_calls=[DeltaToolCall(
+                index=i, id=tool_call_id(), type="function", function=DeltaFunctionCall(name=name, arguments=""))]))
+
+        def call_args(index: int, i: int, arguments: str, logprobs: Optional[ChatLogProbs] = None) -> str:
+            return chunk(index, DeltaMessage(tool_calls=[DeltaToolCall(
+                index=i, function=DeltaFunctionCall(arguments=arguments))]), logprobs)
+
         def call_chunks(index: int, calls: list[ParsedToolCall]) -> list[str]:
-            """OpenAI's order: id, type and function name first (empty arguments), then the arguments."""
             out = []
             for call in calls:
                 i = num_calls[index]
                 num_calls[index] += 1
-                out.append(chunk(index, DeltaMessage(tool_calls=[DeltaToolCall(
-                    index=i, id=tool_call_id(), type="function",
-                    function=DeltaFunctionCall(name=call.name, arguments=""))])))
-                out.append(chunk(index, DeltaMessage(tool_calls=[DeltaToolCall(
-                    index=i, function=DeltaFunctionCall(arguments=call.arguments))])))
+                out += [call_start(index, i, call.name), call_args(index, i, call.arguments)]
             return out
 
         try:
@@ -242,22 +247,16 @@ class OpenAIServingChat(OpenAIServing):
                     elif mode.kind == "named":
                         if num_calls[c.index] == 0 and (c.text or final):
                             num_calls[c.index] = 1
-                            yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
-                                index=0, id=tool_call_id(), type="function",
-                                function=DeltaFunctionCall(name=mode.name, arguments=""))]))
+                            yield call_start(c.index, 0, mode.name)
                         if c.text:
-                            yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
-                                index=0, function=DeltaFunctionCall(arguments=c.text))]), logprobs)
+                            yield call_args(c.index, 0, c.text, logprobs)
                     elif mode.kind == "required":  # each call's name, then its arguments as they grow
                         for i, name, args in required_readers[c.index].feed(c.text):
                             if name is not None:
                                 num_calls[c.index] += 1
-                                yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
-                                    index=i, id=tool_call_id(), type="function",
-                                    function=DeltaFunctionCall(name=name, arguments=""))]))
+                                yield call_start(c.index, i, name)
                             else:
-                                yield chunk(c.index, DeltaMessage(tool_calls=[DeltaToolCall(
-                                    index=i, function=DeltaFunctionCall(arguments=args))]), logprobs)
+                                yield call_args(c.index, i, args, logprobs)
                     else:
                         content, calls = auto_states[c.index].feed(c.text, final)
                         if content:

@@ -58,6 +58,7 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
         self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.queued_at = time.monotonic()  # when this process got it (queue times are measured from here)
         self.priority = priority  # lower is served first; ties by arrival_time
         # Anything besides the token ids that changes the KV (cache salt, LoRA): part of every block hash.
         self.extra_keys: Any = cache_salt

@@ -92,6 +92,9 @@ class EngineCoreOutput:
     new_logprobs: Optional[TokenLogprobs] = None
     new_prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
+    # Set when the core could not take or run the request (refused on admission, its grammar failed to
+    # compile): the client answers the request with this error.
+    error: Optional[str] = None
 
     @property
     def finished(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
@@ -136,6 +137,8 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()
         # Outputs of requests that schedule() had to finish (too long for the whole KV cache).
         self._pending_outputs: list[EngineCoreOutput] = []
+        # Seconds each request waited before it was first scheduled, since the last take_queue_times().
+        self._queue_times: list[float] = []
         self.num_preemptions_total = 0
         # Request id -> batches scheduled and not yet updated. Always empty at schedule() time in a synchronous
         # engine; with pipeline parallelism several batches are in flight, and a request in one of them is never
@@ -205,6 +208,17 @@ class Scheduler:
                 and request.request_id not in self.lockstep_ids
                 and (sp.max_tokens is None or request.num_output_tokens + 1 < sp.max_tokens)
                 and request.num_tokens + 1 < self.max_model_len)
+
+    def take_pending_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs of requests the scheduler finished by itself (too long for the KV cache), when no step ran to
+        carry them."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
+
+    def take_queue_times(self) -> list[float]:
+        """Queue times (seconds from reaching the engine core to the first schedule) since the last call."""
+        times, self._queue_times = self._queue_times, []
+        return times
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -332,6 +346,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit
             if first_time:
                 request.num_cached_tokens = num_hit
+                self._queue_times.append(time.monotonic() - request.queued_at)
                 if request.sampling_params.prompt_logprobs is None:
                     kvm.record_prefix_cache_query(request.num_tokens, num_hit)
             self.running.append(request)
@@ -339,13 +354,11 @@ class Scheduler:
             scheduled_reqs.append(request)
             budget -= n
 
-        # 3. The step's message; then the scheduled tokens count as computed.
-        out = SchedulerOutput(
-            num_batched_tokens=self.max_num_batched_tokens - budget,
-            finished_req_ids=self.finished_req_ids,
-            preempted_req_ids=preempted_ids,
-        )
-        self.finished_req_ids = set()
+        # 3. The step's message; then the scheduled tokens count as computed. Ids that left go out with the next
+        # step that runs (an empty output runs nowhere).
+        out = SchedulerOutput(num_batched_tokens=self.max_num_batched_tokens - budget, preempted_req_ids=preempted_ids)
+        if scheduled_reqs:
+            out.finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         for request in scheduled_reqs:
             n = num_scheduled[request.request_id]
             start = request.num_computed_tokens
@@ -389,8 +402,7 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        outputs = self._pending_outputs
-        self._pending_outputs = []
+        outputs = self.take_pending_outputs()
         sampled = model_runner_output.sampled_token_ids
         logprobs = model_runner_output.logprobs
         prompt_logprobs = model_runner_output.prompt_logprobs

@@ -27,19 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
-from pagellm.engine.core_proc import (
-    Abort,
-    CoreError,
-    CoreProcClient,
-    CoreStats,
-    EngineDeadError,
-    Outputs,
-    Ready,
-    Stop,
-    Utility,
-    UtilityResult,
-    make_add_request,
-)
+from pagellm.engine.core_messages import Abort, CoreError, CoreStats, Outputs, Ready, Stop, Utility, UtilityResult
+from pagellm.engine.core_proc import CoreProcClient, EngineDeadError
 from pagellm.engine.output_processor import OutputKind, OutputProcessor
 from pagellm.engine.processor import ProcessedPrompt, Processor, PromptType
 from pagellm.outputs import RequestOutput
@@ -47,7 +36,8 @@ from pagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncLLM", "RequestStream", "EngineDeadError", "EngineShuttingDownError", "QueueFullError", "RequestFailedError"]
+__all__ = ["AsyncLLM", "RequestStream", "EngineDeadError", "EngineShuttingDownError", "QueueFullError",
+           "RequestFailedError", "RequestRefusedError"]
 
 # Text longer than this is tokenized in a worker thread, so the event loop keeps serving other requests.
 _THREAD_TOKENIZE_CHARS = 4096
@@ -62,7 +52,11 @@ class QueueFullError(RuntimeError):
 
 
 class RequestFailedError(RuntimeError):
-    """The core refused or dropped the request."""
+    """The core failed the request."""
+
+
+class RequestRefusedError(ValueError):
+    """The core refused the request (its message starts with the field at fault, like every ValueError)."""
 
 
 @dataclass
@@ -293,7 +287,7 @@ class AsyncLLM:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_admission(params.n)  # tokenizing may have awaited
-        core = self._route(processed.prompt_token_ids, requests[0].extra_keys if requests else None)
+        core = self._route(processed.prompt_token_ids, requests[0].cache_salt if requests else None)
         self.output_processor.add_request(request_id, processed, params, output_kind)
         info = _RequestInfo(asyncio.Queue(), time.time(), len(processed.prompt_token_ids), params.n, core)
         self.requests[request_id] = info
@@ -303,7 +297,7 @@ class AsyncLLM:
             self.metrics.record_routed(core)
         try:
             for request in requests:
-                self.clients[core].send(make_add_request(request))
+                self.clients[core].send(request)
         except BaseException:
             self._release(request_id, abort=True)
             raise
@@ -484,6 +478,8 @@ class AsyncLLM:
             self._record_stats(msg.stats, core)
         if not msg.outputs:
             return
+        if any(out.error is not None for out in msg.outputs):
+            self._fail_refused([out for out in msg.outputs if out.error is not None], core)
         metrics = self.metrics
         now = time.time()
         if metrics:
@@ -520,6 +516,19 @@ class AsyncLLM:
                     metrics.record_finished(now - info.arrival_time, tpot, info.num_generation_tokens,
                                             [c.finish_reason for c in ro.outputs])
             info.queue.put_nowait(ro)
+
+
+    def _fail_refused(self, outputs: list, core: int) -> None:
+        """Requests the core could not take: each is answered with its error (a 400 naming the field), and its
+        other sequences are aborted."""
+        parents = self.output_processor.child_to_parent
+        for out in outputs:
+            request_id = parents.get(out.req_id)
+            info = self.requests.get(request_id) if request_id is not None else None
+            if info is None:
+                continue
+            info.queue.put_nowait(RequestRefusedError(out.error))
+            self.abort(request_id, core=core)
 
 
 class RequestStream:

@@ -9,8 +9,11 @@ from typing import Any, Iterable, Optional, Union
 from pagellm.config import EngineConfig
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.scheduler import Scheduler
-from pagellm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from pagellm.core.sched_output import EngineCoreOutput, SchedulerOutput
+from pagellm.engine.admission import RequestLimits, check_request
+from pagellm.engine.core_messages import CoreStats, EngineCoreRequest, refused
 from pagellm.executor import make_executor
+from pagellm.model_executor.loader.source import resolve_eos_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ class EngineCore:
         loaded on first use, off the loop)."""
         self.config = config
         self.tokenizer = tokenizer
+        self.limits = RequestLimits.from_model_config(config.model_config)
         # Structured output: built on the first request with a grammar; requests wait here (not in the
         # scheduler) until their grammar is compiled.
         self.structured_output: Any = None
@@ -42,8 +46,15 @@ class EngineCore:
         # Async scheduling: the step launched and not yet collected (its scheduler output and runner handle).
         self.async_scheduling = config.scheduler_config.async_scheduling
         self.launched: Optional[tuple[SchedulerOutput, Any]] = None
+        # One step function for the engine's life: pipelined (pp > 1), scheduled ahead (async) or one at a time.
+        self._step_fn = (self._step_pipelined if pp > 1 else self._step_ahead if self.async_scheduling
+                         else self._step_sync)
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Admit a request (ValueError naming the field if it fails the admission check)."""
+        check_request(req, self.limits)
+        request = Request(req.request_id, req.prompt_token_ids, req.params(), req.eos_token_id,
+                          arrival_time=req.arrival_time, priority=req.priority, cache_salt=req.cache_salt)
         structured = request.sampling_params.structured_outputs
         if structured is None:
             self.scheduler.add_request(request)
@@ -67,10 +78,7 @@ class EngineCore:
                     self.tokenizer = load_tokenizer(mc.source, mc.tokenizer)
                 return self.tokenizer
 
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            if eos is None:
-                config_eos = getattr(mc.hf_config, "eos_token_id", None)
-                eos = config_eos[0] if isinstance(config_eos, (list, tuple)) and config_eos else config_eos
+            eos = resolve_eos_token_id(self.tokenizer, mc.hf_config)
             self.structured_output = StructuredOutputManager(load, mc.vocab_size, eos)
         return self.structured_output
 
@@ -117,22 +125,24 @@ class EngineCore:
         for req_id, reason in failed:
             logger.warning("request %s: %s", req_id, reason)
             self.grammar_waiting.pop(req_id, None)
-            outputs.append(EngineCoreOutput(req_id, [], finish_reason="abort", stop_reason=reason))
+            outputs.append(refused(req_id, reason))
         return outputs
 
     def step(self) -> list[EngineCoreOutput]:
-        outputs = self._admit_compiled()
-        if self.batch_queue is not None:
-            return outputs + self._step_pipelined()
-        if self.async_scheduling:
-            return outputs + self._step_ahead()
-        if not self.scheduler.has_unfinished_requests():
-            return outputs
-        scheduler_output = self.scheduler.schedule()
+        """One turn of the loop: admit requests whose grammar is ready, then run the step function."""
+        return self._admit_compiled() + self._step_fn()
+
+    def _step_sync(self) -> list[EngineCoreOutput]:
+        """One step at a time: schedule, run, update."""
+        sched = self.scheduler
+        if not sched.has_unfinished_requests():
+            return []
+        scheduler_output = sched.schedule()
+        if not scheduler_output.scheduled:
+            return sched.take_pending_outputs()
         self._attach_bitmasks(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
-        outputs += self._advance_grammars(self.scheduler.update_from_output(scheduler_output, runner_output))
-        return outputs
+        return self._advance_grammars(sched.update_from_output(scheduler_output, runner_output))
 
     def _attach_bitmasks(self, scheduler_output: SchedulerOutput) -> None:
         """Structured output: each sampled row of a request with a grammar carries its allowed-token bitmask."""
@@ -178,11 +188,10 @@ class EngineCore:
                     # extras past a stop): collect it now rather than leave it for a later request's step.
                     outputs += self._collect_launched()
                 return outputs
-            sched.finished_req_ids |= scheduler_output.finished_req_ids  # for the next batch that goes out
         if self.launched is not None:
             return outputs + self._collect_launched()
         # Nothing ran: still hand out what the scheduler finished by itself (requests too long for the cache).
-        return outputs + sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
+        return outputs + sched.take_pending_outputs()
 
     def _collect_launched(self) -> list[EngineCoreOutput]:
         launched, self.launched = self.launched, None
@@ -208,11 +217,23 @@ class EngineCore:
                 self.peak_batches_in_flight = max(self.peak_batches_in_flight, len(queue))
                 if len(queue) < self.max_batches_in_flight:
                     return []  # try to fill the pipeline further first
-            else:  # nothing schedulable now: keep the ids for the next batch that goes out
-                sched.finished_req_ids |= scheduler_output.finished_req_ids
         if not queue:
-            return sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
+            return sched.take_pending_outputs()
         return self._update_from_batch(*queue.popleft())
+
+    def stats(self) -> CoreStats:
+        """The core's numbers now (queue times: those new since the last call)."""
+        sched = self.scheduler
+        kv = sched.kv_cache_manager
+        pcs = kv.prefix_cache_stats
+        return CoreStats(
+            num_running=sched.num_running,
+            # Requests waiting for their grammar to compile wait in the core, outside the scheduler.
+            num_waiting=sched.num_waiting + len(self.grammar_waiting),
+            kv_cache_usage=float(kv.usage), num_blocks=kv.num_blocks,
+            prefix_cache_queries=pcs.queries, prefix_cache_hits=pcs.hits,
+            num_preemptions=sched.num_preemptions_total, queue_times=sched.take_queue_times(),
+        )
 
     def check_health(self) -> None:
         """Raise (WorkerDiedError) if a worker of the executor is gone, even while no step runs."""

@@ -1,14 +1,12 @@
 """The EngineCore busy loop in its own process, and the client the API process uses to talk to it.
 
-Two ZMQ PUSH/PULL pairs over ipc:// sockets in a private (0700) temporary folder carry msgpack (msgspec)
-messages, never pickles:
-
-    API process  --input-->   core process: AddRequest | Abort | Stop | Utility | Shutdown
-    API process  <--output--  core process: Ready | Outputs (+ CoreStats) | UtilityResult | CoreError
+Two ZMQ PUSH/PULL pairs over ipc:// sockets in a private (0700) temporary folder carry the msgpack messages
+of core_messages.py, never pickles.
 
 The core process blocks on its input socket while it has nothing to do, drains every pending input message
-between steps, and steps while any request is unfinished. If the core raises, it sends a CoreError and exits;
-it also exits when its parent process dies (PR_SET_PDEATHSIG where available, and a parent-pid check).
+between steps, and steps while any request is unfinished. Every request it receives is answered: one it cannot
+decode or admit gets an output with its error at once. If the core raises, it sends a CoreError and exits; it
+also exits when its parent process dies (PR_SET_PDEATHSIG where available, and a parent-pid check).
 """
 
 from __future__ import annotations
@@ -19,125 +17,29 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 import traceback
-from typing import Any, Optional, Union
+from typing import Any
 
 import msgspec
 import zmq
 
-from pagellm.core.sched_output import EngineCoreOutput
-from pagellm.sampling_params import SamplingParams
+from pagellm.engine.core_messages import (
+    Abort,
+    CoreError,
+    EngineCoreRequest,
+    InputMessage,
+    OutputMessage,
+    Outputs,
+    Ready,
+    Shutdown,
+    Stop,
+    Utility,
+    UtilityResult,
+    refused,
+    request_id_of,
+)
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Messages. Tagged structs, so one decoder per direction takes a Union of them.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class AddRequest(msgspec.Struct, tag="add"):
-    """The fields of one core Request (one sequence of a user request)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    # SamplingParams.__post_init__ resets all_stop_token_ids, so it travels beside it.
-    all_stop_token_ids: list[int]
-    eos_token_id: Optional[int]
-    arrival_time: float
-    priority: int = 0
-    cache_salt: Optional[str] = None
-
-
-class Abort(msgspec.Struct, tag="abort"):
-    request_ids: list[str]
-
-
-class Stop(msgspec.Struct, tag="stop"):
-    """Requests that met a stop string (found by the API process's detokenizer)."""
-
-    request_ids: list[str]
-
-
-class Utility(msgspec.Struct, tag="utility"):
-    call_id: int
-    method: str
-    args: list[Any] = []
-
-
-class Shutdown(msgspec.Struct, tag="shutdown"):
-    pass
-
-
-InputMessage = Union[AddRequest, Abort, Stop, Utility, Shutdown]
-
-
-class CoreStats(msgspec.Struct):
-    """The core's numbers for /metrics. Counters are cumulative since start; queue_times are new ones."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    queue_times: list[float] = []
-
-
-class Ready(msgspec.Struct, tag="ready"):
-    num_blocks: int
-    pid: int
-
-
-class Outputs(msgspec.Struct, tag="outputs"):
-    outputs: list[EngineCoreOutput]
-    stats: Optional[CoreStats] = None
-
-
-class UtilityResult(msgspec.Struct, tag="utility_result"):
-    call_id: int
-    result: Any = None
-    error: Optional[str] = None
-
-
-class CoreError(msgspec.Struct, tag="error"):
-    message: str
-
-
-OutputMessage = Union[Ready, Outputs, UtilityResult, CoreError]
-
-
-def make_add_request(request: Any) -> AddRequest:
-    """A core Request -> its wire message."""
-    return AddRequest(
-        request_id=request.request_id,
-        prompt_token_ids=list(request.prompt_token_ids),
-        sampling_params=request.sampling_params,
-        all_stop_token_ids=sorted(request.sampling_params.all_stop_token_ids),
-        eos_token_id=request.eos_token_id,
-        arrival_time=request.arrival_time,
-        priority=request.priority,
-        cache_salt=request.extra_keys if isinstance(request.extra_keys, str) else None,
-    )
-
-
-def to_core_request(msg: AddRequest) -> Any:
-    from pagellm.core.request import Request
-
-    params = msg.sampling_params
-    params.all_stop_token_ids = set(msg.all_stop_token_ids)
-    return Request(
-        request_id=msg.request_id,
-        prompt_token_ids=msg.prompt_token_ids,
-        sampling_params=params,
-        eos_token_id=msg.eos_token_id,
-        arrival_time=msg.arrival_time,
-        priority=msg.priority,
-        cache_salt=msg.cache_salt,
-    )
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The core process.
@@ -178,7 +80,6 @@ class EngineCoreProc:
         self.encoder = msgspec.msgpack.Encoder()
         self.poller = zmq.Poller()
         self.poller.register(self.input, zmq.POLLIN)
-        self.queued_since: dict[str, float] = {}  # request id -> time it reached the core, until first scheduled
         self.should_stop = False
         self.state_changed = False  # requests came or went since the last stats message
 
@@ -190,45 +91,38 @@ class EngineCoreProc:
 
     # ---- stats ----
 
-    def stats(self, step_start: Optional[float] = None) -> CoreStats:
-        """`step_start`: when the step that just ran began (a request it scheduled stopped queueing then)."""
-        sched = self.core.scheduler
-        kv = sched.kv_cache_manager
-        pcs = kv.prefix_cache_stats
-        queue_times = []
-        if step_start is not None:
-            grammar_waiting = getattr(self.core, "grammar_waiting", {})
-            for req_id in list(self.queued_since):
-                if req_id in grammar_waiting:
-                    continue
-                request = sched.requests.get(req_id)
-                if request is None or request.num_computed_tokens > 0 or request.status.name == "RUNNING":
-                    queue_times.append(max(0.0, step_start - self.queued_since.pop(req_id)))
-        return CoreStats(
-            num_running=sched.num_running, kv_cache_usage=float(kv.usage),
-            # Requests waiting for their grammar to compile wait in the core, outside the scheduler.
-            num_waiting=sched.num_waiting + len(getattr(self.core, "grammar_waiting", ())),
-            num_blocks=kv.num_blocks, prefix_cache_queries=pcs.queries, prefix_cache_hits=pcs.hits,
-            num_preemptions=sched.num_preemptions_total, queue_times=queue_times,
-        )
+    def stats(self) -> Any:
+        return self.core.stats()
 
     # ---- input ----
 
-    def handle(self, msg: InputMessage) -> None:
-        if isinstance(msg, (AddRequest, Abort, Stop)):
+    def handle_frame(self, frame: Any) -> None:
+        """Decode one input message and handle it. A request that does not decode is answered with an error
+        (when its id can be read), never dropped: its client would wait forever."""
+        try:
+            msg = self.decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            req_id = request_id_of(bytes(frame))
+            if req_id is None:
+                logger.error("dropped an undecodable input message: %s", e)
+                return
+            logger.warning("refused request %s: %s", req_id, e)
             self.state_changed = True
-        if isinstance(msg, AddRequest):
+            self.send(Outputs([refused(req_id, f"the engine core could not read the request: {e}")]))
+            return
+        self.handle(msg)
+
+    def handle(self, msg: InputMessage) -> None:
+        if isinstance(msg, (EngineCoreRequest, Abort, Stop)):
+            self.state_changed = True
+        if isinstance(msg, EngineCoreRequest):
             try:
-                self.core.add_request(to_core_request(msg))
-                self.queued_since[msg.request_id] = time.time()
-            except ValueError as e:  # validated in the API process already; report, never die of it
-                logger.warning("rejected request %s: %s", msg.request_id, e)
-                self.send(Outputs([EngineCoreOutput(msg.request_id, [], finish_reason="abort",
-                                                    stop_reason=str(e))]))
+                self.core.add_request(msg)
+            except ValueError as e:  # checked in the API process already; answer, never die of it
+                logger.warning("refused request %s: %s", msg.request_id, e)
+                self.send(Outputs([refused(msg.request_id, str(e))]))
         elif isinstance(msg, Abort):
             self.core.abort_requests(msg.request_ids)
-            for req_id in msg.request_ids:
-                self.queued_since.pop(req_id, None)
         elif isinstance(msg, Stop):
             self.core.stop_requests(msg.request_ids)
         elif isinstance(msg, Utility):
@@ -260,12 +154,7 @@ class EngineCoreProc:
                 except zmq.Again:
                     break
                 got = True
-                try:
-                    msg = self.decoder.decode(frame.buffer)
-                except msgspec.DecodeError as e:
-                    logger.error("dropped an undecodable input message: %s", e)
-                    continue
-                self.handle(msg)
+                self.handle_frame(frame.buffer)
         return got
 
     # ---- the loop ----
@@ -284,10 +173,9 @@ class EngineCoreProc:
             if self.should_stop:
                 return
             if self.core.has_unfinished_requests():
-                step_start = time.time()
                 outputs = self.core.step()
                 self.state_changed = False
-                self.send(Outputs(outputs, self.stats(step_start)))
+                self.send(Outputs(outputs, self.stats()))
             elif self.state_changed:
                 # Aborts or stops emptied the engine: publish the freed blocks for /metrics.
                 self.state_changed = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 from pagellm.config import EngineConfig
 from pagellm.engine.core import EngineCore
@@ -48,8 +48,12 @@ class LLMEngine:
         processed = self.processor.tokenize_prompt(prompt)
         requests = self.processor.make_requests(request_id, processed, params, priority=priority)
         self.output_processor.add_request(request_id, processed, params, output_kind)
-        for request in requests:
-            self.core.add_request(request)
+        try:
+            for request in requests:
+                self.core.add_request(request)
+        except BaseException:
+            self.abort_request(request_id)
+            raise
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

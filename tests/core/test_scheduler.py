@@ -159,8 +159,10 @@ def test_abort_frees_blocks_and_reports_the_id():
     check_invariants(sched)
     check_drained(sched)
     so = sched.schedule()
-    assert so.finished_req_ids == {"a", "b", "w"} and so.is_empty
-    assert sched.schedule().finished_req_ids == set()
+    assert so.is_empty and so.finished_req_ids == set()  # nothing runs: the ids wait for the next step
+    sched.add_request(make_request("c", [3, 4], max_tokens=1))
+    so = sched.schedule()
+    assert so.finished_req_ids == {"a", "b", "w"} and [r.req_id for r in so.scheduled] == ["c"]
 
 
 def test_abort_waiting_request():
@@ -196,7 +198,7 @@ def test_stop_conditions():
     assert by_id["len"].finish_reason == "length"  # max_model_len: 12 tokens
     assert not sched.has_unfinished_requests()
     check_drained(sched)
-    assert sched.schedule().finished_req_ids == {"min", "ign", "len"}
+    assert sched.schedule().is_empty and sched.finished_req_ids == {"min", "ign", "len"}
 
 
 def test_logprobs_and_prompt_logprobs_pass_through():

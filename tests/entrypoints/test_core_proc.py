@@ -15,17 +15,18 @@ import zmq
 
 from pagellm.core.request import Request
 from pagellm.core.sched_output import EngineCoreOutput
-from pagellm.engine.core_proc import (
+from pagellm.engine.core_messages import (
     Abort,
     CoreError,
-    EngineCoreProc,
+    CoreStats,
+    EngineCoreRequest,
     OutputMessage,
     Outputs,
     Shutdown,
     Utility,
     UtilityResult,
-    make_add_request,
 )
+from pagellm.engine.core_proc import EngineCoreProc
 from pagellm.sampling_params import SamplingParams
 
 
@@ -46,7 +47,10 @@ class FakeCore:
     def _running(self) -> int:
         return len(self.requests)
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.request_id == "refuse-me":
+            raise ValueError("max_tokens: refused")
+        request = Request(req.request_id, req.prompt_token_ids, req.params(), req.eos_token_id)
         request.num_computed_tokens = 0
         self.requests[request.request_id] = request
         self.scheduler.kv_cache_manager.usage = len(self.requests) / 10
@@ -62,6 +66,10 @@ class FakeCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def stats(self) -> CoreStats:
+        kv = self.scheduler.kv_cache_manager
+        return CoreStats(num_running=len(self.requests), kv_cache_usage=kv.usage, num_blocks=kv.num_blocks)
 
     def step(self) -> list[EngineCoreOutput]:
         self.steps += 1
@@ -104,6 +112,13 @@ class Harness:
         assert self.pull.poll(timeout_ms), "no message from the core loop"
         return self.decoder.decode(self.pull.recv())
 
+    def recv_outputs(self) -> Outputs:
+        """The next Outputs message that carries outputs (stats-only ones are skipped)."""
+        while True:
+            msg = self.recv()
+            if isinstance(msg, Outputs) and msg.outputs:
+                return msg
+
     def close(self) -> None:
         self.thread.join(10)
         self.proc.close()
@@ -114,7 +129,7 @@ class Harness:
 
 def add(h: Harness, req_id: str, max_tokens: int) -> None:
     params = SamplingParams(max_tokens=max_tokens)
-    h.send(make_add_request(Request(req_id, [1, 2, 3], params, eos_token_id=2)))
+    h.send(EngineCoreRequest(req_id, [1, 2, 3], params, all_stop_token_ids=[2], eos_token_id=2, arrival_time=0.0))
 
 
 def test_loop_drains_inputs_and_reports():
@@ -122,7 +137,10 @@ def test_loop_drains_inputs_and_reports():
     h = Harness(core)
     for i in range(3):  # queued before the loop runs: all three join the first step
         add(h, f"r{i}", max_tokens=3)
-    time.sleep(0.3)  # let ZMQ deliver all three to the loop's socket
+    deadline = time.monotonic() + 30
+    while len(core.requests) < 3:  # what the loop does between steps, until ZMQ has delivered all three
+        assert time.monotonic() < deadline, "the three requests never arrived"
+        h.proc.drain_input(100)
     h.thread.start()
     tokens: dict[str, int] = {}
     finished = set()
@@ -189,6 +207,30 @@ def test_undecodable_input_is_dropped(garbage):
     h.push.send(garbage)
     h.send(Utility(1, "ping"))
     assert h.recv().result == "pong"
+    h.send(Shutdown())
+    h.close()
+    assert h.code == 0
+
+
+def test_every_request_is_answered():
+    """A request the core cannot read (a field out of range) or refuses (its admission check) is answered with
+    its error at once, and the loop goes on: a client never waits for a request the core dropped."""
+    h = Harness(FakeCore())
+    h.thread.start()
+    unreadable = msgspec.msgpack.encode(EngineCoreRequest(
+        "bad-seed", [1, 2], SamplingParams(max_tokens=3), [2], 2, 0.0))
+    raw = msgspec.msgpack.decode(unreadable)
+    raw["sampling_params"]["seed"] = 2**63  # what seed + i of n sequences once gave
+    h.push.send(msgspec.msgpack.encode(raw))
+    first = h.recv_outputs()
+    assert first.outputs[0].req_id == "bad-seed"
+    assert first.outputs[0].finished and "seed" in first.outputs[0].error
+    add(h, "refuse-me", max_tokens=3)
+    second = h.recv_outputs()
+    assert second.outputs[0].req_id == "refuse-me" and second.outputs[0].error == "max_tokens: refused"
+    add(h, "ok", max_tokens=1)
+    third = h.recv_outputs()
+    assert third.outputs[0].req_id == "ok" and third.outputs[0].new_token_ids == [7]
     h.send(Shutdown())
     h.close()
     assert h.code == 0

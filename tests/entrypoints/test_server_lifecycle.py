@@ -8,13 +8,10 @@ import threading
 import time
 
 import httpx
-import msgspec
 import openai
 import pytest
 from tests.entrypoints.server_utils import RemoteServer, check_death_mid_stream, wait_gone
 
-from pagellm.engine.core_proc import AddRequest, InputMessage, make_add_request, to_core_request
-from pagellm.sampling_params import SamplingParams
 
 PROMPT = list(range(10, 30))
 
@@ -22,28 +19,6 @@ PROMPT = list(range(10, 30))
 def tiny_args(model_dir: str, *extra: str) -> list[str]:
     return [model_dir, "--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init",
             "--kv-cache-memory", str(16 * 2**20), *extra]
-
-
-def test_wire_messages_round_trip():
-    """What crosses to the core process is msgpack, and comes back as the same core Request."""
-    from pagellm.core.request import Request
-
-    params = SamplingParams(temperature=0.5, top_k=3, stop=["x"], stop_token_ids=[7], logit_bias={5: 1.5},
-                            seed=11, max_tokens=9, logprobs=2, prompt_logprobs=1)
-    params.all_stop_token_ids = {2, 7}
-    request = Request("r1", [1, 2, 3], params, eos_token_id=2, arrival_time=123.5, priority=3)
-    data = msgspec.msgpack.encode(make_add_request(request))
-    msg = msgspec.msgpack.Decoder(InputMessage).decode(data)
-    assert isinstance(msg, AddRequest)
-    back = to_core_request(msg)
-    assert back.request_id == "r1" and back.prompt_token_ids == [1, 2, 3] and back.priority == 3
-    assert back.arrival_time == 123.5 and back.eos_token_id == 2
-    assert back.sampling_params.all_stop_token_ids == {2, 7}
-    for name in ("temperature", "top_k", "stop", "stop_token_ids", "logit_bias", "seed", "max_tokens", "logprobs",
-                 "prompt_logprobs"):
-        assert getattr(back.sampling_params, name) == getattr(params, name), name
-    with pytest.raises(msgspec.DecodeError):
-        msgspec.msgpack.Decoder(InputMessage).decode(msgspec.msgpack.encode({"type": "pickle", "x": 1}))
 
 
 @pytest.fixture(scope="module")

@@ -274,3 +274,14 @@ def load_generation_eos_ids(source: ModelSource) -> Optional[set[int]]:
         elif isinstance(eos, (list, tuple)):
             ids.update(int(i) for i in eos)
     return ids or None
+
+
+def resolve_eos_token_id(tokenizer: Any, hf_config: Any) -> Optional[int]:
+    """The model's end of sequence: the tokenizer's EOS, else (no tokenizer: token-id prompts) the config's
+    (its first, when it lists several)."""
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+    return eos

@@ -1,0 +1,83 @@
+"""The one admission check: what a request must satisfy to enter the engine core, run by both sides.
+
+The processor (in the LLM's or the API server's process) runs `check_request` on each EngineCoreRequest it
+builds, before anything is queued, so a bad request is a ValueError naming the field, answered to its client.
+The engine core decodes the same message and runs the same check before it builds its own `Request`: what
+the API process lets through, the core takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagellm.engine.core_messages import EngineCoreRequest
+from pagellm.sampling_params import MAX_SEED, SamplingParams
+
+# Token ids and other per-request integers cross the wire as 64-bit msgpack ints.
+MAX_WIRE_INT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit: the model's vocabulary and context, the same in every process."""
+
+    vocab_size: int
+    max_model_len: int
+
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> "RequestLimits":
+        return cls(vocab_size=model_config.vocab_size, max_model_len=model_config.max_model_len)
+
+
+def wrap_seed(seed: int) -> int:
+    """A seed inside SamplingParams' range (sequence i of a request with seed s draws with s + i)."""
+    span = 2 * MAX_SEED + 1
+    return (seed + MAX_SEED) % span - MAX_SEED
+
+
+def check_prompt_token_ids(ids: Any, limits: RequestLimits) -> None:
+    """A non-empty list of ints in the vocabulary, short enough to leave room for one generated token."""
+    if not isinstance(ids, list):
+        raise ValueError("prompt_token_ids must be a list of integers")
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    vocab = limits.vocab_size
+    if not all(type(t) is int for t in ids) or min(ids) < 0 or max(ids) >= vocab:
+        bad = next(t for t in ids if type(t) is not int or not 0 <= t < vocab)
+        raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}), got {bad!r}")
+    if len(ids) >= limits.max_model_len:
+        raise ValueError(
+            f"prompt: the prompt has {len(ids)} tokens, but max_model_len is {limits.max_model_len} "
+            f"(the prompt and at least one generated token must fit)"
+        )
+
+
+def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
+    """Everything the core relies on, as a ValueError whose message starts with the field's name."""
+    check_prompt_token_ids(req.prompt_token_ids, limits)
+    sp = req.sampling_params
+    if not isinstance(sp, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+    sp._verify()  # the fields' own ranges, again: the processor changed max_tokens, seed and n
+    if sp.n != 1:
+        raise ValueError(f"n: an engine-core request is one sequence, got n={sp.n}")
+    room = limits.max_model_len - len(req.prompt_token_ids)
+    if sp.max_tokens is None or sp.max_tokens > room:
+        raise ValueError(f"max_tokens: {sp.max_tokens} new tokens do not fit: the prompt has "
+                         f"{len(req.prompt_token_ids)} tokens and max_model_len is {limits.max_model_len} "
+                         f"(at most {room} new tokens)")
+    if sp.logit_bias:
+        bad = [t for t in sp.logit_bias if t >= limits.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary (size {limits.vocab_size})")
+    if sp.structured_outputs is not None and sp.min_tokens:
+        # The min_tokens mask would forbid the EOS a finished grammar forces: no token would be left.
+        raise ValueError("min_tokens: cannot be combined with structured_outputs")
+    for t in req.all_stop_token_ids:
+        if type(t) is not int or not 0 <= t <= MAX_WIRE_INT:
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+    if req.eos_token_id is not None and not 0 <= req.eos_token_id < limits.vocab_size:
+        raise ValueError(f"eos_token_id: {req.eos_token_id} is outside the vocabulary")
+    if not isinstance(req.priority, int) or abs(req.priority) > MAX_WIRE_INT:
+        raise ValueError(f"priority must be an integer, got {req.priority!r}")

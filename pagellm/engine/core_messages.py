@@ -1,0 +1,116 @@
+"""What crosses between the engine core and its clients: msgpack (msgspec) structs, never pickles.
+
+    client  --input-->   core: EngineCoreRequest | Abort | Stop | Utility | Shutdown
+    client  <--output--  core: Ready | Outputs (+ CoreStats) | UtilityResult | CoreError
+
+Tagged structs, so one decoder per direction takes a Union of them. The in-process engine (LLMEngine) hands
+the same EngineCoreRequest and EngineCoreOutput objects to its EngineCore without encoding them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import msgspec
+
+from pagellm.core.sched_output import EngineCoreOutput
+from pagellm.sampling_params import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, tag="add", omit_defaults=True):
+    """One sequence of a user request, ready for the scheduler: built by the processor, checked by
+    admission.check_request on both sides."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams  # n == 1, max_tokens set
+    # EOS, the generation config's stop ids and the user's stop_token_ids (SamplingParams.__post_init__ resets
+    # its own all_stop_token_ids to the user's, so the resolved set travels beside it).
+    all_stop_token_ids: list[int]
+    eos_token_id: Optional[int]
+    arrival_time: float
+    priority: int = 0
+    cache_salt: Optional[str] = None
+
+    def params(self) -> SamplingParams:
+        """The sampling parameters with the resolved stop ids in place."""
+        sp = self.sampling_params
+        sp.all_stop_token_ids = set(self.all_stop_token_ids)
+        return sp
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    """Requests that met a stop string (found by the client's detokenizer)."""
+
+    request_ids: list[str]
+
+
+class Utility(msgspec.Struct, tag="utility"):
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+InputMessage = Union[EngineCoreRequest, Abort, Stop, Utility, Shutdown]
+
+
+class CoreStats(msgspec.Struct):
+    """The core's numbers for /metrics and admission. Counters are cumulative since start; queue_times are
+    the ones new since the last stats."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    queue_times: list[float] = []
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    num_blocks: int
+    pid: int
+
+
+class Outputs(msgspec.Struct, tag="outputs"):
+    outputs: list[EngineCoreOutput]
+    stats: Optional[CoreStats] = None
+
+
+class UtilityResult(msgspec.Struct, tag="utility_result"):
+    call_id: int
+    result: Any = None
+    error: Optional[str] = None
+
+
+class CoreError(msgspec.Struct, tag="error"):
+    message: str
+
+
+OutputMessage = Union[Ready, Outputs, UtilityResult, CoreError]
+
+
+def refused(request_id: str, reason: str) -> EngineCoreOutput:
+    """The answer to a request the core cannot take: finished at once, with the reason as its error."""
+    return EngineCoreOutput(request_id, [], finish_reason="abort", stop_reason=reason, error=reason)
+
+
+def request_id_of(frame: bytes) -> Optional[str]:
+    """The request id of an input message that did not decode as its type, when it has one: the core answers
+    it instead of dropping it (its client would wait forever)."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+        return None
+    if isinstance(raw, dict) and raw.get("type") == "add" and isinstance(raw.get("request_id"), str):
+        return raw["request_id"]
+    return None

@@ -70,6 +70,11 @@ class Request:
         self.num_preemptions = 0
         self.output_token_ids: list[int] = []
         self._all_token_ids: list[int] = list(prompt_token_ids)
+        # What the model runner holds of this request (the scheduler sends it deltas): whether it holds it at all,
+        # how many of its blocks and tokens it was given.
+        self.runner_holds = False
+        self.num_blocks_sent = 0
+        self.num_tokens_sent = 0
         # Hash of every full block of all_token_ids, in order; kept up to date once a block size is set.
         self.block_hashes: list[BlockHash] = []
         self._block_size: Optional[int] = None

@@ -5,13 +5,17 @@ when the KV pool runs dry the lowest-priority running request is preempted by re
 are admitted (after a prefix-cache lookup) while budget, sequence cap and blocks allow. A request whose
 computed tokens reach its last known token samples one new token.
 
+The step message (sched_output.py) carries deltas: a request crosses to the runner in full once (and again
+after a preemption, which makes the runner forget it); later steps send new block ids, counts, and a decode's
+input token when it is known.
+
 Async scheduling (`async_scheduling`): the engine core schedules step N+1 before step N's tokens are back. A
-running request whose step N samples its next token then gets a decode "ahead" in step N+1: one
-PLACEHOLDER_TOKEN, which the model runner replaces on the device with step N's sampled token. It is not
-scheduled ahead when step N's token is sure to finish it by length; a token that stops it (EOS, a stop token)
-is known only after step N+1 was launched, whose extra token is then dropped. Requests whose sampling reads
-their previous tokens on the host (penalties, min_tokens, a grammar) are "lockstep": while one is unfinished,
-the core runs steps one at a time.
+running request whose step N samples its next token then gets a decode "ahead" in step N+1, with no input token
+in the message: the model runner takes it from step N's sampled tokens on the device. It is not scheduled ahead
+when step N's token is sure to finish it by length; a token that stops it (EOS, a stop token) is known only
+after step N+1 was launched, whose extra token is then dropped. Requests whose sampling reads their previous
+tokens on the host (penalties, min_tokens, a grammar) are "lockstep": while one is unfinished, the core runs
+steps one at a time.
 """
 
 from __future__ import annotations
@@ -26,10 +30,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 from pagellm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import (
-    PLACEHOLDER_TOKEN,
     EngineCoreOutput,
     ModelRunnerOutput,
-    ScheduledRequest,
+    NewRequestData,
     SchedulerOutput,
 )
 
@@ -209,6 +212,12 @@ class Scheduler:
                 and (sp.max_tokens is None or request.num_output_tokens + 1 < sp.max_tokens)
                 and request.num_tokens + 1 < self.max_model_len)
 
+    def sampling_ids(self, scheduler_output: SchedulerOutput) -> list[str]:
+        """The requests of a step that sample a token in it (their step reaches their last known token)."""
+        reqs = self.requests
+        return [rid for rid in scheduler_output.scheduled_tokens()
+                if rid in reqs and reqs[rid].num_computed_tokens >= reqs[rid].num_tokens]
+
     def take_pending_outputs(self) -> list[EngineCoreOutput]:
         """Outputs of requests the scheduler finished by itself (too long for the KV cache), when no step ran to
         carry them."""
@@ -237,8 +246,10 @@ class Scheduler:
     # ---- one step ----
 
     def _preempt(self, request: Request) -> None:
-        """Recompute preemption: drop the KV, go back to the front of the queue."""
+        """Recompute preemption: drop the KV, go back to the front of the queue (the runner forgets it: it is
+        sent in full again when it resumes)."""
         self.kv_cache_manager.free(request)
+        request.runner_holds = False
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -356,30 +367,40 @@ class Scheduler:
 
         # 3. The step's message; then the scheduled tokens count as computed. Ids that left go out with the next
         # step that runs (an empty output runs nowhere).
-        out = SchedulerOutput(num_batched_tokens=self.max_num_batched_tokens - budget, preempted_req_ids=preempted_ids)
+        out = SchedulerOutput(num_batched_tokens=self.max_num_batched_tokens - budget,
+                              preempted_req_ids=sorted(preempted_ids))
         if scheduled_reqs:
-            out.finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+            out.finished_req_ids, self.finished_req_ids = sorted(self.finished_req_ids), set()
         for request in scheduled_reqs:
-            n = num_scheduled[request.request_id]
-            start = request.num_computed_tokens
-            token_ids = ([PLACEHOLDER_TOKEN] if request.request_id in ahead
-                         else request.all_token_ids[start : start + n])
-            out.scheduled.append(ScheduledRequest(
-                req_id=request.request_id,
-                token_ids=token_ids,
-                num_computed_tokens=start,
-                block_ids=kvm.get_block_ids(request.request_id),
-                sampling_params=request.sampling_params,
-                prompt_token_ids=request.prompt_token_ids,
-                # Live list: it gains this step's token in update_from_output, after the runner used it.
-                output_token_ids=request.output_token_ids,
-                do_sample=start + n >= request.num_tokens,
-            ))
-            request.num_computed_tokens = start + n
+            self._add_to_output(out, request, num_scheduled[request.request_id], request.request_id in ahead)
             self.in_flight[request.request_id] = self.in_flight.get(request.request_id, 0) + 1
         assert out.num_batched_tokens <= self.max_num_batched_tokens
-        assert len(out.scheduled) <= self.max_num_seqs
+        assert out.num_reqs <= self.max_num_seqs
         return out
+
+    def _add_to_output(self, out: SchedulerOutput, request: Request, n: int, ahead: bool) -> None:
+        """Put one scheduled request in the step message, as a delta where the runner holds it already; then
+        its n tokens count as computed."""
+        start = request.num_computed_tokens
+        block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+        if not request.runner_holds:  # first schedule, or resumed after a preemption
+            out.new_reqs.append(NewRequestData(
+                req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                sampling_params=request.sampling_params, block_ids=list(block_ids), num_computed_tokens=start,
+                num_scheduled_tokens=n, output_token_ids=list(request.output_token_ids),
+            ))
+            request.runner_holds = True
+            request.num_tokens_sent = request.num_tokens
+        else:
+            # The input tokens the runner lacks: a decode's last sampled token, unless it is still being sampled
+            # (ahead), then the runner reads it on the device.
+            lo = max(request.num_tokens_sent, start)
+            new_tokens = [] if ahead else request.all_token_ids[lo : start + n]
+            if new_tokens:
+                request.num_tokens_sent = start + n
+            out.cached.add(request.request_id, block_ids[request.num_blocks_sent:], start, n, new_tokens)
+        request.num_blocks_sent = len(block_ids)
+        request.num_computed_tokens = start + n
 
     # ---- after the forward pass ----
 
@@ -402,38 +423,43 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
+        """Append each request's new tokens (up to the first that stops it), finish the requests that stopped,
+        and return what is new for each."""
         outputs = self.take_pending_outputs()
-        sampled = model_runner_output.sampled_token_ids
-        logprobs = model_runner_output.logprobs
-        prompt_logprobs = model_runner_output.prompt_logprobs
+        mro = model_runner_output
+        sampled = dict(zip(mro.req_ids, mro.sampled_token_ids))
+        logprobs = dict(zip(mro.req_ids, mro.logprobs)) if mro.logprobs else {}
+        prompt_logprobs = mro.prompt_logprobs
         any_finished = False
-        for sr in scheduler_output.scheduled:
-            req_id = sr.req_id
+        for req_id in scheduler_output.scheduled_tokens():
             left = self.in_flight.pop(req_id, 1) - 1
             if left > 0:
                 self.in_flight[req_id] = left
             request = self.requests.get(req_id)
             if request is None:
                 continue  # finished (aborted) after schedule()
-            token = sampled.get(req_id)
+            tokens = sampled.get(req_id)
             plp = prompt_logprobs.get(req_id)
-            if token is None and plp is None:
+            if not tokens and plp is None:
                 continue
             new_ids: list[int] = []
             status = None
-            if token is not None:
+            for token in tokens or ():
                 request.append_output_token_ids(token)
                 new_ids.append(token)
                 status = self._check_stop(request)
+                if status is not None:
+                    break  # tokens after the one that stops it are dropped
             if status is not None:
                 any_finished = True
                 self._finish(request, status)
+            token_logprobs = logprobs.get(req_id)
             outputs.append(EngineCoreOutput(
                 req_id=req_id,
                 new_token_ids=new_ids,
                 finish_reason=RequestStatus.finish_reason(status) if status is not None else None,
                 stop_reason=request.stop_reason if status is not None else None,
-                new_logprobs=logprobs.get(req_id) if token is not None else None,
+                new_logprobs=token_logprobs[: len(new_ids)] if token_logprobs and new_ids else None,
                 new_prompt_logprobs=plp,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             ))

@@ -64,6 +64,13 @@ class GroupCoordinator:
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's first member's x, in place on every member; returns x. A no-op at size 1."""
+        if self.world_size == 1:
+            return x
+        dist.broadcast(x, src=self.ranks[0], group=self.group)
+        return x
+
     def send(self, x: torch.Tensor, dst: Optional[int] = None) -> None:
         """Point-to-point send to a global rank (default: the next member)."""
         dist.send(x.contiguous(), dst=self.next_rank if dst is None else dst)

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional, Union
 from pagellm.config import EngineConfig
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.scheduler import Scheduler
-from pagellm.core.sched_output import EngineCoreOutput, SchedulerOutput
+from pagellm.core.sched_output import EngineCoreOutput, GrammarBitmask, SchedulerOutput
 from pagellm.engine.admission import RequestLimits, check_request
 from pagellm.engine.core_messages import CoreStats, EngineCoreRequest, refused
 from pagellm.executor import make_executor
@@ -138,21 +138,21 @@ class EngineCore:
         if not sched.has_unfinished_requests():
             return []
         scheduler_output = sched.schedule()
-        if not scheduler_output.scheduled:
+        if scheduler_output.is_empty:
             return sched.take_pending_outputs()
         self._attach_bitmasks(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
         return self._advance_grammars(sched.update_from_output(scheduler_output, runner_output))
 
     def _attach_bitmasks(self, scheduler_output: SchedulerOutput) -> None:
-        """Structured output: each sampled row of a request with a grammar carries its allowed-token bitmask."""
+        """Structured output: the step carries the allowed-token bitmask of each request with a grammar that
+        samples in it."""
         so = self.structured_output
         if so is not None and so.matchers:
-            rows = [sr for sr in scheduler_output.scheduled if sr.do_sample and so.has_matcher(sr.req_id)]
-            if rows:
-                bitmask = so.fill_bitmask([sr.req_id for sr in rows])
-                for i, sr in enumerate(rows):
-                    sr.grammar_bitmask = bitmask[i]
+            ids = [rid for rid in self.scheduler.sampling_ids(scheduler_output) if so.has_matcher(rid)]
+            if ids:
+                bitmask = so.fill_bitmask(ids)
+                scheduler_output.grammar = GrammarBitmask(ids, bitmask.shape[1], bitmask.tobytes())
 
     def _advance_grammars(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
         """Structured output: the sampled tokens advance their requests' grammars; finished ones are dropped."""
@@ -177,7 +177,7 @@ class EngineCore:
             outputs += self._collect_launched()
         if sched.has_unfinished_requests():
             scheduler_output = sched.schedule()
-            if scheduler_output.scheduled:
+            if not scheduler_output.is_empty:
                 self._attach_bitmasks(scheduler_output)
                 previous = self.launched
                 self.launched = (scheduler_output, self.executor.submit_model(scheduler_output))
@@ -211,7 +211,7 @@ class EngineCore:
         sched = self.scheduler
         if len(queue) < self.max_batches_in_flight and sched.has_unfinished_requests():
             scheduler_output = sched.schedule()
-            if scheduler_output.scheduled:
+            if not scheduler_output.is_empty:
                 self._attach_bitmasks(scheduler_output)
                 queue.append((scheduler_output, self.executor.submit_model(scheduler_output)))
                 self.peak_batches_in_flight = max(self.peak_batches_in_flight, len(queue))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from pagellm.core.sched_output import TokenLogprobs
+from pagellm.core.sched_output import PromptLogprobs, TokenLogprobs
 from pagellm.outputs import Logprob, PositionLogprobs
 from pagellm.sampling_params import SamplingParams
 
@@ -193,12 +193,13 @@ def decode_token(tokenizer: Any, token_id: int, cache: Optional[dict[int, str]] 
     return tokenizer.decode([token_id])
 
 
-def make_position_logprobs(entry: TokenLogprobs, tokenizer: Any, num_logprobs: Optional[int] = None,
+def make_position_logprobs(token_ids: list[int], logprobs: list[float], ranks: list[int], tokenizer: Any,
+                           num_logprobs: Optional[int] = None,
                            cache: Optional[dict[int, str]] = None) -> PositionLogprobs:
     """token id -> Logprob at one position: the sampled (or prompt) token first, then the top num_logprobs."""
-    width = len(entry.token_ids) if num_logprobs is None else min(len(entry.token_ids), 1 + num_logprobs)
+    width = len(token_ids) if num_logprobs is None else min(len(token_ids), 1 + num_logprobs)
     result: PositionLogprobs = {}
-    for tok, lp, rank in zip(entry.token_ids[:width], entry.logprobs[:width], entry.ranks[:width]):
+    for tok, lp, rank in zip(token_ids[:width], logprobs[:width], ranks[:width]):
         if tok not in result:
             result[tok] = Logprob(logprob=lp, rank=rank, decoded_token=decode_token(tokenizer, tok, cache))
     return result
@@ -221,17 +222,19 @@ class LogprobsProcessor:
     def update(self, entry: TokenLogprobs) -> Optional[PositionLogprobs]:
         if self.logprobs is None:
             return None
-        position = make_position_logprobs(entry, self.tokenizer, self.num_logprobs, self._cache)
+        position = make_position_logprobs(entry.token_ids, entry.logprobs, entry.ranks, self.tokenizer,
+                                          self.num_logprobs, self._cache)
         self.logprobs.append(position)
         self.cumulative_logprob += entry.logprobs[0]
         return position
 
-    def update_prompt(self, first_position: int, entries: list[TokenLogprobs]) -> None:
-        """Add prompt logprobs of positions first_position...; positions already known (a preempted request
+    def update_prompt(self, plp: PromptLogprobs) -> None:
+        """Add prompt logprobs of positions plp.first_position...; positions already known (a preempted request
         recomputing its prompt) are skipped."""
         if self.prompt_logprobs is None:
             return
-        for offset, entry in enumerate(entries):
-            if first_position + offset == len(self.prompt_logprobs):
+        first = plp.first_position
+        for offset, (ids, lps, ranks) in enumerate(zip(plp.token_ids, plp.logprobs, plp.ranks)):
+            if first + offset == len(self.prompt_logprobs):
                 self.prompt_logprobs.append(
-                    make_position_logprobs(entry, self.tokenizer, self.num_prompt_logprobs, self._cache))
+                    make_position_logprobs(ids, lps, ranks, self.tokenizer, self.num_prompt_logprobs, self._cache))

@@ -105,13 +105,12 @@ class OutputProcessor:
             touched[parent_id] = state
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             if out.new_prompt_logprobs is not None:
-                new = out.new_prompt_logprobs
-                state.prompt_logprobs.update_prompt(new.first_position, new.entries)
+                state.prompt_logprobs.update_prompt(out.new_prompt_logprobs)
             if out.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
             seq.token_ids.extend(out.new_token_ids)
-            if out.new_logprobs is not None:
-                seq.logprobs.update(out.new_logprobs)
+            for entry in out.new_logprobs or ():
+                seq.logprobs.update(entry)
             stop_str = None
             if seq.detokenizer is not None and out.new_token_ids:
                 # The core finishes with "stop" only on a stop token, whose text is then left out.

@@ -1,8 +1,10 @@
-"""ModelRunner: one SchedulerOutput -> flat ragged input tensors -> model -> sampler -> ModelRunnerOutput.
+"""ModelRunner: one step message -> the kept request rows -> flat ragged inputs -> model -> sampler -> tokens.
 
-All scheduled tokens of all requests go through the model as one flat batch (`input_ids[T]`, `positions[T]`,
-`slot_mapping[T]`), with per-request `query_start_loc`, `seq_lens` and `block_tables`: exactly the shape a
-GPU kernel wants. Decodes are placed first so attention can batch them densely.
+The runner keeps each request's state across steps in an InputBatch (worker/input_batch.py): the scheduler
+sends a request once and deltas afterwards. All scheduled tokens of all requests go through the model as one
+flat batch (`input_ids[T]`, `positions[T]`, `slot_mapping[T]`), with per-request `query_start_loc`, `seq_lens`
+and `block_tables`: exactly the shape a GPU kernel wants. Decodes are placed first so attention can batch them
+densely.
 
 On CUDA the inputs go into persistent device buffers (through pinned host twins, copied asynchronously), and a
 step made only of decodes replays a CUDA graph captured for the next batch size up (`GRAPH_BATCH_SIZES`), its
@@ -13,8 +15,12 @@ large enough to hide the launches). `enforce_eager=True` turns the graphs off.
 A step is launched (`execute_model_async`) and its result read later (`PendingOutput.result`), so that the
 engine can schedule and launch the next step while this one runs on the GPU (async scheduling). Nothing in the
 launch waits for the device: host tensors reach it through pinned memory, and the sampled tokens come back the
-same way. A decode scheduled before its input token is known carries PLACEHOLDER_TOKEN; the runner takes that
-token from the previous step's sampled tokens, on the device.
+same way. Each sampled token is also kept on the device as its request's last token, the input of a decode
+that was scheduled before the token came back.
+
+Only the driver (tensor-parallel rank 0 of the last pipeline stage) samples; the other ranks of the last stage
+compute the logits with it (the vocabulary is split over them) and receive the sampled tokens by a broadcast on
+the device, so that every rank has each request's last token.
 """
 
 from __future__ import annotations
@@ -28,24 +34,23 @@ import torch
 from pagellm.attention.metadata import AttentionMetadata
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import (
-    PLACEHOLDER_TOKEN,
     ModelRunnerOutput,
+    NewRequestData,
     PromptLogprobs,
-    ScheduledRequest,
     SchedulerOutput,
 )
-from pagellm.distributed.parallel_state import local_kv_cache_dims
+from pagellm.distributed.parallel_state import get_pp_group, get_tp_group, local_kv_cache_dims
 from pagellm.model_executor.layers.sampler import (
     Sampler,
+    SamplerOutput,
     SamplingMetadata,
     apply_grammar_bitmask,
     compute_prompt_logprobs,
-    SamplerOutput,
-    make_generator,
     to_device,
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model
+from pagellm.worker.input_batch import InputBatch, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +113,16 @@ class StepBuffers:
 
 class PendingOutput:
     """A launched step. Its sampled token ids are on their way to pinned host memory; `result()` waits for them
-    and builds the ModelRunnerOutput (token logprobs too, which read the device)."""
+    and builds the ModelRunnerOutput (token logprobs too, which read the device). It reads nothing of the
+    runner's state, so another thread may call it while the runner launches the next step."""
 
-    def __init__(self, out: ModelRunnerOutput, sampled_reqs: Optional[list[ScheduledRequest]] = None,
-                 sampler_output: Optional[SamplerOutput] = None) -> None:
-        self._out = out
-        self._reqs = sampled_reqs or []
+    def __init__(self, req_ids: Optional[list[str]] = None, sampler_output: Optional[SamplerOutput] = None,
+                 num_logprobs: Optional[list[Optional[int]]] = None,
+                 prompt_logprobs: Optional[dict[str, PromptLogprobs]] = None) -> None:
+        self._req_ids = req_ids or []
         self._sampler_output = sampler_output
+        self._num_logprobs = num_logprobs
+        self._prompt_logprobs = prompt_logprobs or {}
         self._event: Optional[torch.cuda.Event] = None
         self._host: Optional[torch.Tensor] = None
         if sampler_output is not None:
@@ -128,17 +136,19 @@ class PendingOutput:
                 self._host = ids
 
     def result(self) -> ModelRunnerOutput:
+        out = ModelRunnerOutput(prompt_logprobs=self._prompt_logprobs)
         so = self._sampler_output
-        if so is not None:
-            self._sampler_output = None
-            if self._event is not None:
-                self._event.synchronize()
-            tokens = self._host.tolist()
-            for row, r in enumerate(self._reqs):
-                self._out.sampled_token_ids[r.req_id] = tokens[row]
-                if r.sampling_params.logprobs is not None:
-                    self._out.logprobs[r.req_id] = to_token_logprobs(so, row, r.sampling_params.logprobs)
-        return self._out
+        if so is None:
+            return out
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._host.tolist()
+        out.req_ids = self._req_ids
+        out.sampled_token_ids = [[t] for t in tokens]
+        if so.logprobs is not None:
+            out.logprobs = [None if k is None else [to_token_logprobs(so, row, k)]
+                            for row, k in enumerate(self._num_logprobs)]
+        return out
 
 
 class ModelRunner:
@@ -151,11 +161,9 @@ class ModelRunner:
         self.model: Optional[torch.nn.Module] = None
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
-        # Per-request sampling state that must outlive a step: seeded generators.
-        self.generators: dict[str, torch.Generator] = {}
-        # The last launched step's sampled tokens (device) and each sampling request's row in them: the input
-        # tokens of decodes scheduled ahead of them (PLACEHOLDER_TOKEN).
-        self.prev_sampled: Optional[tuple[dict[str, int], torch.Tensor]] = None
+        # The last stage computes logits; its tensor-parallel rank 0 (the driver) samples and answers.
+        self.computes_logits = get_pp_group().is_last_rank
+        self.is_driver = self.computes_logits and get_tp_group().is_first_rank
         # The KV cache of this rank: its pipeline stage's layers, its tensor-parallel share of the KV heads
         # (the whole model's on a single device).
         self.num_cache_layers, self.num_cache_kv_heads = local_kv_cache_dims(self.model_config.num_layers,
@@ -163,6 +171,8 @@ class ModelRunner:
         sc = config.scheduler_config
         self.max_model_len = config.model_config.max_model_len
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.batch = InputBatch(sc.max_num_seqs, self.max_model_len, self.block_size, device,
+                                keep_sampling_state=self.is_driver)
         self.buffers: Optional[StepBuffers] = None
         if device.type == "cuda":
             self.buffers = StepBuffers(max(sc.max_num_batched_tokens, sc.max_num_seqs), sc.max_num_seqs,
@@ -184,8 +194,6 @@ class ModelRunner:
         self.kv_caches = []
         self.model = None
         self.buffers = None
-        self.generators.clear()
-        self.prev_sampled = None
 
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
@@ -277,6 +285,8 @@ class ModelRunner:
     def profile_run(self) -> int:
         """One forward pass at the largest batch the scheduler may send, to measure peak activation memory.
         Returns the bytes of the temporary KV cache it used (part of the peak, not of the activations)."""
+        from pagellm.sampling_params import SamplingParams
+
         sc = self.config.scheduler_config
         num_tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * self.model_config.max_model_len)
         num_reqs = max(1, min(sc.max_num_seqs, num_tokens))
@@ -284,85 +294,58 @@ class ModelRunner:
         blocks_per_req = [(n + self.block_size - 1) // self.block_size for n in per_req]
         saved = self.kv_caches
         self._allocate_kv_cache(sum(blocks_per_req))
-        from pagellm.sampling_params import SamplingParams
-
         params = SamplingParams(max_tokens=1)
         reqs, next_block = [], 0
         for i, (n, nb) in enumerate(zip(per_req, blocks_per_req)):
-            reqs.append(ScheduledRequest(
-                req_id=f"profile-{i}", token_ids=[0] * n, num_computed_tokens=0,
-                block_ids=list(range(next_block, next_block + nb)), sampling_params=params,
-                prompt_token_ids=[0] * n, output_token_ids=[], do_sample=True,
-            ))
+            reqs.append(NewRequestData(f"profile-{i}", [0] * n, params, list(range(next_block, next_block + nb)),
+                                       num_computed_tokens=0, num_scheduled_tokens=n))
             next_block += nb
-        self.execute_model(SchedulerOutput(scheduled=reqs, num_batched_tokens=num_tokens))
+        self.execute_model(SchedulerOutput(new_reqs=reqs, num_batched_tokens=num_tokens))
+        for r in reqs:
+            self.batch.remove(r.req_id)
         profile_kv = sum(c.numel() * c.element_size() for c in self.kv_caches)
         self.kv_caches = saved
         return profile_kv
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _graph_size(self, reqs: list[ScheduledRequest]) -> Optional[int]:
+    def _graph_size(self, step: StepInputs) -> Optional[int]:
         """The captured batch size this step replays, or None to run eagerly."""
-        if not self.graphs or len(reqs) > self.graph_sizes[-1]:
+        if not self.graphs or step.num_reqs > self.graph_sizes[-1] or not step.decodes_only:
             return None
-        if any(r.num_scheduled_tokens != 1 for r in reqs):
-            return None
-        return next(bs for bs in self.graph_sizes if bs >= len(reqs))
+        return next(bs for bs in self.graph_sizes if bs >= step.num_reqs)
 
-    def _prepare_inputs(self, reqs: list[ScheduledRequest], pad_to: Optional[int] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, Optional[AttentionMetadata]]:
-        """The step's flat inputs. With pad_to (a graph batch size) they only go into the buffers, padded."""
-        bs = self.block_size
-        n = len(reqs)
-        q_lens = np.fromiter((r.num_scheduled_tokens for r in reqs), dtype=np.int64, count=n)
-        starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
-        seq_lens = starts + q_lens
-        qsl = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=qsl[1:])
-        total = int(qsl[-1])
-        max_blocks = max(len(r.block_ids) for r in reqs)
+    def _upload_inputs(self, step: StepInputs, pad_to: Optional[int] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[AttentionMetadata]]:
+        """The step's flat inputs on the device. With pad_to (a graph batch size) they only go into the buffers,
+        padded; the graph reads them there."""
+        n, total = step.num_reqs, step.num_tokens
         buf = self.buffers
-        if buf is not None:
-            buf.wait_host_free()
-
-        if buf is None:
-            block_tables = np.zeros((n, max_blocks), dtype=np.int64)
-        else:
-            block_tables = buf.bt_np[:n, :max_blocks]
-        for i, r in enumerate(reqs):
-            block_tables[i, : len(r.block_ids)] = r.block_ids
-        if total == n:  # decodes only: one token per request
-            input_ids = np.fromiter((r.token_ids[0] for r in reqs), dtype=np.int64, count=n)
-            positions = starts
-            slot_mapping = block_tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
-        else:
-            input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64, count=total)
-            # positions: for each token, its request's start + its offset inside the request's chunk
-            req_of_token = np.repeat(np.arange(n), q_lens)
-            positions = starts[req_of_token] + (np.arange(total) - qsl[:-1][req_of_token])
-            slot_mapping = block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-
         if buf is None:
             dev = self.device
-            ids_t, pos_t = torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
-            qsl_t = torch.from_numpy(qsl).to(dev, torch.int32)
-            seq_t = torch.from_numpy(seq_lens).to(dev, torch.int32)
-            bt_t = torch.from_numpy(block_tables).to(dev, torch.int32)
-            slot_t = torch.from_numpy(slot_mapping).to(dev)
+            ids_t = torch.from_numpy(step.input_ids).to(dev)
+            pos_t = torch.from_numpy(step.positions).to(dev)
+            qsl_t = torch.from_numpy(step.query_start_loc).to(dev, torch.int32)
+            seq_t = torch.from_numpy(step.seq_lens).to(dev, torch.int32)
+            bt_t = torch.from_numpy(step.block_tables).to(dev, torch.int32)
+            slot_t = torch.from_numpy(step.slot_mapping).to(dev)
         else:
-            buf.ids_np[:total] = input_ids
-            buf.pos_np[:total] = positions
-            buf.slot_np[:total] = slot_mapping
-            buf.qsl_np[: n + 1] = qsl
-            buf.seq_np[:n] = seq_lens
+            buf.wait_host_free()
+            cols = step.block_tables.shape[1]
+            buf.ids_np[:total] = step.input_ids
+            buf.pos_np[:total] = step.positions
+            buf.slot_np[:total] = step.slot_mapping
+            buf.qsl_np[: n + 1] = step.query_start_loc
+            buf.seq_np[:n] = step.seq_lens
+            buf.bt_np[:n, :cols] = step.block_tables
             if pad_to is not None:  # a graph replays: it was captured with its own views of these buffers
                 self._fill_graph_padding(n, pad_to)
-                buf.upload(pad_to, pad_to, max_blocks)
+                buf.upload(pad_to, pad_to, cols)
                 return buf.input_ids[:pad_to], buf.positions[:pad_to], None
-            buf.upload(total, n, max_blocks)
+            buf.upload(total, n, cols)
             ids_t, pos_t = buf.input_ids[:total], buf.positions[:total]
             qsl_t, seq_t, bt_t, slot_t = (buf.query_start_loc[: n + 1], buf.seq_lens[:n], buf.block_tables[:n],
                                           buf.slot_mapping[:total])
+        q_lens = step.q_lens
         meta = AttentionMetadata(
             num_actual_tokens=total,
             query_start_loc=qsl_t,
@@ -370,28 +353,24 @@ class ModelRunner:
             block_tables=bt_t,
             slot_mapping=slot_t,
             max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
+            max_seq_len=int(step.seq_lens.max()),
             num_decodes=int(np.count_nonzero(q_lens == 1)),
-            block_size=bs,
-            query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            block_size=self.block_size,
+            query_start_loc_cpu=step.query_start_loc.tolist(),
+            seq_lens_cpu=step.seq_lens.tolist(),
         )
         return ids_t, pos_t, meta
 
-    def _fill_placeholders(self, input_ids: torch.Tensor, reqs: list[ScheduledRequest]) -> None:
-        """Decodes scheduled ahead of their input token (PLACEHOLDER_TOKEN): write the previous step's sampled
-        tokens, still on the device, into their rows. They are one-token requests, which come first, so a
-        placeholder's token index is its request's index."""
-        rows = [i for i, r in enumerate(reqs) if r.token_ids[0] == PLACEHOLDER_TOKEN]
-        if not rows:
+    def _fill_from_device(self, input_ids: torch.Tensor, step: StepInputs) -> None:
+        """Decodes whose input token the message did not carry (scheduled before it came back): their rows' last
+        sampled tokens, still on the device. They are one-token requests, which come first, so a request's
+        token index is its request index."""
+        idx = step.from_device
+        if not idx.size:
             return
-        if self.prev_sampled is None:
-            raise RuntimeError("a decode was scheduled ahead of a token that no launched step samples")
-        rows_of, sampled = self.prev_sampled
-        src = [rows_of[reqs[i].req_id] for i in rows]
-        dst_t = to_device(rows, torch.int64, self.device)
-        src_t = to_device(src, torch.int64, self.device)
-        input_ids.index_copy_(0, dst_t, sampled.index_select(0, src_t))
+        dst = to_device(torch.from_numpy(idx), torch.int64, self.device)
+        rows = to_device(torch.from_numpy(step.rows[idx]), torch.int64, self.device)
+        input_ids.index_copy_(0, dst, self.batch.last_token.index_select(0, rows))
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(sched).result()
@@ -400,73 +379,84 @@ class ModelRunner:
     def execute_model_async(self, sched: SchedulerOutput) -> PendingOutput:
         """Launch the step; nothing here waits for the device (unless a sampling option needs a host-side
         decision, like top-p's fallback check)."""
-        for req_id in sched.finished_req_ids:
-            self.generators.pop(req_id, None)
-        out = ModelRunnerOutput()
-        if not sched.scheduled:
-            return PendingOutput(out)
-        # Decodes first, so the attention backend sees them as one dense block; decodes by context length, so
-        # a backend that pads groups of decodes pads each only to its neighbours' lengths.
-        reqs = sorted(sched.scheduled, key=lambda r: (r.num_scheduled_tokens != 1,
-                                                      r.num_computed_tokens if r.num_scheduled_tokens == 1 else 0))
-        graph_bs = self._graph_size(reqs)
-        input_ids, positions, meta = self._prepare_inputs(reqs, pad_to=graph_bs)
-        self._fill_placeholders(input_ids, reqs)
-        sample_rows = [i for i, r in enumerate(reqs) if r.do_sample]
+        step = self.batch.apply(sched)
+        if step.num_reqs == 0:
+            return PendingOutput()
+        graph_bs = self._graph_size(step)
+        input_ids, positions, meta = self._upload_inputs(step, pad_to=graph_bs)
+        self._fill_from_device(input_ids, step)
+        sample = step.sample
         if graph_bs is not None:  # decodes only: every row samples, none has prompt logprobs left
             graph, graph_logits = self.graphs[graph_bs]
             graph.replay()
-            if not sample_rows:
-                return PendingOutput(out)
-            logits = graph_logits[: len(reqs)]
-            if len(sample_rows) != len(reqs):
-                logits = logits[to_device(sample_rows, torch.int64, self.device)]
-            return self._sample(reqs, sample_rows, logits, out)
+            if not sample.size or not self.computes_logits:
+                return PendingOutput()
+            logits = graph_logits[: step.num_reqs]
+            if sample.size != step.num_reqs:
+                logits = logits[to_device(torch.from_numpy(sample), torch.int64, self.device)]
+            return self._sample(step, logits, sched)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if hidden is None:  # a pipeline stage before the last: its output went to the next stage
-            return PendingOutput(out)
-        qsl = meta.query_start_loc_cpu
-        pending = PendingOutput(out)
-        if sample_rows:
-            last = to_device([qsl[i + 1] - 1 for i in sample_rows], torch.int64, self.device)
-            pending = self._sample(reqs, sample_rows, self.model.compute_logits(hidden[last]), out)
-        for i, r in enumerate(reqs):
-            if r.sampling_params.prompt_logprobs is not None:
-                self._prompt_logprobs(r, hidden[qsl[i] : qsl[i + 1]], out)
+            return PendingOutput()
+        pending = PendingOutput()
+        if sample.size:
+            last = to_device(torch.from_numpy(step.query_start_loc[1:][sample] - 1), torch.int64, self.device)
+            pending = self._sample(step, self.model.compute_logits(hidden[last]), sched)
+        prompt_logprobs = self._prompt_logprobs(step, hidden)
+        if prompt_logprobs:
+            pending._prompt_logprobs = prompt_logprobs
         return pending
 
-    def _sample(self, reqs: list[ScheduledRequest], rows: list[int], logits: torch.Tensor,
-                out: ModelRunnerOutput) -> PendingOutput:
-        sreqs = [reqs[i] for i in rows]
-        apply_grammar_bitmask(logits, [r.grammar_bitmask for r in sreqs])  # structured output
-        generators = {}
-        for row, r in enumerate(sreqs):
-            seed = r.sampling_params.seed
-            if seed is not None:
-                gen = self.generators.get(r.req_id)
-                if gen is None:
-                    gen = self.generators[r.req_id] = make_generator(seed, self.device)
-                generators[row] = gen
-        metadata = SamplingMetadata.build(
-            [r.sampling_params for r in sreqs],
-            [r.prompt_token_ids for r in sreqs],
-            [r.output_token_ids for r in sreqs],
-            generators,
-            logits.shape[-1],
-            self.device,
-        )
+    def _sample(self, step: StepInputs, logits: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
+        """The driver samples the rows that sample; every rank of the last stage keeps the tokens on the device
+        as the rows' last tokens (the other ranks receive them by a broadcast)."""
+        batch = self.batch
+        rows = step.rows[step.sample]
+        rows_t = to_device(torch.from_numpy(rows), torch.int64, self.device)
+        tp = get_tp_group()
+        if not self.is_driver:
+            sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+            batch.record_sampled(rows_t, tp.broadcast(sampled))
+            return PendingOutput()
+        req_ids = [step.req_ids[i] for i in step.sample.tolist()]
+        if sched.grammar is not None:  # structured output
+            apply_grammar_bitmask(logits, self._grammar_rows(sched, req_ids))
+        sampling = batch.sampling.take(rows)
+        penalties = sampling.uses_penalties()
+        needs_tokens = penalties.any() or bool(sampling.min_tokens)
+        prompts = [batch.prompt_token_ids(r) if p else () for r, p in zip(rows.tolist(), penalties.tolist())] \
+            if needs_tokens else [()] * len(rows)
+        outputs = [batch.output_token_ids[r] for r in rows.tolist()] if needs_tokens else [()] * len(rows)
+        generators = {i: batch.generators[r] for i, r in enumerate(rows.tolist()) if r in batch.generators}
+        metadata = SamplingMetadata.from_rows(sampling, prompts, outputs, generators, logits.shape[-1], self.device)
         result = self.sampler(logits, metadata)
-        self.prev_sampled = ({r.req_id: row for row, r in enumerate(sreqs)}, result.sampled_token_ids)
-        return PendingOutput(out, sreqs, result)
+        batch.record_sampled(rows_t, tp.broadcast(result.sampled_token_ids))
+        return PendingOutput(req_ids, result, metadata.num_logprobs)
 
-    def _prompt_logprobs(self, r: ScheduledRequest, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        """Logprobs of prompt tokens computed this step: the hidden state at p predicts token p + 1."""
-        start = r.num_computed_tokens
-        num_prompt = len(r.prompt_token_ids)
-        end = min(start + r.num_scheduled_tokens, num_prompt - 1)
-        if end <= start:
-            return
-        logits = self.model.compute_logits(hidden[: end - start])
-        targets = torch.tensor(r.prompt_token_ids[start + 1 : end + 1], device=self.device)
-        entries = compute_prompt_logprobs(logits, targets, r.sampling_params.prompt_logprobs)
-        out.prompt_logprobs[r.req_id] = PromptLogprobs(first_position=start + 1, entries=entries)
+    @staticmethod
+    def _grammar_rows(sched: SchedulerOutput, req_ids: list[str]) -> list[Optional[np.ndarray]]:
+        """Each sampling request's row of the step's grammar bitmask (None: no grammar)."""
+        g = sched.grammar
+        words = np.frombuffer(g.words, dtype=np.int32).reshape(len(g.req_ids), g.width)
+        row_of = {rid: i for i, rid in enumerate(g.req_ids)}
+        return [words[row_of[rid]] if rid in row_of else None for rid in req_ids]
+
+    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+        """Logprobs of the prompt tokens computed this step: the hidden state at p predicts token p + 1. Every
+        rank of the last stage computes the logits (the vocabulary is split over them); the driver keeps them."""
+        batch = self.batch
+        result: dict[str, PromptLogprobs] = {}
+        qsl = step.query_start_loc
+        for i in np.flatnonzero(batch.prompt_logprobs[step.rows] >= 0).tolist():
+            row = int(step.rows[i])
+            start = int(step.starts[i])
+            end = min(start + int(step.q_lens[i]), int(batch.num_prompt_tokens[row]) - 1)
+            if end <= start:
+                continue
+            logits = self.model.compute_logits(hidden[qsl[i] : qsl[i] + end - start])
+            if not self.is_driver:
+                continue
+            targets = torch.from_numpy(batch.token_ids[row, start + 1 : end + 1].astype(np.int64))
+            result[step.req_ids[i]] = compute_prompt_logprobs(logits, targets, int(batch.prompt_logprobs[row]),
+                                                              first_position=start + 1)
+        return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 from pagellm.core.kv_cache_manager import cdiv
@@ -58,11 +59,46 @@ def make_request(
     return Request(req_id, prompt, sp, EOS, arrival_time=arrival_time, priority=priority)
 
 
-class FakeRunner:
-    """Simulates the paged KV cache: every slot holds the whole token prefix whose KV it stands for.
+@dataclass
+class StepView:
+    """One request's share of a step, as a runner sees it after applying the message."""
 
-    As in a real forward pass, all new K/V of a step are written before any attention reads; then every
-    scheduled request checks that its block table holds exactly its own prefix at every position it attends to.
+    req_id: str
+    num_computed_tokens: int
+    token_ids: list[int]  # the input tokens the runner put together from what the messages carried
+    do_sample: bool
+
+
+@dataclass
+class _Held:
+    """What the runner holds of one request: the tokens messages gave it (by position), its block table, the
+    last token it sampled (kept on the device by a real runner), and the true sequence to check against."""
+
+    host: dict[int, int]
+    truth: list[int]
+    blocks: list[int]
+    last: Optional[int] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.truth)
+
+
+def scheduled(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    """(request id, num_computed_tokens, num_scheduled_tokens) of each request of a step message."""
+    views = [(r.req_id, r.num_computed_tokens, r.num_scheduled_tokens) for r in out.new_reqs]
+    c = out.cached
+    return views + list(zip(c.req_ids, c.num_computed_tokens, c.num_scheduled_tokens))
+
+
+class FakeRunner:
+    """A model runner that keeps its state from the step messages' deltas, and simulates the paged KV cache:
+    every slot holds the whole token prefix whose KV it stands for.
+
+    It builds each step's input tokens only from what the messages carried plus its own last sampled token (as
+    a real non-driver rank must), and checks them against the true sequence. As in a real forward pass, all new
+    K/V of a step are written before any attention reads; then every scheduled request checks that its block
+    table holds exactly its own prefix at every position it attends to.
     """
 
     def __init__(self, block_size: int, seed: int = 0, vocab: tuple[int, ...] = (3, 4, 5, 6), eos_prob: float = 0.0):
@@ -72,48 +108,83 @@ class FakeRunner:
         self.eos_prob = eos_prob
         self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
         self.forced: dict[str, list[int]] = {}  # req id -> tokens to sample next, in order
+        self.held: dict[str, _Held] = {}
+        self.last_step: list[StepView] = []
+
+    def apply(self, out: SchedulerOutput) -> list[StepView]:
+        """Update the held state from a step message; the step's requests with their input tokens."""
+        for rid in [*out.finished_req_ids, *out.preempted_req_ids]:
+            self.held.pop(rid, None)
+        for r in out.new_reqs:
+            assert r.req_id not in self.held, f"{r.req_id}: sent in full while the runner holds it"
+            tokens = list(r.prompt_token_ids) + list(r.output_token_ids)
+            self.held[r.req_id] = _Held(dict(enumerate(tokens)), tokens, list(r.block_ids))
+        c = out.cached
+        for rid, blocks, start, n, new in zip(c.req_ids, c.new_block_ids, c.num_computed_tokens,
+                                              c.num_scheduled_tokens, c.new_token_ids):
+            assert rid in self.held, f"{rid}: a delta for a request the runner does not hold"
+            held = self.held[rid]
+            held.blocks += blocks
+            for k, tok in enumerate(new):
+                held.host[start + n - len(new) + k] = tok
+        views = []
+        for rid, start, n in scheduled(out):
+            held = self.held[rid]
+            inputs = []
+            for pos in range(start, start + n):
+                if pos in held.host:
+                    inputs.append(held.host[pos])
+                else:  # only a decode may read the last sampled token, and only as its own input
+                    assert n == 1 and pos == held.num_tokens - 1 and held.last is not None, \
+                        f"{rid}: no input token for position {pos}"
+                    inputs.append(held.last)
+            assert inputs == held.truth[start : start + n], f"{rid}: scheduled tokens are not the next ones"
+            views.append(StepView(rid, start, inputs, start + n >= held.num_tokens))
+        return views
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         bs = self.block_size
-        seqs = {}
-        for sr in out.scheduled:
-            seq = list(sr.prompt_token_ids) + list(sr.output_token_ids)
-            seqs[sr.req_id] = seq
-            end = sr.num_computed_tokens + len(sr.token_ids)
-            assert sr.token_ids == seq[sr.num_computed_tokens:end], "scheduled tokens are not the next ones"
-            assert len(sr.block_ids) == cdiv(end, bs), "block table does not cover the step exactly"
-            for pos in range(sr.num_computed_tokens, end):
-                self.slots[(sr.block_ids[pos // bs], pos % bs)] = tuple(seq[: pos + 1])
+        views = self.apply(out)
+        self.last_step = views
+        for v in views:
+            held = self.held[v.req_id]
+            end = v.num_computed_tokens + len(v.token_ids)
+            assert len(held.blocks) == cdiv(end, bs), "block table does not cover the step exactly"
+            for pos in range(v.num_computed_tokens, end):
+                self.slots[(held.blocks[pos // bs], pos % bs)] = tuple(held.truth[: pos + 1])
         result = ModelRunnerOutput()
-        for sr in out.scheduled:
-            seq = seqs[sr.req_id]
-            end = sr.num_computed_tokens + len(sr.token_ids)
+        for v in views:
+            held = self.held[v.req_id]
+            end = v.num_computed_tokens + len(v.token_ids)
             for pos in range(end):
-                got = self.slots.get((sr.block_ids[pos // bs], pos % bs))
-                assert got == tuple(seq[: pos + 1]), f"{sr.req_id}: wrong KV at position {pos}"
-            assert sr.do_sample == (end == len(seq))
-            if sr.do_sample:
-                forced = self.forced.get(sr.req_id)
+                got = self.slots.get((held.blocks[pos // bs], pos % bs))
+                assert got == tuple(held.truth[: pos + 1]), f"{v.req_id}: wrong KV at position {pos}"
+            if v.do_sample:
+                forced = self.forced.get(v.req_id)
                 if forced:
                     tok = forced.pop(0)
                 elif self.rng.random() < self.eos_prob:
                     tok = EOS
                 else:
                     tok = self.rng.choice(self.vocab)
-                result.sampled_token_ids[sr.req_id] = tok
+                held.truth.append(tok)
+                held.last = tok
+                result.req_ids.append(v.req_id)
+                result.sampled_token_ids.append([tok])
         return result
 
 
 def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
     """What a SchedulerOutput must respect."""
-    n = sum(len(sr.token_ids) for sr in out.scheduled)
+    views = scheduled(out)
+    n = sum(count for _, _, count in views)
     assert n == out.num_batched_tokens
     assert n <= sched.max_num_batched_tokens
-    assert len(out.scheduled) <= sched.max_num_seqs
-    assert len({sr.req_id for sr in out.scheduled}) == len(out.scheduled)
-    assert all(len(sr.token_ids) > 0 for sr in out.scheduled)
-    for sr in out.scheduled:
-        assert sr.num_computed_tokens + len(sr.token_ids) <= sched.max_model_len
+    assert len(views) <= sched.max_num_seqs
+    assert len({rid for rid, _, _ in views}) == len(views)
+    assert all(count > 0 for _, _, count in views)
+    for _, start, count in views:
+        assert start + count <= sched.max_model_len
 
 
 def check_invariants(sched: Scheduler) -> None:

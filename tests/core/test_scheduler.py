@@ -8,7 +8,7 @@ from pagellm.core.request import RequestStatus
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, TokenLogprobs
 
 from tests.core.core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler, \
-    run_to_completion
+    run_to_completion, scheduled
 
 
 def step(sched, runner, forced=None):
@@ -23,7 +23,11 @@ def step(sched, runner, forced=None):
 
 
 def sched_counts(so):
-    return {sr.req_id: len(sr.token_ids) for sr in so.scheduled}
+    return {rid: n for rid, _, n in scheduled(so)}
+
+
+def ids(so):
+    return [rid for rid, _, _ in scheduled(so)]
 
 
 def test_chunked_prefill_splits_a_long_prompt():
@@ -33,12 +37,15 @@ def test_chunked_prefill_splits_a_long_prompt():
     chunks = []
     for _ in range(3):
         so, outs = step(sched, runner)
-        (sr,) = so.scheduled
-        chunks.append((sr.num_computed_tokens, len(sr.token_ids), sr.do_sample))
+        (view,) = runner.last_step
+        chunks.append((view.num_computed_tokens, len(view.token_ids), view.do_sample))
     assert chunks == [(0, 8, False), (8, 8, False), (16, 4, True)]
     assert [o.new_token_ids for o in outs] == [[runner_tok] for runner_tok in sched.requests["a"].output_token_ids]
     so, _ = step(sched, runner)
-    assert sched_counts(so) == {"a": 1} and so.scheduled[0].do_sample
+    assert sched_counts(so) == {"a": 1} and runner.last_step[0].do_sample
+    # The decode carries its input token (the scheduler has it) and one new block: position 20 starts a sixth.
+    assert so.cached.new_token_ids == [[sched.requests["a"].output_token_ids[0]]]
+    assert [len(b) for b in so.cached.new_block_ids] == [1]
 
 
 def test_decode_goes_first_and_prefill_takes_the_rest():
@@ -48,8 +55,7 @@ def test_decode_goes_first_and_prefill_takes_the_rest():
     step(sched, runner)
     sched.add_request(make_request("b", list(range(10, 40)), max_tokens=2))
     so, _ = step(sched, runner)
-    assert [sr.req_id for sr in so.scheduled] == ["a", "b"]
-    assert sched_counts(so) == {"a": 1, "b": 9}
+    assert sched_counts(so) == {"a": 1, "b": 9} and [r.req_id for r in so.new_reqs] == ["b"]
     so, _ = step(sched, runner)
     assert sched_counts(so) == {"a": 1, "b": 9}  # b keeps going in the running loop, after a
 
@@ -74,7 +80,7 @@ def test_fcfs_order():
         sched.add_request(make_request(rid, [3, 4], max_tokens=1, arrival_time=10.0 - i))
     while sched.has_unfinished_requests():
         so, _ = step(sched, runner)
-        order += [sr.req_id for sr in so.scheduled]
+        order += ids(so)
     assert order == ["x", "y", "z"]  # insertion order, whatever the arrival times say
 
 
@@ -87,7 +93,7 @@ def test_priority_order_then_arrival():
     order = []
     while sched.has_unfinished_requests():
         so, _ = step(sched, runner)
-        order += [sr.req_id for sr in so.scheduled]
+        order += ids(so)
     assert order == ["high-early", "high-late", "mid", "low"]
 
 
@@ -102,7 +108,7 @@ def test_preemption_under_a_tiny_pool():
         so, _ = step(sched, runner)
         if so.preempted_req_ids:
             saw_preemption = True
-            assert so.preempted_req_ids == {"new"}  # the newest running request is the victim
+            assert so.preempted_req_ids == ["new"]  # the newest running request is the victim
             assert sched.waiting.peek().request_id == "new"
             assert sched.requests["new"].status == RequestStatus.PREEMPTED
             assert sched.requests["new"].num_computed_tokens == 0
@@ -121,9 +127,10 @@ def test_preempted_request_resumes_with_its_outputs_and_rehits_its_prefix():
     resumed = []
     while sched.has_unfinished_requests():
         so, _ = step(sched, runner)
-        for sr in so.scheduled:
-            if sr.req_id == "b" and sr.num_computed_tokens > 0 and b.num_preemptions and len(sr.token_ids) > 1:
-                resumed.append(sr)
+        for r in so.new_reqs:
+            if r.req_id == "b" and b.num_preemptions:
+                assert r.output_token_ids  # sent in full again, with its outputs so far
+                resumed.append(r)
     assert b.num_preemptions >= 1
     assert len(b.output_token_ids) == 10 and len(a.output_token_ids) == 10
     # After preemption b recomputed its prompt and outputs, starting after its own cached prefix.
@@ -142,7 +149,7 @@ def test_priority_preempts_the_lowest_priority():
     victims = set()
     while sched.has_unfinished_requests():
         so, _ = step(sched, runner)
-        victims |= so.preempted_req_ids
+        victims |= set(so.preempted_req_ids)
     assert victims == {"lo"}
 
 
@@ -159,10 +166,10 @@ def test_abort_frees_blocks_and_reports_the_id():
     check_invariants(sched)
     check_drained(sched)
     so = sched.schedule()
-    assert so.is_empty and so.finished_req_ids == set()  # nothing runs: the ids wait for the next step
+    assert so.is_empty and so.finished_req_ids == []  # nothing runs: the ids wait for the next step
     sched.add_request(make_request("c", [3, 4], max_tokens=1))
     so = sched.schedule()
-    assert so.finished_req_ids == {"a", "b", "w"} and [r.req_id for r in so.scheduled] == ["c"]
+    assert so.finished_req_ids == ["a", "b", "w"] and ids(so) == ["c"]
 
 
 def test_abort_waiting_request():
@@ -191,7 +198,7 @@ def test_stop_conditions():
     assert (by_id["stop"].finish_reason, by_id["stop"].stop_reason) == ("stop", 9)
     assert not by_id["min"].finished and not by_id["ign"].finished and not by_id["len"].finished
     so, outs = step(sched, runner, {"min": EOS, "ign": EOS, "len": 5})
-    assert so.finished_req_ids == {"eos", "stop"}  # finished in the last step: the runner drops them now
+    assert so.finished_req_ids == ["eos", "stop"]  # finished in the last step: the runner drops them now
     by_id = {o.req_id: o for o in outs}
     assert by_id["min"].finish_reason == "stop"  # the second token may stop
     assert by_id["ign"].finish_reason == "length"  # max_tokens
@@ -205,15 +212,30 @@ def test_logprobs_and_prompt_logprobs_pass_through():
     sched = make_scheduler(max_num_batched_tokens=4)
     sched.add_request(make_request("a", [3, 4, 5, 6, 7, 8], max_tokens=2, prompt_logprobs=1))
     so = sched.schedule()
-    assert not so.scheduled[0].do_sample
-    plp = PromptLogprobs(first_position=1, entries=[TokenLogprobs([4], [-1.0], [1])] * 3)
+    plp = PromptLogprobs(first_position=1, token_ids=[[4]] * 3, logprobs=[[-1.0]] * 3, ranks=[[1]] * 3)
     outs = sched.update_from_output(so, ModelRunnerOutput(prompt_logprobs={"a": plp}))
     assert len(outs) == 1 and outs[0].new_token_ids == [] and outs[0].new_prompt_logprobs is plp
     so = sched.schedule()
-    assert so.scheduled[0].do_sample
     lp = TokenLogprobs([9], [-0.5], [1])
-    outs = sched.update_from_output(so, ModelRunnerOutput(sampled_token_ids={"a": 9}, logprobs={"a": lp}))
-    assert outs[0].new_token_ids == [9] and outs[0].new_logprobs is lp
+    outs = sched.update_from_output(so, ModelRunnerOutput(req_ids=["a"], sampled_token_ids=[[9]], logprobs=[[lp]]))
+    assert outs[0].new_token_ids == [9] and outs[0].new_logprobs == [lp]
+
+
+def test_several_tokens_in_one_step_stop_at_the_first_stop():
+    """A step may give a request several tokens (a verify step): they are appended in order up to the first that
+    finishes it; the rest, and their logprobs, are dropped."""
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [3, 4], max_tokens=10))
+    sched.add_request(make_request("b", [3, 4], max_tokens=3, ignore_eos=True))
+    so = sched.schedule()
+    lps = [TokenLogprobs([t], [-0.1], [1]) for t in (5, 6, EOS, 7)]
+    outs = sched.update_from_output(so, ModelRunnerOutput(
+        req_ids=["a", "b"], sampled_token_ids=[[5, 6, EOS, 7], [5, 6, 7, 8]], logprobs=[lps, None]))
+    by_id = {o.req_id: o for o in outs}
+    assert by_id["a"].new_token_ids == [5, 6, EOS] and by_id["a"].finish_reason == "stop"
+    assert by_id["a"].new_logprobs == lps[:3]
+    assert by_id["b"].new_token_ids == [5, 6, 7] and by_id["b"].finish_reason == "length"
+    check_drained(sched)
 
 
 def test_prefix_hit_across_steps_and_within_one_step():

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from pagellm.core.kv_cache_manager import cdiv
 from pagellm.core.request import RequestStatus
 
-from tests.core.core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler
+from tests.core.core_sim import EOS, FakeRunner, check_drained, check_invariants, check_step, make_request, make_scheduler, scheduled
 
 # Prompts start with a prefix of one of a few base sequences, then a short tail from a tiny alphabet: many
 # requests share prefixes (and whole prompts), which exercises prefix hits, shared blocks and eviction.
@@ -68,9 +68,11 @@ class Tracker:
         live_before = set(sched.requests)
         so = sched.schedule()
         check_step(sched, so)
-        assert {sr.req_id for sr in so.scheduled} <= live_before
-        sampling = {sr.req_id for sr in so.scheduled if sr.do_sample}
-        outs = sched.update_from_output(so, self.runner.execute(so))
+        assert {rid for rid, _, _ in scheduled(so)} <= live_before
+        runner_output = self.runner.execute(so)
+        sampling = {v.req_id for v in self.runner.last_step if v.do_sample}
+        assert set(runner_output.req_ids) == sampling
+        outs = sched.update_from_output(so, runner_output)
         for o in outs:
             assert o.req_id not in self.reasons, "output after finishing"
             assert o.req_id in live_before

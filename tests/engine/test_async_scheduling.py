@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 from pagellm import SamplingParams
-from pagellm.core.sched_output import PLACEHOLDER_TOKEN
 from tests.reference import random_prompt, tiny_llm
 
 
@@ -31,16 +30,17 @@ def _run(llm, prompts, params):
 
 
 def _count_ahead(llm):
-    """Wrap the runner's launch to count decodes scheduled ahead of their input token."""
-    runner = llm.llm_engine.core.executor.worker.runner
+    """Wrap the runner's batch to count decodes scheduled ahead of their input token (read on the device)."""
+    batch = llm.llm_engine.core.executor.worker.runner.batch
     seen = {"ahead": 0}
-    launch = runner.execute_model_async
+    apply = batch.apply
 
     def counting(sched):
-        seen["ahead"] += sum(1 for sr in sched.scheduled if sr.token_ids == [PLACEHOLDER_TOKEN])
-        return launch(sched)
+        step = apply(sched)
+        seen["ahead"] += len(step.from_device)
+        return step
 
-    runner.execute_model_async = counting
+    batch.apply = counting
     return seen
 
 
@@ -52,8 +52,10 @@ def test_config_defaults_and_errors(tiny_model_dir):
     assert not EngineArgs(model=path, device="cpu").create_engine_config().scheduler_config.async_scheduling
     assert EngineArgs(model=path, device="cpu", async_scheduling=True).create_engine_config() \
         .scheduler_config.async_scheduling
+    assert EngineArgs(model=path, device="cpu", async_scheduling=True, tensor_parallel_size=2) \
+        .create_engine_config().scheduler_config.async_scheduling  # the workers launch steps as they come
     with pytest.raises(ValueError, match="async_scheduling"):
-        EngineArgs(model=path, device="cpu", async_scheduling=True, tensor_parallel_size=2).create_engine_config()
+        EngineArgs(model=path, device="cpu", async_scheduling=True, pipeline_parallel_size=2).create_engine_config()
 
 
 def test_greedy_with_early_stops_matches_one_step_at_a_time(engines):

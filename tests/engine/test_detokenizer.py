@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from pagellm.core.sched_output import TokenLogprobs
+from pagellm.core.sched_output import PromptLogprobs, TokenLogprobs
 from pagellm.engine.detokenizer import IncrementalDetokenizer, LogprobsProcessor, make_position_logprobs
 from pagellm.sampling_params import SamplingParams
 
@@ -335,22 +335,23 @@ def test_position_logprobs_and_processor(byte_tok) -> None:
     hello = encode(byte_tok, "Hello")[0]
     entry = TokenLogprobs(token_ids=[robot[0], hello, robot[0], 7], logprobs=[-1.5, -0.1, -1.5, -2.0],
                           ranks=[3, 1, 3, 4])
-    d = make_position_logprobs(entry, byte_tok)
+    columns = (entry.token_ids, entry.logprobs, entry.ranks)
+    d = make_position_logprobs(*columns, byte_tok)
     assert list(d) == [robot[0], hello, 7]  # the sampled token first; duplicates once
     assert d[robot[0]].logprob == -1.5 and d[robot[0]].rank == 3
     assert d[robot[0]].decoded_token == "\ufffd"  # a piece of a character
     assert d[hello].decoded_token == "Hello"
-    assert list(make_position_logprobs(entry, byte_tok, num_logprobs=1)) == [robot[0], hello]
+    assert list(make_position_logprobs(*columns, byte_tok, num_logprobs=1)) == [robot[0], hello]
 
     proc = LogprobsProcessor(byte_tok, num_logprobs=2, num_prompt_logprobs=1)
     proc.update(entry)
     proc.update(TokenLogprobs(token_ids=[hello], logprobs=[-0.25], ranks=[1]))
     assert proc.cumulative_logprob == pytest.approx(-1.75)
     assert len(proc.logprobs) == 2 and list(proc.logprobs[1]) == [hello]
-    pe = [TokenLogprobs([5, 6], [-1.0, -0.5], [2, 1]), TokenLogprobs([6, 6], [-0.2, -0.2], [1, 1])]
-    proc.update_prompt(1, pe)
-    proc.update_prompt(1, pe)  # a recompute after preemption repeats positions: ignored
-    proc.update_prompt(3, pe[:1])
+    pe = PromptLogprobs(1, token_ids=[[5, 6], [6, 6]], logprobs=[[-1.0, -0.5], [-0.2, -0.2]], ranks=[[2, 1], [1, 1]])
+    proc.update_prompt(pe)
+    proc.update_prompt(pe)  # a recompute after preemption repeats positions: ignored
+    proc.update_prompt(PromptLogprobs(3, pe.token_ids[:1], pe.logprobs[:1], pe.ranks[:1]))
     assert len(proc.prompt_logprobs) == 4 and proc.prompt_logprobs[0] is None
     assert list(proc.prompt_logprobs[2]) == [6]
     none = LogprobsProcessor(byte_tok, num_logprobs=None)

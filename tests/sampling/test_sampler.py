@@ -313,17 +313,18 @@ def test_prompt_logprobs(monkeypatch) -> None:
     logits[4, 9] = 1.0  # ties: every other token shares rank 2
     targets = torch.randint(0, V, (P,))
     targets[4] = 3
-    entries = compute_prompt_logprobs(logits, targets, 2)
+    plp = compute_prompt_logprobs(logits, targets, 2, first_position=5)
     ref = torch.log_softmax(logits, dim=1)
-    assert len(entries) == P
-    for i, e in enumerate(entries):
+    assert len(plp) == P and plp.first_position == 5
+    for i in range(P):
         t = int(targets[i])
-        assert e.token_ids[0] == t and len(e.token_ids) == 3
-        assert math.isclose(e.logprobs[0], float(ref[i, t]), abs_tol=1e-5)
-        assert e.ranks[0] == 1 + int((ref[i] > ref[i, t]).sum())
-        assert e.token_ids[1] == int(ref[i].argmax()) and e.ranks[1:] == [1, 2]
-    assert entries[4].ranks[0] == 2
-    assert len(compute_prompt_logprobs(logits, targets, 0)[0].token_ids) == 1
+        ids, lps, ranks = plp.token_ids[i], plp.logprobs[i], plp.ranks[i]
+        assert ids[0] == t and len(ids) == 3
+        assert math.isclose(lps[0], float(ref[i, t]), abs_tol=1e-5)
+        assert ranks[0] == 1 + int((ref[i] > ref[i, t]).sum())
+        assert ids[1] == int(ref[i].argmax()) and ranks[1:] == [1, 2]
+    assert plp.ranks[4][0] == 2
+    assert len(compute_prompt_logprobs(logits, targets, 0).token_ids[0]) == 1
 
 
 def test_candidate_top_k_top_p_equals_the_full_sort() -> None:

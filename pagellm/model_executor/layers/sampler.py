@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagellm.core.sched_output import TokenLogprobs
+from pagellm.core.sched_output import PromptLogprobs, TokenLogprobs
 from pagellm.sampling_params import SamplingParams
 
 Device = Union[str, torch.device]
@@ -54,11 +54,12 @@ def _pad_token_lists(lists: Sequence[Sequence[int]], pad: int, device: Device) -
     return torch.from_numpy(arr).to(device)
 
 
-def to_device(values: list, dtype: torch.dtype, device: Device) -> torch.Tensor:
-    """A small host list on the device without waiting for the GPU. A blocking copy would first drain the stream
-    (ending the overlap of the next step's host work with this step's forward pass); a pinned staging tensor
-    (from torch's caching host allocator, which keeps it until the copy is done) copies asynchronously."""
-    host = torch.tensor(values, dtype=dtype)
+def to_device(values: Union[list, torch.Tensor], dtype: torch.dtype, device: Device) -> torch.Tensor:
+    """A small host list (or CPU tensor) on the device without waiting for the GPU. A blocking copy would first
+    drain the stream (ending the overlap of the next step's host work with this step's forward pass); a pinned
+    staging tensor (from torch's caching host allocator, which keeps it until the copy is done) copies
+    asynchronously."""
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
@@ -87,8 +88,82 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmasks: Sequence[Optional[np.n
 
 
 @dataclass
+class SamplingRows:
+    """The sampling parameters of N rows as numpy columns, and the few per-row extras only some rows have.
+
+    The model runner keeps one of these for all its request rows (set when a request arrives) and takes the
+    rows of each step from it; tests build one from SamplingParams. Greedy rows keep their neutral values.
+    """
+
+    greedy: np.ndarray  # bool
+    # float32 [6, N]: temperature, top_p, min_p, repetition, frequency and presence penalties
+    floats: np.ndarray
+    top_k: np.ndarray  # int64; 0 = no top-k
+    num_logprobs: np.ndarray  # int64; -1 = no logprobs
+    # Rare extras, by row: logit_bias; (min_tokens, stop ids) of rows with min_tokens.
+    logit_bias: dict[int, dict[int, float]] = field(default_factory=dict)
+    min_tokens: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+
+    TEMPERATURE, TOP_P, MIN_P, REPETITION, FREQUENCY, PRESENCE = range(6)
+    _NEUTRAL = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+
+    @classmethod
+    def empty(cls, n: int) -> "SamplingRows":
+        return cls(greedy=np.ones(n, dtype=bool), floats=np.tile(np.array(cls._NEUTRAL, np.float32)[:, None], (1, n)),
+                   top_k=np.zeros(n, dtype=np.int64), num_logprobs=np.full(n, -1, dtype=np.int64))
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams]) -> "SamplingRows":
+        rows = cls.empty(len(params))
+        for i, p in enumerate(params):
+            rows.set_row(i, p)
+        return rows
+
+    def set_row(self, row: int, p: SamplingParams) -> None:
+        greedy = p.greedy
+        self.greedy[row] = greedy
+        self.floats[:, row] = (1.0 if greedy else p.temperature, 1.0 if greedy else p.top_p,
+                               0.0 if greedy else p.min_p, p.repetition_penalty, p.frequency_penalty,
+                               p.presence_penalty)
+        self.top_k[row] = 0 if greedy else p.top_k
+        self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
+        self.logit_bias.pop(row, None)
+        self.min_tokens.pop(row, None)
+        if p.logit_bias:
+            self.logit_bias[row] = dict(p.logit_bias)
+        if p.min_tokens:
+            self.min_tokens[row] = (p.min_tokens, sorted(p.all_stop_token_ids))
+
+    def clear_row(self, row: int) -> None:
+        self.logit_bias.pop(row, None)
+        self.min_tokens.pop(row, None)
+
+    def take(self, rows: np.ndarray) -> "SamplingRows":
+        """These rows, in this order, as a new SamplingRows (extras renumbered)."""
+        taken = SamplingRows(greedy=self.greedy[rows], floats=self.floats[:, rows], top_k=self.top_k[rows],
+                             num_logprobs=self.num_logprobs[rows])
+        if self.logit_bias or self.min_tokens:
+            for i, row in enumerate(rows.tolist()):
+                if row in self.logit_bias:
+                    taken.logit_bias[i] = self.logit_bias[row]
+                if row in self.min_tokens:
+                    taken.min_tokens[i] = self.min_tokens[row]
+        return taken
+
+    def uses_penalties(self) -> np.ndarray:
+        """bool [N]: rows whose sampling reads their prompt or output tokens."""
+        f = self.floats
+        return (f[self.REPETITION] != 1.0) | (f[self.FREQUENCY] != 0.0) | (f[self.PRESENCE] != 0.0)
+
+
+def _column(values: np.ndarray, device: Device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return to_device(torch.from_numpy(np.ascontiguousarray(values)), dtype, device)
+
+
+@dataclass
 class SamplingMetadata:
-    """Per-step sampling inputs as tensors; row i is request i. Build it with `SamplingMetadata.build`."""
+    """Per-step sampling inputs as tensors; row i is request i. Build it with `SamplingMetadata.build` (from
+    SamplingParams) or `from_rows` (from the runner's rows)."""
 
     num_rows: int
     vocab_size: int
@@ -153,85 +228,88 @@ class SamplingMetadata:
         n = len(params)
         if len(prompt_token_ids) != n or len(output_token_ids) != n:
             raise ValueError("params, prompt_token_ids and output_token_ids must have one entry per row")
-        V = vocab_size
-        greedy = [p.greedy for p in params]
-        all_greedy = all(greedy)
-        all_random = not any(greedy)
-        md = cls(num_rows=n, vocab_size=V, all_greedy=all_greedy, all_random=all_random)
+        return cls.from_rows(SamplingRows.from_params(params), prompt_token_ids, output_token_ids, generators,
+                             vocab_size, device)
 
-        def f32(values: list[float]) -> torch.Tensor:
-            return to_device(values, torch.float32, device)
+    @classmethod
+    def from_rows(
+        cls,
+        rows: SamplingRows,
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+        generators: dict[int, torch.Generator],
+        vocab_size: int,
+        device: Device,
+    ) -> "SamplingMetadata":
+        """prompt_token_ids / output_token_ids: per row; only rows with penalties (and min_tokens, for the
+        output length) are read, the others may be empty."""
+        n = len(rows.greedy)
+        V = vocab_size
+        greedy = rows.greedy
+        all_greedy = bool(greedy.all())
+        all_random = not bool(greedy.any())
+        md = cls(num_rows=n, vocab_size=V, all_greedy=all_greedy, all_random=all_random)
+        f = rows.floats
+        random_rows = ~greedy
 
         if not all_greedy:
             if not all_random:
-                md.greedy_mask = to_device(greedy, torch.bool, device)
-            temps = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
-            if any(t != 1.0 for t in temps):
-                md.temperature = f32(temps)
-            ks = [V if g or not 0 < p.top_k < V else p.top_k for p, g in zip(params, greedy)]
-            if any(k < V for k in ks):
-                md.top_k = to_device(ks, torch.int64, device)
-                md.max_top_k = max(k for k in ks if k < V)
-            ps = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
-            if any(p < 1.0 for p in ps):
-                md.top_p = f32(ps)
-            mps = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
-            if any(m > 0.0 for m in mps):
-                md.min_p = f32(mps)
+                md.greedy_mask = _column(greedy, device, torch.bool)
+            if (f[rows.TEMPERATURE] != 1.0).any():
+                md.temperature = _column(f[rows.TEMPERATURE], device)
+            ks = np.where(random_rows & (rows.top_k > 0) & (rows.top_k < V), rows.top_k, V)
+            if (ks < V).any():
+                md.top_k = _column(ks, device, torch.int64)
+                md.max_top_k = int(ks[ks < V].max())
+            if (f[rows.TOP_P] < 1.0).any():
+                md.top_p = _column(f[rows.TOP_P], device)
+            if (f[rows.MIN_P] > 0.0).any():
+                md.min_p = _column(f[rows.MIN_P], device)
             md.generators = {row: gen for row, gen in generators.items() if 0 <= row < n and not greedy[row]}
-            md.needs_shared_draw = any(not g and row not in md.generators for row, g in enumerate(greedy))
+            md.needs_shared_draw = any(row not in md.generators for row in np.flatnonzero(random_rows).tolist())
 
-        reps = [float(p.repetition_penalty) for p in params]
-        freqs = [float(p.frequency_penalty) for p in params]
-        pres = [float(p.presence_penalty) for p in params]
-        has_rep = any(r != 1.0 for r in reps)
-        has_freq = any(f != 0.0 for f in freqs)
-        has_pres = any(x != 0.0 for x in pres)
+        has_rep = bool((f[rows.REPETITION] != 1.0).any())
+        has_freq = bool((f[rows.FREQUENCY] != 0.0).any())
+        has_pres = bool((f[rows.PRESENCE] != 0.0).any())
         if has_rep:
-            md.repetition_penalties = f32(reps)
+            md.repetition_penalties = _column(f[rows.REPETITION], device)
             md.prompt_token_ids = _pad_token_lists(
-                [ids if r != 1.0 else () for ids, r in zip(prompt_token_ids, reps)], V, device)
+                [ids if r != 1.0 else () for ids, r in zip(prompt_token_ids, f[rows.REPETITION].tolist())], V, device)
         if has_freq:
-            md.frequency_penalties = f32(freqs)
+            md.frequency_penalties = _column(f[rows.FREQUENCY], device)
         if has_pres:
-            md.presence_penalties = f32(pres)
+            md.presence_penalties = _column(f[rows.PRESENCE], device)
         if has_rep or has_freq or has_pres:
-            needs_output = [r != 1.0 or f != 0.0 or x != 0.0 for r, f, x in zip(reps, freqs, pres)]
+            needs_output = rows.uses_penalties().tolist()
             md.output_token_ids = _pad_token_lists(
                 [ids if need else () for ids, need in zip(output_token_ids, needs_output)], V, device)
 
-        bias_rows: list[int] = []
-        bias_toks: list[int] = []
-        bias_vals: list[float] = []
-        stop_rows: list[int] = []
-        stop_toks: list[int] = []
-        for row, p in enumerate(params):
-            if p.logit_bias:
-                for tok, val in p.logit_bias.items():
+        if rows.logit_bias:
+            bias_rows, bias_toks, bias_vals = [], [], []
+            for row, bias in rows.logit_bias.items():
+                for tok, val in bias.items():
                     if 0 <= tok < V:  # the processor rejects ids outside the model's vocabulary
                         bias_rows.append(row)
                         bias_toks.append(tok)
                         bias_vals.append(float(val))
-            if p.min_tokens and len(output_token_ids[row]) < p.min_tokens:
-                for tok in p.all_stop_token_ids:
-                    if 0 <= tok < V:
-                        stop_rows.append(row)
-                        stop_toks.append(tok)
-        if bias_rows:
-            md.logit_bias = (
-                to_device(bias_rows, torch.int64, device),
-                to_device(bias_toks, torch.int64, device),
-                f32(bias_vals),
-            )
-        if stop_rows:
-            md.min_tokens_mask = (
-                to_device(stop_rows, torch.int64, device),
-                to_device(stop_toks, torch.int64, device),
-            )
+            if bias_rows:
+                md.logit_bias = (to_device(bias_rows, torch.int64, device), to_device(bias_toks, torch.int64, device),
+                                 to_device(bias_vals, torch.float32, device))
+        if rows.min_tokens:
+            stop_rows, stop_toks = [], []
+            for row, (min_tokens, stop_ids) in rows.min_tokens.items():
+                if len(output_token_ids[row]) < min_tokens:
+                    for tok in stop_ids:
+                        if 0 <= tok < V:
+                            stop_rows.append(row)
+                            stop_toks.append(tok)
+            if stop_rows:
+                md.min_tokens_mask = (to_device(stop_rows, torch.int64, device),
+                                      to_device(stop_toks, torch.int64, device))
 
-        md.num_logprobs = [p.logprobs for p in params]
-        wanted = [k for k in md.num_logprobs if k is not None]
-        md.max_num_logprobs = max(wanted) if wanted else None
+        wanted = rows.num_logprobs
+        md.num_logprobs = [None if k < 0 else k for k in wanted.tolist()]
+        md.max_num_logprobs = int(wanted.max()) if n and (wanted >= 0).any() else None
         return md
 
 
@@ -283,19 +361,25 @@ def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) ->
     return LogprobsTensors(token_ids=ids, logprobs=lps, ranks=ranks)
 
 
-def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor,
-                            num_logprobs: int) -> list[TokenLogprobs]:
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor, num_logprobs: int,
+                            first_position: int = 1) -> PromptLogprobs:
     """logits [P, V] at P prompt positions, next_token_ids [P] (the prompt token each position predicts) ->
-    per position: that token's logprob and rank, then the top `num_logprobs`, from the raw log_softmax."""
+    per position: that token's logprob and rank, then the top `num_logprobs`, from the raw log_softmax. Computed
+    PROMPT_LOGPROBS_CHUNK positions at a time on the device (bounding the float32 temporaries), then copied to
+    the host once, as columns."""
     P = logits.shape[0]
     next_token_ids = next_token_ids.to(device=logits.device, dtype=torch.int64)
-    entries: list[TokenLogprobs] = []
+    parts = []
     for start in range(0, P, PROMPT_LOGPROBS_CHUNK):
         end = min(P, start + PROMPT_LOGPROBS_CHUNK)
         lp = torch.log_softmax(logits[start:end].to(torch.float32), dim=-1)
-        ids, lps, ranks = _gather_logprobs(lp, next_token_ids[start:end], num_logprobs).tolists()
-        entries.extend(TokenLogprobs(token_ids=i, logprobs=l, ranks=r) for i, l, r in zip(ids, lps, ranks))
-    return entries
+        parts.append(_gather_logprobs(lp, next_token_ids[start:end], num_logprobs))
+    if len(parts) == 1:
+        ids, lps, ranks = parts[0].tolists()
+    else:
+        ids, lps, ranks = (torch.cat([getattr(p, name) for p in parts]).tolist()
+                           for name in ("token_ids", "logprobs", "ranks"))
+    return PromptLogprobs(first_position=first_position, token_ids=ids, logprobs=lps, ranks=ranks)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

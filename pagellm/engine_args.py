@@ -42,7 +42,7 @@ _HELP = {
     "skip_tokenizer_init": "load no tokenizer: prompts must be token ids and outputs carry no text",
     "enforce_eager": "CUDA: run every step eagerly (no CUDA graphs for decode batches)",
     "async_scheduling": "schedule and launch each step while the one before it runs on the device, hiding the "
-    "host's per-step work (default: on for one CUDA device in the engine's process, off otherwise)",
+    "host's per-step work (default: on with CUDA unless pipeline_parallel_size > 1, off on the CPU)",
     "tensor_parallel_size": "devices that split every layer's weights (one worker process per device)",
     "pipeline_parallel_size": "pipeline stages: devices that each hold a contiguous slice of the layers",
     "data_parallel_size": "engine cores behind one server (each with its own devices and KV cache); requests go "
@@ -216,13 +216,12 @@ class EngineArgs:
             step_timeout_s=self.distributed_step_timeout,
         )
         check_parallel_fits_model(hf_config, parallel_config)
-        # Async scheduling needs a launch that returns before the step is done: the in-process worker's.
-        in_process = parallel_config.executor_backend == "uni"
-        if self.async_scheduling and not in_process:
-            raise ValueError("async_scheduling needs one device in the engine's process (distributed_executor_backend "
-                             "uni, tensor_parallel_size and pipeline_parallel_size 1)")
-        scheduler_config.async_scheduling = (in_process and on_cuda if self.async_scheduling is None
-                                             else self.async_scheduling)
+        # Pipeline parallelism keeps one batch per stage in flight instead (EngineCore._step_pipelined).
+        if self.async_scheduling and parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("async_scheduling: pipeline parallelism keeps a batch per stage in flight already; use "
+                             "it with pipeline_parallel_size 1")
+        scheduler_config.async_scheduling = (on_cuda and parallel_config.pipeline_parallel_size == 1
+                                             if self.async_scheduling is None else self.async_scheduling)
         return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config)
 
 

@@ -12,8 +12,8 @@ class WorkerDiedError(RuntimeError):
 class Executor:
     """determine_num_blocks -> initialize_kv_cache -> execute_model per step -> shutdown.
 
-    Multi-worker executors send each step's SchedulerOutput to every worker once and return only the driver's
-    (TP rank 0 of the last pipeline stage) ModelRunnerOutput; the other workers answer None.
+    Multi-worker executors encode each step's SchedulerOutput once, send the same bytes to every worker and
+    return only the driver's (TP rank 0 of the last pipeline stage) ModelRunnerOutput; the others answer nothing.
     """
 
     def determine_num_blocks(self) -> int:
@@ -25,8 +25,8 @@ class Executor:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         raise NotImplementedError
 
-    # Pipeline parallelism keeps several batches in flight: submit returns at once, collect waits for that
-    # batch (handles are collected in submission order). By default: run at submit.
+    # Async scheduling and pipeline parallelism keep steps in flight: submit launches a step and returns at
+    # once, collect waits for its answer (handles are collected in submission order). By default: run at submit.
     def submit_model(self, scheduler_output: SchedulerOutput) -> object:
         return self.execute_model(scheduler_output)
 

@@ -3,9 +3,11 @@ span the GPUs of several machines of a Ray cluster.
 
 The actors form one torch.distributed group, as with the multiproc executor (NCCL on GPUs, gloo on CPUs);
 rank 0's actor picks the rendezvous address (its node's IP and a free port) so it works across nodes. Each
-step's SchedulerOutput is put in Ray's object store once (`ray.put`) and every actor gets the reference; only
-the driver rank's actor returns the sampled tokens. Ray is the transport here: its own serialization between
-its own processes, nothing of ours on a socket.
+step is encoded once (msgpack, executor/messages.py), put in Ray's object store once (`ray.put` of the bytes)
+and every actor gets the reference: `submit` launches the step and returns at once; the driver rank's
+`collect` then answers with the oldest launched step's tokens (as msgpack bytes). An actor runs its calls in
+order, so the engine's submit(N+1), collect(N) overlaps step N+1's launch with step N's work (async
+scheduling), and the first stage of a pipeline starts the next batch while later stages work on this one.
 
 Uses the Ray cluster this process is connected to, or starts a local one (no dashboard, no usage stats).
 A dead actor makes the step raise WorkerDiedError (ray.wait notices it even while the other ranks are blocked
@@ -14,14 +16,18 @@ in a collective with it).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
 import time
 from typing import Any, Optional
 
+import msgspec
+
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagellm.executor import messages as m
 from pagellm.executor.base import Executor, WorkerDiedError, worker_threads
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,9 @@ class RayWorkerWrapper:
         self.config = config
         self.rank = rank
         self.worker: Any = None
+        self._pending: "collections.deque[Any]" = collections.deque()
+        self._decoder = m.input_decoder()
+        self._encoder = m.encoder()
 
     def rendezvous_address(self) -> str:
         import ray
@@ -54,10 +63,20 @@ class RayWorkerWrapper:
         return os.getpid()
 
     def call(self, method: str, *args: Any) -> Any:
-        result = getattr(self.worker, method)(*args)
-        if method == "execute_model" and not self.worker.is_driver:
-            return None
-        return result
+        if method not in m.WORKER_METHODS:
+            raise ValueError(f"unknown worker method {method!r}")
+        return getattr(self.worker, method)(*args)
+
+    def submit(self, step: bytes) -> None:
+        """Launch a step (every rank); the driver keeps it for `collect`."""
+        msg = self._decoder.decode(step)
+        pending = self.worker.execute_model_async(msg.step)
+        if self.worker.is_driver:
+            self._pending.append(pending)
+
+    def collect(self) -> bytes:
+        """The driver's answer to the oldest launched step, as msgpack bytes."""
+        return self._encoder.encode(self._pending.popleft().result())
 
 
 class RayExecutor(Executor):
@@ -74,6 +93,8 @@ class RayExecutor(Executor):
         self.driver_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
         self.failed: Optional[str] = None
         self.closed = False
+        self._encoder = m.encoder()
+        self._decoder = msgspec.msgpack.Decoder(ModelRunnerOutput)
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -104,10 +125,12 @@ class RayExecutor(Executor):
             self.shutdown()
             raise
 
-    def _wait(self, refs: list[Any], timeout: Optional[float] = None) -> list[Any]:
-        """Results in rank order; the first failure (a dead actor, an exception) raises at once, and so does
-        `timeout` seconds without all results (a hung actor)."""
+    def _wait(self, refs: list[Any], timeout: Optional[float] = None, ranks: Optional[list[int]] = None) -> list[Any]:
+        """Results in order; the first failure (a dead actor, an exception) raises at once, and so does
+        `timeout` seconds without all results (a hung actor). `ranks`: the worker of each ref (default: ref i is
+        worker i's)."""
         ray = self._ray
+        ranks = ranks or list(range(len(refs)))
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
@@ -116,14 +139,15 @@ class RayExecutor(Executor):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready and deadline is not None and time.monotonic() >= deadline:
-                self.failed = (f"worker(s) {sorted(index[r] for r in pending)} gave no answer to a step within "
-                               f"{timeout:g} s (distributed_step_timeout): hung")
+                hung = sorted({ranks[index[r]] for r in pending})
+                self.failed = (f"worker(s) {hung} gave no answer to a step within {timeout:g} s "
+                               "(distributed_step_timeout): hung")
                 raise WorkerDiedError(self.failed)
             for ref in ready:
                 try:
                     results[index[ref]] = ray.get(ref)
                 except Exception as e:
-                    self.failed = f"worker {index[ref]} failed: {type(e).__name__}: {e}"
+                    self.failed = f"worker {ranks[index[ref]]} failed: {type(e).__name__}: {e}"
                     raise WorkerDiedError(self.failed) from None
         return results
 
@@ -142,16 +166,18 @@ class RayExecutor(Executor):
         return self.collect_model(self.submit_model(scheduler_output))
 
     def submit_model(self, scheduler_output: SchedulerOutput) -> object:
-        """One ray.put of the batch for every actor; an actor runs its calls in order (one at a time), so the
-        first stage starts the next batch while later stages still work on this one."""
+        """One encoding and one ray.put of the step for every actor; returns the launches' refs."""
         if self.failed is not None:
             raise WorkerDiedError(self.failed)
-        ref = self._ray.put(scheduler_output)
-        return [a.call.remote("execute_model", ref) for a in self.actors]
+        ref = self._ray.put(self._encoder.encode(m.ExecuteStep(scheduler_output)))
+        return [a.submit.remote(ref) for a in self.actors]
 
     def collect_model(self, handle: object) -> ModelRunnerOutput:
-        refs: list[Any] = handle  # type: ignore[assignment]
-        return self._wait(refs, self.config.parallel_config.step_timeout_s)[self.driver_rank]
+        launches: list[Any] = handle  # type: ignore[assignment]
+        answer = self.actors[self.driver_rank].collect.remote()
+        results = self._wait(launches + [answer], self.config.parallel_config.step_timeout_s,
+                             ranks=list(range(len(launches))) + [self.driver_rank])
+        return self._decoder.decode(results[-1])
 
     def shutdown(self) -> None:
         if self.closed:

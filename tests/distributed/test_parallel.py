@@ -72,6 +72,22 @@ def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     _assert_same(got, _reference(path))
 
 
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_async_scheduling_with_workers_matches_single_device(tiny_model_dir, backend, request):
+    """TP=2 with async scheduling: step N+1 is sent while step N runs; a decode scheduled ahead of its input
+    token reads it on the device, where the driver's broadcast put it on the other rank too."""
+    if backend == "ray":
+        request.getfixturevalue("local_ray")
+    path = tiny_model_dir("llama")
+    llm = _llm(path, tensor_parallel_size=2, async_scheduling=True, distributed_executor_backend=backend)
+    try:
+        assert llm.llm_engine.config.scheduler_config.async_scheduling
+        got = [o.outputs[0] for o in llm.generate(_prompts(), PARAMS, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    _assert_same(got, _reference(path))
+
+
 def test_mp_tp2_x_pp2_matches_single_device(tiny_model_dir):
     """Four ranks (two stages of two TP ranks): about 25 s on 2 cores, one thread per worker."""
     path = tiny_model_dir("llama")

@@ -1,4 +1,4 @@
-"""The EngineCore busy loop in its own process, and the client the API process uses to talk to it.
+"""The EngineCore busy loop in its own process (the API process's side is core_client.py).
 
 Two ZMQ PUSH/PULL pairs over ipc:// sockets in a private (0700) temporary folder carry the msgpack messages
 of core_messages.py, never pickles.
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import traceback
 from typing import Any
 
@@ -28,7 +26,6 @@ from pagellm.engine.core_messages import (
     CoreError,
     EngineCoreRequest,
     InputMessage,
-    OutputMessage,
     Outputs,
     Ready,
     Shutdown,
@@ -40,10 +37,6 @@ from pagellm.engine.core_messages import (
 )
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------------------
-# The core process.
-# ---------------------------------------------------------------------------------------------------------------
 
 _IDLE_POLL_MS = 1000  # how often an idle core checks that its parent is alive
 
@@ -244,86 +237,3 @@ def run_engine_core(engine_args: Any, input_addr: str, output_addr: str, parent_
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The API process's side.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process failed or exited; nothing more will come from it."""
-
-
-class CoreProcClient:
-    """Starts the core process and owns the API process's ends of the sockets.
-
-    Sending is synchronous and never blocks (unbounded high-water mark), so it can be done from any code on
-    the event loop, including `finally` blocks of cancelled tasks. Receiving is done by the async engine on
-    `output_socket` (a zmq.asyncio socket).
-    """
-
-    def __init__(self, engine_args: Any, log_level: str = "WARNING") -> None:
-        import multiprocessing
-
-        import zmq.asyncio
-
-        self.tmpdir = tempfile.mkdtemp(prefix="pagellm-")
-        os.chmod(self.tmpdir, 0o700)
-        input_addr = f"ipc://{self.tmpdir}/input"
-        output_addr = f"ipc://{self.tmpdir}/output"
-        self.sync_ctx = zmq.Context()
-        self.input_socket = self.sync_ctx.socket(zmq.PUSH)
-        self.input_socket.setsockopt(zmq.SNDHWM, 0)
-        self.input_socket.setsockopt(zmq.LINGER, 0)
-        self.input_socket.bind(input_addr)
-        self.async_ctx = zmq.asyncio.Context()
-        self.output_socket = self.async_ctx.socket(zmq.PULL)
-        self.output_socket.setsockopt(zmq.RCVHWM, 0)
-        self.output_socket.setsockopt(zmq.LINGER, 0)
-        self.output_socket.bind(output_addr)
-        self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(OutputMessage)
-        mp = multiprocessing.get_context("spawn")
-        self.proc = mp.Process(
-            target=run_engine_core, name="pagellm-engine-core",
-            args=(engine_args, input_addr, output_addr, os.getpid(), log_level),
-        )
-        self.proc.start()
-        self.dead = False
-        self.closed = False
-
-    def send(self, msg: InputMessage) -> None:
-        if self.dead or self.closed:
-            raise EngineDeadError("the engine core is not running")
-        try:
-            self.input_socket.send(self.encoder.encode(msg), zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as e:
-            raise EngineDeadError(f"cannot reach the engine core: {e}") from e
-
-    def decode(self, frame: bytes) -> OutputMessage:
-        return self.decoder.decode(frame)
-
-    def is_alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Ask the core to exit, wait up to `timeout`, then kill it. Idempotent."""
-        if self.closed:
-            return
-        if self.proc.is_alive() and not self.dead:
-            try:
-                self.input_socket.send(self.encoder.encode(Shutdown()), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        self.closed = True
-        self.proc.join(timeout)
-        if self.proc.is_alive():
-            logger.warning("the engine core did not exit in %.0f s: killing it", timeout)
-            self.proc.kill()
-            self.proc.join(5)
-        self.input_socket.close(linger=0)
-        self.output_socket.close(linger=0)
-        self.sync_ctx.term()
-        self.async_ctx.term()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)

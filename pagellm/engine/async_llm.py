@@ -13,6 +13,9 @@ request's RequestOutputs to that request's own asyncio.Queue; `generate()` is an
   The core processes, their sockets and output tasks are the CoreClient's (core_client.py); which core takes
   a request is the DPRouter's (dp_router.py). A core that fails fails the whole engine (every request in
   flight, /health 503), as with one core.
+- Several API processes (`shared`, from `pagellm serve --api-server-count N`): this AsyncLLM is one of N
+  clients of cores that a launcher started. Its request ids carry its index; admission and routing count its
+  own sequences in flight and the cores' last reported ones (CoreStats after every step), whichever is more.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
-from pagellm.engine.core_client import CoreClient, CoreProcClient, EngineDeadError
+from pagellm.engine.core_client import CoreClient, EngineDeadError, SharedCores
 from pagellm.engine.core_messages import CoreStats, Outputs
 from pagellm.engine.dp_router import DPRouter
 from pagellm.engine.output_processor import OutputKind, OutputProcessor
@@ -70,7 +73,7 @@ class _RequestInfo:
 
 class AsyncLLM:
     def __init__(self, engine_args: Any, max_queued_requests: Optional[int] = None, log_level: str = "WARNING",
-                 log_stats: bool = True) -> None:
+                 log_stats: bool = True, shared: Optional[SharedCores] = None) -> None:
         from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
 
         if max_queued_requests is not None and max_queued_requests < 0:
@@ -88,22 +91,29 @@ class AsyncLLM:
         if log_stats:
             from pagellm.metrics import Metrics
 
-            self.metrics = Metrics(self.served_model_name)
+            # Several API processes: each writes its own numbers for prometheus_client's multiprocess mode, and
+            # the cores' counters (the same in each process's stats) are counted by the first one only.
+            self.metrics = Metrics(self.served_model_name, multiprocess=shared is not None,
+                                   count_core_counters=shared is None or shared.client_index == 0)
         self.dp_size = self.config.parallel_config.data_parallel_size
-        self.core_client = CoreClient(engine_args, self.dp_size, log_level, self._handle_outputs, self._fail_requests)
-        self.router = DPRouter(self.dp_size, self.config.cache_config, self.max_num_seqs)
+        self.shared = shared
+        self.core_client = CoreClient(engine_args, self.dp_size, log_level, self._handle_outputs, self._fail_requests,
+                                      shared)
+        self.router = DPRouter(self.dp_size, self.config.cache_config, self.max_num_seqs,
+                               reported=self.core_client.core_stats if shared is not None else None)
         self.requests: dict[str, _RequestInfo] = {}
         self.num_seqs_in_flight = 0
         self.accepting = True
         self._ids = itertools.count()
+        self._id_prefix = f"api{shared.client_index}-" if shared is not None else ""
 
     @property
-    def clients(self) -> list[CoreProcClient]:
+    def clients(self) -> list[Any]:
         """One per engine core."""
         return self.core_client.clients
 
     @property
-    def client(self) -> Optional[CoreProcClient]:
+    def client(self) -> Any:
         """The first engine core's client (the only one without data parallelism)."""
         return self.clients[0] if self.clients else None
 
@@ -169,7 +179,7 @@ class AsyncLLM:
     # ---- requests ----
 
     def next_request_id(self) -> str:
-        return str(next(self._ids))
+        return f"{self._id_prefix}{next(self._ids)}"
 
     def check_admission(self, n: int = 1) -> None:
         """Raise if a request of n sequences cannot be taken now."""
@@ -183,7 +193,10 @@ class AsyncLLM:
             capacity = self.max_num_seqs * self.dp_size
             if stats.num_waiting > 0 and stats.num_running > 0:
                 capacity = min(capacity, stats.num_running)
-            waiting = self.num_seqs_in_flight + n - capacity
+            in_flight = self.num_seqs_in_flight
+            if self.shared is not None:  # the other API processes' sequences: as the cores last reported them
+                in_flight = max(in_flight, stats.num_running + stats.num_waiting)
+            waiting = in_flight + n - capacity
             if waiting > self.max_queued_requests:
                 raise QueueFullError(
                     f"the waiting queue is full ({self.max_queued_requests} queued requests at most); retry later")
@@ -230,6 +243,7 @@ class AsyncLLM:
             self.metrics.record_routed(core)
         try:
             for request in requests:
+                request.client_index = self.core_client.client_index
                 self.core_client.send(core, request)
         except BaseException:
             self._release(request_id, abort=True)

@@ -2,6 +2,10 @@
 sockets, utility calls, and noticing that one has died.
 
 - `CoreProcClient` starts one core process (core_proc.py) and owns this process's ends of its two sockets.
+  The launcher of several API processes (`--api-server-count`) starts each core with one too, as a control
+  connection (Ready, Shutdown), and names the API processes' sockets the core also connects to.
+- `CoreConnection` is such an API process's pair of sockets to a core the launcher started (`SharedCores`
+  says where): closing it leaves the core running, and the core's death shows on a pidfd.
 - `CoreClient` holds one of them per engine core (data parallelism: N cores) and one output task per core.
   Each Outputs message goes to its `on_outputs(msg, core)` callback (the AsyncLLM's request side); a core that
   fails (CoreError, or its process exits) fails the whole engine: `on_failure(message)`, every utility call in
@@ -14,10 +18,12 @@ import asyncio
 import itertools
 import logging
 import os
+import select
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
 
 import msgspec
 import zmq
@@ -44,23 +50,17 @@ class EngineDeadError(RuntimeError):
     """The engine core process failed or exited; nothing more will come from it."""
 
 
-class CoreProcClient:
-    """Starts the core process and owns the API process's ends of the sockets.
+class _CoreSockets:
+    """This process's ends of one core's pair of sockets: it binds both, the core connects to them.
 
     Sending is synchronous and never blocks (unbounded high-water mark), so it can be done from any code on
     the event loop, including `finally` blocks of cancelled tasks. Receiving is done by the async engine on
     `output_socket` (a zmq.asyncio socket).
     """
 
-    def __init__(self, engine_args: Any, log_level: str = "WARNING") -> None:
-        import multiprocessing
-
+    def _bind(self, input_addr: str, output_addr: str) -> None:
         import zmq.asyncio
 
-        self.tmpdir = tempfile.mkdtemp(prefix="pagellm-")
-        os.chmod(self.tmpdir, 0o700)
-        input_addr = f"ipc://{self.tmpdir}/input"
-        output_addr = f"ipc://{self.tmpdir}/output"
         self.sync_ctx = zmq.Context()
         self.input_socket = self.sync_ctx.socket(zmq.PUSH)
         self.input_socket.setsockopt(zmq.SNDHWM, 0)
@@ -73,12 +73,6 @@ class CoreProcClient:
         self.output_socket.bind(output_addr)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(OutputMessage)
-        mp = multiprocessing.get_context("spawn")
-        self.proc = mp.Process(
-            target=run_engine_core, name="pagellm-engine-core",
-            args=(engine_args, input_addr, output_addr, os.getpid(), log_level),
-        )
-        self.proc.start()
         self.dead = False
         self.closed = False
 
@@ -92,6 +86,36 @@ class CoreProcClient:
 
     def decode(self, frame: bytes) -> OutputMessage:
         return self.decoder.decode(frame)
+
+
+class CoreProcClient(_CoreSockets):
+    """Starts a core process and owns this process's ends of its sockets.
+
+    `clients`: the (input, output) addresses of the API processes that will also use this core (the launcher
+    of several API processes); this connection then gets only Ready and CoreError, and sends Shutdown.
+    """
+
+    def __init__(self, engine_args: Any, log_level: str = "WARNING",
+                 clients: Sequence[tuple[str, str]] = ()) -> None:
+        import multiprocessing
+
+        self.tmpdir = tempfile.mkdtemp(prefix="pagellm-")
+        os.chmod(self.tmpdir, 0o700)
+        input_addr = f"ipc://{self.tmpdir}/input"
+        output_addr = f"ipc://{self.tmpdir}/output"
+        self._bind(input_addr, output_addr)
+        core_inputs: Union[str, list[str]] = input_addr
+        core_outputs: Union[str, list[str]] = output_addr
+        control = None
+        if clients:
+            core_inputs = [input_addr] + [i for i, _ in clients]
+            core_outputs, control = [o for _, o in clients], output_addr
+        mp = multiprocessing.get_context("spawn")
+        self.proc = mp.Process(
+            target=run_engine_core, name="pagellm-engine-core",
+            args=(engine_args, core_inputs, core_outputs, os.getpid(), log_level, control),
+        )
+        self.proc.start()
 
     def is_alive(self) -> bool:
         return self.proc.is_alive()
@@ -128,6 +152,74 @@ class CoreProcClient:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+class InheritedFd:
+    """A file descriptor handed to a spawned child process: multiprocessing passes it on at spawn time (as it
+    does a socket), so the child holds the same open file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> Any:
+        from multiprocessing import reduction
+
+        return _inherit_fd, (reduction.DupFd(self.fd),)
+
+
+def _inherit_fd(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
+
+
+@dataclass
+class SharedCores:
+    """Where one API process of several (`--api-server-count`) finds the engine cores the launcher started."""
+
+    client_index: int  # this API process's index, 0 .. num_clients - 1
+    num_clients: int
+    sockets: list[tuple[str, str]]  # per core: the (input, output) addresses this process binds
+    pids: list[int]  # per core
+    pidfds: list[Optional[InheritedFd]] = field(default_factory=list)  # per core, where Linux has pidfds
+
+
+class CoreConnection(_CoreSockets):
+    """An API process's sockets to an engine core it did not start (see SharedCores)."""
+
+    def __init__(self, input_addr: str, output_addr: str, pid: int, pidfd: Optional[InheritedFd]) -> None:
+        self._bind(input_addr, output_addr)
+        self.pid = pid
+        self.pidfd = pidfd.fd if pidfd is not None else None
+
+    @property
+    def sentinel(self) -> Optional[int]:
+        """The core's pidfd: readable once the process has exited (None: is_alive() polls the pid)."""
+        return self.pidfd
+
+    def is_alive(self) -> bool:
+        if self.pidfd is not None:
+            return not select.select([self.pidfd], [], [], 0)[0]
+        try:
+            os.kill(self.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def exit_note(self) -> str:
+        return f" (pid {self.pid})"
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close this process's sockets; the core goes on (its launcher stops it). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.input_socket.close(linger=0)
+        self.output_socket.close(linger=0)
+        self.sync_ctx.term()
+        self.async_ctx.term()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+
+
 async def wait_ready(client: Any, name: str, timeout: float) -> Ready:
     """Wait for a core's Ready message (it has loaded the model); RuntimeError if it fails or exits first."""
     sock = client.output_socket
@@ -150,13 +242,17 @@ class CoreClient:
     """The engine cores of one AsyncLLM, as seen from its event loop (see the module's docstring)."""
 
     def __init__(self, engine_args: Any, dp_size: int, log_level: str,
-                 on_outputs: Callable[[Outputs, int], None], on_failure: Callable[[str], None]) -> None:
+                 on_outputs: Callable[[Outputs, int], None], on_failure: Callable[[str], None],
+                 shared: Optional[SharedCores] = None) -> None:
+        """`shared`: connect to the cores a launcher started instead of starting them."""
         self.engine_args = engine_args
         self.dp_size = dp_size
         self.log_level = log_level
         self.on_outputs = on_outputs
         self.on_failure = on_failure
-        self.clients: list[CoreProcClient] = []  # one per engine core
+        self.shared = shared
+        self.client_index = shared.client_index if shared is not None else 0
+        self.clients: list[Union[CoreProcClient, CoreConnection]] = []  # one per engine core
         self.core_pids: list[int] = []
         self.num_blocks = 0
         self.core_stats: list[CoreStats] = [CoreStats() for _ in range(dp_size)]  # updated in place
@@ -172,10 +268,15 @@ class CoreClient:
     # ---- lifecycle ----
 
     async def start(self, timeout: float = 900.0) -> None:
-        """Start the core process(es) and wait until each has loaded the model."""
+        """Start the core process(es), or connect to them, and wait until each has loaded the model."""
         import dataclasses
 
+        shared = self.shared
         for rank in range(self.dp_size):
+            if shared is not None:
+                pidfd = shared.pidfds[rank] if shared.pidfds else None
+                self.clients.append(CoreConnection(*shared.sockets[rank], shared.pids[rank], pidfd))
+                continue
             args = self.engine_args if self.dp_size == 1 else dataclasses.replace(self.engine_args,
                                                                                   data_parallel_rank=rank)
             self.clients.append(CoreProcClient(args, log_level=self.log_level))
@@ -192,7 +293,8 @@ class CoreClient:
         loop = asyncio.get_running_loop()
         for rank, client in enumerate(self.clients):
             try:
-                loop.add_reader(client.sentinel, self._on_core_exit, rank)
+                if client.sentinel is not None:
+                    loop.add_reader(client.sentinel, self._on_core_exit, rank)
             except (NotImplementedError, ValueError):  # pragma: no cover - the poll timeout notices it too
                 pass
             self._handlers.append(loop.create_task(self._output_handler(rank), name=f"pagellm-output-handler-{rank}"))
@@ -241,7 +343,8 @@ class CoreClient:
                 pass
         for client in self.clients:
             try:
-                asyncio.get_running_loop().remove_reader(client.sentinel)
+                if client.sentinel is not None:
+                    asyncio.get_running_loop().remove_reader(client.sentinel)
             except Exception:
                 pass
         await asyncio.gather(*(asyncio.to_thread(c.close, timeout) for c in self.clients))
@@ -252,7 +355,7 @@ class CoreClient:
         """Send to one core (EngineDeadError if it cannot take it)."""
         self.clients[core].send(msg)
 
-    def _send_quietly(self, clients: list[CoreProcClient], msg: InputMessage) -> None:
+    def _send_quietly(self, clients: list[Any], msg: InputMessage) -> None:
         for client in clients:
             if not client.dead and not client.closed:
                 try:
@@ -263,11 +366,12 @@ class CoreClient:
     def abort(self, request_ids: list[str], core: Optional[int]) -> None:
         """Abort sequences in their core; a core unknown here (None) means every core (unknown ids are
         ignored by a core)."""
-        self._send_quietly(self.clients if core is None else [self.clients[core]], Abort(request_ids))
+        self._send_quietly(self.clients if core is None else [self.clients[core]],
+                           Abort(request_ids, self.client_index))
 
     def stop(self, request_ids: list[str], core: int) -> None:
         """Finish sequences that met a stop string (found by this process's detokenizer)."""
-        self._send_quietly([self.clients[core]], Stop(request_ids))
+        self._send_quietly([self.clients[core]], Stop(request_ids, self.client_index))
 
     # ---- utility calls ----
 
@@ -278,7 +382,7 @@ class CoreClient:
         fut = asyncio.get_running_loop().create_future()
         self._utility_calls[call_id] = fut
         try:
-            self.clients[core].send(Utility(call_id, method, list(args)))
+            self.clients[core].send(Utility(call_id, method, list(args), self.client_index))
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._utility_calls.pop(call_id, None)

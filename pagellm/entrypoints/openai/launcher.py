@@ -82,7 +82,8 @@ class _Launcher:
         args = self.args
         log_level = getattr(args, "log_level", "warning")
         engine_args = EngineArgs.from_cli_args(args)
-        dp = engine_args.data_parallel_size
+        config = engine_args.create_engine_config()  # bad flags fail here, before any process starts
+        dp = config.parallel_config.data_parallel_size
         tmpdir = tempfile.mkdtemp(prefix="pagellm-serve-")
         os.chmod(tmpdir, 0o700)
         metrics_dir = os.path.join(tmpdir, "metrics")
@@ -96,7 +97,7 @@ class _Launcher:
         pidfds: list[Optional[int]] = []
         ready_pipes: list[Any] = []
         try:
-            load_chat_template(args.chat_template)  # as a single server does, before anything starts
+            load_chat_template(args.chat_template)  # as a single server does, before any process starts
             listener = _listen(args.host, args.port)
             # Per core, per API process: the (input, output) socket addresses that API process binds.
             addrs = [[(f"ipc://{tmpdir}/core{r}-api{i}-in", f"ipc://{tmpdir}/core{r}-api{i}-out")
@@ -118,8 +119,6 @@ class _Launcher:
                 ready_child.close()  # the child's end: closed there too, the pipe reads EOF if it dies
                 self.servers.append(proc)
                 ready_pipes.append(ready)
-            # The flags checked (and the model named) here too, while the processes start.
-            config = engine_args.create_engine_config()
             readies = [await wait_ready(core, "the engine core" if dp == 1 else f"engine core {r}",
                                         _STARTUP_TIMEOUT) for r, core in enumerate(self.cores)]
             for i, ready in enumerate(ready_pipes):
@@ -147,7 +146,9 @@ class _Launcher:
                 if proc.is_alive():
                     proc.kill()
                 proc.join(10)
-            await asyncio.gather(*(asyncio.to_thread(core.close, 10.0) for core in self.cores))
+            # After a failed start, a core still loading reads no Shutdown: it is killed sooner.
+            timeout = 10.0 if self.started else 5.0
+            await asyncio.gather(*(asyncio.to_thread(core.close, timeout) for core in self.cores))
             for ready in ready_pipes:
                 ready.close()
             if listener is not None:

@@ -173,8 +173,7 @@ def _inherit_fd(dup: Any) -> InheritedFd:
 class SharedCores:
     """Where one API process of several (`--api-server-count`) finds the engine cores the launcher started."""
 
-    client_index: int  # this API process's index, 0 .. num_clients - 1
-    num_clients: int
+    client_index: int  # this API process's index: 0, 1, ...
     sockets: list[tuple[str, str]]  # per core: the (input, output) addresses this process binds
     pids: list[int]  # per core
     pidfds: list[Optional[InheritedFd]] = field(default_factory=list)  # per core, where Linux has pidfds

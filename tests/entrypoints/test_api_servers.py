@@ -326,8 +326,8 @@ def test_a_dead_core_fails_every_client(tiny_served_model):
             pid = core.proc.pid
             pidfd = os.pidfd_open(pid)
             await wait_ready(core, "the engine core", 300)
-            engines = [AsyncLLM(args, log_stats=False, shared=SharedCores(i, 2, [sockets[i]], [pid],
-                                                                         [InheritedFd(os.dup(pidfd))]))
+            engines = [AsyncLLM(args, log_stats=False,
+                                shared=SharedCores(i, [sockets[i]], [pid], [InheritedFd(os.dup(pidfd))]))
                        for i in range(2)]
             os.close(pidfd)
             for engine in engines:

@@ -110,7 +110,7 @@ class _Launcher:
             pidfds = [_pidfd(pid) for pid in pids]
             mp = multiprocessing.get_context("spawn")
             for i in range(self.count):
-                shared = SharedCores(i, self.count, [addrs[r][i] for r in range(dp)], pids,
+                shared = SharedCores(i, [addrs[r][i] for r in range(dp)], pids,
                                      [InheritedFd(fd) if fd is not None else None for fd in pidfds])
                 ready, ready_child = mp.Pipe(duplex=False)
                 proc = mp.Process(target=run_api_server_process, name=f"pagellm-api-server-{i}",

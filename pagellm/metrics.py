@@ -3,6 +3,12 @@
 Request-side numbers (tokens, latencies) are measured in the API process as outputs arrive; core-side numbers
 (running/waiting, KV-cache usage, prefix-cache counters, preemptions, queue times) come from the engine core
 process in a CoreStats message after every step, or on demand. Each server has its own registry.
+
+Several API processes (`pagellm serve --api-server-count N`) use prometheus_client's multiprocess mode: the
+launcher points PROMETHEUS_MULTIPROC_DIR at a private temporary folder before it starts them, each process
+writes its numbers there, and whichever process answers /metrics renders all of them: counters and histograms
+summed, the core gauges (the same cores' stats in every process) as the most recently set value. The cores'
+own counters (prefix cache, preemptions, queue times) reach every process; one of them counts them.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 
 
 class Metrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, multiprocess: bool = False, count_core_counters: bool = True) -> None:
+        """`multiprocess`: one of several API processes (see the module's docstring); `count_core_counters`:
+        this process counts the cores' counters."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
+        self.multiprocess = multiprocess
+        self.count_core_counters = count_core_counters
         r = self.registry
         lbl = ["model_name"]
 
         def gauge(name: str, doc: str) -> Any:
-            return Gauge(f"pagellm:{name}", doc, lbl, registry=r).labels(model_name)
+            return Gauge(f"pagellm:{name}", doc, lbl, registry=r, multiprocess_mode="mostrecent").labels(model_name)
 
         def counter(name: str, doc: str) -> Any:
             return Counter(f"pagellm:{name}", doc, lbl, registry=r).labels(model_name)
@@ -68,6 +78,8 @@ class Metrics:
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.num_kv_blocks.set(stats.num_blocks)
+        if not self.count_core_counters:
+            return
         for key, value, counter in (("queries", stats.prefix_cache_queries, self.prefix_cache_queries),
                                     ("hits", stats.prefix_cache_hits, self.prefix_cache_hits),
                                     ("preemptions", stats.num_preemptions, self.num_preemptions)):
@@ -97,4 +109,10 @@ class Metrics:
             self._success.labels(self.model_name, reason or "unknown").inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)

@@ -9,26 +9,27 @@ request's RequestOutputs to that request's own asyncio.Queue; `generate()` is an
 - Sequences finished by a stop string (found here by the detokenizer) are stopped in the core.
 - Admission: EngineDeadError once the core has failed, EngineShuttingDownError while draining,
   QueueFullError when the waiting queue would exceed max_queued_requests.
-- Data parallelism (`data_parallel_size` N > 1): N core processes, each with its own devices and KV cache,
-  each with its own pair of sockets and output task. Each request goes to one core (see `_route`): the one
-  whose prefix cache holds the longest part of its prompt when that is at least half of it and that core is
-  not much busier than the others, else the least loaded (fewest sequences in flight). A core that fails
-  fails the whole engine (every request in flight, /health 503), as with one core.
+- Data parallelism (`data_parallel_size` N > 1): N core processes, each with its own devices and KV cache.
+  The core processes, their sockets and output tasks are the CoreClient's (core_client.py); which core takes
+  a request is the DPRouter's (dp_router.py). A core that fails fails the whole engine (every request in
+  flight, /health 503), as with one core.
+- Several API processes (`shared`, from `pagellm serve --api-server-count N`): this AsyncLLM is one of N
+  clients of cores that a launcher started. Its request ids carry its index; admission and routing count its
+  own sequences in flight and the cores' last reported ones (CoreStats after every step), whichever is more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
-from pagellm.engine.core_messages import Abort, CoreError, CoreStats, Outputs, Ready, Stop, Utility, UtilityResult
-from pagellm.engine.core_proc import CoreProcClient, EngineDeadError
+from pagellm.engine.core_client import CoreClient, EngineDeadError, SharedCores
+from pagellm.engine.core_messages import CoreStats, Outputs
+from pagellm.engine.dp_router import DPRouter
 from pagellm.engine.output_processor import OutputKind, OutputProcessor
 from pagellm.engine.processor import ProcessedPrompt, Processor, PromptType
 from pagellm.outputs import RequestOutput
@@ -72,7 +73,7 @@ class _RequestInfo:
 
 class AsyncLLM:
     def __init__(self, engine_args: Any, max_queued_requests: Optional[int] = None, log_level: str = "WARNING",
-                 log_stats: bool = True) -> None:
+                 log_stats: bool = True, shared: Optional[SharedCores] = None) -> None:
         from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
 
         if max_queued_requests is not None and max_queued_requests < 0:
@@ -86,36 +87,52 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_queued_requests = max_queued_requests
         self.max_num_seqs = self.config.scheduler_config.max_num_seqs
-        self.log_level = log_level
         self.metrics = None
         if log_stats:
             from pagellm.metrics import Metrics
 
-            self.metrics = Metrics(self.served_model_name)
+            # Several API processes: each writes its own numbers for prometheus_client's multiprocess mode, and
+            # the cores' counters (the same in each process's stats) are counted by the first one only.
+            self.metrics = Metrics(self.served_model_name, multiprocess=shared is not None,
+                                   count_core_counters=shared is None or shared.client_index == 0)
         self.dp_size = self.config.parallel_config.data_parallel_size
-        self.clients: list[CoreProcClient] = []
-        self.core_pids: list[int] = []
-        self.core_stats: list[CoreStats] = []
-        self.core_loads: list[int] = []  # sequences in flight per core
-        # Prefix affinity (data parallelism with prefix caching): hash of a prompt's first k full blocks -> the
-        # core that was last given a prompt starting with them. LRU-bounded.
-        self._prefix_owner: "collections.OrderedDict[int, int]" = collections.OrderedDict()
+        self.shared = shared
+        self.core_client = CoreClient(engine_args, self.dp_size, log_level, self._handle_outputs, self._fail_requests,
+                                      shared)
+        self.router = DPRouter(self.dp_size, self.config.cache_config, self.max_num_seqs,
+                               reported=self.core_client.core_stats if shared is not None else None)
         self.requests: dict[str, _RequestInfo] = {}
         self.num_seqs_in_flight = 0
-        self.last_stats = CoreStats()
-        self.num_blocks = 0
-        self.core_pid: Optional[int] = None
         self.accepting = True
-        self.errored: Optional[str] = None
-        self._handlers: list[asyncio.Task] = []
-        self._utility_calls: dict[int, asyncio.Future] = {}
-        self._call_ids = itertools.count()
         self._ids = itertools.count()
+        self._id_prefix = f"api{shared.client_index}-" if shared is not None else ""
 
     @property
-    def client(self) -> Optional[CoreProcClient]:
+    def clients(self) -> list[Any]:
+        """One per engine core."""
+        return self.core_client.clients
+
+    @property
+    def client(self) -> Any:
         """The first engine core's client (the only one without data parallelism)."""
         return self.clients[0] if self.clients else None
+
+    @property
+    def core_pids(self) -> list[int]:
+        return self.core_client.core_pids
+
+    @property
+    def num_blocks(self) -> int:
+        return self.core_client.num_blocks
+
+    @property
+    def last_stats(self) -> CoreStats:
+        return self.core_client.last_stats
+
+    @property
+    def errored(self) -> Optional[str]:
+        """Why the engine failed (None while it runs)."""
+        return self.core_client.errored
 
     @property
     def served_model_name(self) -> str:
@@ -126,79 +143,19 @@ class AsyncLLM:
 
     async def start(self, timeout: float = 900.0) -> None:
         """Start the core process(es) and wait until each has loaded the model."""
-        for rank in range(self.dp_size):
-            args = self.engine_args if self.dp_size == 1 else dataclasses.replace(self.engine_args,
-                                                                                  data_parallel_rank=rank)
-            self.clients.append(CoreProcClient(args, log_level=self.log_level))
-        try:
-            readies = [await self._wait_ready(client, rank, timeout) for rank, client in enumerate(self.clients)]
-        except BaseException:
-            for client in self.clients:
-                client.close(timeout=1)
-            raise
-        self.core_pids = [r.pid for r in readies]
-        self.core_pid = self.core_pids[0]
-        self.num_blocks = sum(r.num_blocks for r in readies)
-        self.core_stats = [CoreStats(num_blocks=r.num_blocks) for r in readies]
-        self.core_loads = [0] * self.dp_size
-        self.last_stats = CoreStats(num_blocks=self.num_blocks)
+        await self.core_client.start(timeout)
         if self.metrics:
             self.metrics.record_core_stats(self.last_stats)
-        loop = asyncio.get_running_loop()
-        for rank, client in enumerate(self.clients):
-            try:
-                loop.add_reader(client.proc.sentinel, self._on_core_exit, rank)
-            except (NotImplementedError, ValueError):  # pragma: no cover - the poll timeout notices it too
-                pass
-            self._handlers.append(loop.create_task(self._output_handler(rank), name=f"pagellm-output-handler-{rank}"))
 
-    async def _wait_ready(self, client: CoreProcClient, rank: int, timeout: float) -> Ready:
-        sock = client.output_socket
-        name = "the engine core" if self.dp_size == 1 else f"engine core {rank}"
-        deadline = time.monotonic() + timeout
-        while True:
-            if await sock.poll(timeout=500):
-                msg = client.decode(await sock.recv())
-                if isinstance(msg, Ready):
-                    return msg
-                if isinstance(msg, CoreError):
-                    raise RuntimeError(msg.message)
-                continue
-            if not client.is_alive():
-                raise RuntimeError(f"{name} process exited during startup (exit code {client.proc.exitcode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start within {timeout:.0f} s")
-
-    def _on_core_exit(self, rank: int = 0) -> None:
-        client = self.clients[rank]
-        loop = asyncio.get_event_loop()
-        try:
-            loop.remove_reader(client.proc.sentinel)
-        except Exception:
-            pass
-        if not client.closed:
-            client.proc.join(0.1)
-            name = "the engine core" if self.dp_size == 1 else f"engine core {rank}"
-            self._fail(f"{name} process exited unexpectedly (exit code {client.proc.exitcode})")
-
-    def _fail(self, message: str) -> None:
-        """The core is gone: fail every request in flight, and every later one."""
-        if self.errored is None:
-            logger.error("engine failed: %s", message)
-            self.errored = message
-        for client in self.clients:
-            client.dead = True
+    def _fail_requests(self, message: str) -> None:
+        """A core is gone: fail every request in flight (later ones fail admission)."""
         for request_id, info in list(self.requests.items()):
             info.queue.put_nowait(EngineDeadError(message))
             self.output_processor.abort_request(request_id)
-        for fut in self._utility_calls.values():
-            if not fut.done():
-                fut.set_exception(EngineDeadError(message))
 
     @property
     def is_healthy(self) -> bool:
-        return self.errored is None and bool(self.clients) and all(
-            not c.closed and c.is_alive() for c in self.clients)
+        return self.core_client.is_healthy
 
     @property
     def num_requests_in_flight(self) -> int:
@@ -217,30 +174,16 @@ class AsyncLLM:
         for request_id, info in list(self.requests.items()):
             info.queue.put_nowait(EngineShuttingDownError("the server is shutting down"))
             self.abort(request_id)
-        for handler in self._handlers:
-            handler.cancel()
-            try:
-                await handler
-            except (asyncio.CancelledError, Exception):
-                pass
-        for client in self.clients:
-            try:
-                asyncio.get_running_loop().remove_reader(client.proc.sentinel)
-            except Exception:
-                pass
-        await asyncio.gather(*(asyncio.to_thread(c.close, timeout) for c in self.clients))
+        await self.core_client.shutdown(timeout)
 
     # ---- requests ----
 
     def next_request_id(self) -> str:
-        return str(next(self._ids))
+        return f"{self._id_prefix}{next(self._ids)}"
 
     def check_admission(self, n: int = 1) -> None:
         """Raise if a request of n sequences cannot be taken now."""
-        if self.errored is not None:
-            raise EngineDeadError(self.errored)
-        if not self.clients or any(c.dead for c in self.clients):
-            raise EngineDeadError("the engine core is not running")
+        self.core_client.check_alive()
         if not self.accepting:
             raise EngineShuttingDownError("the server is shutting down")
         if self.max_queued_requests is not None:
@@ -250,7 +193,10 @@ class AsyncLLM:
             capacity = self.max_num_seqs * self.dp_size
             if stats.num_waiting > 0 and stats.num_running > 0:
                 capacity = min(capacity, stats.num_running)
-            waiting = self.num_seqs_in_flight + n - capacity
+            in_flight = self.num_seqs_in_flight
+            if self.shared is not None:  # the other API processes' sequences: as the cores last reported them
+                in_flight = max(in_flight, stats.num_running + stats.num_waiting)
+            waiting = in_flight + n - capacity
             if waiting > self.max_queued_requests:
                 raise QueueFullError(
                     f"the waiting queue is full ({self.max_queued_requests} queued requests at most); retry later")
@@ -287,17 +233,18 @@ class AsyncLLM:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_admission(params.n)  # tokenizing may have awaited
-        core = self._route(processed.prompt_token_ids, requests[0].cache_salt if requests else None)
+        core = self.router.route(processed.prompt_token_ids, requests[0].cache_salt if requests else None)
         self.output_processor.add_request(request_id, processed, params, output_kind)
         info = _RequestInfo(asyncio.Queue(), time.time(), len(processed.prompt_token_ids), params.n, core)
         self.requests[request_id] = info
         self.num_seqs_in_flight += params.n
-        self.core_loads[core] += params.n
+        self.router.add(core, params.n)
         if self.metrics:
             self.metrics.record_routed(core)
         try:
             for request in requests:
-                self.clients[core].send(request)
+                request.client_index = self.core_client.client_index
+                self.core_client.send(core, request)
         except BaseException:
             self._release(request_id, abort=True)
             raise
@@ -329,7 +276,7 @@ class AsyncLLM:
         info = self.requests.pop(request_id, None)
         if info is not None:
             self.num_seqs_in_flight -= info.n
-            self.core_loads[info.core] -= info.n
+            self.router.release(info.core, info.n)
         if abort:
             self.abort(request_id, core=info.core if info is not None else None)
 
@@ -342,75 +289,16 @@ class AsyncLLM:
         self.output_processor.abort_request(request_id)
         if not children:
             return
-        # A request whose core is unknown here is aborted everywhere (unknown ids are ignored by a core).
-        for client in (self.clients if core is None else [self.clients[core]]):
-            if not client.dead and not client.closed:
-                try:
-                    client.send(Abort(children))
-                except EngineDeadError:
-                    pass
+        self.core_client.abort(children, core)
 
-    # ---- data parallelism: which core takes a request ----
-
-    _AFFINITY_ENTRIES = 1 << 16
-
-    def _route(self, prompt_token_ids: list[int], salt: Any = None) -> int:
-        """The core for a new request: the least loaded one, unless prefix caching is on and some core was
-        last given a prompt that shares at least half of this one's full blocks, and that core is not busier
-        than the least loaded by more than half a batch (max_num_seqs / 2); then that core, whose prefix
-        cache most likely still holds the shared part (a conversation's next turn)."""
-        if self.dp_size == 1:
-            return 0
-        loads = self.core_loads
-        least = min(range(self.dp_size), key=lambda i: (loads[i], i))
-        cache = self.config.cache_config
-        if not cache.enable_prefix_caching:
-            return least
-        bs = cache.block_size
-        num_blocks = len(prompt_token_ids) // bs
-        hashes, h = [], hash(("pagellm-dp", salt if isinstance(salt, (str, int, tuple)) else None))
-        for b in range(num_blocks):
-            h = hash((h, tuple(prompt_token_ids[b * bs:(b + 1) * bs])))
-            hashes.append(h)
-        choice = least
-        for k in range(num_blocks, 0, -1):  # longest shared prefix first
-            owner = self._prefix_owner.get(hashes[k - 1])
-            if owner is not None:
-                if 2 * k >= num_blocks and loads[owner] - loads[least] <= self.max_num_seqs // 2:
-                    choice = owner
-                break
-        for h in hashes:
-            self._prefix_owner[h] = choice
-            self._prefix_owner.move_to_end(h)
-        while len(self._prefix_owner) > self._AFFINITY_ENTRIES:
-            self._prefix_owner.popitem(last=False)
-        return choice
-
-    # ---- utility calls ----
-
-    async def call_utility(self, method: str, *args: Any, timeout: float = 10.0, core: int = 0) -> Any:
-        if self.errored is not None:
-            raise EngineDeadError(self.errored)
-        call_id = next(self._call_ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._utility_calls[call_id] = fut
-        try:
-            self.clients[core].send(Utility(call_id, method, list(args)))
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._utility_calls.pop(call_id, None)
-
-    async def call_utility_all(self, method: str, *args: Any, timeout: float = 10.0) -> list[Any]:
-        """The call on every engine core (data parallelism); their results in core order."""
-        return list(await asyncio.gather(*(self.call_utility(method, *args, timeout=timeout, core=i)
-                                           for i in range(len(self.clients)))))
+    # ---- stats ----
 
     async def refresh_stats(self, timeout: float = 1.0) -> CoreStats:
         """Ask the core for its numbers now (falls back to the last ones if it is slow to answer)."""
         try:
             import msgspec
 
-            results = await self.call_utility_all("get_stats", timeout=timeout)
+            results = await self.core_client.call_utility_all("get_stats", timeout=timeout)
             for rank, result in enumerate(results):
                 self._record_stats(msgspec.convert(result, CoreStats), rank)
         except (asyncio.TimeoutError, EngineDeadError, Exception) as e:  # noqa: BLE001 - metrics must not fail
@@ -418,60 +306,14 @@ class AsyncLLM:
         return self.last_stats
 
     async def reset_prefix_cache(self) -> bool:
-        return all(bool(r) for r in await self.call_utility_all("reset_prefix_cache"))
-
-    # ---- the output handler ----
+        return all(bool(r) for r in await self.core_client.call_utility_all("reset_prefix_cache"))
 
     def _record_stats(self, stats: CoreStats, core: int = 0) -> None:
-        """One core's numbers; with data parallelism the engine's are the sums over its cores (KV cache
-        usage: the mean), and the new queue times are this message's."""
-        if self.dp_size == 1:
-            self.last_stats = stats
-        else:
-            self.core_stats[core] = stats
-            all_stats = self.core_stats
-            self.last_stats = CoreStats(
-                num_running=sum(s.num_running for s in all_stats),
-                num_waiting=sum(s.num_waiting for s in all_stats),
-                kv_cache_usage=sum(s.kv_cache_usage for s in all_stats) / len(all_stats),
-                num_blocks=sum(s.num_blocks for s in all_stats),
-                prefix_cache_queries=sum(s.prefix_cache_queries for s in all_stats),
-                prefix_cache_hits=sum(s.prefix_cache_hits for s in all_stats),
-                num_preemptions=sum(s.num_preemptions for s in all_stats),
-                queue_times=list(stats.queue_times),
-            )
+        engine_stats = self.core_client.record_stats(stats, core)
         if self.metrics:
-            self.metrics.record_core_stats(self.last_stats)
+            self.metrics.record_core_stats(engine_stats)
 
-    async def _output_handler(self, core: int = 0) -> None:
-        client = self.clients[core]
-        sock = client.output_socket
-        name = "the engine core" if self.dp_size == 1 else f"engine core {core}"
-        try:
-            while True:
-                if not await sock.poll(timeout=1000):
-                    if not client.is_alive() and not client.closed:
-                        self._fail(f"{name} process exited unexpectedly (exit code {client.proc.exitcode})")
-                        return
-                    continue
-                msg = client.decode(await sock.recv())
-                if isinstance(msg, Outputs):
-                    self._handle_outputs(msg, core)
-                elif isinstance(msg, UtilityResult):
-                    fut = self._utility_calls.get(msg.call_id)
-                    if fut is not None and not fut.done():
-                        if msg.error is not None:
-                            fut.set_exception(RuntimeError(msg.error))
-                        else:
-                            fut.set_result(msg.result)
-                elif isinstance(msg, CoreError):
-                    self._fail(msg.message)
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug here must not leave requests hanging
-            logger.exception("the output handler failed")
-            self._fail(f"the output handler failed: {type(e).__name__}: {e}")
+    # ---- outputs (the CoreClient's output tasks call this) ----
 
     def _handle_outputs(self, msg: Outputs, core: int = 0) -> None:
         if msg.stats is not None:
@@ -497,12 +339,8 @@ class AsyncLLM:
                     info.num_generation_tokens += len(out.new_token_ids)
             metrics.record_generation_tokens(total)
         request_outputs, stopped = self.output_processor.process_outputs(msg.outputs)
-        client = self.clients[core]
-        if stopped and not client.dead:
-            try:
-                client.send(Stop(stopped))
-            except EngineDeadError:
-                pass
+        if stopped:
+            self.core_client.stop(stopped, core)
         for ro in request_outputs:
             info = self.requests.get(ro.request_id)
             if info is None:
@@ -516,7 +354,6 @@ class AsyncLLM:
                     metrics.record_finished(now - info.arrival_time, tpot, info.num_generation_tokens,
                                             [c.finish_reason for c in ro.outputs])
             info.queue.put_nowait(ro)
-
 
     def _fail_refused(self, outputs: list, core: int) -> None:
         """Requests the core could not take: each is answered with its error (a 400 naming the field), and its

@@ -3,7 +3,11 @@
     client  --input-->   core: EngineCoreRequest | Abort | Stop | Utility | Shutdown
     client  <--output--  core: Ready | Outputs (+ CoreStats) | UtilityResult | CoreError
 
-Tagged structs, so one decoder per direction takes a Union of them. The in-process engine (LLMEngine) hands
+Tagged structs, so one decoder per direction takes a Union of them.
+
+Behind several API processes (`--api-server-count`), each core takes input from every one of them: a message
+names its sender (`client_index`), and the core sends a request's outputs and a utility call's result only
+to that client; stats, Ready and CoreError go to every client. The in-process engine (LLMEngine) hands
 the same EngineCoreRequest and EngineCoreOutput objects to its EngineCore without encoding them.
 """
 
@@ -31,6 +35,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", omit_defaults=True):
     arrival_time: float
     priority: int = 0
     cache_salt: Optional[str] = None
+    client_index: int = 0  # which API process sent it (its outputs go back there)
 
     def params(self) -> SamplingParams:
         """The sampling parameters with the resolved stop ids in place."""
@@ -41,18 +46,21 @@ class EngineCoreRequest(msgspec.Struct, tag="add", omit_defaults=True):
 
 class Abort(msgspec.Struct, tag="abort"):
     request_ids: list[str]
+    client_index: int = 0  # a core applies it only to the sender's own requests
 
 
 class Stop(msgspec.Struct, tag="stop"):
     """Requests that met a stop string (found by the client's detokenizer)."""
 
     request_ids: list[str]
+    client_index: int = 0
 
 
 class Utility(msgspec.Struct, tag="utility"):
     call_id: int
     method: str
     args: list[Any] = []
+    client_index: int = 0
 
 
 class Shutdown(msgspec.Struct, tag="shutdown"):
@@ -114,3 +122,13 @@ def request_id_of(frame: bytes) -> Optional[str]:
     if isinstance(raw, dict) and raw.get("type") == "add" and isinstance(raw.get("request_id"), str):
         return raw["request_id"]
     return None
+
+
+def client_index_of(frame: bytes) -> int:
+    """The sender of an input message that did not decode as its type (0 when it cannot be read)."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+        return 0
+    index = raw.get("client_index", 0) if isinstance(raw, dict) else 0
+    return index if type(index) is int and index >= 0 else 0

@@ -71,22 +71,22 @@ def test_router_keeps_a_conversation_on_its_core_and_balances_the_rest(tiny_serv
 
     engine = AsyncLLM(EngineArgs(model=tiny_served_model, skip_tokenizer_init=True, data_parallel_size=2,
                                  max_num_seqs=8), log_stats=False)
-    engine.core_loads = [0, 0]
+    router = engine.router
     rng = random.Random(1)
     turn1 = [rng.randrange(3, 4096) for _ in range(40)]  # 2 full blocks of 16
-    first = engine._route(turn1)
-    engine.core_loads[first] += 1
+    first = router.route(turn1)
+    router.add(first, 1)
     other = 1 - first
     # A new, unrelated prompt goes to the idle core.
-    assert engine._route([rng.randrange(3, 4096) for _ in range(40)]) == other
-    engine.core_loads[other] += 1
+    assert router.route([rng.randrange(3, 4096) for _ in range(40)]) == other
+    router.add(other, 1)
     # The next turn of the conversation (turn 1 + answer + new message) stays where its prefix is cached ...
     turn2 = turn1 + [rng.randrange(3, 4096) for _ in range(20)]
-    assert engine._route(turn2) == first
+    assert router.route(turn2) == first
     # ... unless that core is much busier than the other (more than max_num_seqs / 2 sequences more).
-    engine.core_loads[first] += 5
-    assert engine._route(turn2 + [7] * 16) == other
+    router.add(first, 5)
+    assert router.route(turn2 + [7] * 16) == other
     # Without prefix caching, only the load counts.
-    engine.config.cache_config.enable_prefix_caching = False
-    engine.core_loads = [3, 1]
-    assert engine._route(turn1) == 1
+    router.prefix_caching = False
+    router.loads = [3, 1]
+    assert router.route(turn1) == 1

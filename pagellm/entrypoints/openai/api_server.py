@@ -3,6 +3,9 @@
 The engine core runs in its own process (engine/core_proc.py); this process parses requests, applies chat
 templates, tokenizes, detokenizes and streams. SIGTERM (or Ctrl-C) drains: new requests get 503, requests in
 flight finish (up to --shutdown-timeout), then the engine process and this one exit with status 0.
+
+With --api-server-count N > 1, launcher.py starts the engine cores and N of these processes
+(`run_api_server_process`), which share one listening socket and each reach every core.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import asyncio
 import hmac
 import logging
 import os
+import signal
+import socket
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -23,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagellm
 from pagellm.engine.async_llm import AsyncLLM
+from pagellm.engine.core_client import SharedCores
 from pagellm.engine_args import EngineArgs
 from pagellm.entrypoints.openai.cli_args import add_serve_args
 from pagellm.entrypoints.openai.protocol import (
@@ -135,6 +141,26 @@ class GuardMiddleware:
             await self.app(scope, capped_receive, guarded_send)
         finally:
             state.http_in_flight -= 1
+
+
+class ServerIndexMiddleware:
+    """Names the API process that answered (`x-pagellm-api-server: i`) when several share the port: for
+    debugging, and for tests that must reach each of them."""
+
+    def __init__(self, app: Any, index: int) -> None:
+        self.app = app
+        self.header = (b"x-pagellm-api-server", str(index).encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_index(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_index)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -296,13 +322,16 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with SIGTERM/SIGINT starting a drain instead of closing connections under running requests.
 
     A second signal exits at once. The signal is not re-raised afterwards, so a drained server exits 0.
+    Behind a launcher only SIGTERM counts: the launcher passes each SIGTERM or Ctrl-C on once, as SIGTERM.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, state: ServerState, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, state: ServerState, shutdown_timeout: float,
+                 exit_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
         super().__init__(config)
         self.engine = engine
         self.state = state
         self.shutdown_timeout = shutdown_timeout
+        self.exit_signals = exit_signals
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._draining = False
 
@@ -311,6 +340,8 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig not in self.exit_signals:
+            return
         if self._draining or self._loop is None:
             logger.warning("second signal: exiting now")
             self.should_exit = True
@@ -334,7 +365,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def _load_chat_template(value: Optional[str]) -> Optional[str]:
+def load_chat_template(value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     if os.path.isfile(value):
@@ -345,31 +376,63 @@ def _load_chat_template(value: Optional[str]) -> Optional[str]:
     return value
 
 
-async def run_server(args: argparse.Namespace) -> int:
+async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = None,
+                     sock: Optional[socket.socket] = None, on_engine_ready: Optional[Callable[[], None]] = None) -> int:
+    """Serve until drained. `shared` and `sock`: one of several API processes (the engine cores and the
+    listening socket are the launcher's); `on_engine_ready` is called once every core is reached."""
     log_level = getattr(args, "log_level", "warning")
     engine_args = EngineArgs.from_cli_args(args)
-    chat_template = _load_chat_template(args.chat_template)
+    chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key if args.api_key is not None else os.environ.get("PAGELLM_API_KEY") or None
-    engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper())
+    engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper(),
+                      shared=shared)
     await engine.start()
+    if on_engine_ready is not None:
+        on_engine_ready()
     state = ServerState(api_key, args.max_request_body_bytes)
     asgi_app, _ = build_app(engine, state, chat_template, getattr(args, "enable_auto_tool_choice", False),
                             getattr(args, "tool_call_parser", None))
+    exit_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+    if shared is not None:
+        asgi_app = ServerIndexMiddleware(asgi_app, shared.client_index)
+        exit_signals = (signal.SIGTERM,)
     config = uvicorn.Config(
         asgi_app, host=args.host, port=args.port, log_level=log_level, access_log=log_level in ("debug", "info"),
         timeout_keep_alive=5, timeout_graceful_shutdown=5, lifespan="off",
     )
-    server = DrainingServer(config, engine, state, args.shutdown_timeout)
-    print(f"pagellm {pagellm.__version__}: serving {engine.served_model_name} on http://{args.host}:{args.port} "
-          f"(engine core pid {', '.join(map(str, engine.core_pids))}, {engine.num_blocks} KV blocks)",
-          file=sys.stderr, flush=True)
+    server = DrainingServer(config, engine, state, args.shutdown_timeout, exit_signals)
+    if shared is None:
+        print(f"pagellm {pagellm.__version__}: serving {engine.served_model_name} on http://{args.host}:{args.port} "
+              f"(engine core pid {', '.join(map(str, engine.core_pids))}, {engine.num_blocks} KV blocks)",
+              file=sys.stderr, flush=True)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         await engine.shutdown()
     if not server.started:
         return 1
     return 0
+
+
+def run_api_server_process(args: argparse.Namespace, shared: SharedCores, sock: socket.socket, ready: Any) -> None:
+    """Entry point of one API process of several (multiprocessing spawn target of launcher.py); `ready`: the
+    pipe on which it tells the launcher that it has reached every core."""
+    from pagellm.engine.core_proc import set_parent_death_signal
+
+    set_parent_death_signal()  # the launcher gone, nobody would stop this process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the launcher, which passes it on
+    log_level = getattr(args, "log_level", "warning").upper()
+    logging.basicConfig(level=log_level, format=f"%(levelname)s [api {shared.client_index}] %(name)s: %(message)s")
+    code = 1
+    try:
+        code = asyncio.run(run_server(args, shared, sock, lambda: (ready.send_bytes(b"ready"), ready.close())))
+    except Exception:
+        logger.exception("API server %d failed", shared.client_index)
+    # As `pagellm serve` does: skip the interpreter's teardown (seconds with torch loaded).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -381,6 +444,13 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("max_request_body_bytes must be positive")
     if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
         raise ValueError("enable_auto_tool_choice: needs --tool-call-parser")
+    count = getattr(args, "api_server_count", 1)
+    if count < 1:
+        raise ValueError("api_server_count must be at least 1")
+    if count > 1:
+        from pagellm.entrypoints.openai.launcher import run_launcher
+
+        return run_launcher(args)
     return asyncio.run(run_server(args))
 
 

@@ -22,6 +22,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-queued-requests", type=int, default=None,
                        help="answer 429 when more sequences than this would wait beyond --max-num-seqs "
                        "(default: no limit)")
+    group.add_argument("--api-server-count", type=int, default=1,
+                       help="HTTP processes serving the one port, each reaching every engine core, so that "
+                       "parsing, tokenization, detokenization and streaming spread over N processes; above 1, a "
+                       "launcher process starts the engine core(s) and the N API processes (default: 1: one "
+                       "server process and its engine core(s))")
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds to let requests in flight finish before exiting (default: 30)")
     group.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,

@@ -28,15 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def direct_children(pid: int) -> list[int]:
+    """The children of pid (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def child_pids(pid: int) -> list[int]:
     """All descendants of pid (Linux /proc)."""
     result = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-    for kid in kids:
+    for kid in direct_children(pid):
         result.append(kid)
         result.extend(child_pids(kid))
     return result
@@ -59,6 +63,31 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """Call condition() until it returns something truthy (returned), or fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(interval)
+
+
+def read_metrics(server: "RemoteServer") -> dict[str, float]:
+    """/metrics as name{labels} -> value of every sample (labels without model_name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url("/metrics"), timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
 
 
 def cmdline(pid: int) -> str:
@@ -120,7 +149,8 @@ class RemoteServer:
             return ""
 
     def engine_core_pid(self) -> int:
-        kids = [p for p in child_pids(self.proc.pid) if "spawn_main" in cmdline(p)]
+        """The engine core: the server's one direct child started by multiprocessing (workers are its own)."""
+        kids = [p for p in direct_children(self.proc.pid) if "spawn_main" in cmdline(p)]
         assert len(kids) == 1, f"expected one engine core process, found {kids}"
         return kids[0]
 

@@ -22,6 +22,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SMOLLM_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", str(64 * 2**20)]
 
 
+def tiny_args(model_dir: str, *extra: str) -> list[str]:
+    """The tiny random model of tiny_served_model as the tests serve it: token-id prompts, a small KV cache."""
+    return [model_dir, "--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init",
+            "--kv-cache-memory", str(16 * 2**20), *extra]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -241,7 +247,7 @@ def check_death_mid_stream(server: "RemoteServer", prompt: list[int], kill_pid: 
             pass
     assert word in str(info.value.message)
     deadline = time.monotonic() + health_timeout
-    while httpx.get(server.url("/health"), timeout=5).status_code != 503:
+    while httpx.get(server.url("/health"), timeout=30).status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     with pytest.raises(openai.InternalServerError) as info:

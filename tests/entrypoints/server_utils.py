@@ -164,14 +164,14 @@ class RemoteServer:
         import openai
 
         kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 120.0)
+        kwargs.setdefault("timeout", 600.0)  # headroom for a busy machine
         return openai.OpenAI(base_url=self.url("/v1"), api_key=self.api_key or "unused", **kwargs)
 
     def async_client(self, **kwargs):
         import openai
 
         kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 120.0)
+        kwargs.setdefault("timeout", 600.0)  # headroom for a busy machine
         return openai.AsyncOpenAI(base_url=self.url("/v1"), api_key=self.api_key or "unused", **kwargs)
 
     def all_pids(self) -> list[int]:

@@ -122,7 +122,10 @@ def test_loop_drains_inputs_and_reports():
     h = Harness(core)
     for i in range(3):  # queued before the loop runs: all three join the first step
         add(h, f"r{i}", max_tokens=3)
-    time.sleep(0.3)  # let ZMQ deliver all three to the loop's socket
+    deadline = time.monotonic() + 30
+    while len(core.requests) < 3:  # handed to the core as ZMQ delivers them (however long a busy machine takes)
+        assert time.monotonic() < deadline, "ZMQ did not deliver the three requests"
+        h.proc.drain_input(100)
     h.thread.start()
     tokens: dict[str, int] = {}
     finished = set()

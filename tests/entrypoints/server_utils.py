@@ -116,6 +116,10 @@ class RemoteServer:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.pop("PAGELLM_API_KEY", None)
+        # One intra-op thread: the server's processes share the machine's 2 cores with the test process (and, on a
+        # busy machine, with other jobs), and OpenMP threads that outnumber the free cores spin on each other's
+        # barriers: SmolLM2 decoded 8x slower with 2 threads than with 1 on a busy 2-core machine.
+        full_env["OMP_NUM_THREADS"] = "1"
         full_env.update(env or {})
         self.log = tempfile.NamedTemporaryFile(prefix="pagellm-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=full_env)

@@ -61,7 +61,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+def wait_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
     """Wait until none of pids is alive (the resource tracker exits only after its parent); the survivors."""
     deadline = time.monotonic() + timeout
     while True:

@@ -19,18 +19,18 @@ SHUTDOWN_TIMEOUT = 2.0
 # The server's own bound is 2 s after the timeout (pagellm.entrypoints.openai.api_server.EXIT_GRACE_S); one
 # more second for process exit on a busy machine.
 EXIT_MARGIN_S = 3.0
-# 4,000 tokens take well over SHUTDOWN_TIMEOUT however fast the machine (a step costs more than 0.5 ms).
-MAX_TOKENS = 4000
+# 8,000 tokens take well over SHUTDOWN_TIMEOUT however fast the machine (a TP=2 step costs more than 0.25 ms).
+MAX_TOKENS = 8000
 
 
 @pytest.fixture(scope="module")
 def long_context_model(tmp_path_factory) -> str:
-    """The tiny random Llama of tiny_served_model, with room for 4,096 positions."""
+    """The tiny random Llama of tiny_served_model, with room for 8,192 positions."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=8192, rms_norm_eps=1e-6,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     folder = tmp_path_factory.mktemp("tiny-long")
@@ -39,7 +39,7 @@ def long_context_model(tmp_path_factory) -> str:
 
 
 def test_shutdown_timeout_cuts_requests_and_exits(long_context_model):
-    args = [long_context_model, "--dtype", "float32", "--max-model-len", "4096", "--skip-tokenizer-init",
+    args = [long_context_model, "--dtype", "float32", "--max-model-len", "8192", "--skip-tokenizer-init",
             "--kv-cache-memory", str(16 * 2**20), "--tensor-parallel-size", "2",
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
     with RemoteServer(args) as srv:

@@ -130,7 +130,7 @@ def test_soak(server):
 
     async def run() -> list[Outcome]:
         limits = httpx.Limits(max_connections=NUM_CLIENTS)
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits) as client:
             model = (await client.get("/v1/models")).json()["data"][0]["id"]
             queue: asyncio.Queue = asyncio.Queue()
             for plan in plans:
@@ -151,10 +151,12 @@ def test_soak(server):
     for out in complete:
         check_complete(out)
     assert all(o.completed for o in outcomes if o.plan.kind in ("plain", "stream"))
-    left = [o for o in outcomes if o.plan.kind in ("disconnect", "abort")]
-    for out in left:  # what came before the client left is well-formed too
+    # A disconnect reads at most 4 chunks of a 400-token stream: it always leaves mid-stream. An abort may come
+    # after its answer on a fast machine; then it was checked above like any other answer.
+    disconnects = [o for o in outcomes if o.plan.kind == "disconnect"]
+    assert disconnects and not any(o.completed for o in disconnects)
+    for out in disconnects:  # what came before the client left is well-formed too
         assert all(e != "[DONE]" and "error" not in e for e in out.events), (out.plan, out.events)
-    assert left and sum(not o.completed for o in left) >= len(left) // 2, "the clients hardly ever left early"
 
     def idle() -> bool:
         m = read_metrics(server)

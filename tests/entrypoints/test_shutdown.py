@@ -94,6 +94,7 @@ def test_shutdown_timeout_cuts_requests_and_exits(long_context_model):
         # Neither could have finished: both ran until the timeout cut them.
         assert answered - sigterm >= SHUTDOWN_TIMEOUT
 
+        assert not any(isinstance(r, BaseException) for r in results.values()), results
         status, content_type, text = results["plain"]
         assert status == 503 and content_type.startswith("application/json"), (status, text)
         error = json.loads(text)["error"]

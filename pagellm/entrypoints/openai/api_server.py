@@ -334,11 +334,10 @@ class DrainingServer(uvicorn.Server):
         self.state.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout
-        num_cut = self.engine.num_requests_in_flight
         if not await self.engine.drain(self.shutdown_timeout):
             # The engine has failed the requests still running with EngineShuttingDownError: their handlers
             # answer 503 shutting_down (or an error event in the stream) now, before uvicorn stops.
-            logger.warning("shutdown timeout: %d requests still running are cut", num_cut)
+            logger.warning("shutdown timeout: %d requests still running are cut", self.engine.num_requests_in_flight)
             deadline = loop.time() + RESPONSE_GRACE_S
         # Let the last responses go out (their HTTP handlers finish after the engine's last output).
         while self.state.http_in_flight > 0 and loop.time() < deadline:

@@ -162,18 +162,28 @@ class AsyncLLM:
         return len(self.requests)
 
     async def drain(self, timeout: float) -> bool:
-        """Stop taking requests and wait up to `timeout` seconds for those in flight. True if all finished."""
+        """Stop taking requests and wait up to `timeout` seconds for those in flight. True if all finished;
+        if not, those still running are cut: their streams raise EngineShuttingDownError (so each handler can
+        still answer its client) and the core aborts them."""
         self.accepting = False
         deadline = time.monotonic() + timeout
         while self.requests and self.errored is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return not self.requests
+        if not self.requests:
+            return True
+        self._cut_in_flight()
+        return False
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
-        self.accepting = False
+    def _cut_in_flight(self) -> None:
         for request_id, info in list(self.requests.items()):
             info.queue.put_nowait(EngineShuttingDownError("the server is shutting down"))
             self.abort(request_id)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Cut the requests still in flight, then stop the output tasks and the core process(es): each gets
+        `timeout` seconds to exit, then is killed."""
+        self.accepting = False
+        self._cut_in_flight()
         await self.core_client.shutdown(timeout)
 
     # ---- requests ----

@@ -22,21 +22,31 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SMOLLM_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", str(64 * 2**20)]
 
 
+def tiny_args(model_dir: str, *extra: str) -> list[str]:
+    """The tiny random model of tiny_served_model as the tests serve it: token-id prompts, a small KV cache."""
+    return [model_dir, "--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init",
+            "--kv-cache-memory", str(16 * 2**20), *extra]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def direct_children(pid: int) -> list[int]:
+    """The children of pid (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def child_pids(pid: int) -> list[int]:
     """All descendants of pid (Linux /proc)."""
     result = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-    for kid in kids:
+    for kid in direct_children(pid):
         result.append(kid)
         result.extend(child_pids(kid))
     return result
@@ -51,7 +61,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+def wait_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
     """Wait until none of pids is alive (the resource tracker exits only after its parent); the survivors."""
     deadline = time.monotonic() + timeout
     while True:
@@ -59,6 +69,31 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """Call condition() until it returns something truthy (returned), or fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(interval)
+
+
+def read_metrics(server: "RemoteServer") -> dict[str, float]:
+    """/metrics as name{labels} -> value of every sample (labels without model_name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url("/metrics"), timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
 
 
 def cmdline(pid: int) -> str:
@@ -81,6 +116,10 @@ class RemoteServer:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.pop("PAGELLM_API_KEY", None)
+        # One intra-op thread: the server's processes share the machine's 2 cores with the test process (and, on a
+        # busy machine, with other jobs), and OpenMP threads that outnumber the free cores spin on each other's
+        # barriers: SmolLM2 decoded 8x slower with 2 threads than with 1 on a busy 2-core machine.
+        full_env["OMP_NUM_THREADS"] = "1"
         full_env.update(env or {})
         self.log = tempfile.NamedTemporaryFile(prefix="pagellm-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=full_env)
@@ -120,7 +159,8 @@ class RemoteServer:
             return ""
 
     def engine_core_pid(self) -> int:
-        kids = [p for p in child_pids(self.proc.pid) if "spawn_main" in cmdline(p)]
+        """The engine core: the server's one direct child started by multiprocessing (workers are its own)."""
+        kids = [p for p in direct_children(self.proc.pid) if "spawn_main" in cmdline(p)]
         assert len(kids) == 1, f"expected one engine core process, found {kids}"
         return kids[0]
 
@@ -128,14 +168,14 @@ class RemoteServer:
         import openai
 
         kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 120.0)
+        kwargs.setdefault("timeout", 600.0)  # headroom for a busy machine
         return openai.OpenAI(base_url=self.url("/v1"), api_key=self.api_key or "unused", **kwargs)
 
     def async_client(self, **kwargs):
         import openai
 
         kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 120.0)
+        kwargs.setdefault("timeout", 600.0)  # headroom for a busy machine
         return openai.AsyncOpenAI(base_url=self.url("/v1"), api_key=self.api_key or "unused", **kwargs)
 
     def all_pids(self) -> list[int]:
@@ -211,7 +251,7 @@ def check_death_mid_stream(server: "RemoteServer", prompt: list[int], kill_pid: 
             pass
     assert word in str(info.value.message)
     deadline = time.monotonic() + health_timeout
-    while httpx.get(server.url("/health"), timeout=5).status_code != 503:
+    while httpx.get(server.url("/health"), timeout=30).status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     with pytest.raises(openai.InternalServerError) as info:

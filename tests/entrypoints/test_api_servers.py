@@ -30,7 +30,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from tests.entrypoints.server_utils import RemoteServer, wait_gone
 from tests.entrypoints.test_core_proc import FakeCore
-from tests.entrypoints.test_server_lifecycle import tiny_args
+from tests.entrypoints.server_utils import tiny_args
 
 from pagellm import LLM, SamplingParams
 from pagellm.engine.core_messages import (

@@ -6,7 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 from tests.entrypoints.server_utils import RemoteServer
-from tests.entrypoints.test_server_lifecycle import PROMPT, tiny_args
+from tests.entrypoints.server_utils import tiny_args
+from tests.entrypoints.test_server_lifecycle import PROMPT
 
 from pagellm.sampling_params import MAX_SEED
 

@@ -10,15 +10,16 @@ import time
 import httpx
 import openai
 import pytest
-from tests.entrypoints.server_utils import RemoteServer, check_death_mid_stream, wait_gone
-
+from tests.entrypoints.server_utils import (
+    RemoteServer,
+    check_death_mid_stream,
+    read_metrics,
+    tiny_args,
+    wait_gone,
+    wait_until,
+)
 
 PROMPT = list(range(10, 30))
-
-
-def tiny_args(model_dir: str, *extra: str) -> list[str]:
-    return [model_dir, "--dtype", "float32", "--max-model-len", "512", "--skip-tokenizer-init",
-            "--kv-cache-memory", str(16 * 2**20), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_queue_full_is_429(tiny_server):
     finally:
         first.close()
         second.close()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:  # the disconnects abort both; then there is room again
         try:
             out = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
@@ -73,21 +74,22 @@ def test_serve_bench_against_server(tiny_server, tmp_path):
 def test_engine_death_is_reported(tiny_server):
     """The core process dies mid-request: the stream fails with an error, /health says 503, new requests get
     503, and SIGTERM still exits cleanly."""
-    check_death_mid_stream(tiny_server, PROMPT, tiny_server.engine_core_pid(), "engine", health_timeout=10)
+    check_death_mid_stream(tiny_server, PROMPT, tiny_server.engine_core_pid(), "engine", health_timeout=60)
 
 
 def test_sigterm_drains(tiny_served_model):
-    """SIGTERM with requests in flight (one running, two waiting): new requests get 503, the three finish
-    completely, the server exits 0 and leaves no process behind."""
-    with RemoteServer(tiny_args(tiny_served_model, "--max-num-seqs", "1", "--shutdown-timeout", "120")) as srv:
-        model = httpx.get(srv.url("/v1/models"), timeout=10).json()["data"][0]["id"]
-        num_tokens = 60
-        started = threading.Barrier(4, timeout=60)
+    """SIGTERM with requests in flight (one running, two waiting): while they run, new requests get 503 and
+    /health 503; the three finish completely, the server exits 0 and leaves no process behind."""
+    with RemoteServer(tiny_args(tiny_served_model, "--max-num-seqs", "1", "--shutdown-timeout", "600")) as srv:
+        model = httpx.get(srv.url("/v1/models"), timeout=30).json()["data"][0]["id"]
+        # One after another (--max-num-seqs 1): 480 steps, far longer than the probes below take on any machine.
+        num_tokens = 160
+        started = threading.Barrier(4, timeout=120)
         results: list = [None] * 3
 
         def worker(i: int) -> None:
             try:
-                client = srv.client()
+                client = srv.client(timeout=600)
                 stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=num_tokens,
                                                    temperature=0, stream=True,
                                                    stream_options={"include_usage": True},
@@ -102,17 +104,22 @@ def test_sigterm_drains(tiny_served_model):
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(3)]
         for t in threads:
             t.start()
-        started.wait()  # all three are in the engine
+        started.wait()  # all three are in the engine (the response headers come after add_request)
         pids = srv.all_pids()
         assert len(pids) >= 2  # the server and its engine core
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # /health never enters the engine: poll it until the drain shows, then a new request must be refused.
+        wait_until(lambda: httpx.get(srv.url("/health"), timeout=30).status_code == 503, 60, "the drain to begin",
+                   interval=0.02)
         r = httpx.post(srv.url("/v1/completions"), json={"model": model, "prompt": PROMPT, "max_tokens": 2},
-                       timeout=10)
+                       timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-        assert httpx.get(srv.url("/health"), timeout=10).status_code == 503
+        m = read_metrics(srv)  # /metrics is still served while draining
+        assert m["pagellm:num_requests_running"] + m["pagellm:num_requests_waiting"] > 0, \
+            "the requests finished before the drain began: nothing was drained"
         for t in threads:
-            t.join(120)
+            t.join(600)
+        assert not any(t.is_alive() for t in threads)
         assert results == [(num_tokens, "length")] * 3, results
         assert srv.proc.wait(60) == 0
-        assert not wait_gone(pids), "a child process outlived the server"
+        assert not wait_gone(pids, timeout=60), "a child process outlived the server"

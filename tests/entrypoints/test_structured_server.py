@@ -2,7 +2,9 @@
 
 A random 2-layer model with the SmolLM2 tokenizer: 50 sampled requests (temperature 1) per grammar, half of
 them streamed, all concurrent; every output must finish by its grammar and validate. Tool calling with
-tool_choice required / named / auto (hermes parser). Then the embedded SmolLM2 (slow): 50 of each grammar too.
+tool_choice required / named / auto (hermes parser). Then the embedded SmolLM2 (slow) behind the server: a few
+of each grammar, streamed and not, all concurrent (tests/structured_output holds SmolLM2 to 50 of each grammar
+through `LLM`; here it is the server's path that is checked).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tests.entrypoints.server_utils import SMOLLM_ARGS, RemoteServer
 from tests.structured_output.cases import CHOICES, REGEX, SCHEMAS, check_choice, check_json, check_regex
 
 N = 50
+N_SMOLLM = 4  # requests of each grammar on SmolLM2 behind the server: two streamed, two not
 TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "Weather of a city",
@@ -264,66 +267,75 @@ def test_tool_messages_render_into_the_prompt(server):
     assert out.choices[0].message.content is not None
 
 
-def test_auto_needs_the_flag(tiny_so_model):
-    with RemoteServer([tiny_so_model, "--dtype", "float32", "--max-model-len", "512",
-                       "--kv-cache-memory", str(16 * 2**20)]) as srv:
-        client = srv.client()
-        model = client.models.list().data[0].id
-        with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
-            client.chat.completions.create(model=model, messages=MSG, tools=TOOLS)
-        out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, tool_choice="required",
-                                             max_tokens=300, temperature=1.0, seed=0)
-        assert out.choices[0].message.tool_calls
+@pytest.fixture(scope="module")
+def smollm_server(smollm_gguf):
+    """SmolLM2 without --enable-auto-tool-choice, and a KV cache that holds every request of
+    test_smollm_server at once."""
+    with RemoteServer(SMOLLM_ARGS + ["--kv-cache-memory", str(256 * 2**20)]) as srv:
+        yield srv
 
 
 @pytest.mark.slow
-def test_smollm_server(smollm_gguf):
-    """The embedded SmolLM2 behind the server: N requests each of json_object, the three schemas, a regex and a
-    choice list, half of them streamed, all concurrent, every output parses and validates; tool calls too."""
-    with RemoteServer(SMOLLM_ARGS + ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as srv:
-        async def run():
-            client = srv.async_client()
-            model = (await client.models.list()).data[0].id
-            prompt = [{"role": "user", "content":
-                       "Reply with a small JSON object about a cat, like {\"name\":\"Tom\",\"age\":3}."}]
+def test_auto_needs_the_flag(smollm_server):
+    client = smollm_server.client(timeout=600)
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
+        client.chat.completions.create(model=model, messages=MSG, tools=TOOLS)
+    out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, tool_choice="required",
+                                         max_tokens=300, temperature=1.0, seed=0)
+    assert out.choices[0].message.tool_calls
 
-            async def chat(stream, seed, **kw):
-                kw = dict(model=model, messages=prompt, seed=seed, max_tokens=200, **kw)
-                if not stream:
-                    out = await client.chat.completions.create(**kw)
-                    return out.choices[0].message.content, out.choices[0].finish_reason
-                text, finish = "", None
-                async for chunk in await client.chat.completions.create(stream=True, **kw):
-                    for ch in chunk.choices:
-                        text += ch.delta.content or ""
-                        finish = ch.finish_reason or finish
-                return text, finish
 
-            # json_object as in tests/structured_output (a penalty keeps SmolLM2 from looping over keys)
-            cases = [("json_object", {"response_format": {"type": "json_object"}, "temperature": 0.8,
-                                      "frequency_penalty": 1.0}, lambda t: check_json(t, None))]
-            cases += [(name, {**kwargs, "temperature": 0.5}, check) for name, kwargs, check in _extra("all")]
-            jobs, checks = [], []
-            for name, kwargs, check in cases:
-                for i in range(N):
-                    jobs.append(chat(i % 2 == 1, i, **kwargs))
-                    checks.append((name, i % 2 == 1, check))
-            common = dict(model=model, messages=MSG, tools=TOOLS, temperature=0.7, max_tokens=200)
-            jobs += [client.chat.completions.create(tool_choice="required", seed=i, **common) for i in range(2)]
-            jobs += [_areassemble(await client.chat.completions.create(
-                tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=i, stream=True,
-                **common)) for i in range(2)]
-            return checks, await asyncio.gather(*jobs)
+@pytest.mark.slow
+def test_smollm_server(smollm_server):
+    """The embedded SmolLM2 behind the server: N_SMOLLM requests each of json_object, the three schemas, a regex,
+    a choice list and guided_json, half of them streamed, all concurrent, every output parses and validates; tool
+    calls (required, and a named function streamed) too."""
+    srv = smollm_server
 
-        checks, results = asyncio.run(run())
-        for (name, stream, check), (text, finish) in zip(checks, results):
-            assert finish == "stop", (name, stream, text, finish)
-            check(text)
-        rest = results[len(checks):]
-        for out in rest[:2]:
-            assert out.choices[0].finish_reason == "tool_calls"
-            for call in out.choices[0].message.tool_calls:
-                _check_call(call.function.name, call.function.arguments)
-        for calls, _, finish in rest[2:]:
-            assert [c["name"] for c in calls] == ["get_weather"]
-            _check_call("get_weather", calls[0]["arguments"])
+    async def run():
+        client = srv.async_client(timeout=600)
+        model = (await client.models.list()).data[0].id
+        prompt = [{"role": "user", "content":
+                   "Reply with a small JSON object about a cat, like {\"name\":\"Tom\",\"age\":3}."}]
+
+        async def chat(stream, seed, **kw):
+            kw = dict(model=model, messages=prompt, seed=seed, max_tokens=200, **kw)
+            if not stream:
+                out = await client.chat.completions.create(**kw)
+                return out.choices[0].message.content, out.choices[0].finish_reason
+            text, finish = "", None
+            async for chunk in await client.chat.completions.create(stream=True, **kw):
+                for ch in chunk.choices:
+                    text += ch.delta.content or ""
+                    finish = ch.finish_reason or finish
+            return text, finish
+
+        # json_object as in tests/structured_output (a penalty keeps SmolLM2 from looping over keys)
+        cases = [("json_object", {"response_format": {"type": "json_object"}, "temperature": 0.8,
+                                  "frequency_penalty": 1.0}, lambda t: check_json(t, None))]
+        cases += [(name, {**kwargs, "temperature": 0.5}, check) for name, kwargs, check in _extra("all")]
+        jobs, checks = [], []
+        for name, kwargs, check in cases:
+            for i in range(N_SMOLLM):
+                jobs.append(chat(i % 2 == 1, i, **kwargs))
+                checks.append((name, i % 2 == 1, check))
+        common = dict(model=model, messages=MSG, tools=TOOLS, temperature=0.7, max_tokens=200)
+        jobs += [client.chat.completions.create(tool_choice="required", seed=i, **common) for i in range(2)]
+        jobs += [_areassemble(await client.chat.completions.create(
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=i, stream=True,
+            **common)) for i in range(2)]
+        return checks, await asyncio.gather(*jobs)
+
+    checks, results = asyncio.run(run())
+    for (name, stream, check), (text, finish) in zip(checks, results):
+        assert finish == "stop", (name, stream, text, finish)
+        check(text)
+    rest = results[len(checks):]
+    for out in rest[:2]:
+        assert out.choices[0].finish_reason == "tool_calls"
+        for call in out.choices[0].message.tool_calls:
+            _check_call(call.function.name, call.function.arguments)
+    for calls, _, finish in rest[2:]:
+        assert [c["name"] for c in calls] == ["get_weather"]
+        _check_call("get_weather", calls[0]["arguments"])

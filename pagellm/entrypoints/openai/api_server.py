@@ -2,7 +2,9 @@
 
 The engine core runs in its own process (engine/core_proc.py); this process parses requests, applies chat
 templates, tokenizes, detokenizes and streams. SIGTERM (or Ctrl-C) drains: new requests get 503, requests in
-flight finish (up to --shutdown-timeout), then the engine process and this one exit with status 0.
+flight finish (up to --shutdown-timeout; those still running then get a 503 `shutting_down` error, in the stream
+as an error event), then the engine process(es) and this one exit with status 0, within EXIT_GRACE_S of the
+timeout.
 
 With --api-server-count N > 1, launcher.py starts the engine cores and N of these processes
 (`run_api_server_process`), which share one listening socket and each reach every core.
@@ -18,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import uvicorn
@@ -53,6 +56,11 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping", "/openapi.js
                         "/docs/oauth2-redirect"})
 # Paths still served while draining for shutdown.
 DRAIN_PATHS = frozenset({"/metrics", "/version"})
+# After --shutdown-timeout: how long the requests cut then have to send their error responses, and how long
+# uvicorn waits for the connections to close. The engine core gets what is left of EXIT_GRACE_S to exit
+# before it is killed.
+RESPONSE_GRACE_S = 0.5
+EXIT_GRACE_S = 2.0
 
 
 class ServerState:
@@ -334,6 +342,7 @@ class DrainingServer(uvicorn.Server):
         self.exit_signals = exit_signals
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._draining = False
+        self.exit_deadline: Optional[float] = None  # time.monotonic() by which every process should be gone
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -348,6 +357,7 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
             return
         self._draining = True
+        self.exit_deadline = time.monotonic() + self.shutdown_timeout + EXIT_GRACE_S
         logger.info("signal %s: draining (up to %.0f s), then exiting", sig, self.shutdown_timeout)
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
 
@@ -355,14 +365,24 @@ class DrainingServer(uvicorn.Server):
         self.state.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout
-        finished = await self.engine.drain(self.shutdown_timeout)
-        if not finished:
-            logger.warning("shutdown timeout: %d requests still running are aborted",
-                           self.engine.num_requests_in_flight)
+        if not await self.engine.drain(self.shutdown_timeout):
+            # The engine has failed the requests still running with EngineShuttingDownError: their handlers
+            # answer 503 shutting_down (or an error event in the stream) now, before uvicorn stops.
+            logger.warning("shutdown timeout: %d requests still running are cut", self.engine.num_requests_in_flight)
+            deadline = loop.time() + RESPONSE_GRACE_S
         # Let the last responses go out (their HTTP handlers finish after the engine's last output).
         while self.state.http_in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         self.should_exit = True
+
+    def core_exit_timeout(self) -> float:
+        """How long the engine core may take to exit once uvicorn has stopped (then it is killed): what is left
+        of EXIT_GRACE_S after the shutdown timeout, less half a second for this process's own exit."""
+        if self.force_exit:
+            return 1.0
+        if self.exit_deadline is None:
+            return 10.0
+        return max(0.5, self.exit_deadline - time.monotonic() - 0.5)
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -398,7 +418,7 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
         exit_signals = (signal.SIGTERM,)
     config = uvicorn.Config(
         asgi_app, host=args.host, port=args.port, log_level=log_level, access_log=log_level in ("debug", "info"),
-        timeout_keep_alive=5, timeout_graceful_shutdown=5, lifespan="off",
+        timeout_keep_alive=5, timeout_graceful_shutdown=RESPONSE_GRACE_S, lifespan="off",
     )
     server = DrainingServer(config, engine, state, args.shutdown_timeout, exit_signals)
     if shared is None:
@@ -408,7 +428,7 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
     try:
         await server.serve(sockets=[sock] if sock is not None else None)
     finally:
-        await engine.shutdown()
+        await engine.shutdown(timeout=server.core_exit_timeout())
     if not server.started:
         return 1
     return 0

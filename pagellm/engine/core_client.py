@@ -184,8 +184,28 @@ class CoreConnection(_CoreSockets):
 
     def __init__(self, input_addr: str, output_addr: str, pid: int, pidfd: Optional[InheritedFd]) -> None:
         self._bind(input_addr, output_addr)
+        # The core connects to this process's input socket (retrying until it is bound): until it has, a send
+        # finds no peer. `wait_connected` waits for that handshake.
+        self._monitor = self.input_socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.pid = pid
         self.pidfd = pidfd.fd if pidfd is not None else None
+
+    async def wait_connected(self, name: str, timeout: float) -> None:
+        """Wait until the core has connected to this process's input socket (RuntimeError if it exits first)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._monitor.poll(0):
+                if not self.is_alive():
+                    raise RuntimeError(f"{name} process exited during startup{self.exit_note()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not connect within {timeout:.0f} s")
+                await asyncio.sleep(0.01)
+            recv_monitor_message(self._monitor)
+        finally:
+            self.input_socket.disable_monitor()
+            self._monitor.close(linger=0)
 
     @property
     def sentinel(self) -> Optional[int]:
@@ -281,6 +301,9 @@ class CoreClient:
             self.clients.append(CoreProcClient(args, log_level=self.log_level))
         try:
             readies = [await wait_ready(client, self.name(rank), timeout) for rank, client in enumerate(self.clients)]
+            for rank, client in enumerate(self.clients):
+                if isinstance(client, CoreConnection):
+                    await client.wait_connected(self.name(rank), timeout)
         except BaseException:
             for client in self.clients:
                 client.close(timeout=1)

@@ -205,7 +205,10 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
         status = exc.status_code
         kind = "invalid_request_error" if status < 500 else "internal_error"
         code = "not_found" if status == 404 else None
-        response = error_response(str(exc.detail), status, kind, None, code)
+        message = str(exc.detail)
+        if status == 400:  # FastAPI's: the body did not parse (e.g. nested deeper than json.loads recurses)
+            message = f"body: {message}"
+        response = error_response(message, status, kind, None, code)
         response.headers.update(exc.headers or {})  # a 405's Allow
         return response
 

@@ -14,7 +14,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from pagellm.sampling_params import (
     MAX_CHOICES,
@@ -57,8 +65,17 @@ def ranged(type_: Any, key: str, **schema: Any) -> Any:
     return documented(type_, **bounds, **schema)
 
 
+def _integral(value: Any) -> Any:
+    """2.0 -> 2: JSON Schema's integer is any number without a fraction. true, "2" and 2.5 still fail (strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The integer of every request field: strict, so a boolean or a string is not taken for a number.
+Int = Annotated[int, BeforeValidator(_integral)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-TokenId = ranged(int, "token_id")  # the vocabulary check (processor, /detokenize) is tighter still
+TokenId = ranged(Int, "token_id")  # the vocabulary check (processor, /detokenize) is tighter still
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopString = documented(str, minLength=1, maxLength=MAX_STOP_STRING_LEN)
 
@@ -137,34 +154,34 @@ class SamplingFields(RequestBody):
     """Sampling fields shared by completions and chat completions."""
 
     model: Optional[str] = None
-    n: ranged(int, "n") = 1
+    n: ranged(Int, "n") = 1
     temperature: Optional[ranged(float, "temperature")] = None
     top_p: Optional[ranged(float, "top_p")] = None
-    top_k: Optional[ranged(int, "top_k")] = None
+    top_k: Optional[ranged(Int, "top_k")] = None
     min_p: Optional[ranged(float, "min_p")] = None
     presence_penalty: Optional[ranged(float, "presence_penalty")] = 0.0
     frequency_penalty: Optional[ranged(float, "frequency_penalty")] = 0.0
     repetition_penalty: Optional[ranged(float, "repetition_penalty")] = None
     logit_bias: Optional[documented(dict[str, ranged(float, "logit_bias")], maxProperties=MAX_LOGIT_BIAS,
                                     propertyNames={"pattern": TOKEN_ID_KEY})] = None
-    seed: Optional[ranged(int, "seed")] = None
+    seed: Optional[ranged(Int, "seed")] = None
     stop: Optional[Union[StopString, documented(list[StopString], maxItems=MAX_STOP_STRINGS)]] = None
     stop_token_ids: Optional[documented(list[TokenId], maxItems=MAX_STOP_TOKEN_IDS)] = None
     ignore_eos: bool = False
-    min_tokens: ranged(int, "min_tokens") = 0
+    min_tokens: ranged(Int, "min_tokens") = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    priority: ranged(int, "priority") = 0
+    priority: ranged(Int, "priority") = 0
     # Structured output: OpenAI's response_format, vLLM's structured_outputs object and its older guided_* names.
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None
     guided_regex: Optional[str] = None
-    guided_choice: Optional[documented(list[str], minItems=1, maxItems=MAX_CHOICES)] = None
+    guided_choice: Optional[documented(list[str], minItems=1, maxItems=MAX_CHOICES, contains={"minLength": 1})] = None
     guided_grammar: Optional[str] = None
 
     @field_validator("priority")
@@ -244,11 +261,11 @@ class CompletionRequest(SamplingFields):
     prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)],
                   TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]]
     # 0 only with echo: the prompt comes back, nothing is generated.
-    max_tokens: Optional[documented(int, minimum=0, maximum=MAX_TOKENS)] = 16
+    max_tokens: Optional[documented(Int, minimum=0, maximum=MAX_TOKENS)] = 16
     echo: bool = False
-    logprobs: Optional[ranged(int, "logprobs")] = None
-    prompt_logprobs: Optional[ranged(int, "prompt_logprobs")] = None
-    best_of: Optional[int] = None
+    logprobs: Optional[ranged(Int, "logprobs")] = None
+    prompt_logprobs: Optional[ranged(Int, "prompt_logprobs")] = None
+    best_of: Optional[Int] = None
     suffix: Optional[str] = None
     add_special_tokens: bool = True
 
@@ -315,20 +332,33 @@ class ChatContentPart(RequestModel):
     text: str
 
 
+class CalledFunction(RequestModel):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"  # JSON text, as OpenAI sends it, or the object itself
+
+
+class CalledTool(RequestModel):
+    """A tool call of an earlier assistant message, sent back in the conversation."""
+
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(RequestModel):
     role: Literal[CHAT_ROLES]
     content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None  # assistant messages that called tools
+    tool_calls: Optional[list[CalledTool]] = None  # assistant messages that called tools
     tool_call_id: Optional[str] = None  # role "tool": the call this message answers
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
-    max_tokens: Optional[ranged(int, "max_tokens")] = None
-    max_completion_tokens: Optional[ranged(int, "max_tokens")] = None
+    max_tokens: Optional[ranged(Int, "max_tokens")] = None
+    max_completion_tokens: Optional[ranged(Int, "max_tokens")] = None
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[ranged(int, "logprobs")] = None
+    top_logprobs: Optional[ranged(Int, "logprobs")] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: Optional[list[dict[str, Any]]] = None

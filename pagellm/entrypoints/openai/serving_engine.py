@@ -20,7 +20,7 @@ from pagellm.engine.async_llm import (
     RequestStream,
 )
 from pagellm.engine.processor import ProcessedPrompt
-from pagellm.entrypoints.openai.protocol import ChatMessage, ErrorInfo, ErrorResponse
+from pagellm.entrypoints.openai.protocol import CalledTool, ChatMessage, ErrorInfo, ErrorResponse
 from pagellm.sampling_params import check_json_text
 from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
 
@@ -243,21 +243,18 @@ class OpenAIServing:
         return result
 
     @staticmethod
-    def _tool_calls_for_template(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _tool_calls_for_template(tool_calls: list[CalledTool]) -> list[dict[str, Any]]:
         """Assistant tool calls as chat templates expect them: arguments as a dict (templates apply tojson)."""
         out = []
         for c in tool_calls:
-            fn = c.get("function") if isinstance(c, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise APIError("messages: tool_calls entries need function.name", param="messages")
-            args = fn.get("arguments", {})
+            args = c.function.arguments
             if isinstance(args, str):
                 check_json_text("messages (tool_calls arguments)", args)
                 try:
                     args = json.loads(args) if args.strip() else {}
                 except ValueError:
                     raise APIError("messages: tool_calls arguments must be JSON", param="messages") from None
-            out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+            out.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
         return out
 
     def _render_chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,

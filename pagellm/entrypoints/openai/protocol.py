@@ -19,6 +19,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -78,6 +80,17 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = ranged(Int, "token_id")  # the vocabulary check (processor, /detokenize) is tighter still
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopString = documented(str, minLength=1, maxLength=MAX_STOP_STRING_LEN)
+
+
+# JSON has no infinities: a token the sampler ruled out (logprob -inf) is reported at this floor, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite_logprob(value: float) -> float:
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN and -inf fail the comparison
+
+
+Logprob = Annotated[float, PlainSerializer(_finite_logprob, return_type=float)]
 
 
 def rename_field(message: str, field: str) -> str:
@@ -181,7 +194,7 @@ class SamplingFields(RequestBody):
     structured_outputs: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None
     guided_regex: Optional[str] = None
-    guided_choice: Optional[documented(list[str], minItems=1, maxItems=MAX_CHOICES, contains={"minLength": 1})] = None
+    guided_choice: Optional[documented(list[str], minItems=1, maxItems=MAX_CHOICES)] = None
     guided_grammar: Optional[str] = None
 
     @field_validator("priority")
@@ -269,6 +282,13 @@ class CompletionRequest(SamplingFields):
     suffix: Optional[str] = None
     add_special_tokens: bool = True
 
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _check_prompt_logprobs(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None:  # with echo, the larger of it and logprobs reaches SamplingParams: check it here
+            check_range("prompt_logprobs", value)
+        return value
+
     def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of == n is supported")
@@ -284,9 +304,9 @@ class CompletionRequest(SamplingFields):
 
 class CompletionLogProbs(OpenAIModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    token_logprobs: list[Optional[Logprob]] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, Logprob]]] = Field(default_factory=list)
 
 
 class CompletionResponseChoice(OpenAIModel):
@@ -365,6 +385,13 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = True
 
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _check_budget(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None:  # max_completion_tokens wins when both are set: check the other one here
+            check_range(info.field_name, value, "max_tokens")
+        return value
+
     def to_sampling_params(self, max_tokens: Optional[int],
                            structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
         logprobs = None
@@ -380,7 +407,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class ChatLogProb(OpenAIModel):
     token: str
-    logprob: float
+    logprob: Logprob
     bytes: Optional[list[int]] = None
 
 

@@ -183,6 +183,55 @@ def test_strict_types_in_the_models():
     assert CompletionRequest(prompt=[1.0, 2], n=2.0).prompt == [1, 2]
 
 
+def test_every_budget_field_is_checked(server):
+    """max_completion_tokens wins over max_tokens, and with echo the larger of logprobs and prompt_logprobs is
+    used: the other one is still checked against its range."""
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0, "max_completion_tokens": 1}
+    assert_400(post(server, "/v1/chat/completions", chat), "max_tokens")
+    body = {"prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1, "prompt_logprobs": -5}
+    assert_400(post(server, "/v1/completions", body), "prompt_logprobs")
+
+
+# ---- responses are JSON whatever the sampler ruled out ----
+
+
+def _floats(value: object) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [f for item in value for f in _floats(item)]
+    return []
+
+
+def test_logprobs_of_ruled_out_tokens_are_finite(server):
+    """Under a grammar the tokens it rules out have logprob -inf, which JSON cannot carry: the response
+    failed to render and came back as a 400 with Python's words. They are reported at -9999 (as vLLM does)."""
+    body = {"prompt": "0", "max_tokens": 3, "logprobs": 3, "guided_choice": ["0"]}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text[:300]
+    logprobs = r.json()["choices"][0]["logprobs"]
+    values = _floats(logprobs["token_logprobs"]) + _floats(logprobs["top_logprobs"])
+    assert -9999.0 in values and all(v >= -9999.0 for v in values), values
+    chat = {"messages": [{"role": "user", "content": "0"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 3,
+            "guided_choice": ["0"], "stream": True}
+    r = post(server, "/v1/chat/completions", chat)
+    assert r.status_code == 200 and "data: [DONE]" in r.text and "-9999.0" in r.text, r.text[:300]
+    assert "Infinity" not in r.text and '"error"' not in r.text, r.text[:300]
+
+
+def test_tool_parsers_refuse_deep_model_output():
+    """A model may write brackets deeper than json.loads recurses: no tool call, not a RecursionError."""
+    from pagellm.entrypoints.openai.tool_parsers import HermesToolParser, Llama3JsonToolParser, parse_required
+
+    deep = "[" * 5000 + "]" * 5000
+    assert HermesToolParser().extract(f'<tool_call>{{"name": "f", "arguments": {deep}}}</tool_call>')[1] == []
+    assert Llama3JsonToolParser().extract(f'{{"name": "f", "parameters": {deep}}}')[1] == []
+    with pytest.raises(ValueError):
+        parse_required(deep)
+
+
 # ---- every 400 names its field, in words ----
 
 

@@ -28,8 +28,10 @@ from pagellm.entrypoints.openai.cli_args import add_serve_args
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatCompletionStreamResponse,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
@@ -220,20 +222,23 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
         code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
     }
 
-    def generation_responses(model: type) -> dict[int | str, dict[str, Any]]:
+    def generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
         """A generation's answers: the whole response as JSON, or (stream: true) server-sent events."""
-        return {200: {"model": model, "description": "The response, or with `stream: true` server-sent events "
-                      "(`data: {chunk}` lines, then `data: [DONE]`)",
-                      "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **error_responses}
+        event = {"type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string", "description": f"a {chunk.__name__} as JSON (or an error envelope), then [DONE]"}}}
+        return {200: {"model": model, "description": "The response, or with `stream: true` server-sent events: "
+                      f"one {chunk.__name__} per event, then `data: [DONE]`",
+                      "content": {"text/event-stream": {"schema": event}}}, **error_responses}
 
-    @app.post("/v1/completions", responses=generation_responses(CompletionResponse))
+    @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionStreamResponse))
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
         try:
             return await _with_cancellation(raw_request, completion.create_completion(request))
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
 
-    @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletionResponse))
+    @app.post("/v1/chat/completions",
+              responses=generation_responses(ChatCompletionResponse, ChatCompletionStreamResponse))
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         try:
             return await _with_cancellation(raw_request, chat.create_chat_completion(request))

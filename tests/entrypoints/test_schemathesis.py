@@ -30,7 +30,7 @@ from tests.entrypoints.server_utils import RemoteServer
 # CI: a few examples per operation, a fixed seed, and the coverage phase's boundary values only where they break
 # the schema (the valid ones each generate text, at a second apiece on a busy machine). A long local run, to
 # find bugs (minutes): PAGELLM_SCHEMATHESIS_LONG=1 python -m pytest -q tests/entrypoints/test_schemathesis.py
-# (many examples, a random seed, every boundary value).
+# (many examples, a random seed, every boundary value, fuzzing repeated for 10 minutes).
 LONG = os.environ.get("PAGELLM_SCHEMATHESIS_LONG") == "1"
 MAX_EXAMPLES = 200 if LONG else 5
 SEED = None if LONG else "1"
@@ -67,8 +67,7 @@ def run_schemathesis(server: RemoteServer, folder) -> tuple[subprocess.Completed
            server.url("/openapi.json"), "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--workers", "1",
            "--suppress-health-check", "all", "--request-timeout", "60", "--generation-database", "none",
            "--report", "ndjson", "--report-ndjson-path", str(report)]
-    if SEED:
-        cmd += ["--seed", SEED]
+    cmd += ["--max-time", "600"] if LONG else ["--seed", SEED]
     done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=3600 if LONG else 600)
     scenarios = []
     if report.exists():

@@ -373,8 +373,11 @@ class ChatMessage(RequestModel):
     tool_call_id: Optional[str] = None  # role "tool": the call this message answers
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+
+
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+    messages: Messages
     max_tokens: Optional[ranged(Int, "max_tokens")] = None
     max_completion_tokens: Optional[ranged(Int, "max_tokens")] = None
     logprobs: Optional[bool] = False
@@ -527,8 +530,8 @@ class TokenizeRequest(RequestBody):
     model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     model: Optional[str] = None
-    prompt: str = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)] = None
+    prompt: str = None  # type: ignore[assignment]  # absent, never null: the schema's oneOf tells which
+    messages: Messages = None  # type: ignore[assignment]
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

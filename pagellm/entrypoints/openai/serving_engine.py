@@ -21,8 +21,8 @@ from pagellm.engine.async_llm import (
 )
 from pagellm.engine.processor import ProcessedPrompt
 from pagellm.entrypoints.openai.protocol import CalledTool, ChatMessage, ErrorInfo, ErrorResponse
-from pagellm.sampling_params import check_json_text
 from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
+from pagellm.sampling_params import check_json_text
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 # Caps that keep one request from costing the engine unbounded work.
 MAX_N = 128
@@ -17,21 +17,152 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_LEN = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024
-MAX_SEED = 2**63 - 1
+# Token ids travel in int32 tensors (the processor then checks them against the vocabulary); counts of tokens
+# (max_tokens, min_tokens, top_k) are capped by max_model_len anyway: both stay inside 31 bits.
+MAX_TOKEN_ID = 2**31 - 1
+MAX_TOKENS = 2**31 - 1
+# The n sequences of a request take seeds seed, seed + 1, ...: all of them inside int64.
+MAX_SEED = 2**63 - 1 - MAX_N
+MAX_PRIORITY = 2**31 - 1
+# Nesting of a JSON value (a schema, a tool, any free-form field), checked before anything walks it recursively.
+MAX_JSON_DEPTH = 64
 
 
-def _check_number(name: str, value: object) -> None:
+class Range(NamedTuple):
+    """The values one numeric field takes: low..high (None: unbounded), low itself excluded when low_open."""
+
+    low: Optional[float]
+    high: Optional[float] = None
+    low_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return low_ok and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low_open:
+            return f"in ({self.low}, {self.high}]"
+        if self.high is None:
+            return f"at least {self.low}"
+        return f"between {self.low} and {self.high}"
+
+
+# The range of every numeric field, said once: SamplingParams checks it, the HTTP schema publishes it.
+RANGES: dict[str, Range] = {
+    "n": Range(1, MAX_N),
+    "temperature": Range(0.0),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "top_k": Range(-1, MAX_TOKENS),  # -1 and 0: no top-k
+    "min_p": Range(0.0, 1.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "repetition_penalty": Range(0.0, 2.0, low_open=True),
+    "logit_bias": Range(-100.0, 100.0),
+    "token_id": Range(0, MAX_TOKEN_ID),
+    "seed": Range(-MAX_SEED, MAX_SEED),
+    "max_tokens": Range(1, MAX_TOKENS),
+    "min_tokens": Range(0, MAX_TOKENS),
+    "logprobs": Range(0, MAX_LOGPROBS),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS),
+    "priority": Range(-MAX_PRIORITY, MAX_PRIORITY),
+}
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: huge integers by size (their digits would swamp the message)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_range(name: str, value: Any, key: Optional[str] = None) -> None:
+    """ValueError naming `name` when value is outside RANGES[key or name]."""
+    allowed = RANGES[key or name]
+    if value not in allowed:
+        raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")
+
+
+def _check_number(name: str, value: object, key: Optional[str] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {_shown(value)}")
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    check_range(name, value, key)
 
 
-def _check_int(name: str, value: object, allow_none: bool = False) -> None:
+def _check_int(name: str, value: object, allow_none: bool = False, key: Optional[str] = None) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_shown(value)}")
+    check_range(name, value, key)
+
+
+def check_text(name: str, text: str) -> None:
+    """ValueError naming the field when text holds a lone surrogate (JSON's "\\ud800"): no tokenizer, encoder
+    or grammar compiler takes one, and an error that echoed it could not be sent either."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} must be valid Unicode text; it holds a lone surrogate at character "
+                         f"{e.start}") from None
+
+
+_WALKED = (str, dict, list, tuple)
+_WALKED_TYPES = frozenset(_WALKED)
+
+
+def _path_key(key: object) -> str:
+    """A dict key as a step of an error's path (a key too long or too odd to echo is elided)."""
+    text = str(key)
+    return text if len(text) <= 64 and text.isascii() and text.isprintable() else "<key>"
+
+
+def check_json_value(name: str, value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """ValueError naming the place when a JSON value nests deeper than max_depth or holds text (a key or a
+    string) that is not valid Unicode. Iterative, so a hostile depth cannot exhaust the stack: run it before
+    anything walks the value recursively (json.dumps, a schema compiler, a chat template)."""
+    if not isinstance(value, _WALKED):
+        return
+    stack: list[tuple[str, Any, int]] = [(name, value, 0)]
+    while stack:
+        path, item, depth = stack.pop()
+        if isinstance(item, str):
+            check_text(path, item)
+            continue
+        if depth >= max_depth:
+            raise ValueError(f"{name} is nested deeper than {max_depth} levels")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str):
+                    check_text(f"{path} (a key)", key)
+                if isinstance(child, _WALKED):
+                    stack.append((f"{path}.{_path_key(key)}", child, depth + 1))
+        elif not _WALKED_TYPES.isdisjoint(map(type, item)):  # a list of numbers (a token-id prompt) is skipped fast
+            stack.extend((f"{path}.{i}", child, depth + 1) for i, child in enumerate(item)
+                         if isinstance(child, _WALKED))
+
+
+def check_json_text(name: str, text: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """check_json_value for JSON text, before json.loads (which recurses): brackets outside strings are
+    counted, not parsed, in a few vectorized passes (a body of megabytes takes milliseconds)."""
+    check_text(name, text)
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    import numpy as np
+
+    # Escaped backslashes, then escaped quotes, go first (a backslash outside a string ends json.loads' parse
+    # anyway): every quote left opens or closes a string.
+    raw = np.frombuffer(text.replace("\\\\", "").replace('\\"', "").encode(), dtype=np.uint8)
+    quote = raw == ord('"')
+    in_string = np.bitwise_xor.accumulate(quote.view(np.uint8)).view(bool) | quote
+    step = ((raw == ord("[")) | (raw == ord("{"))).astype(np.int32) - ((raw == ord("]")) | (raw == ord("}")))
+    step[in_string] = 0
+    if int(np.cumsum(step).max()) > max_depth:
+        raise ValueError(f"{name} is nested deeper than {max_depth} levels")
 
 
 MAX_CHOICES = 1024
@@ -64,7 +195,7 @@ class StructuredOutputsParams:
             self.json_object = None
         if self.choice is not None:
             if isinstance(self.choice, (str, bytes)) or not isinstance(self.choice, (list, tuple)):
-                raise ValueError(f"{name}.choice must be a list of strings, got {self.choice!r}")
+                raise ValueError(f"{name}.choice must be a list of strings, got {_shown(self.choice)}")
             self.choice = list(self.choice)
             if not self.choice:
                 raise ValueError(f"{name}.choice must not be empty")
@@ -72,7 +203,7 @@ class StructuredOutputsParams:
                 raise ValueError(f"{name}.choice may hold at most {MAX_CHOICES} strings")
             for c in self.choice:
                 if not isinstance(c, str):
-                    raise ValueError(f"{name}.choice must be a list of strings, got {c!r}")
+                    raise ValueError(f"{name}.choice must be a list of strings, got {_shown(c)}")
         set_fields = [k for k in STRUCTURED_KINDS if getattr(self, k) is not None]
         if len(set_fields) != 1:
             raise ValueError(f"{name}: set exactly one of {', '.join(STRUCTURED_KINDS)}, got "
@@ -83,15 +214,44 @@ class StructuredOutputsParams:
         for k in ("regex", "grammar"):
             v = getattr(self, k)
             if v is not None and (not isinstance(v, str) or not v):
-                raise ValueError(f"{name}.{k} must be a non-empty string, got {v!r}")
+                raise ValueError(f"{name}.{k} must be a non-empty string, got {_shown(v)}")
         if self.json_object is not None and self.json_object is not True:
-            raise ValueError(f"{name}.json_object must be a boolean, got {self.json_object!r}")
+            raise ValueError(f"{name}.json_object must be a boolean, got {_shown(self.json_object)}")
         if not isinstance(self.disable_any_whitespace, bool):
             raise ValueError(f"{name}.disable_any_whitespace must be a boolean")
+        self._check_text_and_depth()
         kind, spec = self.key()
         if len(spec) > MAX_STRUCTURED_SPEC_CHARS:
             raise ValueError(f"{name}.{kind} is too large ({len(spec)} characters; at most "
                              f"{MAX_STRUCTURED_SPEC_CHARS})")
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> "StructuredOutputsParams":
+        """From a dict of fields; an unknown field is a ValueError naming it, not a TypeError."""
+        known = cls.__dataclass_fields__
+        unknown = [k for k in spec if k not in known]
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown field {_path_key(unknown[0])}; the fields are "
+                             f"{', '.join(known)}")
+        return cls(**spec)
+
+    def _check_text_and_depth(self) -> None:
+        """Before key() parses or dumps the spec: valid Unicode, bounded size and nesting."""
+        name = "structured_outputs"
+        for kind in ("json", "regex", "grammar"):
+            value = getattr(self, kind)
+            if isinstance(value, str) and len(value) > MAX_STRUCTURED_SPEC_CHARS:
+                raise ValueError(f"{name}.{kind} is too large ({len(value)} characters; at most "
+                                 f"{MAX_STRUCTURED_SPEC_CHARS})")
+        if isinstance(self.json, str):
+            check_json_text(f"{name}.json", self.json)
+        elif self.json is not None:
+            check_json_value(f"{name}.json", self.json)
+        for kind in ("regex", "grammar"):
+            if getattr(self, kind) is not None:
+                check_text(f"{name}.{kind}", getattr(self, kind))
+        for c in self.choice or ():
+            check_text(f"{name}.choice", c)
 
     def key(self) -> tuple[str, str]:
         """(kind, canonical text): the grammar cache's key."""
@@ -101,8 +261,9 @@ class StructuredOutputsParams:
             if isinstance(self.json, str):
                 try:
                     schema = _json.loads(self.json)
-                except ValueError as e:
-                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+                except _json.JSONDecodeError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e.msg} at line {e.lineno}, "
+                                     f"column {e.colno}") from None
                 if not isinstance(schema, (dict, bool)):
                     raise ValueError("structured_outputs.json must be a JSON object (a schema)")
             else:
@@ -164,12 +325,10 @@ class SamplingParams:
             try:
                 self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError):
-                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+                raise ValueError(f"logit_bias must map token ids to numbers, got {_shown(self.logit_bias)}") \
+                    from None
         if isinstance(self.structured_outputs, dict):
-            try:
-                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
-            except TypeError as e:
-                raise ValueError(f"structured_outputs: {e}") from None
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
                                                                     StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be StructuredOutputsParams, got "
@@ -179,68 +338,39 @@ class SamplingParams:
 
     def _verify(self) -> None:
         _check_int("n", self.n)
-        if not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             _check_number(name, getattr(self, name))
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k)
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
             for tok, bias in self.logit_bias.items():
-                _check_number("logit_bias", bias)
-                if tok < 0:
-                    raise ValueError(f"logit_bias token ids must be non-negative, got {tok}")
-                if not -100.0 <= bias <= 100.0:
-                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+                _check_int("logit_bias token ids", tok, key="token_id")
+                _check_number("logit_bias values", bias, key="logit_bias")
         _check_int("seed", self.seed, allow_none=True)
-        if self.seed is not None and not -MAX_SEED <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str):
-                raise ValueError(f"stop must be strings, got {s!r}")
+                raise ValueError(f"stop must be strings, got {_shown(s)}")
             if not s:
                 raise ValueError("stop must not contain empty strings")
             if len(s) > MAX_STOP_STRING_LEN:
                 raise ValueError(f"stop strings may be at most {MAX_STOP_STRING_LEN} characters long")
+            check_text("stop", s)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t)
-            if t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative, got {t}")
+            _check_int("stop_token_ids", t, key="token_id")
         _check_int("max_tokens", self.max_tokens, allow_none=True)
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         _check_int("min_tokens", self.min_tokens)
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            _check_int(name, value, allow_none=True)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
+            _check_int(name, getattr(self, name), allow_none=True)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a boolean, got {_shown(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagellm
@@ -36,17 +36,29 @@ from pagellm.engine_args import EngineArgs
 from pagellm.entrypoints.openai.cli_args import add_serve_args
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
     CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    TokenizeResponse,
     VersionResponse,
 )
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagellm.entrypoints.openai.serving_engine import APIError, error_body, error_response, to_api_error
+from pagellm.entrypoints.openai.serving_engine import (
+    APIError,
+    error_body,
+    error_response,
+    to_api_error,
+    validation_error,
+)
 from pagellm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger("pagellm.server")
@@ -222,24 +234,19 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        param = None
-        message = "invalid request"
-        if errors:
-            err = errors[0]
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-            param = ".".join(loc) or None
-            message = f"{param or 'body'}: {err.get('msg', 'invalid value')}"
-            if len(errors) > 1:
-                message += f" (and {len(errors) - 1} more errors)"
-        return error_response(message[:2000], 400, "invalid_request_error", param)
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         kind = "invalid_request_error" if status < 500 else "internal_error"
         code = "not_found" if status == 404 else None
-        return error_response(str(exc.detail), status, kind, None, code)
+        message = str(exc.detail)
+        if status == 400:  # FastAPI's: the body did not parse (e.g. nested deeper than json.loads recurses)
+            message = f"body: {message}"
+        response = error_response(message, status, kind, None, code)
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -249,14 +256,23 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
         code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
     }
 
-    @app.post("/v1/completions", responses=error_responses)
+    def generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+        """A generation's answers: the whole response as JSON, or (stream: true) server-sent events."""
+        event = {"type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string", "description": f"a {chunk.__name__} as JSON (or an error envelope), then [DONE]"}}}
+        return {200: {"model": model, "description": "The response, or with `stream: true` server-sent events: "
+                      f"one {chunk.__name__} per event, then `data: [DONE]`",
+                      "content": {"text/event-stream": {"schema": event}}}, **error_responses}
+
+    @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionStreamResponse))
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
         try:
             return await _with_cancellation(raw_request, completion.create_completion(request))
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
 
-    @app.post("/v1/chat/completions", responses=error_responses)
+    @app.post("/v1/chat/completions",
+              responses=generation_responses(ChatCompletionResponse, ChatCompletionStreamResponse))
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         try:
             return await _with_cancellation(raw_request, chat.create_chat_completion(request))
@@ -276,21 +292,26 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
         return ModelCard(id=model_name, root=engine.model_config.model,
                          max_model_len=engine.model_config.max_model_len)
 
-    @app.post("/tokenize", responses=error_responses)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses)
     async def tokenize(request: TokenizeRequest) -> Any:
         try:
             return (await tokenization.tokenize(request)).model_dump()
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
 
-    @app.post("/detokenize", responses=error_responses)
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses)
     async def detokenize(request: DetokenizeRequest) -> Any:
         try:
             return (await tokenization.detokenize(request)).model_dump()
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
 
-    @app.get("/health")
+    health_responses: dict[int | str, dict[str, Any]] = {
+        200: {"description": "The server and its engine are up: an empty body", "content": None},
+        503: {"model": ErrorResponse, "description": "The engine is dead, or the server is shutting down"},
+    }
+
+    @app.get("/health", response_class=Response, responses=health_responses)
     async def health() -> Response:
         if state.draining:
             return error_response("the server is shutting down", 503, "service_unavailable", None,
@@ -300,7 +321,7 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
                                   "service_unavailable", None, "engine_dead")
         return Response(status_code=200)
 
-    @app.get("/ping")
+    @app.get("/ping", response_class=Response, responses=health_responses)
     async def ping() -> Response:
         return await health()
 
@@ -308,7 +329,9 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
     async def version() -> VersionResponse:
         return VersionResponse(version=pagellm.__version__)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {
+        "description": "Prometheus metrics (text exposition format; names start with `pagellm:`)",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         from pagellm.metrics import CONTENT_TYPE_LATEST
 
@@ -318,7 +341,25 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
             await engine.refresh_stats(timeout=1.0)
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = _openapi_of(app)
     return GuardMiddleware(app, state), app
+
+
+def _openapi_of(app: FastAPI) -> Any:
+    """FastAPI's /openapi.json without the 422 it lists for every operation with a body: this server answers
+    a malformed body with 400 and OpenAI's error envelope (documented as 400)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    return openapi
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Pydantic models of the OpenAI-compatible API: completions, chat completions, models, tokenization, errors.
 
 Field names and defaults follow OpenAI's API, plus vLLM's sampling extensions (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, stop_token_ids, ...). Ranges are checked by SamplingParams, whose
-errors name the field; here only types and the API's own caps are checked.
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, ...). Request models check types strictly (true is
+not 1, "1" is not 1) and the shape the server needs (a non-empty prompt, at least one message). Ranges and caps
+are checked by SamplingParams, whose errors name the field; the models publish them in /openapi.json
+(`ranged`, `documented`) so that the schema tells what the server requires.
 """
 
 from __future__ import annotations
@@ -10,16 +12,85 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from pagellm.sampling_params import SamplingParams, StructuredOutputsParams
+from pagellm.sampling_params import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRING_LEN,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS,
+    RANGES,
+    SamplingParams,
+    StructuredOutputsParams,
+    check_json_value,
+    check_range,
+)
 
 # Caps of one HTTP request (besides SamplingParams' caps on n, logprobs, stop strings, logit_bias).
 MAX_PROMPTS_PER_REQUEST = 1024  # prompts of one /v1/completions request
 MAX_SEQUENCES_PER_REQUEST = 1024  # prompts x n
 MAX_CHAT_MESSAGES = 4096
+MAX_DETOKENIZE_TOKENS = 1 << 20
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# A logit_bias key: a token id in decimal digits (int() would also take " 1", "1_0" and "\uff11").
+TOKEN_ID_KEY = r"^[0-9]{1,10}$"
+
+
+def documented(type_: Any, **schema: Any) -> Any:
+    """type_, with JSON-schema keywords for a rule that the server checks elsewhere (SamplingParams, a
+    handler), with its own message: /openapi.json tells the rule, pydantic does not check it twice."""
+    return Annotated[type_, Field(json_schema_extra=schema)]
+
+
+def ranged(type_: Any, key: str, **schema: Any) -> Any:
+    """type_, with the range RANGES[key] (checked by SamplingParams) in its JSON schema."""
+    allowed = RANGES[key]
+    bounds: dict[str, Any] = {}
+    if allowed.low is not None:
+        bounds["exclusiveMinimum" if allowed.low_open else "minimum"] = allowed.low
+    if allowed.high is not None:
+        bounds["maximum"] = allowed.high
+    return documented(type_, **bounds, **schema)
+
+
+def _integral(value: Any) -> Any:
+    """2.0 -> 2: JSON Schema's integer is any number without a fraction. true, "2" and 2.5 still fail (strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The integer of every request field: strict, so a boolean or a string is not taken for a number.
+Int = Annotated[int, BeforeValidator(_integral)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = ranged(Int, "token_id")  # the vocabulary check (processor, /detokenize) is tighter still
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+StopString = documented(str, minLength=1, maxLength=MAX_STOP_STRING_LEN)
+
+
+# JSON has no infinities: a token the sampler ruled out (logprob -inf) is reported at this floor, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite_logprob(value: float) -> float:
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN and -inf fail the comparison
+
+
+Logprob = Annotated[float, PlainSerializer(_finite_logprob, return_type=float)]
 
 
 def rename_field(message: str, field: str) -> str:
@@ -36,6 +107,27 @@ def random_id(prefix: str) -> str:
 class OpenAIModel(BaseModel):
     # Unknown fields are ignored, as clients send provider-specific extras.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class RequestModel(OpenAIModel):
+    """A request body or a part of one: strict types, so that true is not the integer 1 and "1" not a number."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+
+
+class RequestBody(RequestModel):
+    """A whole request body. Before its fields are read, each value is checked to nest at most MAX_JSON_DEPTH
+    levels and to hold only valid Unicode text (no lone surrogates): tokenizers, encoders, grammar compilers
+    and json.dumps crash or recurse on the rest."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_json_values(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in cls.model_fields:
+                if name in data:
+                    check_json_value(name, data[name])
+        return data
 
 
 # ---- errors ----
@@ -55,7 +147,7 @@ class ErrorResponse(OpenAIModel):
 # ---- shared pieces ----
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: Optional[bool] = False
     continuous_usage_stats: Optional[bool] = False
 
@@ -71,38 +163,45 @@ class UsageInfo(OpenAIModel):
     prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestBody):
     """Sampling fields shared by completions and chat completions."""
 
     model: Optional[str] = None
-    n: int = 1
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
-    repetition_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
+    n: ranged(Int, "n") = 1
+    temperature: Optional[ranged(float, "temperature")] = None
+    top_p: Optional[ranged(float, "top_p")] = None
+    top_k: Optional[ranged(Int, "top_k")] = None
+    min_p: Optional[ranged(float, "min_p")] = None
+    presence_penalty: Optional[ranged(float, "presence_penalty")] = 0.0
+    frequency_penalty: Optional[ranged(float, "frequency_penalty")] = 0.0
+    repetition_penalty: Optional[ranged(float, "repetition_penalty")] = None
+    logit_bias: Optional[documented(dict[str, ranged(float, "logit_bias")], maxProperties=MAX_LOGIT_BIAS,
+                                    propertyNames={"pattern": TOKEN_ID_KEY})] = None
+    seed: Optional[ranged(Int, "seed")] = None
+    stop: Optional[Union[StopString, documented(list[StopString], maxItems=MAX_STOP_STRINGS)]] = None
+    stop_token_ids: Optional[documented(list[TokenId], maxItems=MAX_STOP_TOKEN_IDS)] = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: ranged(Int, "min_tokens") = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    priority: int = 0
+    priority: ranged(Int, "priority") = 0
     # Structured output: OpenAI's response_format, vLLM's structured_outputs object and its older guided_* names.
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None
     guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
+    guided_choice: Optional[documented(list[str], minItems=1, maxItems=MAX_CHOICES)] = None
     guided_grammar: Optional[str] = None
+
+    @field_validator("priority")
+    @classmethod
+    def _check_priority(cls, value: int) -> int:
+        check_range("priority", value)  # the engine keeps priorities as integers of 32 bits
+        return value
 
     def structured_outputs_params(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
         """(the request's grammar, the field that set it). ValueError naming the field when malformed."""
@@ -140,9 +239,7 @@ class SamplingFields(OpenAIModel):
                              f"may be set (also got {sources[0][0]})")
         name, kwargs = sources[0]
         try:
-            return StructuredOutputsParams(**kwargs), name
-        except TypeError as e:
-            raise ValueError(f"{name}: {e}") from None
+            return StructuredOutputsParams.from_dict(kwargs), name
         except ValueError as e:
             raise ValueError(rename_field(str(e), name)) from None
 
@@ -157,10 +254,9 @@ class SamplingFields(OpenAIModel):
         if self.logit_bias is not None:
             logit_bias = {}
             for key, value in self.logit_bias.items():
-                try:
-                    logit_bias[int(key)] = value
-                except ValueError:
-                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+                if not re.fullmatch(TOKEN_ID_KEY, key):
+                    raise ValueError("logit_bias keys must be token ids in decimal digits")
+                logit_bias[int(key)] = value
         kwargs.update(
             n=self.n, logit_bias=logit_bias, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
@@ -175,14 +271,23 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
+    prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)],
+                  TokenIds, Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]]
+    # 0 only with echo: the prompt comes back, nothing is generated.
+    max_tokens: Optional[documented(Int, minimum=0, maximum=MAX_TOKENS)] = 16
     echo: bool = False
-    logprobs: Optional[int] = None
-    prompt_logprobs: Optional[int] = None
-    best_of: Optional[int] = None
+    logprobs: Optional[ranged(Int, "logprobs")] = None
+    prompt_logprobs: Optional[ranged(Int, "prompt_logprobs")] = None
+    best_of: Optional[Int] = None
     suffix: Optional[str] = None
     add_special_tokens: bool = True
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _check_prompt_logprobs(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None:  # with echo, the larger of it and logprobs reaches SamplingParams: check it here
+            check_range("prompt_logprobs", value)
+        return value
 
     def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
@@ -199,9 +304,9 @@ class CompletionRequest(SamplingFields):
 
 class CompletionLogProbs(OpenAIModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    token_logprobs: list[Optional[Logprob]] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, Logprob]]] = Field(default_factory=list)
 
 
 class CompletionResponseChoice(OpenAIModel):
@@ -242,30 +347,53 @@ class CompletionStreamResponse(OpenAIModel):
 # ---- /v1/chat/completions ----
 
 
-class ChatContentPart(OpenAIModel):
-    type: str
-    text: Optional[str] = None
+class ChatContentPart(RequestModel):
+    type: Literal["text"]  # the only kind of content this server reads
+    text: str
 
 
-class ChatMessage(OpenAIModel):
-    role: str
+class CalledFunction(RequestModel):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"  # JSON text, as OpenAI sends it, or the object itself
+
+
+class CalledTool(RequestModel):
+    """A tool call of an earlier assistant message, sent back in the conversation."""
+
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ChatMessage(RequestModel):
+    role: Literal[CHAT_ROLES]
     content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None  # assistant messages that called tools
+    tool_calls: Optional[list[CalledTool]] = None  # assistant messages that called tools
     tool_call_id: Optional[str] = None  # role "tool": the call this message answers
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+
+
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    messages: Messages
+    max_tokens: Optional[ranged(Int, "max_tokens")] = None
+    max_completion_tokens: Optional[ranged(Int, "max_tokens")] = None
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[ranged(Int, "logprobs")] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = True
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _check_budget(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None:  # max_completion_tokens wins when both are set: check the other one here
+            check_range(info.field_name, value, "max_tokens")
+        return value
 
     def to_sampling_params(self, max_tokens: Optional[int],
                            structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
@@ -282,7 +410,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class ChatLogProb(OpenAIModel):
     token: str
-    logprob: float
+    logprob: Logprob
     bytes: Optional[list[int]] = None
 
 
@@ -396,10 +524,14 @@ class ModelList(OpenAIModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestBody):
+    """Exactly one of prompt and messages (neither may be null)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
     model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    prompt: str = None  # type: ignore[assignment]  # absent, never null: the schema's oneOf tells which
+    messages: Messages = None  # type: ignore[assignment]
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -410,9 +542,9 @@ class TokenizeResponse(OpenAIModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestBody):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_DETOKENIZE_TOKENS)]
 
 
 class DetokenizeResponse(OpenAIModel):

@@ -13,7 +13,6 @@ from pagellm.engine.async_llm import RequestStream
 from pagellm.engine.output_processor import OutputKind
 from pagellm.engine.processor import ProcessedPrompt
 from pagellm.entrypoints.openai.protocol import (
-    MAX_PROMPTS_PER_REQUEST,
     MAX_SEQUENCES_PER_REQUEST,
     CompletionLogProbs,
     CompletionRequest,
@@ -32,8 +31,6 @@ def _prompt_list(prompt: Any) -> list[Any]:
     """str | list[str] | list[int] | list[list[int]] -> a list of prompts (str or list[int])."""
     if isinstance(prompt, str):
         return [prompt]
-    if not prompt:
-        return []
     if all(isinstance(p, int) for p in prompt):
         return [prompt]
     return list(prompt)
@@ -83,12 +80,7 @@ class _ChoiceLogprobs:
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest) -> Any:
         self.check_model(req.model)
-        prompts = _prompt_list(req.prompt)
-        if not prompts:
-            raise APIError("prompt must not be empty", param="prompt")
-        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
-            raise APIError(f"prompt: at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompts)}",
-                           param="prompt")
+        prompts = _prompt_list(req.prompt)  # never empty, at most MAX_PROMPTS_PER_REQUEST: the model checks
         echo_only = req.echo and req.max_tokens == 0
         params = req.to_sampling_params(1 if echo_only else req.max_tokens)
         if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:

@@ -8,6 +8,7 @@ import logging
 import re
 from typing import Any, AsyncIterator, Optional, Sequence
 
+import jinja2
 from fastapi.responses import JSONResponse
 
 from pagellm.engine.async_llm import (
@@ -19,14 +20,14 @@ from pagellm.engine.async_llm import (
     RequestStream,
 )
 from pagellm.engine.processor import ProcessedPrompt
-from pagellm.entrypoints.openai.protocol import ChatMessage, ErrorInfo, ErrorResponse
+from pagellm.entrypoints.openai.protocol import CalledTool, ChatMessage, ErrorInfo, ErrorResponse
 from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
+from pagellm.sampling_params import check_json_text
 
 logger = logging.getLogger(__name__)
 
 # A text prompt longer than max_model_len x this many characters cannot fit: refused before tokenizing it.
 MAX_CHARS_PER_TOKEN = 32
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class APIError(Exception):
@@ -74,7 +75,44 @@ def to_api_error(e: BaseException) -> APIError:
         m = _FIELD.match(message)
         return APIError(message, 400, "invalid_request_error", param=m.group(1) if m else None)
     logger.exception("internal error", exc_info=e)
-    return APIError(f"internal error: {type(e).__name__}", 500, "internal_error")
+    return APIError("internal error (the server's log has the details)", 500, "internal_error")
+
+
+_LOCATIONS = frozenset({"body", "query", "path", "header"})
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _readable_path(loc: Sequence[Any]) -> list[str]:
+    """The steps of a pydantic error's location that a user can read: fields, keys and list indexes, without
+    where FastAPI found them ("body") and the names pydantic gives union members ("list[int]", "str")."""
+    steps = [str(p) for p in loc]
+    if steps and steps[0] in _LOCATIONS:
+        steps = steps[1:]
+    return [p for p in steps if not (re.search(r"[^A-Za-z0-9_]", p) or p in _TYPE_NAMES)]
+
+
+def _most_telling(errors: Sequence[dict]) -> dict:
+    """Of pydantic's errors, the one that tells most: a value's problem (too short, not allowed) on the union
+    member its type matched before a type mismatch on another member; then the deepest."""
+    return min(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
+
+
+def validation_error(errors: Sequence[dict]) -> APIError:
+    """A 400 from pydantic's errors on a request: `path: what is wrong`, param the top-level field. Input
+    values are not echoed (they may be huge, or text that cannot be encoded)."""
+    if not errors:
+        return APIError("body: invalid request")
+    err = _most_telling(errors)
+    if err.get("type") == "value_error" and isinstance(err.get("ctx", {}).get("error"), ValueError):
+        return to_api_error(err["ctx"]["error"])  # ours, from a validator: it starts with the field's name
+    if err.get("type") == "json_invalid":
+        return APIError("body: not valid JSON")
+    path = _readable_path(err.get("loc", ()))
+    message = f"{'.'.join(path) or 'body'}: {err.get('msg', 'invalid value')}"
+    others = sorted({p[0] for p in map(_readable_path, (e.get("loc", ()) for e in errors)) if p} - set(path[:1]))
+    if others:
+        message += f" (also invalid: {', '.join(others)})"
+    return APIError(message[:2000], param=path[0] if path else None)
 
 
 def sse(data: Any) -> str:
@@ -180,29 +218,15 @@ class OpenAIServing:
         return "tool_calls" in str(template)
 
     def chat_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        from pagellm.entrypoints.openai.protocol import MAX_CHAT_MESSAGES
-
-        if not messages:
-            raise APIError("messages must not be empty", param="messages")
-        if len(messages) > MAX_CHAT_MESSAGES:
-            raise APIError(f"messages: at most {MAX_CHAT_MESSAGES} messages", param="messages")
+        """The messages as chat templates take them (their number, roles and parts are checked by the model)."""
         result = []
         for m in messages:
-            if m.role not in CHAT_ROLES:
-                raise APIError(f"messages: role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
-                               param="messages")
             if m.content is None:
                 content = ""
             elif isinstance(m.content, str):
                 content = m.content
             else:
-                texts = []
-                for part in m.content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(f"messages: only text content parts are supported, got {part.type!r}",
-                                       param="messages")
-                    texts.append(part.text)
-                content = "\n".join(texts)
+                content = "\n".join(part.text for part in m.content)
             message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
             if m.role == "tool" and m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
@@ -219,20 +243,18 @@ class OpenAIServing:
         return result
 
     @staticmethod
-    def _tool_calls_for_template(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _tool_calls_for_template(tool_calls: list[CalledTool]) -> list[dict[str, Any]]:
         """Assistant tool calls as chat templates expect them: arguments as a dict (templates apply tojson)."""
         out = []
         for c in tool_calls:
-            fn = c.get("function") if isinstance(c, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise APIError("messages: tool_calls entries need function.name", param="messages")
-            args = fn.get("arguments", {})
+            args = c.function.arguments
             if isinstance(args, str):
+                check_json_text("messages (tool_calls arguments)", args)
                 try:
                     args = json.loads(args) if args.strip() else {}
                 except ValueError:
                     raise APIError("messages: tool_calls arguments must be JSON", param="messages") from None
-            out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+            out.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
         return out
 
     def _render_chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
@@ -265,8 +287,11 @@ class OpenAIServing:
                                           continue_final_message, tools)
         except APIError:
             raise
-        except Exception as e:  # jinja errors, a missing template, ...
-            raise APIError(f"messages: cannot apply the chat template: {e}", param="messages") from None
+        except jinja2.TemplateError as e:  # the template's own raise_exception("...") and its syntax errors
+            raise APIError(f"messages: cannot apply the chat template: {e.message}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - what these messages do to the template, told without internals
+            logger.warning("the chat template failed on a request: %r", e)
+            raise APIError("messages: the chat template cannot render these messages", param="messages") from None
         return self.engine.processor.tokenize_prompt({"prompt_token_ids": ids})
 
     # ---- logprob helpers ----

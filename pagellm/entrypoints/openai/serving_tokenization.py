@@ -12,8 +12,6 @@ from pagellm.entrypoints.openai.protocol import (
 )
 from pagellm.entrypoints.openai.serving_engine import APIError, OpenAIServing
 
-MAX_DETOKENIZE_TOKENS = 1 << 20
-
 
 class OpenAIServingTokenization(OpenAIServing):
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
@@ -29,8 +27,6 @@ class OpenAIServingTokenization(OpenAIServing):
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(req.model)
         tokenizer = self._need_tokenizer("tokens")
-        if len(req.tokens) > MAX_DETOKENIZE_TOKENS:
-            raise APIError(f"tokens: at most {MAX_DETOKENIZE_TOKENS} tokens", param="tokens")
         vocab = self.engine.model_config.vocab_size
         for t in req.tokens:
             if not 0 <= t < vocab:

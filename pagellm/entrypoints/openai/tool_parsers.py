@@ -18,9 +18,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pagellm.sampling_params import check_json_text
+
 
 def tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def _loads(text: str) -> Any:
+    """json.loads of model output, its depth checked first: a model may write brackets deeper than json.loads
+    can recurse. ValueError when too deep or not JSON."""
+    check_json_text("tool call", text)
+    return json.loads(text)
 
 
 @dataclass
@@ -39,7 +48,7 @@ def _call_from(obj: Any, arg_keys: tuple[str, ...] = ("arguments", "parameters")
             break
     if isinstance(args, str):  # some models put the JSON text in a string
         try:
-            args = json.loads(args)
+            args = _loads(args)
         except ValueError:
             pass
     return ParsedToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
@@ -66,7 +75,7 @@ class HermesToolParser(ToolParser):
         calls = []
         for m in self._pattern.finditer(text):
             try:
-                call = _call_from(json.loads(m.group(1)))
+                call = _call_from(_loads(m.group(1)))
             except ValueError:
                 call = None
             if call is not None:
@@ -91,6 +100,10 @@ class Llama3JsonToolParser(ToolParser):
         body = text.lstrip()
         if body.startswith(self.python_tag):
             body = body[len(self.python_tag):]
+        try:
+            check_json_text("tool call", body)
+        except ValueError:
+            return text, []
         decoder = json.JSONDecoder()
         calls: list[ParsedToolCall] = []
         pos = 0
@@ -256,7 +269,7 @@ class RequiredCallStream:
 def parse_required(text: str) -> list[ParsedToolCall]:
     """The calls of a whole output generated under `required_schema`, each call's arguments the raw JSON text
     the model wrote (as streamed). ValueError if the output is not whole (cut by max_tokens)."""
-    value = json.loads(text)
+    value = _loads(text)
     reader = RequiredCallStream()
     reader.feed(text)
     if not isinstance(value, list) or reader.num_complete != len(value):
@@ -268,7 +281,7 @@ def hermes_tool_call_text(name: str, arguments: Any) -> str:
     """An assistant's tool call written back into a prompt whose chat template does not render tool_calls."""
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = _loads(arguments)
         except ValueError:
             pass
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + \

@@ -12,11 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagellm.engine.core_messages import EngineCoreRequest
-from pagellm.sampling_params import MAX_SEED, SamplingParams
-
-# Token ids and other per-request integers cross the wire as 64-bit msgpack ints.
-MAX_WIRE_INT = 2**63 - 1
-
+from pagellm.sampling_params import MAX_SEED, SamplingParams, check_range
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -75,9 +71,11 @@ def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
         # The min_tokens mask would forbid the EOS a finished grammar forces: no token would be left.
         raise ValueError("min_tokens: cannot be combined with structured_outputs")
     for t in req.all_stop_token_ids:
-        if type(t) is not int or not 0 <= t <= MAX_WIRE_INT:
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if type(t) is not int:
+            raise ValueError(f"stop_token_ids must be integers, got {t!r}")
+        check_range("stop_token_ids", t, key="token_id")
     if req.eos_token_id is not None and not 0 <= req.eos_token_id < limits.vocab_size:
         raise ValueError(f"eos_token_id: {req.eos_token_id} is outside the vocabulary")
-    if not isinstance(req.priority, int) or abs(req.priority) > MAX_WIRE_INT:
+    if isinstance(req.priority, bool) or not isinstance(req.priority, int):
         raise ValueError(f"priority must be an integer, got {req.priority!r}")
+    check_range("priority", req.priority)

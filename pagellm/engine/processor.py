@@ -15,7 +15,7 @@ from pagellm.config import ModelConfig
 from pagellm.engine.admission import RequestLimits, check_prompt_token_ids, check_request, wrap_seed
 from pagellm.engine.core_messages import EngineCoreRequest
 from pagellm.model_executor.loader.source import resolve_eos_token_id
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import SamplingParams, check_text
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [...]}.
 PromptType = Union[str, list[int], dict[str, Any]]
@@ -54,6 +54,7 @@ class Processor:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: text prompts need a tokenizer; pass token ids instead")
+            check_text("prompt", prompt)
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
             return self._check_ids(ids, prompt)
         if isinstance(prompt, (list, tuple)):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagellm.engine.admission import MAX_WIRE_INT, RequestLimits, check_request, wrap_seed
+from pagellm.engine.admission import RequestLimits, check_request, wrap_seed
 from pagellm.engine.core_messages import EngineCoreRequest, InputMessage
 from pagellm.engine.processor import ProcessedPrompt, Processor
 from pagellm.entrypoints.openai.protocol import CompletionRequest
@@ -100,7 +100,7 @@ def test_the_core_runs_the_same_check(core):
         (req(sampling_params=SamplingParams(max_tokens=255)), "max_tokens"),
         (req(sampling_params=SamplingParams(max_tokens=2, n=2)), "n"),
         (req(sampling_params=SamplingParams(max_tokens=2, logit_bias={600: 1.0})), "logit_bias"),
-        (req(all_stop_token_ids=[MAX_WIRE_INT + 1]), "stop_token_ids"),
+        (req(all_stop_token_ids=[2**63]), "stop_token_ids"),
         (req(eos_token_id=512), "eos_token_id"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}"):
@@ -120,7 +120,7 @@ _OPTIONAL_FIELDS = {
     "frequency_penalty": st.floats(-2, 2),
     "repetition_penalty": st.floats(0.01, 2),
     "seed": st.integers(-MAX_SEED, MAX_SEED),
-    "stop_token_ids": st.lists(st.integers(0, 2**40), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, 2**40), max_size=3),  # beyond 2**31: a 400
     "ignore_eos": st.booleans(),
     "min_tokens": st.integers(0, 300),
     "max_tokens": st.one_of(st.none(), st.integers(1, 300)),

@@ -29,6 +29,10 @@ def test_min_tokens_beyond_the_room_left_is_a_400(server):
 
 
 def test_largest_seed_with_n_sequences_is_answered(server):
+    """The issue's case, seed 2**63 - 1 with n=2, is a 400 naming seed (seeds leave room for n sequences); the
+    largest seed allowed, with n=2, runs."""
+    r = _post(server, {"seed": 2**63 - 1, "n": 2, "max_tokens": 3, "temperature": 1.0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
     r = _post(server, {"seed": MAX_SEED, "n": 2, "max_tokens": 3, "temperature": 1.0})
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]

@@ -74,8 +74,8 @@ def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
         if type(t) is not int:
             raise ValueError(f"stop_token_ids must be integers, got {t!r}")
         check_range("stop_token_ids", t, key="token_id")
-    if req.eos_token_id is not None and not 0 <= req.eos_token_id < limits.vocab_size:
-        raise ValueError(f"eos_token_id: {req.eos_token_id} is outside the vocabulary")
+    if req.eos_token_id is not None:  # the model's, not the user's: one outside the vocabulary never matches
+        check_range("eos_token_id", req.eos_token_id, key="token_id")
     if isinstance(req.priority, bool) or not isinstance(req.priority, int):
         raise ValueError(f"priority must be an integer, got {req.priority!r}")
     check_range("priority", req.priority)

@@ -27,10 +27,8 @@ import httpx
 import msgspec
 import pytest
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
-from tests.entrypoints.server_utils import RemoteServer, wait_gone
+from tests.entrypoints.server_utils import RemoteServer, parse_metrics, tiny_args, wait_gone
 from tests.entrypoints.test_core_proc import FakeCore
-from tests.entrypoints.server_utils import tiny_args
 
 from pagellm import LLM, SamplingParams
 from pagellm.engine.core_messages import (
@@ -202,14 +200,7 @@ def _run_concurrent(server: RemoteServer, expected: list[list[int]]) -> dict[str
     return counts
 
 
-def _metrics(text: str) -> dict[str, float]:
-    """name{labels} -> value (labels without model_name)."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+_metrics = parse_metrics
 
 
 def _from_each(server: RemoteServer, path: str, count: int = 2, method: str = "GET", body: dict | None = None,

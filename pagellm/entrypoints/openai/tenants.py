@@ -15,7 +15,8 @@
   A request reserves its prompt tokens plus n x max_tokens (max_tokens unset: the room the prompt leaves to
   max_model_len) before it is sent to the engine; when its response is done, what it did not use (it stopped
   early, or failed before it ran) goes back to the bucket. So a key never runs past its bucket, and is charged
-  what it used in the end. A key idle for a minute can spend N at once; over a busy minute, about N.
+  what it used in the end. A key idle for a minute can spend N at once, then N a minute (at most 2N in any
+  one minute).
 - The numbers live in shared memory (Ledger), so the API processes of `--api-server-count N` draw on the
   same limits; the KeyRing, ledger included, is made once and handed to each API process when it starts.
 """

@@ -341,21 +341,22 @@ class AsyncLLM:
             self._fail_refused([out for out in msg.outputs if out.error is not None], core)
         metrics = self.metrics
         now = time.time()
-        if metrics:
-            total = 0
-            parents = self.output_processor.child_to_parent
-            for out in msg.outputs:
-                if not out.new_token_ids:
-                    continue
-                total += len(out.new_token_ids)
-                info = self.requests.get(parents.get(out.req_id, ""))
-                if info is not None:
-                    if info.first_token_time is None:
-                        info.first_token_time = now
+        total = 0
+        parents = self.output_processor.child_to_parent
+        for out in msg.outputs:  # tokens per request (a key's token budget reads them) and the metrics
+            if not out.new_token_ids:
+                continue
+            total += len(out.new_token_ids)
+            info = self.requests.get(parents.get(out.req_id, ""))
+            if info is not None:
+                if info.first_token_time is None:
+                    info.first_token_time = now
+                    if metrics:
                         metrics.record_first_token(now - info.arrival_time, info.num_prompt_tokens, info.key_name)
-                    info.num_generation_tokens += len(out.new_token_ids)
-                    if info.key_name is not None:
-                        metrics.record_key_generation_tokens(info.key_name, len(out.new_token_ids))
+                info.num_generation_tokens += len(out.new_token_ids)
+                if metrics and info.key_name is not None:
+                    metrics.record_key_generation_tokens(info.key_name, len(out.new_token_ids))
+        if metrics:
             metrics.record_generation_tokens(total)
         request_outputs, stopped = self.output_processor.process_outputs(msg.outputs)
         if stopped:

@@ -75,12 +75,32 @@ class _RequestInfo:
 class AsyncLLM:
     def __init__(self, engine_args: Any, max_queued_requests: Optional[int] = None, log_level: str = "WARNING",
                  log_stats: bool = True, shared: Optional[SharedCores] = None) -> None:
-        from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
-
         if max_queued_requests is not None and max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be non-negative, got {max_queued_requests}")
         self.engine_args = engine_args
-        self.config = engine_args.create_engine_config()
+        self.dp_size = engine_args.data_parallel_size
+        if type(self.dp_size) is not int or self.dp_size < 1:
+            raise ValueError(f"data_parallel_size must be a positive integer, got {self.dp_size!r}")
+        self.shared = shared
+        # The core processes start first, so that their imports and model loading overlap with this process's
+        # own (several seconds each on a CPU); they fail on a bad option as this process does, and are stopped
+        # if it does. start() waits for them; shutdown() stops them.
+        self.core_client = CoreClient(engine_args, self.dp_size, log_level, self._handle_outputs, self._fail_requests,
+                                      shared)
+        self.core_client.launch()
+        try:
+            self._build(max_queued_requests, log_stats)
+        except BaseException:
+            for client in self.core_client.clients:
+                client.close(timeout=1)
+            raise
+
+    def _build(self, max_queued_requests: Optional[int], log_stats: bool) -> None:
+        """What this process needs besides the cores: the config, tokenizer, processors and metrics."""
+        from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
+
+        shared = self.shared
+        self.config = self.engine_args.create_engine_config()
         mc = self.config.model_config
         self.model_config = mc
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.source, mc.tokenizer)
@@ -96,10 +116,6 @@ class AsyncLLM:
             # the cores' counters (the same in each process's stats) are counted by the first one only.
             self.metrics = Metrics(self.served_model_name, multiprocess=shared is not None,
                                    count_core_counters=shared is None or shared.client_index == 0)
-        self.dp_size = self.config.parallel_config.data_parallel_size
-        self.shared = shared
-        self.core_client = CoreClient(engine_args, self.dp_size, log_level, self._handle_outputs, self._fail_requests,
-                                      shared)
         self.router = DPRouter(self.dp_size, self.config.cache_config, self.max_num_seqs,
                                reported=self.core_client.core_stats if shared is not None else None)
         self.requests: dict[str, _RequestInfo] = {}

@@ -290,10 +290,14 @@ class CoreClient:
 
     # ---- lifecycle ----
 
-    async def start(self, timeout: float = 900.0) -> None:
-        """Start the core process(es), or connect to them, and wait until each has loaded the model."""
+    def launch(self) -> None:
+        """Start the core process(es), or bind the sockets the launcher's cores connect to; start() waits for
+        them. Idempotent. Called as early as possible: a core spends seconds importing and loading the model,
+        which overlaps with the API process's own start-up."""
         import dataclasses
 
+        if self.clients:
+            return
         shared = self.shared
         for rank in range(self.dp_size):
             if shared is not None:
@@ -303,7 +307,12 @@ class CoreClient:
             args = self.engine_args if self.dp_size == 1 else dataclasses.replace(self.engine_args,
                                                                                   data_parallel_rank=rank)
             self.clients.append(CoreProcClient(args, log_level=self.log_level))
+
+    async def start(self, timeout: float = 900.0) -> None:
+        """Launch the cores (if not yet) and wait until each has loaded the model (and, for the launcher's
+        cores, has connected to this process)."""
         try:
+            self.launch()
             readies = [await wait_ready(client, self.name(rank), timeout) for rank, client in enumerate(self.clients)]
             for rank, client in enumerate(self.clients):
                 if isinstance(client, CoreConnection):

@@ -76,6 +76,8 @@ def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
         check_range("stop_token_ids", t, key="token_id")
     if req.eos_token_id is not None and not 0 <= req.eos_token_id < limits.vocab_size:
         raise ValueError(f"eos_token_id: {req.eos_token_id} is outside the vocabulary")
+    if req.group_id is not None and not isinstance(req.group_id, str):
+        raise ValueError(f"group_id must be a string, got {type(req.group_id).__name__}")
     if isinstance(req.priority, bool) or not isinstance(req.priority, int):
         raise ValueError(f"priority must be an integer, got {req.priority!r}")
     check_range("priority", req.priority)

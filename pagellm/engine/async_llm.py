@@ -225,8 +225,10 @@ class AsyncLLM:
         *,
         priority: int = 0,
         output_kind: OutputKind = OutputKind.DELTA,
+        group_id: Optional[str] = None,
     ) -> "RequestStream":
-        """Validate and submit a request now; iterate the returned stream for its outputs.
+        """Validate and submit a request now; iterate the returned stream for its outputs. `group_id`: the
+        user request it is part of, for the scheduler's fairness (default: its own id).
 
         Raises ValueError (invalid request, naming the field), QueueFullError, EngineShuttingDownError or
         EngineDeadError before anything is submitted. A stream that is never iterated must be abort()ed.
@@ -239,7 +241,7 @@ class AsyncLLM:
         if self.config.scheduler_config.policy != "priority" and priority != 0:
             raise ValueError("priority: the server must run with --scheduling-policy priority to use priorities")
         requests = self.processor.make_requests(request_id, processed, params, priority=priority,
-                                                strict_max_tokens=True)
+                                                strict_max_tokens=True, group_id=group_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_admission(params.n)  # tokenizing may have awaited

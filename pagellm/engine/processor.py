@@ -77,9 +77,11 @@ class Processor:
         priority: int = 0,
         strict_max_tokens: bool = False,
         cache_salt: Optional[str] = None,
+        group_id: Optional[str] = None,
     ) -> list[EngineCoreRequest]:
         """One engine-core request per sequence (they share the prompt's KV blocks through the prefix cache),
-        each passed through the admission check that the core runs too.
+        each passed through the admission check that the core runs too. The sequences form one group for the
+        scheduler's fairness: `group_id`, or request_id (the prompts of one /v1/completions call share one).
 
         `strict_max_tokens`: a max_tokens beyond the room the prompt leaves is an error (the server), instead of
         being cut to that room (the offline LLM, like vLLM's)."""
@@ -126,6 +128,7 @@ class Processor:
                 arrival_time=arrival_time,
                 priority=priority,
                 cache_salt=cache_salt,
+                group_id=request_id if group_id is None else group_id,
             )
             check_request(req, limits)
             requests.append(req)

@@ -95,7 +95,8 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             for i, prompt in enumerate(processed):
                 streams.append(await self.engine.add_request(
-                    prompt, params, f"{request_id}-{i}", priority=req.priority, output_kind=kind))
+                    prompt, params, f"{request_id}-{i}", priority=req.priority, output_kind=kind,
+                    group_id=request_id))  # the prompts of one call share the scheduler's fair share
         except BaseException:
             for s in streams:
                 s.abort()

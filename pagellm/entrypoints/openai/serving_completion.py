@@ -21,6 +21,7 @@ from pagellm.entrypoints.openai.protocol import (
     CompletionStreamChoice,
     CompletionStreamResponse,
     UsageInfo,
+    prompt_logprobs_field,
     random_id,
 )
 from pagellm.entrypoints.openai.serving_engine import APIError, OpenAIServing, merge_streams, sse, sse_error
@@ -184,7 +185,11 @@ class _Context:
     def full_response(self, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
         completion_tokens = 0
+        k = self.req.returned_prompt_logprobs
         for i, ro in enumerate(finals):
+            prompt_logprobs = None
+            if k is not None and ro.prompt_logprobs is not None:
+                prompt_logprobs = prompt_logprobs_field(ro.prompt_logprobs, k)
             for c in sorted(ro.outputs, key=lambda c: c.index):
                 builder = _ChoiceLogprobs(self.serving, self.req.logprobs) if self.req.logprobs is not None \
                     else None
@@ -192,7 +197,7 @@ class _Context:
                 completion_tokens += num_tokens
                 choices.append(CompletionResponseChoice(
                     index=i * self.n + c.index, text=text, logprobs=logprobs,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs,
                 ))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.serving.model_name,
                                   choices=choices, usage=self.usage(completion_tokens))

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
+from pagellm.engine.admission import WorkCaps
 from pagellm.engine.core_client import CoreClient, EngineDeadError, SharedCores
 from pagellm.engine.core_messages import CoreStats, Outputs
 from pagellm.engine.dp_router import DPRouter
@@ -73,7 +74,8 @@ class _RequestInfo:
 
 class AsyncLLM:
     def __init__(self, engine_args: Any, max_queued_requests: Optional[int] = None, log_level: str = "WARNING",
-                 log_stats: bool = True, shared: Optional[SharedCores] = None) -> None:
+                 log_stats: bool = True, shared: Optional[SharedCores] = None,
+                 work_caps: Optional[WorkCaps] = None) -> None:
         from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
 
         if max_queued_requests is not None and max_queued_requests < 0:
@@ -83,7 +85,7 @@ class AsyncLLM:
         mc = self.config.model_config
         self.model_config = mc
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.source, mc.tokenizer)
-        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source))
+        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source), work_caps)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_queued_requests = max_queued_requests
         self.max_num_seqs = self.config.scheduler_config.max_num_seqs

@@ -33,7 +33,7 @@ import pagellm
 from pagellm.engine.async_llm import AsyncLLM
 from pagellm.engine.core_client import SharedCores
 from pagellm.engine_args import EngineArgs
-from pagellm.entrypoints.openai.cli_args import add_serve_args
+from pagellm.entrypoints.openai.cli_args import add_serve_args, work_caps_from_args
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -446,7 +446,7 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key if args.api_key is not None else os.environ.get("PAGELLM_API_KEY") or None
     engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper(),
-                      shared=shared)
+                      shared=shared, work_caps=work_caps_from_args(args))
     await engine.start()
     if on_engine_ready is not None:
         on_engine_ready()

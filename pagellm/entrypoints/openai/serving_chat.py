@@ -137,6 +137,7 @@ class OpenAIServingChat(OpenAIServing):
         tools = req.tools if mode.kind != "none" else None
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
                                         tools=tools)
+        self.engine.processor.check_work([prompt], params)
         request_id = random_id("chatcmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
         stream = await self.engine.add_request(prompt, params, request_id, priority=req.priority, output_kind=kind)

@@ -90,6 +90,7 @@ class OpenAIServingCompletion(OpenAIServing):
         await self.check_structured_outputs(params, req.structured_outputs_params()[1])
         self.engine.check_admission(len(prompts) * params.n)
         processed = [await self.process_prompt(p, req.add_special_tokens) for p in prompts]
+        self.engine.processor.check_work(processed, params)
         request_id = random_id("cmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
         streams: list[RequestStream] = []

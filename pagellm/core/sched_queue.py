@@ -57,6 +57,10 @@ class FairQueue:
             self._push(gid)
 
     @property
+    def num_running_groups(self) -> int:
+        return len(self._running)
+
+    @property
     def running_counts(self) -> dict[str, int]:
         """Group id -> running sequences (a copy), for checks."""
         return dict(self._running)

@@ -241,7 +241,7 @@ class Scheduler:
 
         # The victim of a preemption is always the last running request, never one already scheduled in this
         # step: keep the list in victim order (module docstring).
-        if self.priority_policy or len(self.waiting.running_counts) > 1:
+        if self.priority_policy or self.waiting.num_running_groups > 1:
             self.running.sort(key=self._running_order)
         yielding = self._yield_seat(preempted_ids)  # in flight: not scheduled now, preempted next step
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the benchmarks of issue 4, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|qwen|llama|latency|peer ...   (any subset, in order)
+# One device call: GPU tests, then benchmarks, results under $OUT. Usage:
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host ...   (any subset, in order)
+# A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
+# `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+BASE_PYTHONPATH=${PYTHONPATH:-}  # e.g. carried wheels installed with pip --target
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 summary="$OUT/summary.txt"; : > "$summary"
@@ -14,21 +17,26 @@ logged() {
   echo "$label: $(grep -E "$pattern" "$log" | tr '\n' ' ')" >> "$summary"
 }
 BENCH=(python3 -m pagellm.entrypoints.cli --log-level info bench)
-for what in "$@"; do
+for part in "$@"; do
+  what=$part tag=after
+  export PYTHONPATH=$PWD:$BASE_PYTHONPATH
+  case "$part" in before:*) what=${part#before:} tag=before; export PYTHONPATH=$PWD/.old:$PWD:$BASE_PYTHONPATH ;; esac
   case "$what" in
     tests) logged tests tests.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider -x \
              tests/layers/test_triton_ops.py tests/engine/test_cuda_engine.py tests/models/test_models.py \
              -k "cuda or triton or rotary or rms or silu" ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
-    qwen) logged qwen06b-nano qwen.log 300 '^pagellm ' "${BENCH[@]}" throughput --workload qwen06b-nano --peer none \
-            --output-json "$OUT/qwen06b-nano.json" ;;
-    llama) logged llama8b-mixed llama.log 400 '^pagellm ' "${BENCH[@]}" throughput --workload llama8b-mixed --peer none \
-             --output-json "$OUT/llama8b-mixed.json" ;;
+    qwen) logged "qwen06b-nano $tag" "qwen-$tag.log" 300 '^pagellm ' "${BENCH[@]}" throughput --workload qwen06b-nano \
+            --peer none --output-json "$OUT/qwen06b-nano-$tag.json" ;;
+    llama) logged "llama8b-mixed $tag" "llama-$tag.log" 400 '^pagellm ' "${BENCH[@]}" throughput \
+             --workload llama8b-mixed --peer none --output-json "$OUT/llama8b-mixed-$tag.json" ;;
     peer) logged "llama8b-mixed vs peer" peer.log 580 '^(pagellm|transformers|ratio)' "${BENCH[@]}" throughput \
             --workload llama8b-mixed --peer hf --output-json "$OUT/llama8b-mixed-peer.json" ;;
-    latency) logged "llama8b bs1" latency.log 300 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed --batch-size 1 \
-               --input-len 128 --output-len 256 --output-json "$OUT/llama8b-latency-bs1.json" ;;
+    latency) logged "llama8b bs1 $tag" "latency-$tag.log" 300 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed \
+               --batch-size 1 --input-len 128 --output-len 256 --output-json "$OUT/llama8b-latency-bs1-$tag.json" ;;
+    host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
+            --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac
 done
 echo "===== summary"; cat "$summary"

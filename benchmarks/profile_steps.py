@@ -5,7 +5,8 @@ Runs a workload of shared/BENCHMARKS.md through `LLM.generate` in this process, 
 scheduling, the runner's launch (rows and inputs, the forward and sampling launched, not awaited), reading the
 step's tokens (mostly a wait for the device under async scheduling), the scheduler's update and the output
 processing. The host time of a step is everything but the wait; with async scheduling it hides behind the
-device's time as long as it is shorter.
+device's time as long as it is shorter. Steps are reported by kind (decode: a CUDA graph replays; mixed: prefill
+chunks too, an eager forward whose kernel launches are host time) and batch size.
 
     python benchmarks/profile_steps.py --workload llama8b-mixed [--num-prompts N] [--out DIR]
 
@@ -40,12 +41,18 @@ def batch_size(scheduler_output: Any) -> int:
     return len(reqs) if reqs is not None else scheduler_output.num_reqs
 
 
+def step_kind(scheduler_output: Any) -> str:
+    """decode (one token per request: a CUDA graph replays) or mixed (prefill chunks too: an eager forward)."""
+    return "decode" if scheduler_output.num_batched_tokens == batch_size(scheduler_output) else "mixed"
+
+
 class HostClock:
     """Seconds of each part of each step, keyed by the step's batch size."""
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
-        self.steps: list[tuple[int, dict[str, float]]] = []
+        self.steps: list[tuple[str, int, dict[str, float]]] = []
+        self.current_kind, self.current_batch = "decode", 0
         self.recording = False
 
     def wrap(self, part: str, fn: Callable, on_done: Callable[[Any, Any], None] | None = None) -> Callable:
@@ -62,11 +69,11 @@ class HostClock:
     def end_step(self, args: Any, res: Any) -> None:
         """After the output processing: one step is done."""
         if self.current:
-            self.steps.append((self.current_batch, self.current))
+            self.steps.append((self.current_kind, self.current_batch, self.current))
         self.current = {}
 
     def set_batch(self, args: Any, res: Any) -> None:
-        self.current_batch = batch_size(res)
+        self.current_kind, self.current_batch = step_kind(res), batch_size(res)
 
 
 def main() -> None:
@@ -79,7 +86,6 @@ def main() -> None:
 
     wl = WORKLOADS[args.workload]
     clock = HostClock()
-    clock.current_batch = 0
     S, R, P, O = sched_mod.Scheduler, mr.ModelRunner, mr.PendingOutput, op_mod.OutputProcessor
     S.schedule = clock.wrap("schedule", S.schedule, clock.set_batch)
     S.update_from_output = clock.wrap("update", S.update_from_output)
@@ -110,23 +116,24 @@ def main() -> None:
     label = f" [{args.label}]" if args.label else ""
     lines = [f"workload {wl.name}{label}: {len(requests)} requests, {out_tokens} output tokens, {wall:.2f} s wall, "
              f"{out_tokens / wall:.0f} out tok/s, {len(clock.steps)} steps"]
-    buckets: dict[int, list[dict[str, float]]] = collections.defaultdict(list)
-    for n, parts in clock.steps:
-        buckets[min(256, (n + 63) // 64 * 64)].append(parts)
-    lines.append("batch<=  steps  " + "  ".join(f"{p:>9s}" for p in PARTS) + "   host/step (ms, all but wait)")
+    buckets: dict[tuple[str, int], list[dict[str, float]]] = collections.defaultdict(list)
+    for kind, n, parts in clock.steps:
+        buckets[(kind, min(256, (n + 63) // 64 * 64))].append(parts)
+    lines.append("kind    batch<=  steps  " + "  ".join(f"{p:>9s}" for p in PARTS) + "   host/step (ms, all but wait)")
     summary = {}
-    for b in sorted(buckets):
-        rows = buckets[b]
+    for kind, b in sorted(buckets):
+        rows = buckets[(kind, b)]
         means = {p: 1000 * sum(r.get(p, 0.0) for r in rows) / len(rows) for p in PARTS}
         host = sum(v for p, v in means.items() if p != "wait")
-        summary[b] = {"steps": len(rows), "host_ms": host, **{f"{p}_ms": v for p, v in means.items()}}
-        lines.append(f"{b:7d}  {len(rows):5d}  " + "  ".join(f"{means[p]:9.3f}" for p in PARTS) + f"   {host:7.3f}")
+        summary[f"{kind}-{b}"] = {"steps": len(rows), "host_ms": host, **{f"{p}_ms": v for p, v in means.items()}}
+        lines.append(f"{kind:6s}  {b:7d}  {len(rows):5d}  " + "  ".join(f"{means[p]:9.3f}" for p in PARTS)
+                     + f"   {host:7.3f}")
     report = "\n".join(lines)
     os.makedirs(args.out, exist_ok=True)
     name = f"host-{wl.name}{'-' + args.label if args.label else ''}"
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump({"workload": wl.name, "label": args.label, "wall_s": wall, "output_tokens": out_tokens,
-                   "steps": len(clock.steps), "by_batch": summary}, f, indent=1)
+                   "steps": len(clock.steps), "by_kind_and_batch": summary}, f, indent=1)
     print(report)
 
 

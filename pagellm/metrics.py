@@ -69,9 +69,36 @@ class Metrics:
         self._last = {"queries": 0, "hits": 0, "preemptions": 0}
         self._routed = Counter("pagellm:engine_core_requests", "Requests sent to each engine core (data "
                                "parallelism: one core per replica).", ["model_name", "engine_core"], registry=r)
+        # Per API key, labelled by the key's name (never the key): see entrypoints/openai/tenants.py.
+        key = ["model_name", "key_name"]
+        self._key_requests = Counter("pagellm:api_key_requests", "Requests made with each API key (those refused "
+                                     "with 429 included).", key, registry=r)
+        self._key_rate_limited = Counter("pagellm:api_key_rate_limited", "Requests of each API key refused with "
+                                         "429, by the limit they hit.", [*key, "limit"], registry=r)
+        self._key_prompt_tokens = Counter("pagellm:api_key_prompt_tokens", "Prompt tokens of each API key's "
+                                          "requests that started generating.", key, registry=r)
+        self._key_generation_tokens = Counter("pagellm:api_key_generation_tokens", "Tokens generated for each "
+                                              "API key.", key, registry=r)
 
     def record_routed(self, core: int) -> None:
         self._routed.labels(self.model_name, str(core)).inc()
+
+    def add_keys(self, limits: dict[str, tuple[str, ...]]) -> None:
+        """Show every key's counters from the start (at 0): key name -> the limits it has."""
+        for name in limits:
+            for counter in (self._key_requests, self._key_prompt_tokens, self._key_generation_tokens):
+                counter.labels(self.model_name, name)
+            for limit in limits[name]:
+                self._key_rate_limited.labels(self.model_name, name, limit)
+
+    def record_key_request(self, key_name: str) -> None:
+        self._key_requests.labels(self.model_name, key_name).inc()
+
+    def record_key_rate_limited(self, key_name: str, limit: str) -> None:
+        self._key_rate_limited.labels(self.model_name, key_name, limit).inc()
+
+    def record_key_generation_tokens(self, key_name: str, n: int) -> None:
+        self._key_generation_tokens.labels(self.model_name, key_name).inc(n)
 
     def record_core_stats(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)
@@ -90,10 +117,12 @@ class Metrics:
         for t in stats.queue_times:
             self.queue_time.observe(t)
 
-    def record_first_token(self, ttft: float, num_prompt_tokens: int) -> None:
+    def record_first_token(self, ttft: float, num_prompt_tokens: int, key_name: Optional[str] = None) -> None:
         self.ttft.observe(ttft)
         self.prompt_tokens.inc(num_prompt_tokens)
         self.request_prompt_tokens.observe(num_prompt_tokens)
+        if key_name is not None:
+            self._key_prompt_tokens.labels(self.model_name, key_name).inc(num_prompt_tokens)
 
     def record_generation_tokens(self, n: int) -> None:
         if n:

@@ -115,8 +115,8 @@ def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
         if type(t) is not int:
             raise ValueError(f"stop_token_ids must be integers, got {t!r}")
         check_range("stop_token_ids", t, key="token_id")
-    if req.eos_token_id is not None and not 0 <= req.eos_token_id < limits.vocab_size:
-        raise ValueError(f"eos_token_id: {req.eos_token_id} is outside the vocabulary")
+    if req.eos_token_id is not None:  # the model's, not the user's: one outside the vocabulary never matches
+        check_range("eos_token_id", req.eos_token_id, key="token_id")
     if req.group_id is not None and not isinstance(req.group_id, str):
         raise ValueError(f"group_id must be a string, got {type(req.group_id).__name__}")
     if isinstance(req.priority, bool) or not isinstance(req.priority, int):

@@ -68,6 +68,7 @@ class _RequestInfo:
     num_prompt_tokens: int
     n: int
     core: int = 0  # which engine core (data parallelism) runs it
+    key_name: Optional[str] = None  # the API key's name (per-key metrics)
     first_token_time: Optional[float] = None
     num_generation_tokens: int = 0
 
@@ -227,10 +228,15 @@ class AsyncLLM:
         *,
         priority: int = 0,
         output_kind: OutputKind = OutputKind.DELTA,
+        cache_salt: Optional[str] = None,
+        key_name: Optional[str] = None,
         group_id: Optional[str] = None,
     ) -> "RequestStream":
         """Validate and submit a request now; iterate the returned stream for its outputs. `group_id`: the
         user request it is part of, for the scheduler's fairness (default: its own id).
+
+        `cache_salt`: mixed into the request's prefix-cache hashes (only requests with the same salt share
+        cached blocks); `key_name`: the API key's name, for the per-key metrics.
 
         Raises ValueError (invalid request, naming the field), QueueFullError, EngineShuttingDownError or
         EngineDeadError before anything is submitted. A stream that is never iterated must be abort()ed.
@@ -243,13 +249,15 @@ class AsyncLLM:
         if self.config.scheduler_config.policy != "priority" and priority != 0:
             raise ValueError("priority: the server must run with --scheduling-policy priority to use priorities")
         requests = self.processor.make_requests(request_id, processed, params, priority=priority,
-                                                strict_max_tokens=True, group_id=group_id)
+                                                strict_max_tokens=True, cache_salt=cache_salt,
+                                                group_id=group_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_admission(params.n)  # tokenizing may have awaited
         core = self.router.route(processed.prompt_token_ids, requests[0].cache_salt if requests else None)
         self.output_processor.add_request(request_id, processed, params, output_kind)
-        info = _RequestInfo(asyncio.Queue(), time.time(), len(processed.prompt_token_ids), params.n, core)
+        info = _RequestInfo(asyncio.Queue(), time.time(), len(processed.prompt_token_ids), params.n, core,
+                            key_name=key_name)
         self.requests[request_id] = info
         self.num_seqs_in_flight += params.n
         self.router.add(core, params.n)
@@ -338,19 +346,22 @@ class AsyncLLM:
             self._fail_refused([out for out in msg.outputs if out.error is not None], core)
         metrics = self.metrics
         now = time.time()
+        total = 0
+        parents = self.output_processor.child_to_parent
+        for out in msg.outputs:  # tokens per request (a key's token budget reads them) and the metrics
+            if not out.new_token_ids:
+                continue
+            total += len(out.new_token_ids)
+            info = self.requests.get(parents.get(out.req_id, ""))
+            if info is not None:
+                if info.first_token_time is None:
+                    info.first_token_time = now
+                    if metrics:
+                        metrics.record_first_token(now - info.arrival_time, info.num_prompt_tokens, info.key_name)
+                info.num_generation_tokens += len(out.new_token_ids)
+                if metrics and info.key_name is not None:
+                    metrics.record_key_generation_tokens(info.key_name, len(out.new_token_ids))
         if metrics:
-            total = 0
-            parents = self.output_processor.child_to_parent
-            for out in msg.outputs:
-                if not out.new_token_ids:
-                    continue
-                total += len(out.new_token_ids)
-                info = self.requests.get(parents.get(out.req_id, ""))
-                if info is not None:
-                    if info.first_token_time is None:
-                        info.first_token_time = now
-                        metrics.record_first_token(now - info.arrival_time, info.num_prompt_tokens)
-                    info.num_generation_tokens += len(out.new_token_ids)
             metrics.record_generation_tokens(total)
         request_outputs, stopped = self.output_processor.process_outputs(msg.outputs)
         if stopped:
@@ -411,6 +422,11 @@ class RequestStream:
                 yield item
         finally:
             self.engine._release(self.request_id, abort=not self.finished)
+
+    @property
+    def num_generation_tokens(self) -> int:
+        """Tokens generated so far, all sequences together (counted with the metrics, which the server keeps)."""
+        return self._info.num_generation_tokens
 
     def abort(self) -> None:
         """Abort the request if it has not finished (idempotent)."""

@@ -58,13 +58,17 @@ class _CoreSockets:
     `output_socket` (a zmq.asyncio socket).
     """
 
-    def _bind(self, input_addr: str, output_addr: str) -> None:
+    def _bind(self, input_addr: str, output_addr: str, monitor_input: bool = False) -> None:
+        """`monitor_input`: watch the input socket for a peer's handshake (self._monitor), from before it is
+        bound, so that a peer already waiting to connect cannot handshake unseen."""
         import zmq.asyncio
 
         self.sync_ctx = zmq.Context()
         self.input_socket = self.sync_ctx.socket(zmq.PUSH)
         self.input_socket.setsockopt(zmq.SNDHWM, 0)
         self.input_socket.setsockopt(zmq.LINGER, 0)
+        if monitor_input:
+            self._monitor = self.input_socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.input_socket.bind(input_addr)
         self.async_ctx = zmq.asyncio.Context()
         self.output_socket = self.async_ctx.socket(zmq.PULL)
@@ -183,10 +187,10 @@ class CoreConnection(_CoreSockets):
     """An API process's sockets to an engine core it did not start (see SharedCores)."""
 
     def __init__(self, input_addr: str, output_addr: str, pid: int, pidfd: Optional[InheritedFd]) -> None:
-        self._bind(input_addr, output_addr)
         # The core connects to this process's input socket (retrying until it is bound): until it has, a send
-        # finds no peer. `wait_connected` waits for that handshake.
-        self._monitor = self.input_socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        # finds no peer. `wait_connected` waits for that handshake (watched from before the bind: a core
+        # retrying its connect can handshake the moment the socket is bound).
+        self._bind(input_addr, output_addr, monitor_input=True)
         self.pid = pid
         self.pidfd = pidfd.fd if pidfd is not None else None
 

@@ -101,7 +101,7 @@ def test_the_core_runs_the_same_check(core):
         (req(sampling_params=SamplingParams(max_tokens=2, n=2)), "n"),
         (req(sampling_params=SamplingParams(max_tokens=2, logit_bias={600: 1.0})), "logit_bias"),
         (req(all_stop_token_ids=[2**63]), "stop_token_ids"),
-        (req(eos_token_id=512), "eos_token_id"),
+        (req(eos_token_id=-1), "eos_token_id"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}"):
             check_request(bad, limits)

@@ -83,17 +83,21 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
         time.sleep(interval)
 
 
-def read_metrics(server: "RemoteServer") -> dict[str, float]:
-    """/metrics as name{labels} -> value of every sample (labels without model_name)."""
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as name{labels} -> value of every sample (labels without model_name)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(server.url("/metrics"), timeout=30).text
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
+
+
+def read_metrics(server: "RemoteServer") -> dict[str, float]:
+    """/metrics of a live server, parsed (see parse_metrics)."""
+    return parse_metrics(httpx.get(server.url("/metrics"), timeout=30).text)
 
 
 def cmdline(pid: int) -> str:

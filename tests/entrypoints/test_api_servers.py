@@ -27,10 +27,8 @@ import httpx
 import msgspec
 import pytest
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
-from tests.entrypoints.server_utils import RemoteServer, wait_gone
+from tests.entrypoints.server_utils import RemoteServer, parse_metrics, tiny_args, wait_gone
 from tests.entrypoints.test_core_proc import FakeCore
-from tests.entrypoints.server_utils import tiny_args
 
 from pagellm import LLM, SamplingParams
 from pagellm.engine.core_messages import (
@@ -202,14 +200,7 @@ def _run_concurrent(server: RemoteServer, expected: list[list[int]]) -> dict[str
     return counts
 
 
-def _metrics(text: str) -> dict[str, float]:
-    """name{labels} -> value (labels without model_name)."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+_metrics = parse_metrics
 
 
 def _from_each(server: RemoteServer, path: str, count: int = 2, method: str = "GET", body: dict | None = None,
@@ -221,8 +212,12 @@ def _from_each(server: RemoteServer, path: str, count: int = 2, method: str = "G
     deadline = time.monotonic() + timeout
     while len(got) < count:
         assert time.monotonic() < deadline, f"only API processes {sorted(got)} answered {path} as expected"
-        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-            r = client.request(method, server.url(path), json=body)
+        try:
+            with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                r = client.request(method, server.url(path), json=body)
+        except httpx.TransportError:  # a process closing its listening socket resets what it had not accepted
+            time.sleep(0.05)
+            continue
         if until is None or until(r):
             got.setdefault(r.headers[HEADER], r)
         else:
@@ -262,7 +257,7 @@ def test_sigterm_drains_every_api_process(two_api_servers):
     cores, apis = _pids(server)
     pids = server.all_pids()
     assert set(cores + apis) <= set(pids)
-    num_tokens = 200
+    num_tokens = 480  # long enough that no API process has drained before both answered the probe
     started: dict[int, str] = {}  # stream -> the API process serving it, once its first chunk came
     results: dict[int, object] = {}
     cond = threading.Condition()

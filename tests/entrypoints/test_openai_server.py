@@ -13,8 +13,7 @@ import math
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from tests.entrypoints.server_utils import SMOLLM_ARGS, RemoteServer, wait_until
+from tests.entrypoints.server_utils import SMOLLM_ARGS, RemoteServer, read_metrics, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +33,7 @@ def client(server):
     return server.client()
 
 
-def metrics(server) -> dict[str, float]:
-    """name{labels} -> value of every sample (labels without model_name)."""
-    text = httpx.get(server.url("/metrics"), timeout=30).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+metrics = read_metrics  # name{labels} -> value of every sample
 
 
 def wait_for_metrics(server, condition, what: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-import torch
+from tests.entrypoints.conftest import save_tiny_llama
 from tests.entrypoints.server_utils import RemoteServer, child_pids, cmdline, read_metrics, wait_gone, wait_until
 
 PROMPT = list(range(10, 30))
@@ -26,16 +26,7 @@ MAX_TOKENS = 8000
 @pytest.fixture(scope="module")
 def long_context_model(tmp_path_factory) -> str:
     """The tiny random Llama of tiny_served_model, with room for 8,192 positions."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    folder = tmp_path_factory.mktemp("tiny-long")
-    model.save_pretrained(folder, safe_serialization=True)
-    return str(folder)
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-long")), max_position_embeddings=8192)
 
 
 def test_shutdown_timeout_cuts_requests_and_exits(long_context_model):

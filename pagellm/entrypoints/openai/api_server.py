@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -60,12 +59,15 @@ from pagellm.entrypoints.openai.serving_engine import (
     validation_error,
 )
 from pagellm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagellm.entrypoints.openai.tenants import KeyRing, RateLimited, Ticket, load_keys
 
 logger = logging.getLogger("pagellm.server")
 
 # Paths served without the API key (compared with the raw request path, exactly).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping", "/openapi.json", "/docs", "/redoc",
                         "/docs/oauth2-redirect"})
+# The ASGI scope's key for a request's tenants.Ticket (absent on an open server and on OPEN_PATHS).
+TICKET = "pagellm.ticket"
 # Paths still served while draining for shutdown.
 DRAIN_PATHS = frozenset({"/metrics", "/version"})
 # After --shutdown-timeout: how long the requests cut then have to send their error responses, and how long
@@ -76,8 +78,8 @@ EXIT_GRACE_S = 2.0
 
 
 class ServerState:
-    def __init__(self, api_key: Optional[str], max_body_bytes: int) -> None:
-        self.api_key = api_key
+    def __init__(self, keyring: Optional[KeyRing], max_body_bytes: int) -> None:
+        self.keyring = keyring  # None: an open server
         self.max_body_bytes = max_body_bytes
         self.draining = False
         self.http_in_flight = 0
@@ -95,8 +97,9 @@ async def _send_error(send: Any, status: int, message: str, type: str, code: Opt
 
 
 class GuardMiddleware:
-    """Pure ASGI, outermost: drain (503), API key on the raw path (401), request body cap (413), and the
-    count of HTTP requests in flight."""
+    """Pure ASGI, outermost: drain (503), API key on the raw path (401), request body cap (413), the key's
+    requests in flight (429), and the count of HTTP requests in flight. A request with a key carries its
+    tenants.Ticket in scope[TICKET] to the handlers."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app = app
@@ -111,14 +114,15 @@ class GuardMiddleware:
         if state.draining and path not in DRAIN_PATHS:
             return await _send_error(send, 503, "the server is shutting down", "service_unavailable",
                                      "shutting_down", [(b"connection", b"close")])
-        if state.api_key is not None and path not in OPEN_PATHS:
+        key: Optional[int] = None
+        if state.keyring is not None and path not in OPEN_PATHS:
             given = b""
             for name, value in scope.get("headers", []):
                 if name == b"authorization":
                     given = value
                     break
-            expected = b"Bearer " + state.api_key.encode()
-            if not hmac.compare_digest(given, expected):
+            key = state.keyring.authenticate(given)
+            if key is None:
                 return await _send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
                                          "invalid_request_error", "invalid_api_key")
         limit = state.max_body_bytes
@@ -156,11 +160,20 @@ class GuardMiddleware:
                 return
             await send(message)
 
+        ticket: Optional[Ticket] = None
+        if key is not None:
+            try:
+                ticket = state.keyring.admit(key)
+            except RateLimited as e:
+                return await _send_error(send, 429, e.message, e.type, e.code, e.headers())
+            scope[TICKET] = ticket
         state.http_in_flight += 1
         try:
             await self.app(scope, capped_receive, guarded_send)
         finally:
             state.http_in_flight -= 1
+            if ticket is not None:
+                ticket.close()
 
 
 class ServerIndexMiddleware:
@@ -267,7 +280,8 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
     @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionStreamResponse))
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
         try:
-            return await _with_cancellation(raw_request, completion.create_completion(request))
+            return await _with_cancellation(raw_request, completion.create_completion(
+                request, ticket=raw_request.scope.get(TICKET)))
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
 
@@ -275,7 +289,8 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
               responses=generation_responses(ChatCompletionResponse, ChatCompletionStreamResponse))
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         try:
-            return await _with_cancellation(raw_request, chat.create_chat_completion(request))
+            return await _with_cancellation(raw_request, chat.create_chat_completion(
+                request, ticket=raw_request.scope.get(TICKET)))
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
 
@@ -437,20 +452,31 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def make_keyring(args: argparse.Namespace) -> Optional[KeyRing]:
+    """The server's API keys (None: an open server), made once per server: its API processes share it."""
+    keys = load_keys(getattr(args, "api_key", None), getattr(args, "api_key_file", None))
+    args.api_key = None  # only the keys' digests go on (to the API processes, with args)
+    return KeyRing(keys, getattr(args, "shared_prefix_cache", False)) if keys else None
+
+
 async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = None,
-                     sock: Optional[socket.socket] = None, on_engine_ready: Optional[Callable[[], None]] = None) -> int:
-    """Serve until drained. `shared` and `sock`: one of several API processes (the engine cores and the
-    listening socket are the launcher's); `on_engine_ready` is called once every core is reached."""
+                     sock: Optional[socket.socket] = None, on_engine_ready: Optional[Callable[[], None]] = None,
+                     keyring: Optional[KeyRing] = None) -> int:
+    """Serve until drained. `keyring`: the API keys (None: an open server). `shared` and `sock`: one of several
+    API processes (the engine cores and the listening socket are the launcher's, and so is the keyring, whose
+    limits they share); `on_engine_ready` is called once every core is reached."""
     log_level = getattr(args, "log_level", "warning")
     engine_args = EngineArgs.from_cli_args(args)
     chat_template = load_chat_template(args.chat_template)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("PAGELLM_API_KEY") or None
     engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper(),
                       shared=shared, work_caps=work_caps_from_args(args))
     await engine.start()
     if on_engine_ready is not None:
         on_engine_ready()
-    state = ServerState(api_key, args.max_request_body_bytes)
+    if keyring is not None and engine.metrics is not None:
+        keyring.metrics = engine.metrics
+        engine.metrics.add_keys({k.name: k.limit_names for k in keyring.keys})
+    state = ServerState(keyring, args.max_request_body_bytes)
     asgi_app, _ = build_app(engine, state, chat_template, getattr(args, "enable_auto_tool_choice", False),
                             getattr(args, "tool_call_parser", None))
     exit_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
@@ -475,9 +501,11 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
     return 0
 
 
-def run_api_server_process(args: argparse.Namespace, shared: SharedCores, sock: socket.socket, ready: Any) -> None:
+def run_api_server_process(args: argparse.Namespace, shared: SharedCores, sock: socket.socket, ready: Any,
+                           keyring: Optional[KeyRing]) -> None:
     """Entry point of one API process of several (multiprocessing spawn target of launcher.py); `ready`: the
-    pipe on which it tells the launcher that it has reached every core."""
+    pipe on which it tells the launcher that it has reached every core; `keyring`: the launcher's (shared
+    limits, the same cache salts)."""
     from pagellm.engine.core_proc import set_parent_death_signal
 
     set_parent_death_signal()  # the launcher gone, nobody would stop this process
@@ -486,7 +514,8 @@ def run_api_server_process(args: argparse.Namespace, shared: SharedCores, sock: 
     logging.basicConfig(level=log_level, format=f"%(levelname)s [api {shared.client_index}] %(name)s: %(message)s")
     code = 1
     try:
-        code = asyncio.run(run_server(args, shared, sock, lambda: (ready.send_bytes(b"ready"), ready.close())))
+        code = asyncio.run(run_server(args, shared, sock, lambda: (ready.send_bytes(b"ready"), ready.close()),
+                                      keyring))
     except Exception:
         logger.exception("API server %d failed", shared.client_index)
     # As `pagellm serve` does: skip the interpreter's teardown (seconds with torch loaded).
@@ -508,11 +537,12 @@ def serve(args: argparse.Namespace) -> int:
     count = getattr(args, "api_server_count", 1)
     if count < 1:
         raise ValueError("api_server_count must be at least 1")
+    keyring = make_keyring(args)  # bad keys fail here, before any process starts
     if count > 1:
         from pagellm.entrypoints.openai.launcher import run_launcher
 
-        return run_launcher(args)
-    return asyncio.run(run_server(args))
+        return run_launcher(args, keyring)
+    return asyncio.run(run_server(args, keyring=keyring))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -524,6 +554,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

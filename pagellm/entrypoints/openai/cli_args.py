@@ -28,9 +28,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     group.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    group.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
-                       "(default: $PAGELLM_API_KEY; /health, /metrics and /version stay open)")
+    group.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize; repeat it "
+                       "for several keys, named key-0, key-1, ... (default: $PAGELLM_API_KEY, unless "
+                       "--api-key-file is given; /health, /metrics and /version stay open)")
+    group.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help="more API keys, one a line: 'name key [max_in_flight=N] [tokens_per_minute=N]' "
+                       "(# starts a comment line); over a limit a key's requests get 429 with Retry-After; "
+                       "/metrics counts requests and tokens by key name")
+    group.add_argument("--shared-prefix-cache", action="store_true",
+                       help="let requests of different API keys hit each other's prefix cache (all keys are "
+                       "one tenant); by default each key's prompts are cached apart, so that no key can learn "
+                       "another's prompts from cache timing")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template, or a file holding one (default: the model's)")
     group.add_argument("--max-queued-requests", type=int, default=None,

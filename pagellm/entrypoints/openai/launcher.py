@@ -14,6 +14,8 @@ start, or an API process that exits before then, fails the launch (exit status 1
 - A core that dies: every API process fails its requests and answers 503 (/health too) until stopped, as a
   single server does.
 - /metrics: prometheus_client's multiprocess mode, in a private temporary folder (see pagellm/metrics.py).
+- API keys: one KeyRing, made before the processes start and handed to each, so that every API process gives a
+  key the same cache salt and counts it against the same limits (tenants.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import pagellm
 from pagellm.engine.core_client import CoreProcClient, InheritedFd, SharedCores, wait_ready
 from pagellm.engine_args import EngineArgs
 from pagellm.entrypoints.openai.api_server import load_chat_template, run_api_server_process
+from pagellm.entrypoints.openai.tenants import KeyRing
 
 logger = logging.getLogger("pagellm.launcher")
 
@@ -42,8 +45,9 @@ _STARTUP_TIMEOUT = 900.0
 _EXIT_GRACE = 30.0  # beyond --shutdown-timeout, for a draining API process to exit before it is killed
 
 
-def run_launcher(args: argparse.Namespace) -> int:
-    return asyncio.run(_Launcher(args).run())
+def run_launcher(args: argparse.Namespace, keyring: Optional[KeyRing] = None) -> int:
+    """`keyring`: the server's API keys, handed to every API process (their limits in shared memory)."""
+    return asyncio.run(_Launcher(args, keyring).run())
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -68,8 +72,9 @@ def _pidfd(pid: int) -> Optional[int]:
 
 
 class _Launcher:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, keyring: Optional[KeyRing] = None) -> None:
         self.args = args
+        self.keyring = keyring
         self.count: int = args.api_server_count
         self.cores: list[CoreProcClient] = []
         self.servers: list[Any] = []  # multiprocessing.Process, one per API process
@@ -114,7 +119,7 @@ class _Launcher:
                                      [InheritedFd(fd) if fd is not None else None for fd in pidfds])
                 ready, ready_child = mp.Pipe(duplex=False)
                 proc = mp.Process(target=run_api_server_process, name=f"pagellm-api-server-{i}",
-                                  args=(args, shared, listener, ready_child))
+                                  args=(args, shared, listener, ready_child, self.keyring))
                 proc.start()
                 ready_child.close()  # the child's end: closed there too, the pipe reads EOF if it dies
                 self.servers.append(proc)

@@ -46,6 +46,7 @@ from pagellm.entrypoints.openai.tool_parsers import (
 )
 from pagellm.sampling_params import StructuredOutputsParams
 from pagellm.entrypoints.openai.serving_engine import APIError, OpenAIServing, merge_streams, sse, sse_error
+from pagellm.entrypoints.openai.tenants import Ticket, engine_kwargs
 from pagellm.outputs import CompletionOutput, PositionLogprobs
 
 
@@ -122,7 +123,7 @@ class OpenAIServingChat(OpenAIServing):
         raise APIError(f"tool_choice must be none, auto, required or a named function, got {choice!r}",
                        param="tool_choice")
 
-    async def create_chat_completion(self, req: ChatCompletionRequest) -> Any:
+    async def create_chat_completion(self, req: ChatCompletionRequest, ticket: Optional[Ticket] = None) -> Any:
         self.check_model(req.model)
         structured, field = req.structured_outputs_params()
         mode, structured_for_tools = self._tool_mode(req, structured)
@@ -140,7 +141,12 @@ class OpenAIServingChat(OpenAIServing):
         self.engine.processor.check_work([prompt], params)
         request_id = random_id("chatcmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
-        stream = await self.engine.add_request(prompt, params, request_id, priority=req.priority, output_kind=kind)
+        if ticket is not None:  # the API key's tokens per minute
+            ticket.reserve_for([len(prompt.prompt_token_ids)], params, self.max_model_len)
+        stream = await self.engine.add_request(prompt, params, request_id, priority=req.priority, output_kind=kind,
+                                               **engine_kwargs(ticket))
+        if ticket is not None:
+            ticket.track([stream])
         num_prompt = len(prompt.prompt_token_ids)
         created = int(time.time())
         if req.stream:

@@ -25,6 +25,7 @@ from pagellm.entrypoints.openai.protocol import (
     random_id,
 )
 from pagellm.entrypoints.openai.serving_engine import APIError, OpenAIServing, merge_streams, sse, sse_error
+from pagellm.entrypoints.openai.tenants import Ticket, engine_kwargs
 from pagellm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 
@@ -79,7 +80,7 @@ class _ChoiceLogprobs:
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    async def create_completion(self, req: CompletionRequest) -> Any:
+    async def create_completion(self, req: CompletionRequest, ticket: Optional[Ticket] = None) -> Any:
         self.check_model(req.model)
         prompts = _prompt_list(req.prompt)  # never empty, at most MAX_PROMPTS_PER_REQUEST: the model checks
         echo_only = req.echo and req.max_tokens == 0
@@ -93,16 +94,21 @@ class OpenAIServingCompletion(OpenAIServing):
         self.engine.processor.check_work(processed, params)
         request_id = random_id("cmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
+        if ticket is not None:  # the API key's tokens per minute
+            ticket.reserve_for([len(p.prompt_token_ids) for p in processed], params, self.max_model_len)
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(processed):
                 streams.append(await self.engine.add_request(
                     prompt, params, f"{request_id}-{i}", priority=req.priority, output_kind=kind,
-                    group_id=request_id))  # the prompts of one call share the scheduler's fair share
+                    group_id=request_id,  # the prompts of one call share the scheduler's fair share
+                    **engine_kwargs(ticket)))
         except BaseException:
             for s in streams:
                 s.abort()
             raise
+        if ticket is not None:
+            ticket.track(streams)
         ctx = _Context(self, req, request_id, processed, params.n, echo_only)
         if req.stream:
             return StreamingResponse(ctx.stream(streams), media_type="text/event-stream",

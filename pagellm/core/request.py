@@ -52,8 +52,12 @@ class Request:
         arrival_time: Optional[float] = None,
         priority: int = 0,
         cache_salt: Optional[str] = None,
+        group_id: Optional[str] = None,
     ) -> None:
         self.request_id = request_id
+        # The user request this sequence is part of (the n sequences of one request, the prompts of one
+        # /v1/completions call): the scheduler shares seats fairly between groups. Alone, its own group.
+        self.group_id = request_id if group_id is None else group_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
@@ -68,6 +72,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit tokens at the first schedule; -1 before it
         self.num_preemptions = 0
+        self.admitted_seq = 0  # the scheduler's count of admissions when it last admitted this request
         self.output_token_ids: list[int] = []
         self._all_token_ids: list[int] = list(prompt_token_ids)
         # What the model runner holds of this request (the scheduler sends it deltas): whether it holds it at all,
@@ -147,10 +152,6 @@ class Request:
 
     def get_finished_reason(self) -> Optional[str]:
         return RequestStatus.finish_reason(self.status)
-
-    def sort_key(self) -> tuple[int, float]:
-        """Scheduling order under the priority policy: smaller first."""
-        return (self.priority, self.arrival_time)
 
     def __repr__(self) -> str:
         return (

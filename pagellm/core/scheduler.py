@@ -1,9 +1,24 @@
 """Scheduler: one token budget per step, shared by decodes, chunked prefills and new requests.
 
 Each step: running requests first, in order (a decode gets 1 token, an unfinished prefill its next chunk);
-when the KV pool runs dry the lowest-priority running request is preempted by recompute. Then waiting requests
-are admitted (after a prefix-cache lookup) while budget, sequence cap and blocks allow. A request whose
-computed tokens reach its last known token samples one new token.
+when the KV pool runs dry the last running request is preempted by recompute. Then waiting requests are
+admitted (after a prefix-cache lookup) while budget, sequence cap and blocks allow. A request whose computed
+tokens reach its last known token samples one new token.
+
+Fairness between user requests: sequences belong to groups (the n sequences of one request, the prompts of one
+/v1/completions call). Waiting sequences are admitted fewest-running-group first (sched_queue.py). The running
+list is kept in order of (priority, its group's running sequences, admission), so that the last one, the
+victim of any preemption, is the newest sequence of the largest group among the lowest priority. And a group
+cannot keep every seat while another waits: when all max_num_seqs seats are taken and the next waiting
+sequence's group runs at least two fewer sequences than the victim's, the victim gives its seat back
+(preemption by recompute), one seat a step. Preempting was chosen over capping a group's share: a cap must be
+held back before anyone else arrives (seats idle while one large request runs alone), while a preemption costs
+only when a smaller request is actually waiting, and the victim's prompt usually comes back from the prefix
+cache (its siblings hold the same prompt blocks).
+
+Prompt logprobs cost an LM head and a log-softmax over the vocabulary per prompt position, so one step
+computes at most `max_prompt_logprobs_per_step` of them: a long prompt_logprobs prompt goes in chunks of that
+size, interleaved with the other requests' steps.
 
 The step message (sched_output.py) carries deltas: a request crosses to the runner in full once (and again
 after a preemption, which makes the runner forget it); later steps send new block ids, counts, and a decode's
@@ -20,15 +35,13 @@ steps one at a time.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 from pagellm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagellm.core.request import Request, RequestStatus
+from pagellm.core.sched_queue import FairQueue
 from pagellm.core.sched_output import (
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -41,69 +54,11 @@ if TYPE_CHECKING:  # config.py imports torch; core/ must not
 
 logger = logging.getLogger(__name__)
 
-
-class FCFSQueue:
-    """Waiting requests in arrival order; preempted ones go back to the front."""
-
-    def __init__(self) -> None:
-        self._q: deque[Request] = deque()
-
-    def add(self, request: Request) -> None:
-        self._q.append(request)
-
-    def add_front(self, request: Request) -> None:
-        self._q.appendleft(request)
-
-    def peek(self) -> Request:
-        return self._q[0]
-
-    def pop(self) -> Request:
-        return self._q.popleft()
-
-    def remove(self, request: Request) -> None:
-        self._q.remove(request)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._q)
-
-
-class PriorityQueue:
-    """Waiting requests by (priority, arrival_time); among equals, preempted ones first, then insertion order."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._counter = itertools.count()
-
-    def add(self, request: Request) -> None:
-        heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
-
-    def add_front(self, request: Request) -> None:
-        heapq.heappush(self._heap, (request.priority, request.arrival_time, -next(self._counter), request))
-
-    def peek(self) -> Request:
-        return self._heap[0][3]
-
-    def pop(self) -> Request:
-        return heapq.heappop(self._heap)[3]
-
-    def remove(self, request: Request) -> None:
-        for i, entry in enumerate(self._heap):
-            if entry[3] is request:
-                last = self._heap.pop()
-                if i < len(self._heap):
-                    self._heap[i] = last
-                    heapq.heapify(self._heap)
-                return
-        raise ValueError(f"{request.request_id} is not waiting")
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def __iter__(self) -> Iterator[Request]:
-        return (entry[3] for entry in sorted(self._heap, key=lambda e: e[:3]))
+# One step computes at most max_num_batched_tokens // PROMPT_LOGPROBS_SHARE prompt-logprob positions. On SmolLM2
+# (a vocabulary of 49,152 and a hidden size of 576) the LM head alone makes a position cost about a quarter of a
+# token's forward pass, and the log-softmax and top-k passes over the vocabulary as much again; 256 positions
+# (the CPU budget of 2,048 / 8) keep such a step near the time of a full-budget step without them.
+PROMPT_LOGPROBS_SHARE = 8
 
 
 class Scheduler:
@@ -121,6 +76,7 @@ class Scheduler:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.priority_policy = scheduler_config.policy == "priority"
+        self.max_prompt_logprobs_per_step = max(1, self.max_num_batched_tokens // PROMPT_LOGPROBS_SHARE)
         self.kv_cache_manager = KVCacheManager(
             num_blocks=cache_config.num_blocks,
             block_size=cache_config.block_size,
@@ -134,10 +90,13 @@ class Scheduler:
             )
 
         self.requests: dict[str, Request] = {}  # every unfinished request
-        self.waiting: Union[FCFSQueue, PriorityQueue] = PriorityQueue() if self.priority_policy else FCFSQueue()
+        self.waiting = FairQueue(self.priority_policy)
         self.running: list[Request] = []
         # Ids that left since the last schedule(): the next SchedulerOutput tells the runner to drop them.
         self.finished_req_ids: set[str] = set()
+        # Ids preempted by a step whose output was empty (it runs nowhere): the next step that runs carries them.
+        self._preempted_unsent: set[str] = set()
+        self._num_admitted = 0
         # Outputs of requests that schedule() had to finish (too long for the whole KV cache).
         self._pending_outputs: list[EngineCoreOutput] = []
         # Seconds each request waited before it was first scheduled, since the last take_queue_times().
@@ -188,6 +147,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """The request has left running/waiting: set its status, free its blocks, forget it."""
+        if request.status == RequestStatus.RUNNING:
+            self.waiting.count_running(request, -1)
         request.status = status
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
@@ -249,6 +210,7 @@ class Scheduler:
         """Recompute preemption: drop the KV, go back to the front of the queue (the runner forgets it: it is
         sent in full again when it resumes)."""
         self.kv_cache_manager.free(request)
+        self.waiting.count_running(request, -1)
         request.runner_holds = False
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -271,22 +233,28 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         kvm = self.kv_cache_manager
         budget = self.max_num_batched_tokens
+        plp_room = self.max_prompt_logprobs_per_step  # prompt-logprob positions left in this step
         num_scheduled: dict[str, int] = {}  # request id -> tokens this step, in scheduling order
         scheduled_reqs: list[Request] = []
         preempted_ids: set[str] = set()
         ahead: set[str] = set()  # decodes scheduled ahead of their input token
 
-        # Under the priority policy the running list is kept in priority order, so that the victim (always the
-        # last) is the lowest-priority request and never one already scheduled in this step.
-        if self.priority_policy:
-            self.running.sort(key=Request.sort_key)
+        # The victim of a preemption is always the last running request, never one already scheduled in this
+        # step: keep the list in victim order (module docstring).
+        if self.priority_policy or self.waiting.num_running_groups > 1:
+            self.running.sort(key=self._running_order)
+        yielding = self._yield_seat(preempted_ids)  # in flight: not scheduled now, preempted next step
 
         # 1. Running requests: decodes and unfinished (chunked) prefills. A decode whose last token is still being
         # computed has nothing to schedule (n == 0), unless it can be decoded ahead (async scheduling).
         blocked = False  # no blocks free and the next victim is in flight: wait for the batches in flight
+        kv_short = False  # a request was preempted because the KV pool ran dry: admit nothing this step
         i = 0
         while i < len(self.running) and budget > 0 and not blocked:
             request = self.running[i]
+            if request is yielding:
+                i += 1
+                continue
             n = min(
                 request.num_tokens - request.num_computed_tokens,
                 budget,
@@ -298,6 +266,10 @@ class Scheduler:
                     continue
                 n = 1
                 ahead.add(request.request_id)
+            n = self._cap_prompt_logprobs(request, request.num_computed_tokens, n, plp_room)
+            if n <= 0:
+                i += 1
+                continue
             while True:
                 if kvm.allocate_slots(request, n) is not None:
                     scheduled = True
@@ -314,6 +286,7 @@ class Scheduler:
                     break
                 self._preempt(victim)
                 preempted_ids.add(victim.request_id)
+                kv_short = True
                 if victim is request:
                     scheduled = False
                     break
@@ -324,11 +297,12 @@ class Scheduler:
             num_scheduled[request.request_id] = n
             scheduled_reqs.append(request)
             budget -= n
+            plp_room -= self._prompt_logprob_positions(request, request.num_computed_tokens, n)
             i += 1
 
-        # 2. Waiting requests, unless this step already had to preempt.
+        # 2. Waiting requests, unless this step already had to preempt for blocks.
         while (
-            not preempted_ids
+            not kv_short
             and not blocked
             and len(self.waiting)
             and budget > 0
@@ -345,6 +319,9 @@ class Scheduler:
                 self.waiting.pop()
                 self._finish_too_long(request)
                 continue
+            n = self._cap_prompt_logprobs(request, num_hit, n, plp_room)
+            if n <= 0:
+                break  # this step's prompt logprobs are spent; it goes first next step
             if kvm.allocate_slots(request, n, hits) is None:
                 if not self.running:
                     # The pool is all free (or evictable), yet the chunk does not fit: it never will.
@@ -355,6 +332,9 @@ class Scheduler:
             self.waiting.pop()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
+            self._num_admitted += 1
+            request.admitted_seq = self._num_admitted
+            self.waiting.count_running(request, +1)
             if first_time:
                 request.num_cached_tokens = num_hit
                 self._queue_times.append(time.monotonic() - request.queued_at)
@@ -364,19 +344,62 @@ class Scheduler:
             num_scheduled[request.request_id] = n
             scheduled_reqs.append(request)
             budget -= n
+            plp_room -= self._prompt_logprob_positions(request, num_hit, n)
 
         # 3. The step's message; then the scheduled tokens count as computed. Ids that left go out with the next
         # step that runs (an empty output runs nowhere).
-        out = SchedulerOutput(num_batched_tokens=self.max_num_batched_tokens - budget,
-                              preempted_req_ids=sorted(preempted_ids))
+        out = SchedulerOutput(num_batched_tokens=self.max_num_batched_tokens - budget)
+        self._preempted_unsent |= preempted_ids
         if scheduled_reqs:
             out.finished_req_ids, self.finished_req_ids = sorted(self.finished_req_ids), set()
+            out.preempted_req_ids, self._preempted_unsent = sorted(self._preempted_unsent), set()
         for request in scheduled_reqs:
             self._add_to_output(out, request, num_scheduled[request.request_id], request.request_id in ahead)
             self.in_flight[request.request_id] = self.in_flight.get(request.request_id, 0) + 1
         assert out.num_batched_tokens <= self.max_num_batched_tokens
         assert out.num_reqs <= self.max_num_seqs
         return out
+
+    # ---- fairness and prompt logprobs ----
+
+    def _running_order(self, request: Request) -> tuple[int, int, int]:
+        """Running requests' order: the last is the next victim (lowest priority, largest group, newest)."""
+        return (request.priority if self.priority_policy else 0, self.waiting.num_running(request.group_id),
+                request.admitted_seq)
+
+    def _yield_seat(self, preempted_ids: set[str]) -> Optional[Request]:
+        """Every seat is taken and the next waiting sequence's group runs at least two fewer sequences than the
+        group of the last running request (not of higher priority): that one gives its seat back. Preempted
+        now; or, while a batch in flight computes it, returned, to be left out of this step (and preempted by
+        the next one)."""
+        if not len(self.waiting) or len(self.running) < self.max_num_seqs:
+            return None
+        head = self.waiting.peek()
+        victim = self.running[-1]
+        if self.priority_policy and victim.priority < head.priority:
+            return None
+        if self.waiting.num_running(victim.group_id) < self.waiting.num_running(head.group_id) + 2:
+            return None
+        if victim.request_id in self.in_flight:
+            return victim
+        self.running.pop()
+        self._preempt(victim)
+        preempted_ids.add(victim.request_id)
+        return None
+
+    @staticmethod
+    def _prompt_logprob_positions(request: Request, start: int, n: int) -> int:
+        """Prompt positions whose logprobs computing tokens [start, start + n) gives (the last prompt token
+        predicts the first output token, not a prompt token)."""
+        if request.sampling_params.prompt_logprobs is None:
+            return 0
+        return max(0, min(start + n, request.num_prompt_tokens - 1) - start)
+
+    def _cap_prompt_logprobs(self, request: Request, start: int, n: int, room: int) -> int:
+        """n, or fewer tokens so that their prompt-logprob positions fit the room left in this step (0: none)."""
+        if self._prompt_logprob_positions(request, start, n) <= room:
+            return n
+        return room  # every one of the first `room` tokens is a prompt-logprob position
 
     def _add_to_output(self, out: SchedulerOutput, request: Request, n: int, ahead: bool) -> None:
         """Put one scheduled request in the step message, as a delta where the runner holds it already; then

@@ -4,12 +4,16 @@ The processor (in the LLM's or the API server's process) runs `check_request` on
 builds, before anything is queued, so a bad request is a ValueError naming the field, answered to its client.
 The engine core decodes the same message and runs the same check before it builds its own `Request`: what
 the API process lets through, the core takes.
+
+A server also caps the work of one user request (`WorkCaps`, its flags): `check_request_work` runs in the
+processor on the whole request, all its prompts and sequences at once, which only the API process sees (the
+core gets them one sequence at a time, and bounds each step's share of them itself).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from pagellm.engine.core_messages import EngineCoreRequest
 from pagellm.sampling_params import MAX_SEED, SamplingParams, check_range
@@ -24,6 +28,43 @@ class RequestLimits:
     @classmethod
     def from_model_config(cls, model_config: Any) -> "RequestLimits":
         return cls(vocab_size=model_config.vocab_size, max_model_len=model_config.max_model_len)
+
+
+@dataclass(frozen=True)
+class WorkCaps:
+    """The most one user request may ask of a server (None: no cap; the offline LLM has none). The flags that
+    set them (`pagellm serve --help`) say why their defaults are what they are."""
+
+    max_tokens: Optional[int] = None  # tokens to generate: sequences (prompts x n) x max_tokens
+    max_prompt_logprobs: Optional[int] = None  # prompt logprobs: (prompt_logprobs + 1) x prompt positions
+
+
+def check_request_work(prompt_lens: Sequence[int], params: SamplingParams, caps: WorkCaps,
+                       limits: RequestLimits) -> None:
+    """One user request's work against the server's caps, as a ValueError naming the field: the tokens its
+    sequences may generate (a max_tokens left out counts as the room each prompt leaves) and the prompt
+    logprobs it asks for (each position gives the prompt token's and the top prompt_logprobs)."""
+    n = params.n
+    if caps.max_tokens is not None:
+        rooms = [limits.max_model_len - p for p in prompt_lens]
+        per_seq = [room if params.max_tokens is None else min(params.max_tokens, room) for room in rooms]
+        total = n * sum(per_seq)
+        if total > caps.max_tokens:
+            each = f"max_tokens={params.max_tokens}" if params.max_tokens is not None else \
+                f"up to {max(per_seq):,} tokens (max_tokens unset: the room the prompt leaves)"
+            raise ValueError(
+                f"max_tokens: {len(prompt_lens)} prompt(s) x n={n} x {each} = {total:,} tokens to generate, more "
+                f"than this server takes in one request ({caps.max_tokens:,}, --max-tokens-per-request); lower "
+                f"max_tokens, n or the number of prompts")
+    k = params.prompt_logprobs
+    if caps.max_prompt_logprobs is not None and k is not None:
+        positions = sum(p - 1 for p in prompt_lens)  # the first token of a prompt has none
+        total = (k + 1) * positions
+        if total > caps.max_prompt_logprobs:
+            raise ValueError(
+                f"prompt_logprobs: {positions:,} prompt positions x {k + 1} logprobs (the prompt token's and the top "
+                f"{k}) = {total:,}, more than this server returns for one request ({caps.max_prompt_logprobs:,}, "
+                f"--max-prompt-logprobs-per-request); lower prompt_logprobs or send fewer or shorter prompts")
 
 
 def wrap_seed(seed: int) -> int:
@@ -76,6 +117,8 @@ def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
         check_range("stop_token_ids", t, key="token_id")
     if req.eos_token_id is not None:  # the model's, not the user's: one outside the vocabulary never matches
         check_range("eos_token_id", req.eos_token_id, key="token_id")
+    if req.group_id is not None and not isinstance(req.group_id, str):
+        raise ValueError(f"group_id must be a string, got {type(req.group_id).__name__}")
     if isinstance(req.priority, bool) or not isinstance(req.priority, int):
         raise ValueError(f"priority must be an integer, got {req.priority!r}")
     check_range("priority", req.priority)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Union
 
+from pagellm.engine.admission import WorkCaps
 from pagellm.engine.core_client import CoreClient, EngineDeadError, SharedCores
 from pagellm.engine.core_messages import CoreStats, Outputs
 from pagellm.engine.dp_router import DPRouter
@@ -74,7 +75,9 @@ class _RequestInfo:
 
 class AsyncLLM:
     def __init__(self, engine_args: Any, max_queued_requests: Optional[int] = None, log_level: str = "WARNING",
-                 log_stats: bool = True, shared: Optional[SharedCores] = None) -> None:
+                 log_stats: bool = True, shared: Optional[SharedCores] = None,
+                 work_caps: Optional[WorkCaps] = None) -> None:
+        """`work_caps`: the server's caps on one user request (none by default)."""
         if max_queued_requests is not None and max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be non-negative, got {max_queued_requests}")
         self.engine_args = engine_args
@@ -89,13 +92,13 @@ class AsyncLLM:
                                       shared)
         self.core_client.launch()
         try:
-            self._build(max_queued_requests, log_stats)
+            self._build(max_queued_requests, log_stats, work_caps)
         except BaseException:
             for client in self.core_client.clients:
                 client.close(timeout=1)
             raise
 
-    def _build(self, max_queued_requests: Optional[int], log_stats: bool) -> None:
+    def _build(self, max_queued_requests: Optional[int], log_stats: bool, work_caps: Optional[WorkCaps]) -> None:
         """What this process needs besides the cores: the config, tokenizer, processors and metrics."""
         from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
 
@@ -104,7 +107,7 @@ class AsyncLLM:
         mc = self.config.model_config
         self.model_config = mc
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.source, mc.tokenizer)
-        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source))
+        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source), work_caps)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_queued_requests = max_queued_requests
         self.max_num_seqs = self.config.scheduler_config.max_num_seqs
@@ -244,8 +247,10 @@ class AsyncLLM:
         output_kind: OutputKind = OutputKind.DELTA,
         cache_salt: Optional[str] = None,
         key_name: Optional[str] = None,
+        group_id: Optional[str] = None,
     ) -> "RequestStream":
-        """Validate and submit a request now; iterate the returned stream for its outputs.
+        """Validate and submit a request now; iterate the returned stream for its outputs. `group_id`: the
+        user request it is part of, for the scheduler's fairness (default: its own id).
 
         `cache_salt`: mixed into the request's prefix-cache hashes (only requests with the same salt share
         cached blocks); `key_name`: the API key's name, for the per-key metrics.
@@ -261,7 +266,8 @@ class AsyncLLM:
         if self.config.scheduler_config.policy != "priority" and priority != 0:
             raise ValueError("priority: the server must run with --scheduling-policy priority to use priorities")
         requests = self.processor.make_requests(request_id, processed, params, priority=priority,
-                                                strict_max_tokens=True, cache_salt=cache_salt)
+                                                strict_max_tokens=True, cache_salt=cache_salt,
+                                                group_id=group_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_admission(params.n)  # tokenizing may have awaited

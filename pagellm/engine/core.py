@@ -54,7 +54,8 @@ class EngineCore:
         """Admit a request (ValueError naming the field if it fails the admission check)."""
         check_request(req, self.limits)
         request = Request(req.request_id, req.prompt_token_ids, req.params(), req.eos_token_id,
-                          arrival_time=req.arrival_time, priority=req.priority, cache_salt=req.cache_salt)
+                          arrival_time=req.arrival_time, priority=req.priority, cache_salt=req.cache_salt,
+                          group_id=req.group_id)
         structured = request.sampling_params.structured_outputs
         if structured is None:
             self.scheduler.add_request(request)

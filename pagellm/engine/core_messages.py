@@ -36,6 +36,9 @@ class EngineCoreRequest(msgspec.Struct, tag="add", omit_defaults=True):
     priority: int = 0
     cache_salt: Optional[str] = None
     client_index: int = 0  # which API process sent it (its outputs go back there)
+    # The user request it belongs to (the n sequences of one request, the prompts of one /v1/completions call):
+    # the scheduler shares seats fairly between groups. None: its own group.
+    group_id: Optional[str] = None
 
     def params(self) -> SamplingParams:
         """The sampling parameters with the resolved stop ids in place."""

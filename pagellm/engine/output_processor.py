@@ -57,6 +57,7 @@ class RequestState:
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.token_text: dict[int, str] = {}  # token id -> its text alone, for every request's logprobs
         self.requests: dict[str, RequestState] = {}
         self.child_to_parent: dict[str, str] = {}
 
@@ -70,10 +71,10 @@ class OutputProcessor:
             detok = None
             if params.detokenize and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, params)
-            logprobs = LogprobsProcessor(self.tokenizer, params.logprobs)
+            logprobs = LogprobsProcessor(self.tokenizer, params.logprobs, token_text=self.token_text)
             sequences[child_id] = SequenceState(index=i, params=params, detokenizer=detok, logprobs=logprobs)
             self.child_to_parent[child_id] = request_id
-        prompt_logprobs = LogprobsProcessor(self.tokenizer, None, params.prompt_logprobs)
+        prompt_logprobs = LogprobsProcessor(self.tokenizer, None, params.prompt_logprobs, self.token_text)
         self.requests[request_id] = RequestState(request_id, prompt, sequences, output_kind, prompt_logprobs)
 
     def child_ids(self, request_id: str) -> list[str]:

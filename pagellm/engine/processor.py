@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from pagellm.config import ModelConfig
-from pagellm.engine.admission import RequestLimits, check_prompt_token_ids, check_request, wrap_seed
+from pagellm.engine.admission import (
+    RequestLimits,
+    WorkCaps,
+    check_prompt_token_ids,
+    check_request,
+    check_request_work,
+    wrap_seed,
+)
 from pagellm.engine.core_messages import EngineCoreRequest
 from pagellm.model_executor.loader.source import resolve_eos_token_id
 from pagellm.sampling_params import SamplingParams, check_text
@@ -33,9 +40,12 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 
 class Processor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any, eos_token_ids: Optional[set[int]] = None) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any, eos_token_ids: Optional[set[int]] = None,
+                 work_caps: Optional[WorkCaps] = None) -> None:
+        """`work_caps`: a server's caps on one user request (check_work); none by default."""
         self.model_config = model_config
         self.limits = RequestLimits.from_model_config(model_config)
+        self.work_caps = work_caps or WorkCaps()
         self.tokenizer = tokenizer
         self.eos_token_id = resolve_eos_token_id(tokenizer, model_config.hf_config)
         extra = set(eos_token_ids or ())
@@ -68,6 +78,10 @@ class Processor:
         check_prompt_token_ids(ids, self.limits)
         return ProcessedPrompt(prompt=text, prompt_token_ids=ids)
 
+    def check_work(self, prompts: Sequence[ProcessedPrompt], params: SamplingParams) -> None:
+        """The work caps on one user request, all its prompts at once (ValueError naming the field)."""
+        check_request_work([len(p.prompt_token_ids) for p in prompts], params, self.work_caps, self.limits)
+
     def make_requests(
         self,
         request_id: str,
@@ -77,9 +91,11 @@ class Processor:
         priority: int = 0,
         strict_max_tokens: bool = False,
         cache_salt: Optional[str] = None,
+        group_id: Optional[str] = None,
     ) -> list[EngineCoreRequest]:
         """One engine-core request per sequence (they share the prompt's KV blocks through the prefix cache),
-        each passed through the admission check that the core runs too.
+        each passed through the admission check that the core runs too. The sequences form one group for the
+        scheduler's fairness: `group_id`, or request_id (the prompts of one /v1/completions call share one).
 
         `strict_max_tokens`: a max_tokens beyond the room the prompt leaves is an error (the server), instead of
         being cut to that room (the offline LLM, like vLLM's)."""
@@ -126,6 +142,7 @@ class Processor:
                 arrival_time=arrival_time,
                 priority=priority,
                 cache_salt=cache_salt,
+                group_id=request_id if group_id is None else group_id,
             )
             check_request(req, limits)
             requests.append(req)

@@ -44,9 +44,11 @@ from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
+    PROMPT_LOGPROBS_CHUNK,
     apply_grammar_bitmask,
-    compute_prompt_logprobs,
+    prompt_logprobs_tensors,
     to_device,
+    to_prompt_logprobs,
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model
@@ -443,7 +445,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
         """Logprobs of the prompt tokens computed this step: the hidden state at p predicts token p + 1. Every
-        rank of the last stage computes the logits (the vocabulary is split over them); the driver keeps them."""
+        rank of the last stage computes the logits (the vocabulary is split over them), PROMPT_LOGPROBS_CHUNK
+        positions at a time (the scheduler bounds the positions of a step); the driver keeps the logprobs."""
         batch = self.batch
         result: dict[str, PromptLogprobs] = {}
         qsl = step.query_start_loc
@@ -453,10 +456,14 @@ class ModelRunner:
             end = min(start + int(step.q_lens[i]), int(batch.num_prompt_tokens[row]) - 1)
             if end <= start:
                 continue
-            logits = self.model.compute_logits(hidden[qsl[i] : qsl[i] + end - start])
-            if not self.is_driver:
-                continue
             targets = torch.from_numpy(batch.token_ids[row, start + 1 : end + 1].astype(np.int64))
-            result[step.req_ids[i]] = compute_prompt_logprobs(logits, targets, int(batch.prompt_logprobs[row]),
-                                                              first_position=start + 1)
+            k = int(batch.prompt_logprobs[row])
+            parts = []
+            for a in range(0, end - start, PROMPT_LOGPROBS_CHUNK):
+                b = min(end - start, a + PROMPT_LOGPROBS_CHUNK)
+                logits = self.model.compute_logits(hidden[qsl[i] + a : qsl[i] + b])
+                if self.is_driver:
+                    parts.append(prompt_logprobs_tensors(logits, targets[a:b], k))
+            if parts:
+                result[step.req_ids[i]] = to_prompt_logprobs(parts, first_position=start + 1)
         return result

@@ -52,11 +52,12 @@ def make_request(
     priority: int = 0,
     arrival_time: Optional[float] = None,
     prompt_logprobs: Optional[int] = None,
+    group_id: Optional[str] = None,
 ) -> Request:
     sp = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, ignore_eos=ignore_eos,
                         stop_token_ids=stop_token_ids, prompt_logprobs=prompt_logprobs)
     sp.all_stop_token_ids = set(sp.stop_token_ids) | (set() if ignore_eos else {EOS})
-    return Request(req_id, prompt, sp, EOS, arrival_time=arrival_time, priority=priority)
+    return Request(req_id, prompt, sp, EOS, arrival_time=arrival_time, priority=priority, group_id=group_id)
 
 
 @dataclass
@@ -174,8 +175,18 @@ class FakeRunner:
         return result
 
 
+def prompt_logprob_positions(sched: Scheduler, out: SchedulerOutput) -> int:
+    """Prompt-logprob positions a step computes (call it before the step's update: finished requests leave)."""
+    total = 0
+    for rid, start, count in scheduled(out):
+        r = sched.requests[rid]
+        if r.sampling_params.prompt_logprobs is not None:
+            total += max(0, min(start + count, r.num_prompt_tokens - 1) - start)
+    return total
+
+
 def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
-    """What a SchedulerOutput must respect."""
+    """What a SchedulerOutput must respect (called right after schedule())."""
     views = scheduled(out)
     n = sum(count for _, _, count in views)
     assert n == out.num_batched_tokens
@@ -185,6 +196,7 @@ def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
     assert all(count > 0 for _, _, count in views)
     for _, start, count in views:
         assert start + count <= sched.max_model_len
+    assert prompt_logprob_positions(sched, out) <= sched.max_prompt_logprobs_per_step
 
 
 def check_invariants(sched: Scheduler) -> None:
@@ -212,6 +224,8 @@ def check_invariants(sched: Scheduler) -> None:
     for r in waiting:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert r.num_computed_tokens == 0
+    # Groups: the waiting queue's count of running sequences per group is the running list's.
+    assert sched.waiting.running_counts == dict(Counter(r.group_id for r in sched.running))
     assert set(kvm.req_to_blocks) == set(running_ids)
 
     # Blocks: ref counts are exactly the live holders; free <=> ref 0; free + used == total.

@@ -258,6 +258,7 @@ def test_prefix_hit_across_steps_and_within_one_step():
 
 def test_prompt_logprobs_requests_skip_prefix_hits():
     sched = make_scheduler(num_blocks=32, block_size=4)
+    sched.max_prompt_logprobs_per_step = 64  # the whole prompt in one step
     runner = FakeRunner(4)
     prompt = list(range(10, 23))
     sched.add_request(make_request("a", prompt, max_tokens=2))

@@ -1,5 +1,7 @@
 """Property tests: random mixes of add / abort / stop / step / cache reset against the scheduler and a fake runner
-that simulates the paged KV cache. After every operation: budgets and the sequence cap hold, each block's ref
+that simulates the paged KV cache. Requests come alone or in a few shared groups (as the n sequences of one
+request do), some with prompt logprobs. After every operation: budgets, the sequence cap and the per-step cap
+on prompt-logprob positions hold, the running count per group matches the running list, each block's ref
 count equals its live holders, free <=> unreferenced, free + used == total, and every request attends to exactly
 its own prefix. At the end (drained or aborted): nothing leaks."""
 
@@ -40,7 +42,9 @@ class Tracker:
         self.next_id = 0
 
     def add(self, base: int, prefix_len: int, tail: list[int], max_tokens: int, min_tokens: int,
-            priority: int, ignore_eos: bool, use_stop: bool) -> None:
+            priority: int, ignore_eos: bool, use_stop: bool, group: int = -1,
+            prompt_logprobs: int = -1) -> None:
+        """group: one of a few shared groups, or -1 (alone); prompt_logprobs: -1 for none."""
         prompt = (BASES[base][:prefix_len] + tail) or [3]
         prompt = prompt[: self.cfg["max_model_len"] - 1]
         rid = f"r{self.next_id}"
@@ -48,7 +52,8 @@ class Tracker:
         req = make_request(rid, prompt, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
                            ignore_eos=ignore_eos, stop_token_ids=[STOP_TOKEN] if use_stop else None,
                            priority=priority if self.cfg["policy"] == "priority" else 0,
-                           arrival_time=float(self.next_id % 5))
+                           arrival_time=float(self.next_id % 5), group_id=f"g{group}" if group >= 0 else None,
+                           prompt_logprobs=prompt_logprobs if prompt_logprobs >= 0 else None)
         self.sched.add_request(req)
         self.requests[rid] = req
         self.emitted[rid] = []
@@ -150,7 +155,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(base=st.integers(0, len(BASES) - 1), prefix_len=st.integers(0, 16),
           tail=st.lists(st.sampled_from(VOCAB), max_size=5), max_tokens=st.integers(1, 12),
-          min_tokens=st.integers(0, 3), priority=st.integers(0, 2), ignore_eos=st.booleans(), use_stop=st.booleans())
+          min_tokens=st.integers(0, 3), priority=st.integers(0, 2), ignore_eos=st.booleans(), use_stop=st.booleans(),
+          group=st.integers(-1, 2), prompt_logprobs=st.sampled_from([-1, -1, -1, 0, 2]))
     def add(self, **kw):
         self.t.add(**kw)
 
@@ -218,7 +224,8 @@ def test_random_driver_many_seeds():
             op = rng.random()
             if op < 0.35:
                 t.add(rng.randrange(len(BASES)), rng.randint(0, 16), [rng.choice(VOCAB) for _ in range(rng.randint(0, 6))],
-                      rng.randint(1, 16), rng.randint(0, 3), rng.randint(0, 2), rng.random() < 0.5, rng.random() < 0.3)
+                      rng.randint(1, 16), rng.randint(0, 3), rng.randint(0, 2), rng.random() < 0.5, rng.random() < 0.3,
+                      group=rng.randint(-1, 2), prompt_logprobs=rng.choice([-1, -1, -1, 0, 2]))
             elif op < 0.45 and t.live_ids():
                 t.finish(rng.choice(t.live_ids()),
                          rng.choice([RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED]))

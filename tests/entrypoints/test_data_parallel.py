@@ -9,7 +9,6 @@ import random
 import re
 
 import httpx
-import pytest
 from tests.entrypoints.server_utils import RemoteServer, child_pids, cmdline
 
 from pagellm import LLM, SamplingParams

@@ -159,6 +159,31 @@ def test_completion_echo(client):
     assert "".join(c.choices[0].text for c in streamed) == full.choices[0].text
 
 
+def test_prompt_logprobs_as_vllm_returns_them(server):
+    """vLLM's prompt_logprobs: in each completions choice, at the top of a chat response (its rendered prompt);
+    per position (none for the first) token id -> logprob, rank and the token's text."""
+    headers = server.headers()
+    ids = httpx.post(server.url("/tokenize"), json={"prompt": PROMPT}, headers=headers, timeout=60).json()["tokens"]
+    r = httpx.post(server.url("/v1/completions"), json={"prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 2},
+                   headers=headers, timeout=600)
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        assert 2 <= len(plp[pos]) <= 3
+        entry = plp[pos][str(ids[pos])]
+        text = httpx.post(server.url("/detokenize"), json={"tokens": [ids[pos]]}, headers=headers,
+                          timeout=60).json()["prompt"]
+        assert entry["decoded_token"] == text and entry["rank"] >= 1 and entry["logprob"] <= 0
+    chat = httpx.post(server.url("/v1/chat/completions"), json={"messages": CHAT, "max_tokens": 1,
+                                                                 "prompt_logprobs": 0}, headers=headers, timeout=600)
+    body = chat.json()
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
+    assert all(len(p) == 1 for p in body["prompt_logprobs"][1:])
+    plain = httpx.post(server.url("/v1/chat/completions"), json={"messages": CHAT, "max_tokens": 1},
+                       headers=headers, timeout=600).json()
+    assert plain["prompt_logprobs"] is None
+
+
 def test_completion_stop(client):
     model = model_name(client)
     free = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text

@@ -4,7 +4,6 @@ tests load the embedded SmolLM2 GGUF and compare with transformers' own GGUF loa
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

@@ -305,7 +305,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
 
 
 def test_prompt_logprobs(monkeypatch) -> None:
-    monkeypatch.setattr(sampler_mod, "PROMPT_LOGPROBS_CHUNK", 3)  # several chunks
+    monkeypatch.setattr(sampler_mod, "PROMPT_LOGPROBS_ROWS_CPU", 3)  # several blocks of rows
     torch.manual_seed(10)
     P, V = 8, 50
     logits = torch.randn(P, V)

@@ -32,7 +32,7 @@ import pagellm
 from pagellm.engine.async_llm import AsyncLLM
 from pagellm.engine.core_client import SharedCores
 from pagellm.engine_args import EngineArgs
-from pagellm.entrypoints.openai.cli_args import add_serve_args
+from pagellm.entrypoints.openai.cli_args import add_serve_args, work_caps_from_args
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -469,7 +469,7 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
     engine_args = EngineArgs.from_cli_args(args)
     chat_template = load_chat_template(args.chat_template)
     engine = AsyncLLM(engine_args, max_queued_requests=args.max_queued_requests, log_level=log_level.upper(),
-                      shared=shared)
+                      shared=shared, work_caps=work_caps_from_args(args))
     await engine.start()
     if on_engine_ready is not None:
         on_engine_ready()
@@ -554,6 +554,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from pagellm.engine.admission import WorkCaps
 from pagellm.engine_args import EngineArgs
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+# The work of one request (engine.admission.WorkCaps). Generous: 2**20 generated tokens is 1,024 sequences of
+# 1,024 tokens, or n=128 chat completions that fill SmolLM2's 8,192-token context (about two hours of a 2-core
+# CPU, minutes of one GPU); 2**20 prompt logprobs is a 50,000-token prompt at prompt_logprobs 20 (a JSON
+# response of about 80 MB). They stop requests that would hold the engine for hours or answer with gigabytes.
+DEFAULT_MAX_TOKENS_PER_REQUEST = 2**20
+DEFAULT_MAX_PROMPT_LOGPROBS_PER_REQUEST = 2**20
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +54,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="on SIGTERM, seconds to let requests in flight finish before exiting (default: 30)")
     group.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                        help="larger request bodies get 413 (default: 8 MiB)")
+    group.add_argument("--max-tokens-per-request", type=_positive_int, default=DEFAULT_MAX_TOKENS_PER_REQUEST,
+                       help="the most tokens one request may ask to generate, prompts x n x max_tokens (an unset "
+                       "max_tokens counts as the room the prompt leaves); more is a 400 naming max_tokens (default: "
+                       f"{DEFAULT_MAX_TOKENS_PER_REQUEST:,}: 1,024 sequences of 1,024 tokens, or n=128 completions "
+                       "that fill an 8,192-token context; hours of a small CPU, minutes of a GPU)")
+    group.add_argument("--max-prompt-logprobs-per-request", type=_positive_int,
+                       default=DEFAULT_MAX_PROMPT_LOGPROBS_PER_REQUEST,
+                       help="the most prompt logprobs one request may ask for, (prompt_logprobs + 1) x prompt "
+                       "tokens over its prompts; more is a 400 naming prompt_logprobs (default: "
+                       f"{DEFAULT_MAX_PROMPT_LOGPROBS_PER_REQUEST:,}: a 50,000-token prompt at prompt_logprobs 20, "
+                       "a JSON response of about 80 MB)")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
     group.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
@@ -52,5 +77,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "characters; at most 1024 logit_bias entries; at most 1024 prompts and 1024 sequences (prompts x n) "
         f"per /v1/completions request; a text prompt of at most max_model_len x 32 characters; prompt + "
         "max_tokens <= --max-model-len; the request body <= --max-request-body-bytes "
-        f"(default {DEFAULT_MAX_BODY_BYTES} bytes)."
+        f"(default {DEFAULT_MAX_BODY_BYTES} bytes); prompts x n x max_tokens <= --max-tokens-per-request and "
+        "(prompt_logprobs + 1) x prompt tokens <= --max-prompt-logprobs-per-request."
     )
+
+
+def work_caps_from_args(args: argparse.Namespace) -> WorkCaps:
+    """The caps on one request's work, from the serve flags."""
+    return WorkCaps(max_tokens=getattr(args, "max_tokens_per_request", DEFAULT_MAX_TOKENS_PER_REQUEST),
+                    max_prompt_logprobs=getattr(args, "max_prompt_logprobs_per_request",
+                                                DEFAULT_MAX_PROMPT_LOGPROBS_PER_REQUEST))

@@ -21,10 +21,13 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
 )
+
+from pagellm.outputs import PositionLogprobs
 
 from pagellm.sampling_params import (
     MAX_CHOICES,
@@ -91,6 +94,34 @@ def _finite_logprob(value: float) -> float:
 
 
 Logprob = Annotated[float, PlainSerializer(_finite_logprob, return_type=float)]
+
+# vLLM's `prompt_logprobs` in a response: one entry per prompt position, null for the first (nothing predicts
+# it), else token id (a decimal string key) -> {logprob, rank, decoded_token}: the prompt token and the top
+# prompt_logprobs. Plain dicts (prompt_logprobs_field), not models: a long prompt has hundreds of thousands of
+# entries, which pydantic models took seconds to build; the schema is published as written here.
+_PROMPT_LOGPROB_SCHEMA = {"type": "array", "items": {"anyOf": [{"type": "null"}, {
+    "type": "object", "propertyNames": {"pattern": TOKEN_ID_KEY}, "additionalProperties": {
+        "type": "object", "required": ["logprob"], "properties": {
+            "logprob": {"type": "number"}, "rank": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            "decoded_token": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}}]}}
+PromptLogprobs = Annotated[Optional[Any], WithJsonSchema({"anyOf": [_PROMPT_LOGPROB_SCHEMA, {"type": "null"}]})]
+
+
+def prompt_logprobs_field(positions: list[Optional[PositionLogprobs]], k: int) -> list[Optional[dict[str, dict]]]:
+    """A response's prompt_logprobs from the engine's: at each position the prompt token and the top k (the
+    engine may have computed more, for echo's logprobs)."""
+    result: list[Optional[dict[str, dict]]] = []
+    for position in positions:
+        if position is None:
+            result.append(None)
+            continue
+        entries = {}
+        for i, (tok, lp) in enumerate(position.items()):  # the prompt token first, then by rank
+            if i == 0 or (lp.rank is not None and lp.rank <= k):
+                entries[str(tok)] = {"logprob": _finite_logprob(lp.logprob), "rank": lp.rank,
+                                     "decoded_token": lp.decoded_token}
+        result.append(entries)
+    return result
 
 
 def rename_field(message: str, field: str) -> str:
@@ -196,12 +227,27 @@ class SamplingFields(RequestBody):
     guided_regex: Optional[str] = None
     guided_choice: Optional[documented(list[str], minItems=1, maxItems=MAX_CHOICES)] = None
     guided_grammar: Optional[str] = None
+    # vLLM's extension: the logprobs of each prompt token and the top prompt_logprobs at its position.
+    prompt_logprobs: Optional[ranged(Int, "prompt_logprobs")] = None
 
     @field_validator("priority")
     @classmethod
     def _check_priority(cls, value: int) -> int:
         check_range("priority", value)  # the engine keeps priorities as integers of 32 bits
         return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _check_prompt_logprobs(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None:  # with echo, the larger of it and logprobs reaches SamplingParams: check it here
+            check_range("prompt_logprobs", value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_prompt_logprobs_stream(self) -> "SamplingFields":
+        if self.stream and self.prompt_logprobs:  # as vLLM: 0 passes (nothing to send)
+            raise ValueError("prompt_logprobs: not available with stream=true (they come in the whole response)")
+        return self
 
     def structured_outputs_params(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
         """(the request's grammar, the field that set it). ValueError naming the field when malformed."""
@@ -277,17 +323,17 @@ class CompletionRequest(SamplingFields):
     max_tokens: Optional[documented(Int, minimum=0, maximum=MAX_TOKENS)] = 16
     echo: bool = False
     logprobs: Optional[ranged(Int, "logprobs")] = None
-    prompt_logprobs: Optional[ranged(Int, "prompt_logprobs")] = None
     best_of: Optional[Int] = None
     suffix: Optional[str] = None
     add_special_tokens: bool = True
 
-    @field_validator("prompt_logprobs")
-    @classmethod
-    def _check_prompt_logprobs(cls, value: Optional[int]) -> Optional[int]:
-        if value is not None:  # with echo, the larger of it and logprobs reaches SamplingParams: check it here
-            check_range("prompt_logprobs", value)
-        return value
+    @property
+    def returned_prompt_logprobs(self) -> Optional[int]:
+        """How many top logprobs each choice's prompt_logprobs holds (vLLM: with echo, logprobs stands in for a
+        prompt_logprobs left out); None: no prompt_logprobs in the response."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
@@ -315,6 +361,7 @@ class CompletionResponseChoice(OpenAIModel):
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: PromptLogprobs = None  # of the choice's prompt (the same for the n choices of one prompt)
 
 
 class CompletionResponse(OpenAIModel):
@@ -404,8 +451,8 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs: needs logprobs=true")
         if structured is None:
             structured, _ = self.structured_outputs_params()
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured,
-                              **self._sampling_kwargs())
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+                              structured_outputs=structured, **self._sampling_kwargs())
 
 
 class ChatLogProb(OpenAIModel):
@@ -475,6 +522,7 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
+    prompt_logprobs: PromptLogprobs = None  # vLLM's extension, of the one prompt (the rendered messages)
 
 
 class DeltaMessage(OpenAIModel):

@@ -28,6 +28,7 @@ from pagellm.entrypoints.openai.protocol import (
     FunctionCall,
     ToolCall,
     UsageInfo,
+    prompt_logprobs_field,
     random_id,
 )
 from pagellm.entrypoints.openai.tool_parsers import (
@@ -137,6 +138,7 @@ class OpenAIServingChat(OpenAIServing):
         tools = req.tools if mode.kind != "none" else None
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
                                         tools=tools)
+        self.engine.processor.check_work([prompt], params)
         request_id = random_id("chatcmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
         if ticket is not None:  # the API key's tokens per minute
@@ -173,6 +175,8 @@ class OpenAIServingChat(OpenAIServing):
             id=request_id, created=created, model=self.model_name, choices=choices,
             usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                             total_tokens=num_prompt + completion_tokens),
+            prompt_logprobs=None if req.prompt_logprobs is None or final.prompt_logprobs is None
+            else prompt_logprobs_field(final.prompt_logprobs, req.prompt_logprobs),
         )
         return JSONResponse(response.model_dump())
 

@@ -21,6 +21,7 @@ from pagellm.entrypoints.openai.protocol import (
     CompletionStreamChoice,
     CompletionStreamResponse,
     UsageInfo,
+    prompt_logprobs_field,
     random_id,
 )
 from pagellm.entrypoints.openai.serving_engine import APIError, OpenAIServing, merge_streams, sse, sse_error
@@ -90,6 +91,7 @@ class OpenAIServingCompletion(OpenAIServing):
         await self.check_structured_outputs(params, req.structured_outputs_params()[1])
         self.engine.check_admission(len(prompts) * params.n)
         processed = [await self.process_prompt(p, req.add_special_tokens) for p in prompts]
+        self.engine.processor.check_work(processed, params)
         request_id = random_id("cmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
         if ticket is not None:  # the API key's tokens per minute
@@ -99,6 +101,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for i, prompt in enumerate(processed):
                 streams.append(await self.engine.add_request(
                     prompt, params, f"{request_id}-{i}", priority=req.priority, output_kind=kind,
+                    group_id=request_id,  # the prompts of one call share the scheduler's fair share
                     **engine_kwargs(ticket)))
         except BaseException:
             for s in streams:
@@ -189,7 +192,11 @@ class _Context:
     def full_response(self, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
         completion_tokens = 0
+        k = self.req.returned_prompt_logprobs
         for i, ro in enumerate(finals):
+            prompt_logprobs = None
+            if k is not None and ro.prompt_logprobs is not None:
+                prompt_logprobs = prompt_logprobs_field(ro.prompt_logprobs, k)
             for c in sorted(ro.outputs, key=lambda c: c.index):
                 builder = _ChoiceLogprobs(self.serving, self.req.logprobs) if self.req.logprobs is not None \
                     else None
@@ -197,7 +204,7 @@ class _Context:
                 completion_tokens += num_tokens
                 choices.append(CompletionResponseChoice(
                     index=i * self.n + c.index, text=text, logprobs=logprobs,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs,
                 ))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.serving.model_name,
                                   choices=choices, usage=self.usage(completion_tokens))

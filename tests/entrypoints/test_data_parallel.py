@@ -65,12 +65,12 @@ def test_dp2_server_answers_64_concurrent_requests_on_both_cores(tiny_served_mod
 
 
 def test_router_keeps_a_conversation_on_its_core_and_balances_the_rest(tiny_served_model):
-    from pagellm.engine.async_llm import AsyncLLM
+    from pagellm.engine.dp_router import DPRouter
     from pagellm.engine_args import EngineArgs
 
-    engine = AsyncLLM(EngineArgs(model=tiny_served_model, skip_tokenizer_init=True, data_parallel_size=2,
-                                 max_num_seqs=8), log_stats=False)
-    router = engine.router
+    config = EngineArgs(model=tiny_served_model, skip_tokenizer_init=True, data_parallel_size=2,
+                        max_num_seqs=8).create_engine_config()
+    router = DPRouter(2, config.cache_config, config.scheduler_config.max_num_seqs)
     rng = random.Random(1)
     turn1 = [rng.randrange(3, 4096) for _ in range(40)]  # 2 full blocks of 16
     first = router.route(turn1)

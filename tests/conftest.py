@@ -51,15 +51,35 @@ def smollm_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm(smollm_gguf):
-    """transformers' float32 SmolLM2 from the same GGUF, and its tokenizer: the reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def hf_smollm(smollm_gguf, tmp_path_factory):
+    """transformers' float32 SmolLM2 from the same GGUF, and its tokenizer: the reference.
 
-    folder, name = os.path.split(smollm_gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.eval()
-    return model, tokenizer
+    transformers reads a GGUF slowly (it parses the file's 49k-entry vocabulary three times: 40 s of a 2-core
+    CPU), so the first test process to need it saves what transformers made as safetensors, and the others (the
+    workers of `pytest -n 2`) load that: the same tensors and tokenizer, in a second."""
+    import safetensors.torch
+    from filelock import FileLock
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common base
+    saved = shared / "hf-smollm-float32"
+    with FileLock(str(saved) + ".lock"):
+        if not (saved / "done").exists():
+            folder, name = os.path.split(smollm_gguf)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer.save_pretrained(saved)
+            model.config.save_pretrained(saved)  # (save_pretrained refuses a model read from a GGUF)
+            safetensors.torch.save_model(model, str(saved / "model.safetensors"))
+            (saved / "done").touch()
+            return model.eval(), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved), dtype=torch.float32)
+    missing, unexpected = safetensors.torch.load_model(model, str(saved / "model.safetensors"))
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.eval(), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -129,9 +129,73 @@ class ParallelConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding, as vLLM spells it: `{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_min": 2, "prompt_lookup_max": 5}`. Only n-gram (prompt lookup) exists so far; a draft model
+    is refused by name rather than silently ignored."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 0
+    # n-gram: the shortest and longest suffix looked up; one given alone sets both, none gives 5 and 5 (vLLM).
+    prompt_lookup_min: Optional[int] = None
+    prompt_lookup_max: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, options: Any) -> "SpeculativeConfig":
+        """A user's dict (or JSON text); ValueError naming the field on anything wrong."""
+        import json
+
+        if isinstance(options, str):
+            try:
+                options = json.loads(options)
+            except ValueError as e:
+                raise ValueError(f"speculative_config: not valid JSON ({e})") from None
+        if isinstance(options, SpeculativeConfig):
+            return options
+        if not isinstance(options, dict):
+            raise ValueError(f"speculative_config must be a dict (JSON object), got {type(options).__name__}")
+        options = dict(options)
+        if options.get("model") is not None:
+            raise ValueError("speculative_config.model: draft-model speculation is not supported yet; use "
+                             '{"method": "ngram", ...}')
+        options.pop("model", None)
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"speculative_config.{unknown[0]}: unknown field (known: {sorted(known)})")
+        if "num_speculative_tokens" not in options:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config.method: only 'ngram' is supported, got {self.method!r}")
+
+        def integer(name: str, value: Any, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"speculative_config.{name} must be an integer >= {low}, got {value!r}")
+
+        integer("num_speculative_tokens", self.num_speculative_tokens, 1)
+        if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
+            self.prompt_lookup_min = self.prompt_lookup_max = 5
+        elif self.prompt_lookup_min is None:
+            self.prompt_lookup_min = self.prompt_lookup_max
+        elif self.prompt_lookup_max is None:
+            self.prompt_lookup_max = self.prompt_lookup_min
+        integer("prompt_lookup_min", self.prompt_lookup_min, 1)
+        integer("prompt_lookup_max", self.prompt_lookup_max, 1)
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"speculative_config.prompt_lookup_max ({self.prompt_lookup_max}) must be at least "
+                             f"prompt_lookup_min ({self.prompt_lookup_min})")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative_config: Optional[SpeculativeConfig] = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -16,8 +17,11 @@ from pagellm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     resolve_dtype,
 )
+
+logger = logging.getLogger(__name__)
 
 _HELP = {
     "model": "model: an HF model folder, a .gguf file, or a model id in the local HF cache "
@@ -49,6 +53,10 @@ _HELP = {
     "to the least loaded, conversations stay on the core that caches their prefix (server only)",
     "distributed_step_timeout": "seconds a multi-device engine (mp or ray) waits for its workers' answer to one "
     "step before it declares them hung: the step fails and the engine reports unhealthy",
+    "speculative_config": 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+    '"prompt_lookup_min": 2, "prompt_lookup_max": 5} drafts up to 4 tokens by looking up the last 2-5 tokens in '
+    "the request's own prompt and output, and verifies them in one forward pass (one device, async scheduling "
+    "off)",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -79,6 +87,7 @@ class EngineArgs:
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
     distributed_step_timeout: float = 300.0
+    speculative_config: Optional[Any] = None  # a dict (LLM) or JSON text (CLI); see SpeculativeConfig
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -122,6 +131,7 @@ class EngineArgs:
                             help=_HELP["distributed_executor_backend"])
         parser.add_argument("--distributed-step-timeout", type=float, default=defaults.distributed_step_timeout,
                             help=_HELP["distributed_step_timeout"])
+        parser.add_argument("--speculative-config", default=None, help=_HELP["speculative_config"])
         return parser
 
     @classmethod
@@ -151,6 +161,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)  # fails before the model loads
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 
@@ -216,13 +228,27 @@ class EngineArgs:
             step_timeout_s=self.distributed_step_timeout,
         )
         check_parallel_fits_model(hf_config, parallel_config)
+        speculative_config = None
+        async_scheduling = self.async_scheduling
+        if self.speculative_config is not None:
+            speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+            if parallel_config.world_size > 1:
+                raise ValueError("speculative_config: speculative decoding runs on one device for now (got "
+                                 "tensor_parallel_size x pipeline_parallel_size = "
+                                 f"{parallel_config.world_size})")
+            if self.async_scheduling:
+                raise ValueError("speculative_config: speculative decoding needs async_scheduling off for now")
+            if on_cuda and self.async_scheduling is None:
+                logger.info("speculative decoding: async scheduling is off")
+            async_scheduling = False
         # Pipeline parallelism keeps one batch per stage in flight instead (EngineCore._step_pipelined).
         if self.async_scheduling and parallel_config.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling: pipeline parallelism keeps a batch per stage in flight already; use "
                              "it with pipeline_parallel_size 1")
         scheduler_config.async_scheduling = (on_cuda and parallel_config.pipeline_parallel_size == 1
-                                             if self.async_scheduling is None else self.async_scheduling)
-        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config)
+                                             if async_scheduling is None else async_scheduling)
+        return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config,
+                            speculative_config)
 
 
 def check_parallel_fits_model(hf_config: Any, parallel: ParallelConfig) -> None:

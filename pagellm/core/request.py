@@ -74,6 +74,9 @@ class Request:
         self.num_preemptions = 0
         self.admitted_seq = 0  # the scheduler's count of admissions when it last admitted this request
         self.output_token_ids: list[int] = []
+        # Speculative decoding: tokens the runner guessed after the last one, to verify in the next step. Never
+        # part of the token ids (nor of the block hashes) until the model accepts them.
+        self.spec_token_ids: list[int] = []
         self._all_token_ids: list[int] = list(prompt_token_ids)
         # What the model runner holds of this request (the scheduler sends it deltas): whether it holds it at all,
         # how many of its blocks and tokens it was given.

@@ -47,14 +47,20 @@ class CachedRequestData(msgspec.Struct, array_like=True):
     # (a decode's input token when the scheduler knows it); empty when the runner takes the input from its own
     # last sampled token on the device (a decode scheduled ahead of it).
     new_token_ids: list[list[int]] = []
+    # Speculative decoding: request id -> the draft tokens this step verifies. They are the last
+    # len(drafts) positions of the request's scheduled tokens (after new_token_ids, which then end just before
+    # them); absent for a request without drafts.
+    spec_token_ids: dict[str, list[int]] = {}
 
     def add(self, req_id: str, new_block_ids: list[int], num_computed_tokens: int, num_scheduled_tokens: int,
-            new_token_ids: list[int]) -> None:
+            new_token_ids: list[int], spec_token_ids: Optional[list[int]] = None) -> None:
         self.req_ids.append(req_id)
         self.new_block_ids.append(new_block_ids)
         self.num_computed_tokens.append(num_computed_tokens)
         self.num_scheduled_tokens.append(num_scheduled_tokens)
         self.new_token_ids.append(new_token_ids)
+        if spec_token_ids:
+            self.spec_token_ids[req_id] = spec_token_ids
 
     def __len__(self) -> int:
         return len(self.req_ids)
@@ -127,6 +133,9 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[Optional[list[TokenLogprobs]]] = []
     # Prompt logprobs of the positions computed this step (position 0 has none and is never listed).
     prompt_logprobs: dict[str, PromptLogprobs] = {}
+    # Speculative decoding: request id -> tokens guessed to follow this step's last sampled token (to verify in
+    # the next step); only requests the runner speculates for.
+    spec_token_ids: dict[str, list[int]] = {}
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

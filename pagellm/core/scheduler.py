@@ -31,6 +31,14 @@ when step N's token is sure to finish it by length; a token that stops it (EOS, 
 after step N+1 was launched, whose extra token is then dropped. Requests whose sampling reads their previous
 tokens on the host (penalties, min_tokens, a grammar) are "lockstep": while one is unfinished, the core runs
 steps one at a time.
+
+Speculative decoding (`speculative_config`, async scheduling off): after a step the runner may return draft
+tokens for a request (guesses of what follows its new token). They wait on the request (`spec_token_ids`),
+never in its token ids, so no block hash covers them. The request's next decode then computes 1 + k tokens
+(its last token and k drafts, k cut to the token budget, max_model_len and its remaining max_tokens) in KV slots
+allocated for all of them; the runner verifies the drafts and returns 1..k+1 tokens, and
+`num_computed_tokens` is moved back over the rejected drafts (their KV is overwritten later). The blocks
+allocated for rejected drafts stay with the request: its next steps fill them.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from pagellm.core.sched_output import (
 )
 
 if TYPE_CHECKING:  # config.py imports torch; core/ must not
-    from pagellm.config import CacheConfig, SchedulerConfig
+    from pagellm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,8 @@ PROMPT_LOGPROBS_SHARE = 8
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: "SchedulerConfig", cache_config: "CacheConfig") -> None:
+    def __init__(self, scheduler_config: "SchedulerConfig", cache_config: "CacheConfig",
+                 speculative_config: Optional["SpeculativeConfig"] = None) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         if scheduler_config.policy not in ("fcfs", "priority"):
@@ -109,6 +118,14 @@ class Scheduler:
         self.async_scheduling = scheduler_config.async_scheduling
         # Unfinished requests that need every previous token on the host before their next step (see above).
         self.lockstep_ids: set[str] = set()
+        # Speculative decoding: the most drafts one step verifies per request (0: no speculation), and counts
+        # since start: verify steps of a request, draft tokens verified, draft tokens accepted.
+        self.num_spec_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
+        if self.num_spec_tokens and self.async_scheduling:
+            raise ValueError("speculative_config: speculative decoding needs async_scheduling off")
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
 
     # ---- requests in and out ----
 
@@ -212,6 +229,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self.waiting.count_running(request, -1)
         request.runner_holds = False
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -235,6 +253,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         plp_room = self.max_prompt_logprobs_per_step  # prompt-logprob positions left in this step
         num_scheduled: dict[str, int] = {}  # request id -> tokens this step, in scheduling order
+        spec: dict[str, list[int]] = {}  # request id -> draft tokens verified this step (within num_scheduled)
         scheduled_reqs: list[Request] = []
         preempted_ids: set[str] = set()
         ahead: set[str] = set()  # decodes scheduled ahead of their input token
@@ -270,6 +289,8 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            drafts = self._drafts_to_verify(request, n, budget)
+            n += len(drafts)
             while True:
                 if kvm.allocate_slots(request, n) is not None:
                     scheduled = True
@@ -295,6 +316,8 @@ class Scheduler:
             if not scheduled:
                 continue  # the request left the list; running[i] is the next one (or the end)
             num_scheduled[request.request_id] = n
+            if drafts:
+                spec[request.request_id] = drafts
             scheduled_reqs.append(request)
             budget -= n
             plp_room -= self._prompt_logprob_positions(request, request.num_computed_tokens, n)
@@ -354,7 +377,8 @@ class Scheduler:
             out.finished_req_ids, self.finished_req_ids = sorted(self.finished_req_ids), set()
             out.preempted_req_ids, self._preempted_unsent = sorted(self._preempted_unsent), set()
         for request in scheduled_reqs:
-            self._add_to_output(out, request, num_scheduled[request.request_id], request.request_id in ahead)
+            self._add_to_output(out, request, num_scheduled[request.request_id], request.request_id in ahead,
+                                spec.get(request.request_id))
             self.in_flight[request.request_id] = self.in_flight.get(request.request_id, 0) + 1
         assert out.num_batched_tokens <= self.max_num_batched_tokens
         assert out.num_reqs <= self.max_num_seqs
@@ -401,10 +425,26 @@ class Scheduler:
             return n
         return room  # every one of the first `room` tokens is a prompt-logprob position
 
-    def _add_to_output(self, out: SchedulerOutput, request: Request, n: int, ahead: bool) -> None:
+    def _drafts_to_verify(self, request: Request, n: int, budget: int) -> list[int]:
+        """The request's drafts this step verifies: none unless it decodes (one token left to compute); at most
+        what the token budget, max_model_len (the step's tokens and every token it may yield) and the request's
+        remaining max_tokens leave room for. Taken off the request either way: the runner guesses afresh after
+        each step."""
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        if not drafts or n != 1 or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        k = min(len(drafts), self.num_spec_tokens, budget - 1, self.max_model_len - request.num_tokens - 1)
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            k = min(k, max_tokens - request.num_output_tokens - 1)
+        return drafts[:k] if k > 0 else []
+
+    def _add_to_output(self, out: SchedulerOutput, request: Request, n: int, ahead: bool,
+                       drafts: Optional[list[int]] = None) -> None:
         """Put one scheduled request in the step message, as a delta where the runner holds it already; then
-        its n tokens count as computed."""
+        its n tokens (drafts included: update_from_output takes the rejected ones back) count as computed."""
         start = request.num_computed_tokens
+        known_end = start + n - len(drafts or ())  # the drafts are the step's last positions
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
         if not request.runner_holds:  # first schedule, or resumed after a preemption
             out.new_reqs.append(NewRequestData(
@@ -412,16 +452,17 @@ class Scheduler:
                 sampling_params=request.sampling_params, block_ids=list(block_ids), num_computed_tokens=start,
                 num_scheduled_tokens=n, output_token_ids=list(request.output_token_ids),
             ))
+            assert not drafts, "drafts are only verified by a request the runner holds"
             request.runner_holds = True
             request.num_tokens_sent = request.num_tokens
         else:
             # The input tokens the runner lacks: a decode's last sampled token, unless it is still being sampled
             # (ahead), then the runner reads it on the device.
             lo = max(request.num_tokens_sent, start)
-            new_tokens = [] if ahead else request.all_token_ids[lo : start + n]
+            new_tokens = [] if ahead else request.all_token_ids[lo:known_end]
             if new_tokens:
-                request.num_tokens_sent = start + n
-            out.cached.add(request.request_id, block_ids[request.num_blocks_sent:], start, n, new_tokens)
+                request.num_tokens_sent = known_end
+            out.cached.add(request.request_id, block_ids[request.num_blocks_sent:], start, n, new_tokens, drafts)
         request.num_blocks_sent = len(block_ids)
         request.num_computed_tokens = start + n
 
@@ -453,6 +494,7 @@ class Scheduler:
         sampled = dict(zip(mro.req_ids, mro.sampled_token_ids))
         logprobs = dict(zip(mro.req_ids, mro.logprobs)) if mro.logprobs else {}
         prompt_logprobs = mro.prompt_logprobs
+        verified = scheduler_output.cached.spec_token_ids
         any_finished = False
         for req_id in scheduler_output.scheduled_tokens():
             left = self.in_flight.pop(req_id, 1) - 1
@@ -463,6 +505,14 @@ class Scheduler:
                 continue  # finished (aborted) after schedule()
             tokens = sampled.get(req_id)
             plp = prompt_logprobs.get(req_id)
+            num_drafts = len(verified.get(req_id, ()))
+            if num_drafts and tokens:
+                # Only the accepted drafts (all tokens but the last) are computed; the rest is recomputed later.
+                num_accepted = len(tokens) - 1
+                request.num_computed_tokens -= num_drafts - num_accepted
+                self.spec_num_drafts += 1
+                self.spec_num_draft_tokens += num_drafts
+                self.spec_num_accepted_tokens += num_accepted
             if not tokens and plp is None:
                 continue
             new_ids: list[int] = []
@@ -476,6 +526,8 @@ class Scheduler:
             if status is not None:
                 any_finished = True
                 self._finish(request, status)
+            elif req_id in mro.spec_token_ids:
+                request.spec_token_ids = mro.spec_token_ids[req_id]
             token_logprobs = logprobs.get(req_id)
             outputs.append(EngineCoreOutput(
                 req_id=req_id,

@@ -37,7 +37,7 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()  # no worker processes left behind
             raise
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.speculative_config)
         # Pipeline parallelism: up to one batch per stage in flight, so that no stage idles (micro-batches).
         pp = config.parallel_config.pipeline_parallel_size
         self.max_batches_in_flight = pp

@@ -9,6 +9,9 @@ Each step's flat inputs are numpy gathers over these rows (no Python loop over t
 `input_ids[T]`, `positions[T]`, `slot_mapping[T]`, per request `query_start_loc`, `seq_lens` and its block
 table. A decode whose input token the message did not carry (scheduled before the previous step's token came
 back) reads the row's last sampled token, which lives on the device (`last_token`).
+
+Speculative decoding: a step may verify draft tokens of a request; they are the last `num_spec` of its scheduled
+positions, written into its row like any token, and overwritten when the accepted tokens come back.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class StepInputs:
     block_tables: np.ndarray  # int32 [B, max_blocks of the step]
     from_device: np.ndarray  # int64: indices of requests whose (single) input token is the row's last sample
     sample: np.ndarray  # int64: indices of requests that sample a token this step
+    num_spec: np.ndarray  # int64 [B]: draft tokens each request verifies this step (its last positions)
 
     @property
     def num_reqs(self) -> int:
@@ -79,6 +83,7 @@ class InputBatch:
         self.block_table = np.zeros((max_reqs, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_reqs, dtype=np.int64)
         self.prompt_logprobs = np.full(max_reqs, -1, dtype=np.int64)  # -1: none
+        self.can_speculate = np.zeros(max_reqs, dtype=bool)  # whether drafts may be proposed for the row
         self.sampling = SamplingRows.empty(max_reqs)
         self.output_token_ids: list[list[int]] = [[] for _ in range(max_reqs)]  # host-known outputs (penalties)
         self.generators: dict[int, torch.Generator] = {}
@@ -109,6 +114,7 @@ class InputBatch:
         self.block_table[row, : len(block_ids)] = block_ids
         self.num_blocks[row] = len(block_ids)
         self.prompt_logprobs[row] = -1 if params.prompt_logprobs is None else params.prompt_logprobs
+        self.can_speculate[row] = can_speculate(params)
         if self.keep_sampling_state:
             self.sampling.set_row(row, params)
             self.output_token_ids[row] = list(output_token_ids)
@@ -147,11 +153,12 @@ class InputBatch:
             self.remove(req_id)
         for req_id in sched.preempted_req_ids:
             self.remove(req_id, preempted=True)
-        entries: list[tuple[int, int, int, str]] = []  # (row, start, q_len, req_id)
+        entries: list[tuple[int, int, int, str, int]] = []  # (row, start, q_len, req_id, num_spec)
         for r in sched.new_reqs:
             row = self.add(r.req_id, r.prompt_token_ids, r.output_token_ids, r.sampling_params, r.block_ids)
-            entries.append((row, r.num_computed_tokens, r.num_scheduled_tokens, r.req_id))
+            entries.append((row, r.num_computed_tokens, r.num_scheduled_tokens, r.req_id, 0))
         c = sched.cached
+        spec = c.spec_token_ids
         for req_id, new_blocks, start, n, new_tokens in zip(c.req_ids, c.new_block_ids, c.num_computed_tokens,
                                                              c.num_scheduled_tokens, c.new_token_ids):
             row = self.row_of[req_id]
@@ -159,18 +166,23 @@ class InputBatch:
                 nb = int(self.num_blocks[row])
                 self.block_table[row, nb : nb + len(new_blocks)] = new_blocks
                 self.num_blocks[row] = nb + len(new_blocks)
+            drafts = spec.get(req_id, ()) if spec else ()
+            end = start + n - len(drafts)
             if new_tokens:
-                self._write_tokens(row, start + n, new_tokens)
-            entries.append((row, start, n, req_id))
+                self._write_tokens(row, end, new_tokens)
+            if drafts:
+                self.token_ids[row, end : start + n] = drafts
+            entries.append((row, start, n, req_id, len(drafts)))
         # Decodes first (the attention backend batches them densely), decodes by context length.
         entries.sort(key=lambda e: (e[2] != 1, e[1] if e[2] == 1 else 0))
         return self._gather(entries)
 
-    def _gather(self, entries: list[tuple[int, int, int, str]]) -> StepInputs:
+    def _gather(self, entries: list[tuple[int, int, int, str, int]]) -> StepInputs:
         n = len(entries)
         rows = np.fromiter((e[0] for e in entries), dtype=np.int64, count=n)
         starts = np.fromiter((e[1] for e in entries), dtype=np.int64, count=n)
         q_lens = np.fromiter((e[2] for e in entries), dtype=np.int64, count=n)
+        num_spec = np.fromiter((e[4] for e in entries), dtype=np.int64, count=n)
         qsl = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         total = int(qsl[-1])
@@ -191,15 +203,33 @@ class InputBatch:
         if from_device.size and (q_lens[from_device] != 1).any():
             raise RuntimeError("a step computes tokens the runner was never given")
         sample = np.flatnonzero(seq_lens >= self.num_tokens[rows])
-        # The sampled token of each sampling row is the request's next token (on the device until it is read).
-        self.num_tokens[rows[sample]] = seq_lens[sample] + 1
+        # The sampled token of each sampling row is the request's next token (on the device until it is read). A
+        # row verifying drafts counts as if none were accepted; the runner adds the accepted ones.
+        self.num_tokens[rows[sample]] = seq_lens[sample] - num_spec[sample] + 1
         return StepInputs([e[3] for e in entries], rows, starts, q_lens, qsl, input_ids, positions, slot_mapping,
-                          block_tables, from_device, sample)
+                          block_tables, from_device, sample, num_spec)
 
     # ---- sampling state of the rows that sample --------------------------------------------------------------
     def prompt_token_ids(self, row: int) -> np.ndarray:
         return self.token_ids[row, : self.num_prompt_tokens[row]]
 
+    def record_host_tokens(self, row: int, tokens: list[int]) -> None:
+        """Tokens a step just gave the row (its last ones), on the host: the proposer reads them. Sent again by
+        the next message; num_host_tokens is left to the messages."""
+        start = int(self.num_tokens[row]) - len(tokens)
+        end = min(start + len(tokens), self.max_model_len)
+        if end > start:
+            self.token_ids[row, start:end] = tokens[: end - start]
+
     def record_sampled(self, rows: torch.Tensor, sampled: torch.Tensor) -> None:
         """On the device: each row's last sampled token (the input of a decode scheduled ahead of it)."""
         self.last_token.index_copy_(0, rows, sampled)
+
+
+def can_speculate(params: SamplingParams) -> bool:
+    """Whether drafts may be verified for a request: not when its sampling reads its previous tokens or changes
+    the logits (penalties, logit_bias, min_tokens, a grammar), nor when it wants logprobs (the verify step does
+    not compute them)."""
+    return (params.structured_outputs is None and not params.logit_bias and params.min_tokens == 0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and params.repetition_penalty == 1.0 and params.logprobs is None and params.prompt_logprobs is None)

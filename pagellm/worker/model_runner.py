@@ -18,6 +18,13 @@ launch waits for the device: host tensors reach it through pinned memory, and th
 same way. Each sampled token is also kept on the device as its request's last token, the input of a decode
 that was scheduled before the token came back.
 
+Speculative decoding (n-gram, one device, steps one at a time): after a step the runner proposes draft tokens
+for the requests that may speculate (it holds their tokens), and returns them with the sampled tokens. A later
+step that verifies k drafts of a request computes its k + 1 positions in the same forward pass as everything
+else; the target's distributions at those positions (after the request's temperature, top-k, top-p and min-p,
+as plain sampling uses them; one-hot for greedy requests) go to the rejection sampler, which returns 1..k+1
+tokens.
+
 Only the driver (tensor-parallel rank 0 of the last pipeline stage) samples; the other ranks of the last stage
 compute the logits with it (the vocabulary is split over them) and receive the sampled tokens by a broadcast on
 the device, so that every rank has each request's last token.
@@ -46,12 +53,17 @@ from pagellm.model_executor.layers.sampler import (
     SamplingMetadata,
     PROMPT_LOGPROBS_CHUNK,
     apply_grammar_bitmask,
+    apply_min_p,
+    apply_top_k_top_p,
     prompt_logprobs_tensors,
     to_device,
     to_prompt_logprobs,
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model
+from pagellm.spec_decode.ngram_proposer import NgramProposer
+from pagellm.spec_decode.proposer import ProposeBatch
+from pagellm.spec_decode.rejection_sampler import rejection_sample
 from pagellm.worker.input_batch import InputBatch, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -127,6 +139,7 @@ class PendingOutput:
         self._prompt_logprobs = prompt_logprobs or {}
         self._event: Optional[torch.cuda.Event] = None
         self._host: Optional[torch.Tensor] = None
+        self._ready: Optional[ModelRunnerOutput] = None  # a step whose answer was built already (verify steps)
         if sampler_output is not None:
             ids = sampler_output.sampled_token_ids
             if ids.device.type == "cuda":
@@ -138,6 +151,8 @@ class PendingOutput:
                 self._host = ids
 
     def result(self) -> ModelRunnerOutput:
+        if self._ready is not None:
+            return self._ready
         out = ModelRunnerOutput(prompt_logprobs=self._prompt_logprobs)
         so = self._sampler_output
         if so is None:
@@ -185,6 +200,11 @@ class ModelRunner:
         # batch size -> (graph, logits it writes [bs, vocab])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = graph_batch_sizes(sc.max_num_seqs) if self.use_graphs else []
+        # Speculative decoding: the proposer, and the step whose tokens it proposes after.
+        spec = config.speculative_config
+        self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec is not None else None
+        self._last_step: Optional[StepInputs] = None
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -375,7 +395,31 @@ class ModelRunner:
         input_ids.index_copy_(0, dst, self.batch.last_token.index_select(0, rows))
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(sched).result()
+        out = self.execute_model_async(sched).result()
+        if self.proposer is not None and out.req_ids:
+            out.spec_token_ids = self._propose(out)
+        return out
+
+    def _propose(self, out: ModelRunnerOutput) -> dict[str, list[int]]:
+        """Drafts for the requests that sampled this step and may speculate (speculative decoding runs only with
+        steps one at a time, on one device: the runner here is the driver)."""
+        batch = self.batch
+        rows, wanted = [], []
+        for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
+            row = batch.row_of.get(req_id)
+            if row is None:
+                continue
+            batch.record_host_tokens(row, tokens)
+            k = min(self.num_spec_tokens, self.max_model_len - int(batch.num_tokens[row]) - 1)
+            if batch.can_speculate[row] and k > 0:
+                rows.append((req_id, row))
+                wanted.append(k)
+        if not rows:
+            return {}
+        drafts = self.proposer.propose(ProposeBatch(
+            token_ids=[batch.token_ids[row, : batch.num_tokens[row]] for _, row in rows],
+            num_speculative_tokens=wanted))
+        return {req_id: d for (req_id, _), d in zip(rows, drafts.token_ids) if d}
 
     @torch.inference_mode()
     def execute_model_async(self, sched: SchedulerOutput) -> PendingOutput:
@@ -401,7 +445,9 @@ class ModelRunner:
         if hidden is None:  # a pipeline stage before the last: its output went to the next stage
             return PendingOutput()
         pending = PendingOutput()
-        if sample.size:
+        if sample.size and step.num_spec[sample].any():
+            pending = self._sample_and_verify(step, hidden, sched)
+        elif sample.size:
             last = to_device(torch.from_numpy(step.query_start_loc[1:][sample] - 1), torch.int64, self.device)
             pending = self._sample(step, self.model.compute_logits(hidden[last]), sched)
         prompt_logprobs = self._prompt_logprobs(step, hidden)
@@ -435,6 +481,61 @@ class ModelRunner:
         batch.record_sampled(rows_t, tp.broadcast(result.sampled_token_ids))
         return PendingOutput(req_ids, result, metadata.num_logprobs)
 
+    def _sample_and_verify(self, step: StepInputs, hidden: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
+        """A step in which some requests verify drafts: the others sample as usual, these go through the
+        rejection sampler. Waits for the device (speculative decoding runs steps one at a time)."""
+        import dataclasses
+
+        assert self.is_driver, "speculative decoding runs on one device"
+        batch = self.batch
+        sample = step.sample
+        k_all = step.num_spec[sample]
+        plain, verify = sample[k_all == 0], sample[k_all > 0]
+        ends = step.query_start_loc[1:]
+        tokens: dict[int, list[int]] = {}  # request index -> its new tokens
+        plain_out = None
+        if plain.size:
+            last = to_device(torch.from_numpy(ends[plain] - 1), torch.int64, self.device)
+            plain_step = dataclasses.replace(step, sample=plain)
+            plain_out = self._sample(plain_step, self.model.compute_logits(hidden[last]), sched).result()
+            tokens.update(zip(plain.tolist(), plain_out.sampled_token_ids))
+
+        ks = step.num_spec[verify]
+        R, K = len(verify), int(ks.max())
+        # Row r's positions: its last k_r + 1, padded to K + 1 by repeating its last (never read past k_r + 1).
+        offsets = np.minimum(np.arange(K + 1)[None, :], ks[:, None])
+        index = (ends[verify] - 1 - ks)[:, None] + offsets
+        logits = self.model.compute_logits(hidden[to_device(torch.from_numpy(index.reshape(-1)), torch.int64,
+                                                              self.device)])
+        rows = step.rows[verify]
+        V = logits.shape[-1]
+        sampling = batch.sampling.take(np.repeat(rows, K + 1))
+        md = SamplingMetadata.from_rows(sampling, [()] * len(sampling.greedy), [()] * len(sampling.greedy), {}, V,
+                                        self.device)
+        probs = target_probs(logits, md).view(R, K + 1, V)
+        seq_lens = step.seq_lens[verify]
+        drafts = np.full((R, K), -1, dtype=np.int64)
+        for r, (row, k, end) in enumerate(zip(rows.tolist(), ks.tolist(), seq_lens.tolist())):
+            drafts[r, :k] = batch.token_ids[row, end - k : end]
+        generators = {r: batch.generators[row] for r, row in enumerate(rows.tolist()) if row in batch.generators}
+        result = rejection_sample(torch.from_numpy(drafts), ks.tolist(), probs, None,
+                                  batch.sampling.greedy[rows].tolist(), generators)
+        for i, row, new in zip(verify.tolist(), rows.tolist(), result.tolists()):
+            tokens[i] = new
+            batch.num_tokens[row] += len(new) - 1  # counted as if no draft were accepted (InputBatch._gather)
+        last_tokens = torch.tensor([tokens[i][-1] for i in verify.tolist()], dtype=torch.int64)
+        batch.record_sampled(to_device(torch.from_numpy(rows), torch.int64, self.device),
+                             last_tokens.to(self.device))
+
+        out = ModelRunnerOutput(req_ids=[step.req_ids[i] for i in sample.tolist()],
+                                sampled_token_ids=[tokens[i] for i in sample.tolist()])
+        if plain_out is not None and plain_out.logprobs:
+            lp = dict(zip(plain.tolist(), plain_out.logprobs))
+            out.logprobs = [lp.get(i) for i in sample.tolist()]
+        pending = PendingOutput()
+        pending._ready = out
+        return pending
+
     @staticmethod
     def _grammar_rows(sched: SchedulerOutput, req_ids: list[str]) -> list[Optional[np.ndarray]]:
         """Each sampling request's row of the step's grammar bitmask (None: no grammar)."""
@@ -467,3 +568,25 @@ class ModelRunner:
             if parts:
                 result[step.req_ids[i]] = to_prompt_logprobs(parts, first_position=start + 1)
         return result
+
+
+def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """The distributions plain sampling would draw from, [N, V] float32: temperature, min-p, top-k and top-p,
+    softmax; a one-hot of the argmax on greedy rows (exactly plain greedy's choice). Rows with penalties, bias,
+    min_tokens or a grammar are never verified, so none of those apply."""
+    logits = logits.to(torch.float32)
+    greedy_tokens = None if md.all_random else logits.argmax(dim=1)
+    if md.all_greedy:
+        probs = torch.zeros_like(logits)
+    else:
+        x = logits.clone()
+        if md.temperature is not None:
+            x = x.div_(md.temperature.unsqueeze(1))
+        if md.min_p is not None:
+            x = apply_min_p(x, md.min_p)
+        x = apply_top_k_top_p(x, md.top_k, md.top_p, md.max_top_k)
+        probs = x.softmax(dim=1)
+    if greedy_tokens is not None:
+        one_hot = torch.zeros_like(probs).scatter_(1, greedy_tokens.unsqueeze(1), 1.0)
+        probs = one_hot if md.all_greedy else torch.where(md.greedy_mask.unsqueeze(1), one_hot, probs)
+    return probs

@@ -33,12 +33,14 @@ def make_scheduler(
     policy: str = "fcfs",
     enable_prefix_caching: bool = True,
     async_scheduling: bool = False,
+    num_speculative_tokens: int = 0,
 ) -> Scheduler:
     sched_cfg = _Cfg(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                      max_model_len=max_model_len, policy=policy, max_queued_requests=None,
                      async_scheduling=async_scheduling)
     cache_cfg = _Cfg(block_size=block_size, enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks)
-    return Scheduler(sched_cfg, cache_cfg)
+    spec_cfg = _Cfg(num_speculative_tokens=num_speculative_tokens) if num_speculative_tokens else None
+    return Scheduler(sched_cfg, cache_cfg, spec_cfg)
 
 
 def make_request(

@@ -1,7 +1,8 @@
 """Prometheus metrics of the server, prefix `pagellm:`.
 
 Request-side numbers (tokens, latencies) are measured in the API process as outputs arrive; core-side numbers
-(running/waiting, KV-cache usage, prefix-cache counters, preemptions, queue times) come from the engine core
+(running/waiting, KV-cache usage, prefix-cache counters, preemptions, queue times, speculative decoding's
+drafts and accepted tokens) come from the engine core
 process in a CoreStats message after every step, or on demand. Each server has its own registry.
 
 Several API processes (`pagellm serve --api-server-count N`) use prometheus_client's multiprocess mode: the
@@ -51,6 +52,12 @@ class Metrics:
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (KV cache full).")
+        self.spec_num_drafts = counter("spec_decode_num_drafts", "Speculative decoding: drafts verified (one per "
+                                       "request per verify step).")
+        self.spec_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens "
+                                             "verified.")
+        self.spec_num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative decoding: draft "
+                                                "tokens accepted.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self._success = Counter("pagellm:request_success", "Finished sequences, by finish reason.",
@@ -66,7 +73,7 @@ class Metrics:
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
                                                    _TOKEN_BUCKETS)
-        self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+        self._last = {"queries": 0, "hits": 0, "preemptions": 0, "drafts": 0, "draft_tokens": 0, "accepted": 0}
         self._routed = Counter("pagellm:engine_core_requests", "Requests sent to each engine core (data "
                                "parallelism: one core per replica).", ["model_name", "engine_core"], registry=r)
         # Per API key, labelled by the key's name (never the key): see entrypoints/openai/tenants.py.
@@ -109,7 +116,10 @@ class Metrics:
             return
         for key, value, counter in (("queries", stats.prefix_cache_queries, self.prefix_cache_queries),
                                     ("hits", stats.prefix_cache_hits, self.prefix_cache_hits),
-                                    ("preemptions", stats.num_preemptions, self.num_preemptions)):
+                                    ("preemptions", stats.num_preemptions, self.num_preemptions),
+                                    ("drafts", stats.spec_num_drafts, self.spec_num_drafts),
+                                    ("draft_tokens", stats.spec_num_draft_tokens, self.spec_num_draft_tokens),
+                                    ("accepted", stats.spec_num_accepted_tokens, self.spec_num_accepted_tokens)):
             delta = value - self._last[key]
             if delta > 0:
                 counter.inc(delta)

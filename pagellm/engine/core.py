@@ -234,6 +234,8 @@ class EngineCore:
             kv_cache_usage=float(kv.usage), num_blocks=kv.num_blocks,
             prefix_cache_queries=pcs.queries, prefix_cache_hits=pcs.hits,
             num_preemptions=sched.num_preemptions_total, queue_times=sched.take_queue_times(),
+            spec_num_drafts=sched.spec_num_drafts, spec_num_draft_tokens=sched.spec_num_draft_tokens,
+            spec_num_accepted_tokens=sched.spec_num_accepted_tokens,
         )
 
     def check_health(self) -> None:

@@ -446,6 +446,9 @@ class CoreClient:
                 prefix_cache_hits=sum(s.prefix_cache_hits for s in all_stats),
                 num_preemptions=sum(s.num_preemptions for s in all_stats),
                 queue_times=list(stats.queue_times),
+                spec_num_drafts=sum(s.spec_num_drafts for s in all_stats),
+                spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in all_stats),
+                spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in all_stats),
             )
         return self.last_stats
 

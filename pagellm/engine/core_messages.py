@@ -85,6 +85,10 @@ class CoreStats(msgspec.Struct):
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     queue_times: list[float] = []
+    # Speculative decoding: verify steps of a request, draft tokens verified, draft tokens accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class Ready(msgspec.Struct, tag="ready"):

@@ -236,6 +236,9 @@ class EngineArgs:
                 raise ValueError("speculative_config: speculative decoding runs on one device for now (got "
                                  "tensor_parallel_size x pipeline_parallel_size = "
                                  f"{parallel_config.world_size})")
+            if parallel_config.executor_backend != "uni":
+                raise ValueError("speculative_config: speculative decoding runs in the engine's process for now "
+                                 f"(distributed_executor_backend 'uni', got {parallel_config.executor_backend!r})")
             if self.async_scheduling:
                 raise ValueError("speculative_config: speculative decoding needs async_scheduling off for now")
             if on_cuda and self.async_scheduling is None:

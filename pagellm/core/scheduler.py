@@ -295,6 +295,10 @@ class Scheduler:
                 if kvm.allocate_slots(request, n) is not None:
                     scheduled = True
                     break
+                if drafts:  # verify no drafts rather than preempt anyone for their slots
+                    n -= len(drafts)
+                    drafts = []
+                    continue
                 if self.running[-1].request_id in self.in_flight:
                     blocked = True
                     scheduled = False

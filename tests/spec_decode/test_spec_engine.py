@@ -94,6 +94,9 @@ def test_speculation_refuses_async_scheduling_and_several_devices(model_path):
     with pytest.raises(ValueError, match="one device"):
         EngineArgs(model=model_path, device="cpu", speculative_config=SPEC,
                    tensor_parallel_size=2).create_engine_config()
+    with pytest.raises(ValueError, match="distributed_executor_backend"):
+        EngineArgs(model=model_path, device="cpu", speculative_config=SPEC,
+                   distributed_executor_backend="mp").create_engine_config()
     config = EngineArgs(model=model_path, device="cpu", speculative_config=SPEC).create_engine_config()
     assert config.speculative_config.num_speculative_tokens == 4
     assert not config.scheduler_config.async_scheduling
@@ -278,3 +281,19 @@ def test_abort_mid_run_frees_every_block(spec_llm):
     while engine.has_unfinished_requests():
         engine.step()
     assert sched.kv_cache_manager.usage == 0.0
+
+
+def test_drafts_dropped_rather_than_preempting():
+    """With no free block for its drafts, a request verifies none this step instead of preempting another."""
+    sched = make_scheduler(num_speculative_tokens=4, block_size=4, num_blocks=4)
+    a = make_request("a", [1, 3, 4, 5, 6, 7, 8], max_tokens=20)  # 7 tokens: 2 blocks, one slot left after 8
+    b = make_request("b", [9, 10, 11, 12, 13, 14, 15], max_tokens=20)
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()
+    assert out.scheduled_tokens() == {"a": 7, "b": 7}
+    sched.update_from_output(out, ModelRunnerOutput(req_ids=["a", "b"], sampled_token_ids=[[20], [21]],
+                                                    spec_token_ids={"a": [22, 23, 24]}))
+    out = sched.schedule()  # a's drafts need a third block; none is free
+    assert out.scheduled_tokens() == {"a": 1, "b": 1} and not out.cached.spec_token_ids
+    assert sched.num_preemptions_total == 0

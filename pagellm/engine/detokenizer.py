@@ -84,17 +84,23 @@ class IncrementalDetokenizer:
         new_ids = [int(t) for t in new_token_ids]
         if self.stopped or not new_ids:
             return None
-        self._output_token_ids.extend(new_ids)
         if stop_terminated is None:
             stop_terminated = (new_ids[-1] in self._stop_token_ids
-                               and len(self._output_token_ids) >= self.min_tokens)
-        if stop_terminated and not self.include_stop_str_in_output:
-            new_ids = new_ids[:-1]
-        before = len(self._text)
-        for tok in new_ids:
+                               and len(self._output_token_ids) + len(new_ids) >= self.min_tokens)
+        last = len(new_ids) - 1
+        # One token at a time: when several come in one step (speculative decoding), the token that completes a
+        # stop string is the last one kept, as if they had come one by one.
+        for i, tok in enumerate(new_ids):
+            self._output_token_ids.append(tok)
+            if i == last and stop_terminated and not self.include_stop_str_in_output:
+                break
+            before = len(self._text)
             self._tokens.append(tok)
             self._text += self._decode_next(final=False)
-        return self._check_stop(len(self._text) - before)
+            stop = self._check_stop(len(self._text) - before)
+            if stop is not None:
+                return stop
+        return None
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """The whole text (delta=False) or the text since the last delta call, minus the held-back tail while

@@ -116,6 +116,8 @@ class OutputProcessor:
             if seq.detokenizer is not None and out.new_token_ids:
                 # The core finishes with "stop" only on a stop token, whose text is then left out.
                 stop_str = seq.detokenizer.update(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
+                if stop_str is not None:  # tokens after the one that completed it (several came in one step)
+                    del seq.token_ids[seq.detokenizer.num_output_tokens:]
             if stop_str is not None and not out.finished:
                 seq.finish_reason, seq.stop_reason = "stop", stop_str
                 stopped.append(out.req_id)

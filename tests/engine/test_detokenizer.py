@@ -378,3 +378,28 @@ def test_smollm_tokenizer_incremental_decode_and_stops(smollm_tokenizer) -> None
     detok = IncrementalDetokenizer(tok, [], SamplingParams(skip_special_tokens=False))
     detok.update(encode(tok, "Hi there") + [eos])
     assert detok.output_text == "Hi there <|im_end|>"
+
+
+def test_stop_string_completed_inside_several_tokens(byte_tok) -> None:
+    """Several tokens in one step (speculative decoding): the token that completes a stop string is the last one
+    kept, as when they come one by one; the output processor drops the tokens after it too."""
+    from pagellm.core.sched_output import EngineCoreOutput
+    from pagellm.engine.output_processor import OutputProcessor
+    from pagellm.engine.processor import ProcessedPrompt
+
+    ids = encode(byte_tok, "Alpha beta gamma delta END of text")
+    at_once = IncrementalDetokenizer(byte_tok, [], SamplingParams(stop=["END"]))
+    assert at_once.update(ids) == "END"
+    one_by_one = IncrementalDetokenizer(byte_tok, [], SamplingParams(stop=["END"]))
+    assert feed(one_by_one, ids)[0] == "END"
+    assert at_once.output_text == one_by_one.output_text == "Alpha beta gamma delta "
+    assert at_once.output_token_ids == one_by_one.output_token_ids
+    assert len(at_once.output_token_ids) < len(ids)
+
+    processor = OutputProcessor(byte_tok)
+    processor.add_request("r", ProcessedPrompt(None, encode(byte_tok, "Go:")), SamplingParams(stop=["END"]))
+    outputs, stopped = processor.process_outputs([EngineCoreOutput(req_id="r", new_token_ids=ids)])
+    assert stopped == ["r"]
+    seq = outputs[0].outputs[0]
+    assert (seq.text, list(seq.token_ids), seq.finish_reason) == ("Alpha beta gamma delta ",
+                                                                  at_once.output_token_ids, "stop")

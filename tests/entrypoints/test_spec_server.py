@@ -88,3 +88,21 @@ def test_streamed_text_identical_with_speculation(server, expected):
                     chunk = json.loads(line[len("data: "):])
                     text += "".join(c["text"] for c in chunk["choices"])
         assert text == want
+
+
+def test_stop_string_inside_accepted_tokens(model, expected):
+    """Stop strings late in outputs that speculation produces: the text, token ids and reasons are those
+    without speculation (a stop string completed mid-step is pinned down in tests/engine/test_detokenizer.py)."""
+    base = LLM(model, dtype="float32", max_model_len=512, kv_cache_memory=16 * 2**20)
+    spec = LLM(model, dtype="float32", max_model_len=512, kv_cache_memory=16 * 2**20, speculative_config=SPEC)
+    params = []
+    for text in expected:
+        start = next(i for i in range(len(text) // 2, len(text) - 3) if text.find(text[i : i + 3]) == i)
+        params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                     stop=[text[start : start + 3]]))
+    want = [o.outputs[0] for o in base.generate(PROMPTS, params, use_tqdm=False)]
+    got = [o.outputs[0] for o in spec.generate(PROMPTS, params, use_tqdm=False)]
+    assert [(g.text, list(g.token_ids), g.finish_reason, g.stop_reason) for g in got] == \
+        [(w.text, list(w.token_ids), w.finish_reason, w.stop_reason) for w in want]
+    assert all(w.finish_reason == "stop" for w in want)
+    assert spec.llm_engine.core.scheduler.spec_num_accepted_tokens > 0

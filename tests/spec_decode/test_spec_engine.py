@@ -297,3 +297,59 @@ def test_drafts_dropped_rather_than_preempting():
     out = sched.schedule()  # a's drafts need a third block; none is free
     assert out.scheduled_tokens() == {"a": 1, "b": 1} and not out.cached.spec_token_ids
     assert sched.num_preemptions_total == 0
+
+
+def test_sampled_distribution_is_the_targets(model_path):
+    """Temperature 0.9 and top-k 3 with speculation: the joint distribution of the first 4 tokens of many
+    requests (the last three mostly from verify steps: accepted drafts, residual draws, bonus tokens) matches the model's own, computed exactly with
+    transformers over the 3^4 paths (chi-square, cells of small expectation merged; fixed engine seed)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # A prompt followed by the model's own greedy continuation, which falls into a loop: sampled tokens often
+    # continue it, so drafts are proposed in most steps and accepted in some.
+    start = _prompts()[0]
+    loop = tiny_llm(model_path).generate(start, SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True),
+                                         use_tqdm=False)[0].outputs[0].token_ids
+    prompt = start["prompt_token_ids"] + list(loop)
+    T, K, L, N = 0.9, 3, 4, 4000
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    paths, probs = [[]], torch.ones(1, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(L):
+            logits = hf(torch.tensor([prompt + p for p in paths])).logits[:, -1].double() / T
+            top, ids = logits.topk(K, dim=1)
+            step = top.softmax(dim=1)
+            paths = [p + [t] for p, row in zip(paths, ids.tolist()) for t in row]
+            probs = (probs[:, None] * step).reshape(-1)
+    expected = {tuple(p): float(q) * N for p, q in zip(paths, probs)}
+
+    llm = tiny_llm(model_path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                   "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    params = SamplingParams(temperature=T, top_k=K, max_tokens=L, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": prompt}] * N, params, use_tqdm=False)
+    counts: dict[tuple, int] = {}
+    for t in _tokens(outputs):
+        assert tuple(t) in expected, f"{t} is outside the top-{K} paths"
+        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+    drafts, draft_tokens, accepted = _spec_counts(llm)
+    assert drafts > N // 2 and 0 < accepted < draft_tokens  # most requests verified drafts; some were rejected
+
+    # Cells expected fewer than 5 times are pooled into one.
+    stat, cells, small_exp, small_obs = 0.0, 0, 0.0, 0
+    for path, e in expected.items():
+        if e < 5:
+            small_exp += e
+            small_obs += counts.get(path, 0)
+            continue
+        stat += (counts.get(path, 0) - e) ** 2 / e
+        cells += 1
+    if small_exp > 0:
+        stat += (small_obs - small_exp) ** 2 / small_exp
+        cells += 1
+    df = cells - 1
+    z = 3.09  # upper 0.1% of the standard normal; Wilson-Hilferty for the chi-square quantile
+    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    assert stat < critical, (stat, critical, df)

@@ -77,12 +77,24 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
         "num_blocks": config.cache_config.num_blocks,
         "dtype": str(config.model_config.dtype).replace("torch.", ""),
     }
+    if config.speculative_config is not None:
+        result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)
     llm.llm_engine.core.shutdown()  # the peer runs next on the same device: free ours first
     del llm, outputs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def spec_decode_summary(scheduler: Any) -> dict[str, Any]:
+    """Speculative decoding's counts since the engine started (the warm-up included): acceptance (accepted /
+    draft tokens) and mean accepted length (tokens a verify step gives a request: accepted drafts + 1)."""
+    drafts, draft_tokens = scheduler.spec_num_drafts, scheduler.spec_num_draft_tokens
+    accepted = scheduler.spec_num_accepted_tokens
+    return {"num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+            "acceptance": accepted / draft_tokens if draft_tokens else 0.0,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0}
 
 
 # The grammar of `--structured-output json`: an object holding an array of strings, which never has to end,
@@ -246,6 +258,11 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
               f"{run['output_tokens_per_s']:>10.1f}")
     if "ratio_output_tokens_per_s" in results:
         print(f"ratio (pagellm / peer, output tokens/s): {results['ratio_output_tokens_per_s']:.2f}x")
+    if "spec_decode" in ours:
+        sd = ours["spec_decode"]
+        print(f"speculative decoding: {sd['num_drafts']} drafts, acceptance {sd['acceptance']:.3f} "
+              f"({sd['num_accepted_tokens']} of {sd['num_draft_tokens']} draft tokens), mean accepted length "
+              f"{sd['mean_accepted_length']:.2f}")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w") as f:

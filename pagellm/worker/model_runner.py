@@ -32,6 +32,7 @@ the device, so that every rank has each request's last token.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
@@ -53,9 +54,8 @@ from pagellm.model_executor.layers.sampler import (
     SamplingMetadata,
     PROMPT_LOGPROBS_CHUNK,
     apply_grammar_bitmask,
-    apply_min_p,
-    apply_top_k_top_p,
     prompt_logprobs_tensors,
+    target_probs,
     to_device,
     to_prompt_logprobs,
     to_token_logprobs,
@@ -150,6 +150,13 @@ class PendingOutput:
             else:
                 self._host = ids
 
+    @classmethod
+    def ready(cls, out: ModelRunnerOutput) -> "PendingOutput":
+        """A step whose answer is built already."""
+        pending = cls()
+        pending._ready = out
+        return pending
+
     def result(self) -> ModelRunnerOutput:
         if self._ready is not None:
             return self._ready
@@ -200,11 +207,10 @@ class ModelRunner:
         # batch size -> (graph, logits it writes [bs, vocab])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = graph_batch_sizes(sc.max_num_seqs) if self.use_graphs else []
-        # Speculative decoding: the proposer, and the step whose tokens it proposes after.
+        # Speculative decoding: how many drafts a request may verify in one step, and who proposes them.
         spec = config.speculative_config
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec is not None else None
-        self._last_step: Optional[StepInputs] = None
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -484,8 +490,6 @@ class ModelRunner:
     def _sample_and_verify(self, step: StepInputs, hidden: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
         """A step in which some requests verify drafts: the others sample as usual, these go through the
         rejection sampler. Waits for the device (speculative decoding runs steps one at a time)."""
-        import dataclasses
-
         assert self.is_driver, "speculative decoding runs on one device"
         batch = self.batch
         sample = step.sample
@@ -532,9 +536,7 @@ class ModelRunner:
         if plain_out is not None and plain_out.logprobs:
             lp = dict(zip(plain.tolist(), plain_out.logprobs))
             out.logprobs = [lp.get(i) for i in sample.tolist()]
-        pending = PendingOutput()
-        pending._ready = out
-        return pending
+        return PendingOutput.ready(out)
 
     @staticmethod
     def _grammar_rows(sched: SchedulerOutput, req_ids: list[str]) -> list[Optional[np.ndarray]]:
@@ -569,24 +571,3 @@ class ModelRunner:
                 result[step.req_ids[i]] = to_prompt_logprobs(parts, first_position=start + 1)
         return result
 
-
-def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """The distributions plain sampling would draw from, [N, V] float32: temperature, min-p, top-k and top-p,
-    softmax; a one-hot of the argmax on greedy rows (exactly plain greedy's choice). Rows with penalties, bias,
-    min_tokens or a grammar are never verified, so none of those apply."""
-    logits = logits.to(torch.float32)
-    greedy_tokens = None if md.all_random else logits.argmax(dim=1)
-    if md.all_greedy:
-        probs = torch.zeros_like(logits)
-    else:
-        x = logits.clone()
-        if md.temperature is not None:
-            x = x.div_(md.temperature.unsqueeze(1))
-        if md.min_p is not None:
-            x = apply_min_p(x, md.min_p)
-        x = apply_top_k_top_p(x, md.top_k, md.top_p, md.max_top_k)
-        probs = x.softmax(dim=1)
-    if greedy_tokens is not None:
-        one_hot = torch.zeros_like(probs).scatter_(1, greedy_tokens.unsqueeze(1), 1.0)
-        probs = one_hot if md.all_greedy else torch.where(md.greedy_mask.unsqueeze(1), one_hot, probs)
-    return probs

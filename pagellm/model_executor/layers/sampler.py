@@ -580,10 +580,27 @@ class Sampler(nn.Module):
     @staticmethod
     def sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """Temperature, min_p, top_k/top_p, softmax, inverse-CDF draw. Changes `logits` in place."""
-        if md.temperature is not None:
-            logits = logits.div_(md.temperature.unsqueeze(1))
-        if md.min_p is not None:
-            logits = apply_min_p(logits, md.min_p)
-        logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
-        probs = logits.softmax(dim=1)
-        return inverse_cdf_sample(probs, md)
+        return inverse_cdf_sample(random_probs(logits, md), md)
+
+
+def random_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """What random rows draw from: temperature, min_p, top_k/top_p, softmax. Changes `logits` in place."""
+    if md.temperature is not None:
+        logits = logits.div_(md.temperature.unsqueeze(1))
+    if md.min_p is not None:
+        logits = apply_min_p(logits, md.min_p)
+    logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
+    return logits.softmax(dim=1)
+
+
+def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Speculative decoding: the distributions plain sampling draws from, [N, V] float32, for the rejection
+    sampler; on greedy rows a one-hot of the argmax (exactly plain greedy's choice). Rows with logit_bias,
+    min_tokens or penalties are never verified: none of those apply."""
+    logits = logits.to(torch.float32)
+    greedy_tokens = None if md.all_random else logits.argmax(dim=1)
+    probs = torch.zeros_like(logits) if md.all_greedy else random_probs(logits.clone(), md)
+    if greedy_tokens is not None:
+        one_hot = torch.zeros_like(probs).scatter_(1, greedy_tokens.unsqueeze(1), 1.0)
+        probs = one_hot if md.all_greedy else torch.where(md.greedy_mask.unsqueeze(1), one_hot, probs)
+    return probs

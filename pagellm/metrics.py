@@ -58,6 +58,10 @@ class Metrics:
                                              "verified.")
         self.spec_num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative decoding: draft "
                                                 "tokens accepted.")
+        self._spec_per_pos = Counter("pagellm:spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: "
+                                     "draft tokens accepted, by their position in the draft (0: the first).",
+                                     ["model_name", "position"], registry=r)
+        self._last_per_pos: list[int] = []
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self._success = Counter("pagellm:request_success", "Finished sequences, by finish reason.",
@@ -124,6 +128,12 @@ class Metrics:
             if delta > 0:
                 counter.inc(delta)
             self._last[key] = max(self._last[key], value)
+        for pos, value in enumerate(stats.spec_num_accepted_per_pos):
+            if pos == len(self._last_per_pos):
+                self._last_per_pos.append(0)
+            if value > self._last_per_pos[pos]:
+                self._spec_per_pos.labels(self.model_name, str(pos)).inc(value - self._last_per_pos[pos])
+                self._last_per_pos[pos] = value
         for t in stats.queue_times:
             self.queue_time.observe(t)
 

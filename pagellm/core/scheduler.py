@@ -119,8 +119,10 @@ class Scheduler:
         # Unfinished requests that need every previous token on the host before their next step (see above).
         self.lockstep_ids: set[str] = set()
         # Speculative decoding: the most drafts one step verifies per request (0: no speculation), and counts
-        # since start: verify steps of a request, draft tokens verified, draft tokens accepted.
+        # since start: verify steps of a request, draft tokens verified, draft tokens accepted (in all and by
+        # position in the draft).
         self.num_spec_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
+        self.spec_num_accepted_per_pos = [0] * self.num_spec_tokens
         if self.num_spec_tokens and self.async_scheduling:
             raise ValueError("speculative_config: speculative decoding needs async_scheduling off")
         self.spec_num_drafts = 0
@@ -517,6 +519,8 @@ class Scheduler:
                 self.spec_num_drafts += 1
                 self.spec_num_draft_tokens += num_drafts
                 self.spec_num_accepted_tokens += num_accepted
+                for pos in range(num_accepted):
+                    self.spec_num_accepted_per_pos[pos] += 1
             if not tokens and plp is None:
                 continue
             new_ids: list[int] = []

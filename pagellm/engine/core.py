@@ -236,6 +236,7 @@ class EngineCore:
             num_preemptions=sched.num_preemptions_total, queue_times=sched.take_queue_times(),
             spec_num_drafts=sched.spec_num_drafts, spec_num_draft_tokens=sched.spec_num_draft_tokens,
             spec_num_accepted_tokens=sched.spec_num_accepted_tokens,
+            spec_num_accepted_per_pos=list(sched.spec_num_accepted_per_pos),
         )
 
     def check_health(self) -> None:

@@ -449,6 +449,8 @@ class CoreClient:
                 spec_num_drafts=sum(s.spec_num_drafts for s in all_stats),
                 spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in all_stats),
                 spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in all_stats),
+                spec_num_accepted_per_pos=[sum(col) for col in itertools.zip_longest(
+                    *(s.spec_num_accepted_per_pos for s in all_stats), fillvalue=0)],
             )
         return self.last_stats
 

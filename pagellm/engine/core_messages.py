@@ -89,6 +89,7 @@ class CoreStats(msgspec.Struct):
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    spec_num_accepted_per_pos: list[int] = []  # accepted draft tokens by their position in the draft
 
 
 class Ready(msgspec.Struct, tag="ready"):

@@ -73,8 +73,11 @@ def test_greedy_text_identical_with_speculation(server, expected):
     metrics = read_metrics(server)
     assert metrics.get("pagellm:spec_decode_num_drafts_total", 0) > 0
     assert metrics.get("pagellm:spec_decode_num_draft_tokens_total", 0) >= metrics["pagellm:spec_decode_num_drafts_total"]
-    assert 0 < metrics.get("pagellm:spec_decode_num_accepted_tokens_total", 0) <= \
-        metrics["pagellm:spec_decode_num_draft_tokens_total"]
+    accepted = metrics.get("pagellm:spec_decode_num_accepted_tokens_total", 0)
+    assert 0 < accepted <= metrics["pagellm:spec_decode_num_draft_tokens_total"]
+    per_pos = [metrics.get(f"pagellm:spec_decode_num_accepted_tokens_per_pos_total{{position={p}}}", 0)
+               for p in range(SPEC["num_speculative_tokens"])]
+    assert sum(per_pos) == accepted and per_pos == sorted(per_pos, reverse=True)  # position p needs p - 1 before
 
 
 def test_streamed_text_identical_with_speculation(server, expected):

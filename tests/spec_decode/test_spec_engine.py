@@ -215,6 +215,7 @@ def test_scheduler_counts_only_accepted_tokens_and_caps_drafts():
                                                     spec_token_ids={"r": [21, 22, 23, 24]}))
     assert req.output_token_ids == [10, 11, 12, 20] and req.num_computed_tokens == 8
     assert (sched.spec_num_drafts, sched.spec_num_draft_tokens, sched.spec_num_accepted_tokens) == (1, 4, 2)
+    assert sched.spec_num_accepted_per_pos == [1, 1, 0, 0]
     # max_tokens 6 leaves room for 2 more tokens: one draft at most.
     out = sched.schedule()
     assert out.cached.spec_token_ids == {"r": [21]} and out.scheduled_tokens() == {"r": 2}

@@ -145,6 +145,20 @@ class KVCacheManager:
                 self.num_cached_blocks[req_id] = num_full
         return new_blocks
 
+    def free_excess(self, request: Request) -> None:
+        """Give back the blocks past the request's computed tokens: after a verify step they held only rejected
+        draft tokens (a block the prefix cache knows covers known tokens only, so it is never among them)."""
+        req_id = request.request_id
+        blocks = self.req_to_blocks.get(req_id)
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return
+        assert self.num_cached_blocks[req_id] <= keep, "a cached block past the computed tokens"
+        excess = blocks[keep:]
+        del blocks[keep:]
+        del self.req_to_block_ids[req_id][keep:]
+        self.block_pool.free_blocks(reversed(excess))
+
     def free(self, request: Request) -> None:
         """Release the request's blocks, last block first (so its tail is evicted before its shared prefix)."""
         blocks = self.req_to_blocks.pop(request.request_id, None)

@@ -36,9 +36,10 @@ Speculative decoding (`speculative_config`, async scheduling off): after a step 
 tokens for a request (guesses of what follows its new token). They wait on the request (`spec_token_ids`),
 never in its token ids, so no block hash covers them. The request's next decode then computes 1 + k tokens
 (its last token and k drafts, k cut to the token budget, max_model_len and its remaining max_tokens) in KV slots
-allocated for all of them; the runner verifies the drafts and returns 1..k+1 tokens, and
-`num_computed_tokens` is moved back over the rejected drafts (their KV is overwritten later). The blocks
-allocated for rejected drafts stay with the request: its next steps fill them.
+allocated for all of them (no drafts rather than a preemption when blocks are short); the runner verifies the
+drafts and returns 1..k+1 tokens, and `num_computed_tokens` is moved back over the rejected drafts (their KV is
+overwritten later). Blocks past the computed tokens held only rejected drafts: both the scheduler and the runner
+drop them from the request's table (the same rule on both sides: cdiv(num_computed_tokens, block_size) blocks).
 """
 
 from __future__ import annotations
@@ -514,8 +515,12 @@ class Scheduler:
             num_drafts = len(verified.get(req_id, ()))
             if num_drafts and tokens:
                 # Only the accepted drafts (all tokens but the last) are computed; the rest is recomputed later.
+                # Blocks that held only rejected drafts go back (the runner drops them from its table too).
                 num_accepted = len(tokens) - 1
                 request.num_computed_tokens -= num_drafts - num_accepted
+                self.kv_cache_manager.free_excess(request)
+                request.num_blocks_sent = min(request.num_blocks_sent,
+                                              len(self.kv_cache_manager.get_block_ids(req_id)))
                 self.spec_num_drafts += 1
                 self.spec_num_draft_tokens += num_drafts
                 self.spec_num_accepted_tokens += num_accepted

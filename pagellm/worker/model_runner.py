@@ -527,6 +527,8 @@ class ModelRunner:
         for i, row, new in zip(verify.tolist(), rows.tolist(), result.tolists()):
             tokens[i] = new
             batch.num_tokens[row] += len(new) - 1  # counted as if no draft were accepted (InputBatch._gather)
+            # The blocks past the computed tokens held only rejected drafts: the scheduler frees them.
+            batch.num_blocks[row] = -(-(int(step.starts[i]) + len(new)) // self.block_size)
         last_tokens = torch.tensor([tokens[i][-1] for i in verify.tolist()], dtype=torch.int64)
         batch.record_sampled(to_device(torch.from_numpy(rows), torch.int64, self.device),
                              last_tokens.to(self.device))

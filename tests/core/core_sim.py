@@ -104,8 +104,13 @@ class FakeRunner:
     table holds exactly its own prefix at every position it attends to.
     """
 
-    def __init__(self, block_size: int, seed: int = 0, vocab: tuple[int, ...] = (3, 4, 5, 6), eos_prob: float = 0.0):
+    def __init__(self, block_size: int, seed: int = 0, vocab: tuple[int, ...] = (3, 4, 5, 6), eos_prob: float = 0.0,
+                 max_drafts: int = 0):
+        """max_drafts: speculative decoding: after sampling, propose 0..max_drafts random drafts per request;
+        a verify step accepts a random number of them (its KV at rejected positions is wrong, as in a real
+        runner, until recomputed)."""
         self.block_size = block_size
+        self.max_drafts = max_drafts
         self.rng = random.Random(seed)
         self.vocab = vocab
         self.eos_prob = eos_prob
@@ -113,6 +118,7 @@ class FakeRunner:
         self.forced: dict[str, list[int]] = {}  # req id -> tokens to sample next, in order
         self.held: dict[str, _Held] = {}
         self.last_step: list[StepView] = []
+        self.drafts: dict[str, list[int]] = {}  # req id -> the drafts the current step verifies
 
     def apply(self, out: SchedulerOutput) -> list[StepView]:
         """Update the held state from a step message; the step's requests with their input tokens."""
@@ -123,13 +129,18 @@ class FakeRunner:
             tokens = list(r.prompt_token_ids) + list(r.output_token_ids)
             self.held[r.req_id] = _Held(dict(enumerate(tokens)), tokens, list(r.block_ids))
         c = out.cached
+        self.drafts = dict(c.spec_token_ids)
         for rid, blocks, start, n, new in zip(c.req_ids, c.new_block_ids, c.num_computed_tokens,
                                               c.num_scheduled_tokens, c.new_token_ids):
             assert rid in self.held, f"{rid}: a delta for a request the runner does not hold"
             held = self.held[rid]
             held.blocks += blocks
+            drafts = self.drafts.get(rid, [])
+            end = start + n - len(drafts)
             for k, tok in enumerate(new):
-                held.host[start + n - len(new) + k] = tok
+                held.host[end - len(new) + k] = tok
+            for k, tok in enumerate(drafts):
+                held.host[end + k] = tok
         views = []
         for rid, start, n in scheduled(out):
             held = self.held[rid]
@@ -141,7 +152,8 @@ class FakeRunner:
                     assert n == 1 and pos == held.num_tokens - 1 and held.last is not None, \
                         f"{rid}: no input token for position {pos}"
                     inputs.append(held.last)
-            assert inputs == held.truth[start : start + n], f"{rid}: scheduled tokens are not the next ones"
+            expected = (held.truth + self.drafts.get(rid, []))[start : start + n]
+            assert inputs == expected, f"{rid}: scheduled tokens are not the next ones"
             views.append(StepView(rid, start, inputs, start + n >= held.num_tokens))
         return views
 
@@ -151,30 +163,51 @@ class FakeRunner:
         self.last_step = views
         for v in views:
             held = self.held[v.req_id]
+            seq = held.truth + self.drafts.get(v.req_id, [])
             end = v.num_computed_tokens + len(v.token_ids)
             assert len(held.blocks) == cdiv(end, bs), "block table does not cover the step exactly"
             for pos in range(v.num_computed_tokens, end):
-                self.slots[(held.blocks[pos // bs], pos % bs)] = tuple(held.truth[: pos + 1])
+                self.slots[(held.blocks[pos // bs], pos % bs)] = tuple(seq[: pos + 1])
         result = ModelRunnerOutput()
         for v in views:
             held = self.held[v.req_id]
+            drafts = self.drafts.get(v.req_id, [])
+            seq = held.truth + drafts
             end = v.num_computed_tokens + len(v.token_ids)
             for pos in range(end):
                 got = self.slots.get((held.blocks[pos // bs], pos % bs))
-                assert got == tuple(held.truth[: pos + 1]), f"{v.req_id}: wrong KV at position {pos}"
-            if v.do_sample:
-                forced = self.forced.get(v.req_id)
-                if forced:
-                    tok = forced.pop(0)
-                elif self.rng.random() < self.eos_prob:
-                    tok = EOS
-                else:
-                    tok = self.rng.choice(self.vocab)
+                assert got == tuple(seq[: pos + 1]), f"{v.req_id}: wrong KV at position {pos}"
+            if drafts:  # verify: a random number of drafts accepted, then one token of the target's
+                accepted = drafts[: self.rng.randint(0, len(drafts))]
+                tok = self._sample(v.req_id)
+                held.truth += accepted + [tok]
+                held.last = tok
+                held.blocks = held.blocks[: cdiv(v.num_computed_tokens + len(accepted) + 1, bs)]
+                result.req_ids.append(v.req_id)
+                result.sampled_token_ids.append(accepted + [tok])
+                self._propose(v.req_id, result)
+            elif v.do_sample:
+                tok = self._sample(v.req_id)
                 held.truth.append(tok)
                 held.last = tok
                 result.req_ids.append(v.req_id)
                 result.sampled_token_ids.append([tok])
+                self._propose(v.req_id, result)
         return result
+
+    def _sample(self, req_id: str) -> int:
+        forced = self.forced.get(req_id)
+        if forced:
+            return forced.pop(0)
+        if self.rng.random() < self.eos_prob:
+            return EOS
+        return self.rng.choice(self.vocab)
+
+    def _propose(self, req_id: str, result: ModelRunnerOutput) -> None:
+        if self.max_drafts:
+            n = self.rng.randint(0, self.max_drafts)
+            if n:
+                result.spec_token_ids[req_id] = [self.rng.choice(self.vocab) for _ in range(n)]
 
 
 def prompt_logprob_positions(sched: Scheduler, out: SchedulerOutput) -> int:

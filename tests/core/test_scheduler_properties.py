@@ -81,8 +81,9 @@ class Tracker:
         for o in outs:
             assert o.req_id not in self.reasons, "output after finishing"
             assert o.req_id in live_before
-            if o.new_token_ids:
-                assert o.req_id in sampling and len(o.new_token_ids) == 1
+            if o.new_token_ids:  # one token, or (verifying drafts) up to one more than the drafts
+                assert o.req_id in sampling
+                assert 1 <= len(o.new_token_ids) <= 1 + len(so.cached.spec_token_ids.get(o.req_id, ()))
             self.emitted[o.req_id].extend(o.new_token_ids)
             if o.finished:
                 self.reasons[o.req_id] = o.finish_reason

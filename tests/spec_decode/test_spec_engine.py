@@ -214,11 +214,14 @@ def test_scheduler_counts_only_accepted_tokens_and_caps_drafts():
     sched.update_from_output(out, ModelRunnerOutput(req_ids=["r"], sampled_token_ids=[[11, 12, 20]],
                                                     spec_token_ids={"r": [21, 22, 23, 24]}))
     assert req.output_token_ids == [10, 11, 12, 20] and req.num_computed_tokens == 8
+    # The third block held only rejected drafts (positions 8 and 9): given back.
+    assert len(sched.kv_cache_manager.get_block_ids("r")) == 2 and req.num_blocks_sent == 2
     assert (sched.spec_num_drafts, sched.spec_num_draft_tokens, sched.spec_num_accepted_tokens) == (1, 4, 2)
     assert sched.spec_num_accepted_per_pos == [1, 1, 0, 0]
     # max_tokens 6 leaves room for 2 more tokens: one draft at most.
     out = sched.schedule()
     assert out.cached.spec_token_ids == {"r": [21]} and out.scheduled_tokens() == {"r": 2}
+    assert len(out.cached.new_block_ids[0]) == 1  # a block for positions 8 and 9 again
     assert out.cached.new_token_ids == [[20]]  # the runner holds the accepted drafts already
     outputs = sched.update_from_output(out, ModelRunnerOutput(req_ids=["r"], sampled_token_ids=[[21, 30]]))
     assert outputs[0].new_token_ids == [21, 30] and outputs[0].finish_reason == "length"

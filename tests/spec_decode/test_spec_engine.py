@@ -357,3 +357,23 @@ def test_sampled_distribution_is_the_targets(model_path):
     z = 3.09  # upper 0.1% of the standard normal; Wilson-Hilferty for the chi-square quantile
     critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
     assert stat < critical, (stat, critical, df)
+
+
+def test_prefix_cache_hits_on_blocks_written_by_verify_steps(model_path, spec_llm):
+    """Blocks of output tokens computed in verify steps are registered in the prefix cache only once their
+    tokens are accepted and full: a later prompt that extends an output hits them and continues exactly."""
+    prompt = _prompts()[0]["prompt_token_ids"]
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    before = _spec_counts(spec_llm)
+    out = _tokens(spec_llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False))[0]
+    assert _spec_counts(spec_llm)[2] > before[2]
+    extended = prompt + out[:40]
+    stats = spec_llm.llm_engine.prefix_cache_stats
+    hits = stats.hits
+    more = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    got = _tokens(spec_llm.generate({"prompt_token_ids": extended}, more, use_tqdm=False))[0]
+    # Every full block but the one holding the last token (which must be computed), most of them of output.
+    assert stats.hits - hits == 16 * ((len(extended) - 1) // 16) > len(prompt) + 16
+    assert got == out[40:60]
+    plain = tiny_llm(model_path, enable_prefix_caching=False)
+    assert _tokens(plain.generate({"prompt_token_ids": extended}, more, use_tqdm=False))[0] == got

@@ -305,8 +305,9 @@ def test_drafts_dropped_rather_than_preempting():
 
 def test_sampled_distribution_is_the_targets(model_path):
     """Temperature 0.9 and top-k 3 with speculation: the joint distribution of the first 4 tokens of many
-    requests (the last three mostly from verify steps: accepted drafts, residual draws, bonus tokens) matches the model's own, computed exactly with
-    transformers over the 3^4 paths (chi-square, cells of small expectation merged; fixed engine seed)."""
+    requests (the last three mostly from verify steps: accepted drafts, residual draws, bonus tokens) matches
+    the model's own, computed exactly with transformers over the 3^4 paths (chi-square, cells of small
+    expectation merged; fixed engine seed)."""
     import math
 
     import torch

@@ -32,9 +32,10 @@ def test_random_driver_with_drafts_many_seeds():
         for _ in range(150):
             op = rng.random()
             if op < 0.3:
-                t.add(rng.randrange(len(BASES)), rng.randint(0, 16), [rng.choice(VOCAB) for _ in range(rng.randint(0, 6))],
-                      rng.randint(1, 16), rng.randint(0, 3), rng.randint(0, 2), rng.random() < 0.5, rng.random() < 0.3,
-                      group=rng.randint(-1, 2), prompt_logprobs=rng.choice([-1, -1, -1, -1, 0]))
+                tail = [rng.choice(VOCAB) for _ in range(rng.randint(0, 6))]
+                t.add(rng.randrange(len(BASES)), rng.randint(0, 16), tail, rng.randint(1, 16), rng.randint(0, 3),
+                      rng.randint(0, 2), rng.random() < 0.5, rng.random() < 0.3, group=rng.randint(-1, 2),
+                      prompt_logprobs=rng.choice([-1, -1, -1, -1, 0]))
             elif op < 0.38 and t.live_ids():
                 t.finish(rng.choice(t.live_ids()),
                          rng.choice([RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED]))

@@ -159,6 +159,8 @@ class PendingOutput:
 
     def result(self) -> ModelRunnerOutput:
         if self._ready is not None:
+            if self._prompt_logprobs:
+                self._ready.prompt_logprobs = self._prompt_logprobs
             return self._ready
         out = ModelRunnerOutput(prompt_logprobs=self._prompt_logprobs)
         so = self._sampler_output

@@ -378,3 +378,33 @@ def test_prefix_cache_hits_on_blocks_written_by_verify_steps(model_path, spec_ll
     assert got == out[40:60]
     plain = tiny_llm(model_path, enable_prefix_caching=False)
     assert _tokens(plain.generate({"prompt_token_ids": extended}, more, use_tqdm=False))[0] == got
+
+
+def test_prompt_logprobs_in_a_step_that_verifies_drafts(model_path, spec_llm):
+    """A prompt-logprobs prefill scheduled beside verify steps keeps its prompt logprobs."""
+    engine = spec_llm.llm_engine
+    sched = engine.core.scheduler
+    for i, p in enumerate(_prompts()[:4]):
+        engine.add_request(f"v{i}", p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for _ in range(40):  # until drafts wait for the next step
+        engine.step()
+        if any(r.spec_token_ids for r in sched.requests.values()):
+            break
+    assert any(r.spec_token_ids for r in sched.requests.values())
+    plp = _prompts()[7]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    drafts_before = sched.spec_num_drafts
+    engine.add_request("plp", plp, params)
+    engine.step()  # the prefill and the verify steps together
+    assert sched.spec_num_drafts > drafts_before
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    want = tiny_llm(model_path).generate(plp, params, use_tqdm=False)[0]
+    got = done["plp"]
+    assert got.prompt_logprobs is not None and len(got.prompt_logprobs) == len(want.prompt_logprobs)
+    for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert g.keys() == w.keys()
+        for tok in w:
+            assert abs(g[tok].logprob - w[tok].logprob) < 1e-4
+    assert list(got.outputs[0].token_ids) == list(want.outputs[0].token_ids)

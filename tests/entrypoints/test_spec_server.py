@@ -109,3 +109,24 @@ def test_stop_string_inside_accepted_tokens(model, expected):
         [(w.text, list(w.token_ids), w.finish_reason, w.stop_reason) for w in want]
     assert all(w.finish_reason == "stop" for w in want)
     assert spec.llm_engine.core.scheduler.spec_num_accepted_tokens > 0
+
+
+def test_grammar_and_penalty_requests_beside_speculating_ones(model):
+    """Requests that are not speculated (a regex grammar, a repetition penalty, logprobs) run in the same steps
+    as requests that verify drafts, and every output equals the one without speculation."""
+    from pagellm.sampling_params import StructuredOutputsParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = [greedy, greedy,
+              SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputsParams(
+                  regex=r"[a-z]{3,8}( [a-z]{3,8}){2}")),
+              SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)]
+    prompts = [PROMPTS[0], PROMPTS[1], "Three words:", PROMPTS[0], PROMPTS[1]]
+    base = LLM(model, dtype="float32", max_model_len=512, kv_cache_memory=16 * 2**20)
+    spec = LLM(model, dtype="float32", max_model_len=512, kv_cache_memory=16 * 2**20, speculative_config=SPEC)
+    want = [o.outputs[0] for o in base.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0] for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert [(g.text, list(g.token_ids)) for g in got] == [(w.text, list(w.token_ids)) for w in want]
+    assert spec.llm_engine.core.scheduler.spec_num_accepted_tokens > 0
+    assert len(got[4].logprobs) == MAX_TOKENS

@@ -48,16 +48,18 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
 )
 from pagellm.distributed.parallel_state import get_pp_group, get_tp_group, local_kv_cache_dims
+from pagellm.model_executor.layers.prompt_logprobs import (
+    PROMPT_LOGPROBS_CHUNK,
+    prompt_logprobs_tensors,
+    to_prompt_logprobs,
+)
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
-    PROMPT_LOGPROBS_CHUNK,
     apply_grammar_bitmask,
-    prompt_logprobs_tensors,
     target_probs,
     to_device,
-    to_prompt_logprobs,
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from pagellm.model_executor.layers import sampler as sampler_mod
+from pagellm.model_executor.layers import prompt_logprobs as prompt_logprobs_mod
+from pagellm.model_executor.layers.prompt_logprobs import compute_prompt_logprobs
 from pagellm.model_executor.layers.sampler import (
     Sampler,
     SamplingMetadata,
-    compute_prompt_logprobs,
     make_generator,
     to_token_logprobs,
 )
@@ -305,7 +305,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
 
 
 def test_prompt_logprobs(monkeypatch) -> None:
-    monkeypatch.setattr(sampler_mod, "PROMPT_LOGPROBS_ROWS_CPU", 3)  # several blocks of rows
+    monkeypatch.setattr(prompt_logprobs_mod, "PROMPT_LOGPROBS_ROWS_CPU", 3)  # several blocks of rows
     torch.manual_seed(10)
     P, V = 8, 50
     logits = torch.randn(P, V)

@@ -8,6 +8,7 @@ mkdir -p "$OUT"
 NUM=${1:-768}
 shift || true
 SIZES=("${@:-1 2}")
+mkdir -p "$OUT/model"
 MODEL=$(python3 -c "from pagellm.bench.workloads import WORKLOADS, write_dummy_model
 print(write_dummy_model(WORKLOADS['llama8b-mixed'].shape, '$OUT/model'))")
 for dp in ${SIZES[@]}; do

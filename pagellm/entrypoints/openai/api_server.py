@@ -96,6 +96,25 @@ async def _send_error(send: Any, status: int, message: str, type: str, code: Opt
     await send({"type": "http.response.body", "body": body})
 
 
+# Before a 413 the rest of an oversized body is read and dropped, up to this many bytes: a server that closes the
+# connection with unread bytes makes the kernel reset it, and a client still sending then loses the 413 (it
+# reads a connection reset instead). It must come first: once the response is complete, uvicorn reads no more.
+# Beyond this many bytes the connection is simply closed.
+_DRAIN_BEFORE_413_BYTES = 64 * 2**20
+
+
+async def _drain_body(receive: Any, already: int = 0) -> None:
+    """Read the request body to its end (or to _DRAIN_BEFORE_413_BYTES, or the client's disconnect), dropping it."""
+    seen = already
+    while seen <= _DRAIN_BEFORE_413_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class GuardMiddleware:
     """Pure ASGI, outermost: drain (503), API key on the raw path (401), request body cap (413), the key's
     requests in flight (429), and the count of HTTP requests in flight. A request with a key carries its
@@ -133,30 +152,40 @@ class GuardMiddleware:
                 except ValueError:
                     too_big = False
                 if too_big:
+                    if int(value) <= _DRAIN_BEFORE_413_BYTES:
+                        await _drain_body(receive)
                     return await _send_error(send, 413, f"the request body exceeds {limit} bytes",
-                                             "invalid_request_error", "body_too_large",
-                                             [(b"connection", b"close")])
+                                             "invalid_request_error", "body_too_large", [(b"connection", b"close")])
         received = 0
         over = False
         replaced = False
+        body_done = False  # the client has sent its whole body
 
         async def capped_receive() -> Any:
-            nonlocal received, over
+            nonlocal received, over, body_done
             message = await receive()
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     over = True
                     return {"type": "http.disconnect"}
             return message
 
-        async def guarded_send(message: Any) -> None:
+        async def send_413() -> None:
+            """The 413 in place of whatever the app answers (or of nothing: it may just see a disconnect), after
+            the rest of the body is read, so that the client gets the 413 rather than a connection reset."""
             nonlocal replaced
+            replaced = True
+            if not body_done:
+                await _drain_body(receive, received)
+            await _send_error(send, 413, f"the request body exceeds {limit} bytes", "invalid_request_error",
+                              "body_too_large", [(b"connection", b"close")])
+
+        async def guarded_send(message: Any) -> None:
             if over:
                 if not replaced and message["type"] == "http.response.start":
-                    replaced = True
-                    await _send_error(send, 413, f"the request body exceeds {limit} bytes",
-                                      "invalid_request_error", "body_too_large", [(b"connection", b"close")])
+                    await send_413()
                 return
             await send(message)
 
@@ -170,6 +199,8 @@ class GuardMiddleware:
         state.http_in_flight += 1
         try:
             await self.app(scope, capped_receive, guarded_send)
+            if over and not replaced:
+                await send_413()
         finally:
             state.http_in_flight -= 1
             if ticket is not None:

@@ -93,9 +93,9 @@ class AsyncLLM:
         self.core_client.launch()
         try:
             self._build(max_queued_requests, log_stats, work_caps)
-        except BaseException:
+        except BaseException:  # this process cannot serve: its cores (still loading) are not wanted
             for client in self.core_client.clients:
-                client.close(timeout=1)
+                client.close(timeout=0, quiet=True)
             raise
 
     def _build(self, max_queued_requests: Optional[int], log_stats: bool, work_caps: Optional[WorkCaps]) -> None:

@@ -134,8 +134,9 @@ class CoreProcClient(_CoreSockets):
         self.proc.join(0.1)
         return f" (exit code {self.proc.exitcode})"
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Ask the core to exit, wait up to `timeout`, then kill it. Idempotent."""
+    def close(self, timeout: float = 10.0, quiet: bool = False) -> None:
+        """Ask the core to exit, wait up to `timeout`, then kill it (`quiet`: without a warning, for a core
+        that is not wanted any more, e.g. when this process failed to start). Idempotent."""
         if self.closed:
             return
         if self.proc.is_alive() and not self.dead:
@@ -146,7 +147,8 @@ class CoreProcClient(_CoreSockets):
         self.closed = True
         self.proc.join(timeout)
         if self.proc.is_alive():
-            logger.warning("the engine core did not exit in %.0f s: killing it", timeout)
+            if not quiet:
+                logger.warning("the engine core did not exit in %.0f s: killing it", timeout)
             self.proc.kill()
             self.proc.join(5)
         self.input_socket.close(linger=0)
@@ -230,7 +232,7 @@ class CoreConnection(_CoreSockets):
     def exit_note(self) -> str:
         return f" (pid {self.pid})"
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, quiet: bool = False) -> None:
         """Close this process's sockets; the core goes on (its launcher stops it). Idempotent."""
         if self.closed:
             return

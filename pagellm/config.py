@@ -132,13 +132,17 @@ class ParallelConfig:
 class SpeculativeConfig:
     """Speculative decoding, as vLLM spells it: `{"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_min": 2, "prompt_lookup_max": 5}`. Only n-gram (prompt lookup) exists so far; a draft model
-    is refused by name rather than silently ignored."""
+    is refused by name rather than silently ignored. k is the most drafts a request verifies per step: each
+    request asks for fewer, down to none, when its acceptance does not pay for them (spec_decode/draft_length.py)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 0
     # n-gram: the shortest and longest suffix looked up; one given alone sets both, none gives 5 and 5 (vLLM).
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
+    # No drafts are proposed while the batch holds more requests than this (a verify costs compute that a
+    # large batch does not have to spare); None: any batch size.
+    disable_by_batch_size: Optional[int] = None
 
     @classmethod
     def from_dict(cls, options: Any) -> "SpeculativeConfig":
@@ -159,7 +163,8 @@ class SpeculativeConfig:
             raise ValueError("speculative_config.model: draft-model speculation is not supported yet; use "
                              '{"method": "ngram", ...}')
         options.pop("model", None)
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                 "disable_by_batch_size"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"speculative_config.{unknown[0]}: unknown field (known: {sorted(known)})")
@@ -186,6 +191,8 @@ class SpeculativeConfig:
             self.prompt_lookup_max = self.prompt_lookup_min
         integer("prompt_lookup_min", self.prompt_lookup_min, 1)
         integer("prompt_lookup_max", self.prompt_lookup_max, 1)
+        if self.disable_by_batch_size is not None:
+            integer("disable_by_batch_size", self.disable_by_batch_size, 1)
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"speculative_config.prompt_lookup_max ({self.prompt_lookup_max}) must be at least "
                              f"prompt_lookup_min ({self.prompt_lookup_min})")

@@ -55,8 +55,9 @@ _HELP = {
     "step before it declares them hung: the step fails and the engine reports unhealthy",
     "speculative_config": 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
     '"prompt_lookup_min": 2, "prompt_lookup_max": 5} drafts up to 4 tokens by looking up the last 2-5 tokens in '
-    "the request's own prompt and output, and verifies them in one forward pass (one device, async scheduling "
-    "off)",
+    "the request's own prompt and output, and verifies them in one forward pass; each request drafts fewer, down "
+    "to none, when its acceptance does not pay; \"disable_by_batch_size\": N proposes nothing while more than N "
+    "requests run (one device for now)",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -239,11 +240,6 @@ class EngineArgs:
             if parallel_config.executor_backend != "uni":
                 raise ValueError("speculative_config: speculative decoding runs in the engine's process for now "
                                  f"(distributed_executor_backend 'uni', got {parallel_config.executor_backend!r})")
-            if self.async_scheduling:
-                raise ValueError("speculative_config: speculative decoding needs async_scheduling off for now")
-            if on_cuda and self.async_scheduling is None:
-                logger.info("speculative decoding: async scheduling is off")
-            async_scheduling = False
         # Pipeline parallelism keeps one batch per stage in flight instead (EngineCore._step_pipelined).
         if self.async_scheduling and parallel_config.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling: pipeline parallelism keeps a batch per stage in flight already; use "

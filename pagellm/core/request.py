@@ -77,6 +77,7 @@ class Request:
         # Speculative decoding: tokens the runner guessed after the last one, to verify in the next step. Never
         # part of the token ids (nor of the block hashes) until the model accepts them.
         self.spec_token_ids: list[int] = []
+        self.speculating = False  # the runner proposed drafts after its last step (not scheduled ahead)
         self._all_token_ids: list[int] = list(prompt_token_ids)
         # What the model runner holds of this request (the scheduler sends it deltas): whether it holds it at all,
         # how many of its blocks and tokens it was given.

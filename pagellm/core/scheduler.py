@@ -32,14 +32,18 @@ after step N+1 was launched, whose extra token is then dropped. Requests whose s
 tokens on the host (penalties, min_tokens, a grammar) are "lockstep": while one is unfinished, the core runs
 steps one at a time.
 
-Speculative decoding (`speculative_config`, async scheduling off): after a step the runner may return draft
-tokens for a request (guesses of what follows its new token). They wait on the request (`spec_token_ids`),
+Speculative decoding (`speculative_config`): after a step the runner may return draft tokens for a request
+(guesses of what follows its new token). They wait on the request (`spec_token_ids`),
 never in its token ids, so no block hash covers them. The request's next decode then computes 1 + k tokens
 (its last token and k drafts, k cut to the token budget, max_model_len and its remaining max_tokens) in KV slots
 allocated for all of them (no drafts rather than a preemption when blocks are short); the runner verifies the
 drafts and returns 1..k+1 tokens, and `num_computed_tokens` is moved back over the rejected drafts (their KV is
 overwritten later). Blocks past the computed tokens held only rejected drafts: both the scheduler and the runner
 drop them from the request's table (the same rule on both sides: cdiv(num_computed_tokens, block_size) blocks).
+With async scheduling, a request that got drafts after its last step is "speculating" and is not scheduled
+ahead: it skips the step launched meanwhile, and its next step verifies drafts proposed from all its tokens.
+Requests that do not speculate (the runner stops proposing where drafts are not accepted) keep their decodes
+ahead.
 """
 
 from __future__ import annotations
@@ -124,8 +128,6 @@ class Scheduler:
         # position in the draft).
         self.num_spec_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         self.spec_num_accepted_per_pos = [0] * self.num_spec_tokens
-        if self.num_spec_tokens and self.async_scheduling:
-            raise ValueError("speculative_config: speculative decoding needs async_scheduling off")
         self.spec_num_drafts = 0
         self.spec_num_draft_tokens = 0
         self.spec_num_accepted_tokens = 0
@@ -190,6 +192,7 @@ class Scheduler:
                 and self.in_flight.get(request.request_id) == 1
                 and request.num_computed_tokens == request.num_tokens
                 and request.request_id not in self.lockstep_ids
+                and not request.speculating
                 and (sp.max_tokens is None or request.num_output_tokens + 1 < sp.max_tokens)
                 and request.num_tokens + 1 < self.max_model_len)
 
@@ -539,8 +542,13 @@ class Scheduler:
             if status is not None:
                 any_finished = True
                 self._finish(request, status)
-            elif req_id in mro.spec_token_ids:
-                request.spec_token_ids = mro.spec_token_ids[req_id]
+            elif tokens:
+                # Drafts follow this step's last token: stale when the request already computes in a later step
+                # (scheduled ahead), but they still say that it speculates, so it is not scheduled ahead again.
+                drafts = mro.spec_token_ids.get(req_id)
+                request.speculating = drafts is not None
+                if drafts is not None and not left:
+                    request.spec_token_ids = drafts
             token_logprobs = logprobs.get(req_id)
             outputs.append(EngineCoreOutput(
                 req_id=req_id,

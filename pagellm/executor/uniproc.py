@@ -31,7 +31,7 @@ class UniprocExecutor(Executor):
 
     def collect_model(self, handle: object) -> ModelRunnerOutput:
         assert isinstance(handle, PendingOutput)
-        return handle.result()
+        return self.worker.collect(handle)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

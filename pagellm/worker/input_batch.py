@@ -17,7 +17,7 @@ positions, written into its row like any token, and overwritten when the accepte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -91,6 +91,8 @@ class InputBatch:
         # was scheduled.
         self._parked_generators: dict[str, torch.Generator] = {}
         self.last_token = torch.zeros(max_reqs, dtype=torch.int64, device=device)
+        # Called with the row of each request added (per-row state kept outside, e.g. the draft-length policy).
+        self.on_add: Optional[Callable[[int], None]] = None
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -115,6 +117,8 @@ class InputBatch:
         self.num_blocks[row] = len(block_ids)
         self.prompt_logprobs[row] = -1 if params.prompt_logprobs is None else params.prompt_logprobs
         self.can_speculate[row] = can_speculate(params)
+        if self.on_add is not None:
+            self.on_add(row)
         if self.keep_sampling_state:
             self.sampling.set_row(row, params)
             self.output_token_ids[row] = list(output_token_ids)
@@ -213,13 +217,13 @@ class InputBatch:
     def prompt_token_ids(self, row: int) -> np.ndarray:
         return self.token_ids[row, : self.num_prompt_tokens[row]]
 
-    def record_host_tokens(self, row: int, tokens: list[int]) -> None:
-        """Tokens a step just gave the row (its last ones), on the host: the proposer reads them. Sent again by
-        the next message; num_host_tokens is left to the messages."""
-        start = int(self.num_tokens[row]) - len(tokens)
+    def record_host_tokens(self, row: int, start: int, tokens: list[int]) -> int:
+        """Tokens a step just gave the row, from position `start`, on the host: the proposer reads them. Sent
+        again by the next message; num_host_tokens is left to the messages. Returns the row's known tokens."""
         end = min(start + len(tokens), self.max_model_len)
         if end > start:
             self.token_ids[row, start:end] = tokens[: end - start]
+        return end
 
     def record_sampled(self, rows: torch.Tensor, sampled: torch.Tensor) -> None:
         """On the device: each row's last sampled token (the input of a decode scheduled ahead of it)."""

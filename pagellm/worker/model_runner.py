@@ -63,6 +63,7 @@ from pagellm.model_executor.layers.sampler import (
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model
+from pagellm.spec_decode.draft_length import DraftLengthPolicy
 from pagellm.spec_decode.ngram_proposer import NgramProposer
 from pagellm.spec_decode.proposer import ProposeBatch
 from pagellm.spec_decode.rejection_sampler import rejection_sample
@@ -142,6 +143,8 @@ class PendingOutput:
         self._event: Optional[torch.cuda.Event] = None
         self._host: Optional[torch.Tensor] = None
         self._ready: Optional[ModelRunnerOutput] = None  # a step whose answer was built already (verify steps)
+        # Speculative decoding: request id -> position of its first new token (the runner proposes from there).
+        self.token_starts: dict[str, int] = {}
         if sampler_output is not None:
             ids = sampler_output.sampled_token_ids
             if ids.device.type == "cuda":
@@ -215,6 +218,9 @@ class ModelRunner:
         spec = config.speculative_config
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec is not None else None
+        self.spec_max_batch = spec.disable_by_batch_size if spec is not None else None
+        self.draft_policy = DraftLengthPolicy(sc.max_num_seqs, self.num_spec_tokens)
+        self.batch.on_add = self.draft_policy.reset
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -405,31 +411,45 @@ class ModelRunner:
         input_ids.index_copy_(0, dst, self.batch.last_token.index_select(0, rows))
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        out = self.execute_model_async(sched).result()
+        return self.collect(self.execute_model_async(sched))
+
+    def collect(self, pending: "PendingOutput") -> ModelRunnerOutput:
+        """A launched step's answer (waits for the device), with the drafts proposed after it."""
+        out = pending.result()
         if self.proposer is not None and out.req_ids:
-            out.spec_token_ids = self._propose(out)
+            out.spec_token_ids = self._propose(out, pending.token_starts)
         return out
 
-    def _propose(self, out: ModelRunnerOutput) -> dict[str, list[int]]:
-        """Drafts for the requests that sampled this step and may speculate (speculative decoding runs only with
-        steps one at a time, on one device: the runner here is the driver)."""
-        batch = self.batch
+    def _propose(self, out: ModelRunnerOutput, starts: dict[str, int]) -> dict[str, list[int]]:
+        """Drafts for the requests that sampled in the step of `out` and may speculate, as many as each one's
+        acceptance makes worth it (draft_length.py); none while the batch holds more than disable_by_batch_size
+        requests. With async scheduling a request may already decode in the next step: its drafts are stale, but
+        they tell the scheduler it speculates (it then stops scheduling it ahead). The runner here is the driver
+        on the only device; `starts` gives the position of each request's first token of the step."""
+        batch, policy = self.batch, self.draft_policy
+        if self.spec_max_batch is not None and len(batch) > self.spec_max_batch:
+            return {}
         rows, wanted = [], []
         for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
             row = batch.row_of.get(req_id)
-            if row is None:
+            if row is None or not batch.can_speculate[row]:
                 continue
-            batch.record_host_tokens(row, tokens)
-            k = min(self.num_spec_tokens, self.max_model_len - int(batch.num_tokens[row]) - 1)
-            if batch.can_speculate[row] and k > 0:
-                rows.append((req_id, row))
+            known = batch.record_host_tokens(row, starts[req_id], tokens)
+            k = min(policy.wanted(row, known), self.max_model_len - known - 1)
+            if k > 0:
+                rows.append((req_id, row, known))
                 wanted.append(k)
         if not rows:
             return {}
         drafts = self.proposer.propose(ProposeBatch(
-            token_ids=[batch.token_ids[row, : batch.num_tokens[row]] for _, row in rows],
-            num_speculative_tokens=wanted))
-        return {req_id: d for (req_id, _), d in zip(rows, drafts.token_ids) if d}
+            token_ids=[batch.token_ids[row, :known] for _, row, known in rows], num_speculative_tokens=wanted))
+        found = {}
+        for (req_id, row, known), d in zip(rows, drafts.token_ids):
+            if d:
+                found[req_id] = d
+            else:
+                policy.found_nothing(row, known)
+        return found
 
     @torch.inference_mode()
     def execute_model_async(self, sched: SchedulerOutput) -> PendingOutput:
@@ -438,6 +458,12 @@ class ModelRunner:
         step = self.batch.apply(sched)
         if step.num_reqs == 0:
             return PendingOutput()
+        pending = self._launch(step, sched)
+        if self.proposer is not None:
+            pending.token_starts = self._token_starts(step)
+        return pending
+
+    def _launch(self, step: StepInputs, sched: SchedulerOutput) -> PendingOutput:
         graph_bs = self._graph_size(step)
         input_ids, positions, meta = self._upload_inputs(step, pad_to=graph_bs)
         self._fill_from_device(input_ids, step)
@@ -464,6 +490,13 @@ class ModelRunner:
         if prompt_logprobs:
             pending._prompt_logprobs = prompt_logprobs
         return pending
+
+    @staticmethod
+    def _token_starts(step: StepInputs) -> dict[str, int]:
+        """Position of each sampling request's first new token (after its computed, non-draft tokens)."""
+        sample = step.sample
+        starts = (step.seq_lens - step.num_spec)[sample].tolist()
+        return {step.req_ids[i]: s for i, s in zip(sample.tolist(), starts)}
 
     def _sample(self, step: StepInputs, logits: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
         """The driver samples the rows that sample; every rank of the last stage keeps the tokens on the device
@@ -493,7 +526,7 @@ class ModelRunner:
 
     def _sample_and_verify(self, step: StepInputs, hidden: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
         """A step in which some requests verify drafts: the others sample as usual, these go through the
-        rejection sampler. Waits for the device (speculative decoding runs steps one at a time)."""
+        rejection sampler. Waits for the device: the accepted counts decide the rows' token counts and blocks."""
         assert self.is_driver, "speculative decoding runs on one device"
         batch = self.batch
         sample = step.sample
@@ -528,8 +561,9 @@ class ModelRunner:
         generators = {r: batch.generators[row] for r, row in enumerate(rows.tolist()) if row in batch.generators}
         result = rejection_sample(torch.from_numpy(drafts), ks.tolist(), probs, None,
                                   batch.sampling.greedy[rows].tolist(), generators)
-        for i, row, new in zip(verify.tolist(), rows.tolist(), result.tolists()):
+        for i, row, k, new in zip(verify.tolist(), rows.tolist(), ks.tolist(), result.tolists()):
             tokens[i] = new
+            self.draft_policy.verified(row, k, len(new) - 1, int(step.seq_lens[i]) - k + len(new))
             batch.num_tokens[row] += len(new) - 1  # counted as if no draft were accepted (InputBatch._gather)
             # The blocks past the computed tokens held only rejected drafts: the scheduler frees them.
             batch.num_blocks[row] = -(-(int(step.starts[i]) + len(new)) // self.block_size)

@@ -143,3 +143,7 @@ class Worker:
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
         """Launch the step; `.result()` of the answer waits for it (async scheduling)."""
         return self.runner.execute_model_async(scheduler_output)
+
+    def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
+        """A launched step's answer (waits for it), with any drafts proposed after it."""
+        return self.runner.collect(pending)

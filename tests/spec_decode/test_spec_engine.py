@@ -87,19 +87,17 @@ def test_speculative_config_defaults_and_cli():
     assert SpeculativeConfig.from_dict(args.speculative_config).num_speculative_tokens == 2
 
 
-def test_speculation_refuses_async_scheduling_and_several_devices(model_path):
-    with pytest.raises(ValueError, match="async_scheduling"):
-        EngineArgs(model=model_path, device="cpu", speculative_config=SPEC,
-                   async_scheduling=True).create_engine_config()
+def test_speculation_refuses_several_devices(model_path):
     with pytest.raises(ValueError, match="one device"):
         EngineArgs(model=model_path, device="cpu", speculative_config=SPEC,
                    tensor_parallel_size=2).create_engine_config()
     with pytest.raises(ValueError, match="distributed_executor_backend"):
         EngineArgs(model=model_path, device="cpu", speculative_config=SPEC,
                    distributed_executor_backend="mp").create_engine_config()
-    config = EngineArgs(model=model_path, device="cpu", speculative_config=SPEC).create_engine_config()
+    config = EngineArgs(model=model_path, device="cpu", speculative_config=SPEC,
+                        async_scheduling=True).create_engine_config()
     assert config.speculative_config.num_speculative_tokens == 4
-    assert not config.scheduler_config.async_scheduling
+    assert config.scheduler_config.async_scheduling
 
 
 # ---- greedy: the same tokens ----
@@ -111,6 +109,39 @@ def test_greedy_tokens_identical_with_speculation(spec_llm, reference):
     assert drafts > 0 and accepted > 0  # drafts were verified, and some were right
     assert accepted < draft_tokens  # and some were wrong: both paths ran
     assert spec_llm.llm_engine.core.scheduler.kv_cache_manager.usage == 0.0
+
+
+def test_greedy_tokens_identical_with_async_scheduling(model_path, reference):
+    """Async scheduling keeps its decodes ahead for requests that do not speculate; a speculating request skips
+    the step launched meanwhile and verifies drafts proposed from all its tokens."""
+    llm = tiny_llm(model_path, speculative_config=SPEC, async_scheduling=True)
+    runner = llm.llm_engine.core.executor.worker.runner
+    ahead = {"n": 0}
+    apply = runner.batch.apply
+
+    def counting(sched):
+        step = apply(sched)
+        ahead["n"] += len(step.from_device)
+        return step
+
+    runner.batch.apply = counting
+    assert _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False)) == reference
+    drafts, draft_tokens, accepted = _spec_counts(llm)
+    assert drafts > 0 and 0 < accepted < draft_tokens
+    assert ahead["n"] > 0  # and decodes still went ahead
+    assert llm.llm_engine.core.scheduler.kv_cache_manager.usage == 0.0
+
+
+def test_disable_by_batch_size(model_path, reference, spec_llm):
+    """Nothing is proposed while more than disable_by_batch_size requests run."""
+    llm = tiny_llm(model_path, speculative_config={**SPEC, "disable_by_batch_size": 1})
+    assert _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False)) == reference
+    limited = _spec_counts(llm)[0]
+    before = _spec_counts(spec_llm)[0]
+    spec_llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    assert limited < _spec_counts(spec_llm)[0] - before  # 10 requests: drafts only once one is left
+    assert _tokens(llm.generate(_prompts()[:1], GREEDY, use_tqdm=False)) == reference[:1]
+    assert _spec_counts(llm)[0] > limited  # alone, a request speculates
 
 
 @pytest.mark.parametrize("k", [1, 7])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec ...   (any subset, in order)
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -35,6 +35,22 @@ for part in "$@"; do
             --workload llama8b-mixed --peer hf --output-json "$OUT/llama8b-mixed-peer.json" ;;
     latency) logged "llama8b bs1 $tag" "latency-$tag.log" 300 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed \
                --batch-size 1 --input-len 128 --output-len 256 --output-json "$OUT/llama8b-latency-bs1-$tag.json" ;;
+    spec) SPEC='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}'
+          logged "verify cost" spec-verify.log 300 '^batch' python3 benchmarks/spec_verify_cost.py \
+            --out "$OUT/spec-verify-cost.json"
+          for bs in 1 32; do
+            logged "llama8b bs$bs spec off" "spec-bs$bs-off.log" 300 '^mean' "${BENCH[@]}" latency \
+              --workload llama8b-mixed --batch-size $bs --input-len 128 --output-len 256 \
+              --output-json "$OUT/llama8b-latency-bs$bs-spec-off.json"
+            logged "llama8b bs$bs spec ngram" "spec-bs$bs-on.log" 300 '^(mean|speculative)' "${BENCH[@]}" latency \
+              --workload llama8b-mixed --batch-size $bs --input-len 128 --output-len 256 --speculative-config "$SPEC" \
+              --output-json "$OUT/llama8b-latency-bs$bs-spec-ngram.json"
+          done
+          logged "llama8b-mixed spec off" spec-mixed-off.log 400 '^pagellm ' "${BENCH[@]}" throughput \
+            --workload llama8b-mixed --peer none --output-json "$OUT/llama8b-mixed-spec-off.json"
+          logged "llama8b-mixed spec ngram" spec-mixed-on.log 400 '^(pagellm |speculative)' "${BENCH[@]}" throughput \
+            --workload llama8b-mixed --peer none --speculative-config "$SPEC" \
+            --output-json "$OUT/llama8b-mixed-spec-ngram.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

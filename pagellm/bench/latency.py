@@ -87,6 +87,10 @@ def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens_per_s_per_request": args.output_len / latency,
         "output_tokens_per_s": args.batch_size * args.output_len / latency,
     }
+    if llm.llm_engine.config.speculative_config is not None:
+        from pagellm.bench.throughput import spec_decode_summary
+
+        result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)
     if tmp is not None:
         tmp.cleanup()
     print(f"\nlatency: batch {args.batch_size}, {args.input_len} in / {args.output_len} out, {result['device']}, "
@@ -94,6 +98,10 @@ def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"mean {latency:.3f} s over {args.num_iters} runs ({', '.join(f'{t:.3f}' for t in times)}); "
           f"{result['output_tokens_per_s_per_request']:.1f} output tokens/s per request, "
           f"{result['output_tokens_per_s']:.1f} in all")
+    if "spec_decode" in result:
+        sd = result["spec_decode"]
+        print(f"speculative decoding: {sd['num_drafts']} drafts, acceptance {sd['acceptance']:.3f}, mean accepted "
+              f"length {sd['mean_accepted_length']:.2f}")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w") as f:

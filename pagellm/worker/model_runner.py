@@ -18,12 +18,9 @@ launch waits for the device: host tensors reach it through pinned memory, and th
 same way. Each sampled token is also kept on the device as its request's last token, the input of a decode
 that was scheduled before the token came back.
 
-Speculative decoding (n-gram, one device, steps one at a time): after a step the runner proposes draft tokens
-for the requests that may speculate (it holds their tokens), and returns them with the sampled tokens. A later
-step that verifies k drafts of a request computes its k + 1 positions in the same forward pass as everything
-else; the target's distributions at those positions (after the request's temperature, top-k, top-p and min-p,
-as plain sampling uses them; one-hot for greedy requests) go to the rejection sampler, which returns 1..k+1
-tokens.
+Speculative decoding (n-gram, one device): after a step's answer is collected the runner proposes draft tokens
+for the requests that may speculate (it holds their tokens), and returns them with the sampled tokens; a later
+step verifies them (worker/speculation.py), in a CUDA graph of its own when it holds only decodes and verifies.
 
 Only the driver (tensor-parallel rank 0 of the last pipeline stage) samples; the other ranks of the last stage
 compute the logits with it (the vocabulary is split over them) and receive the sampled tokens by a broadcast on
@@ -32,7 +29,6 @@ the device, so that every rank has each request's last token.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Optional
 
@@ -58,16 +54,12 @@ from pagellm.model_executor.layers.sampler import (
     SamplerOutput,
     SamplingMetadata,
     apply_grammar_bitmask,
-    target_probs,
     to_device,
     to_token_logprobs,
 )
 from pagellm.model_executor.loader import load_model
-from pagellm.spec_decode.draft_length import DraftLengthPolicy
-from pagellm.spec_decode.ngram_proposer import NgramProposer
-from pagellm.spec_decode.proposer import ProposeBatch
-from pagellm.spec_decode.rejection_sampler import rejection_sample
 from pagellm.worker.input_batch import InputBatch, StepInputs
+from pagellm.worker.speculation import VERIFY_GRAPH_MAX_BATCH, PaddedVerify, Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -214,13 +206,18 @@ class ModelRunner:
         # batch size -> (graph, logits it writes [bs, vocab])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = graph_batch_sizes(sc.max_num_seqs) if self.use_graphs else []
-        # Speculative decoding: how many drafts a request may verify in one step, and who proposes them.
+        # Speculative decoding: drafts after a step, verified in a later one (worker/speculation.py); verify
+        # steps of up to VERIFY_GRAPH_MAX_BATCH requests replay a graph of their padded shape.
         spec = config.speculative_config
-        self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
-        self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec is not None else None
-        self.spec_max_batch = spec.disable_by_batch_size if spec is not None else None
-        self.draft_policy = DraftLengthPolicy(sc.max_num_seqs, self.num_spec_tokens)
-        self.batch.on_add = self.draft_policy.reset
+        self.spec = Speculator(self, spec, sc.max_num_seqs) if spec is not None else None
+        self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.verify_graph_sizes: list[int] = []
+        if self.spec is not None and self.use_graphs:
+            q = self.spec.query_len
+            self.verify_graph_sizes = [bs for bs in self.graph_sizes
+                                       if bs <= VERIFY_GRAPH_MAX_BATCH and bs * q <= self.buffers.max_tokens]
+        # Lay verify steps out padded even without graphs (tests check the layout on the CPU this way).
+        self.pad_verify_steps = bool(self.verify_graph_sizes)
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -257,41 +254,45 @@ class ModelRunner:
             return 0
         cfg = self.model_config.hf_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        bs = max(self.graph_sizes)
+        bs = max([max(self.graph_sizes)] + [b * self.spec.query_len for b in self.verify_graph_sizes])
         per_row = (cfg.vocab_size * (elem + 4) + 3 * cfg.intermediate_size * elem * 2
                    + 16 * cfg.hidden_size * elem + 64 * cfg.num_attention_heads * self.model_config.head_dim * 4)
         return bs * per_row + 256 * 2**20
 
-    def _fill_graph_padding(self, n: int, bs: int) -> None:
-        """Rows n..bs of a graph batch: no token to write (slot -1), an empty context (seq_len 0)."""
+    def _fill_graph_padding(self, n: int, bs: int, q: int = 1) -> None:
+        """Requests n..bs of a graph batch of q tokens each: no token to write (slot -1), an empty context
+        (seq_len 0)."""
         b = self.buffers
-        b.ids_np[n:bs] = 0
-        b.pos_np[n:bs] = 0
-        b.slot_np[n:bs] = -1
-        b.qsl_np[: bs + 1] = np.arange(bs + 1, dtype=np.int32)
+        b.ids_np[n * q : bs * q] = 0
+        b.pos_np[n * q : bs * q] = 0
+        b.slot_np[n * q : bs * q] = -1
+        b.qsl_np[: bs + 1] = np.arange(bs + 1, dtype=np.int32) * q
         b.seq_np[n:bs] = 0
 
-    def _graph_metadata(self, bs: int) -> AttentionMetadata:
+    def _graph_metadata(self, bs: int, q: int = 1) -> AttentionMetadata:
+        """A graph batch: bs decodes (q == 1), or bs padded verify steps of q tokens each (the attention's
+        prefill path, whose launch reads only the token and request counts)."""
         b = self.buffers
         return AttentionMetadata(
-            num_actual_tokens=bs,
+            num_actual_tokens=bs * q,
             query_start_loc=b.query_start_loc[: bs + 1],
             seq_lens=b.seq_lens[:bs],
             block_tables=b.block_tables[:bs],
-            slot_mapping=b.slot_mapping[:bs],
-            max_query_len=1,
+            slot_mapping=b.slot_mapping[: bs * q],
+            max_query_len=q,
             max_seq_len=self.max_model_len,  # fixed at capture: the split-KV choice must not change per step
-            num_decodes=bs,
+            num_decodes=bs if q == 1 else 0,
             block_size=self.block_size,
             # Host copies as the buffers hold them now (all padding at capture). The Triton backend reads only
             # their length; a CPU backend run in place of a graph (tests) reads the step's real lengths.
-            query_start_loc_cpu=list(range(bs + 1)),
+            query_start_loc_cpu=list(range(0, bs * q + 1, q)),
             seq_lens_cpu=b.seq_np[:bs].tolist(),
         )
 
-    def _graph_forward(self, bs: int) -> torch.Tensor:
+    def _graph_forward(self, bs: int, q: int = 1) -> torch.Tensor:
         b = self.buffers
-        hidden = self.model(b.input_ids[:bs], b.positions[:bs], self.kv_caches, self._graph_metadata(bs))
+        hidden = self.model(b.input_ids[: bs * q], b.positions[: bs * q], self.kv_caches,
+                            self._graph_metadata(bs, q))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -304,20 +305,22 @@ class ModelRunner:
         start = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)
         pool = None
-        for bs in sorted(self.graph_sizes, reverse=True):
-            self._fill_graph_padding(0, bs)
-            self.buffers.upload(bs, bs, 0)
-            self._graph_forward(bs)  # warm-up: compiles the Triton kernels of this shape outside the capture
+        q_verify = self.spec.query_len if self.spec is not None else 0
+        shapes = [(bs, 1) for bs in self.graph_sizes] + [(bs, q_verify) for bs in self.verify_graph_sizes]
+        for bs, q in sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True):
+            self._fill_graph_padding(0, bs, q)
+            self.buffers.upload(bs * q, bs, 0)
+            self._graph_forward(bs, q)  # warm-up: compiles the Triton kernels of this shape outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._graph_forward(bs)
+                logits = self._graph_forward(bs, q)
             pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            (self.graphs if q == 1 else self.verify_graphs)[bs] = (graph, logits)
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs, %.2f GiB",
-                    len(self.graphs), min(self.graph_sizes), max(self.graph_sizes), time.perf_counter() - start,
-                    (torch.cuda.memory_reserved(self.device) - before) / 2**30)
+        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) and %d for verify steps in %.1fs, %.2f GiB",
+                    len(self.graphs), min(self.graph_sizes), max(self.graph_sizes), len(self.verify_graphs),
+                    time.perf_counter() - start, (torch.cuda.memory_reserved(self.device) - before) / 2**30)
 
     @torch.inference_mode()
     def profile_run(self) -> int:
@@ -399,14 +402,14 @@ class ModelRunner:
         )
         return ids_t, pos_t, meta
 
-    def _fill_from_device(self, input_ids: torch.Tensor, step: StepInputs) -> None:
+    def _fill_from_device(self, input_ids: torch.Tensor, step: StepInputs, dst: Optional[np.ndarray] = None) -> None:
         """Decodes whose input token the message did not carry (scheduled before it came back): their rows' last
         sampled tokens, still on the device. They are one-token requests, which come first, so a request's
-        token index is its request index."""
+        token index is its request index (`dst` maps token indices to a padded layout's)."""
         idx = step.from_device
         if not idx.size:
             return
-        dst = to_device(torch.from_numpy(idx), torch.int64, self.device)
+        dst = to_device(torch.from_numpy(idx if dst is None else dst[idx]), torch.int64, self.device)
         rows = to_device(torch.from_numpy(step.rows[idx]), torch.int64, self.device)
         input_ids.index_copy_(0, dst, self.batch.last_token.index_select(0, rows))
 
@@ -416,40 +419,9 @@ class ModelRunner:
     def collect(self, pending: "PendingOutput") -> ModelRunnerOutput:
         """A launched step's answer (waits for the device), with the drafts proposed after it."""
         out = pending.result()
-        if self.proposer is not None and out.req_ids:
-            out.spec_token_ids = self._propose(out, pending.token_starts)
+        if self.spec is not None and out.req_ids:
+            out.spec_token_ids = self.spec.propose(out, pending.token_starts)
         return out
-
-    def _propose(self, out: ModelRunnerOutput, starts: dict[str, int]) -> dict[str, list[int]]:
-        """Drafts for the requests that sampled in the step of `out` and may speculate, as many as each one's
-        acceptance makes worth it (draft_length.py); none while the batch holds more than disable_by_batch_size
-        requests. With async scheduling a request may already decode in the next step: its drafts are stale, but
-        they tell the scheduler it speculates (it then stops scheduling it ahead). The runner here is the driver
-        on the only device; `starts` gives the position of each request's first token of the step."""
-        batch, policy = self.batch, self.draft_policy
-        if self.spec_max_batch is not None and len(batch) > self.spec_max_batch:
-            return {}
-        rows, wanted = [], []
-        for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
-            row = batch.row_of.get(req_id)
-            if row is None or not batch.can_speculate[row]:
-                continue
-            known = batch.record_host_tokens(row, starts[req_id], tokens)
-            k = min(policy.wanted(row, known), self.max_model_len - known - 1)
-            if k > 0:
-                rows.append((req_id, row, known))
-                wanted.append(k)
-        if not rows:
-            return {}
-        drafts = self.proposer.propose(ProposeBatch(
-            token_ids=[batch.token_ids[row, :known] for _, row, known in rows], num_speculative_tokens=wanted))
-        found = {}
-        for (req_id, row, known), d in zip(rows, drafts.token_ids):
-            if d:
-                found[req_id] = d
-            else:
-                policy.found_nothing(row, known)
-        return found
 
     @torch.inference_mode()
     def execute_model_async(self, sched: SchedulerOutput) -> PendingOutput:
@@ -459,11 +431,15 @@ class ModelRunner:
         if step.num_reqs == 0:
             return PendingOutput()
         pending = self._launch(step, sched)
-        if self.proposer is not None:
-            pending.token_starts = self._token_starts(step)
+        if self.spec is not None:
+            pending.token_starts = self.spec.token_starts(step)
         return pending
 
     def _launch(self, step: StepInputs, sched: SchedulerOutput) -> PendingOutput:
+        if self.pad_verify_steps and step.num_spec.any():
+            padded = self.spec.padded_layout(step)
+            if padded is not None and (not self.verify_graphs or step.num_reqs <= self.verify_graph_sizes[-1]):
+                return self._launch_padded_verify(step, sched, padded)
         graph_bs = self._graph_size(step)
         input_ids, positions, meta = self._upload_inputs(step, pad_to=graph_bs)
         self._fill_from_device(input_ids, step)
@@ -482,7 +458,8 @@ class ModelRunner:
             return PendingOutput()
         pending = PendingOutput()
         if sample.size and step.num_spec[sample].any():
-            pending = self._sample_and_verify(step, hidden, sched)
+            pending = self.spec.sample_and_verify(step, lambda idx: self.model.compute_logits(
+                hidden[to_device(torch.from_numpy(idx), torch.int64, self.device)]), sched)
         elif sample.size:
             last = to_device(torch.from_numpy(step.query_start_loc[1:][sample] - 1), torch.int64, self.device)
             pending = self._sample(step, self.model.compute_logits(hidden[last]), sched)
@@ -491,12 +468,42 @@ class ModelRunner:
             pending._prompt_logprobs = prompt_logprobs
         return pending
 
-    @staticmethod
-    def _token_starts(step: StepInputs) -> dict[str, int]:
-        """Position of each sampling request's first new token (after its computed, non-draft tokens)."""
-        sample = step.sample
-        starts = (step.seq_lens - step.num_spec)[sample].tolist()
-        return {step.req_ids[i]: s for i, s in zip(sample.tolist(), starts)}
+    def _launch_padded_verify(self, step: StepInputs, sched: SchedulerOutput, padded: PaddedVerify) -> PendingOutput:
+        """A step of decodes and verifies in the uniform shape of worker/speculation.py: a captured graph of the
+        next batch size up replays it (on the CPU, in tests, the same layout runs eagerly)."""
+        n, q = step.num_reqs, padded.query_len
+        cols = step.block_tables.shape[1]
+        if self.verify_graphs:
+            bs = next(b for b in self.verify_graph_sizes if b >= n)
+            buf = self.buffers
+            buf.wait_host_free()
+            buf.ids_np[: n * q] = padded.input_ids
+            buf.pos_np[: n * q] = padded.positions
+            buf.slot_np[: n * q] = padded.slot_mapping
+            buf.seq_np[:n] = step.seq_lens
+            buf.bt_np[:n, :cols] = step.block_tables
+            self._fill_graph_padding(n, bs, q)
+            buf.upload(bs * q, bs, cols)
+            self._fill_from_device(buf.input_ids[: bs * q], step, padded.dst)
+            graph, logits = self.verify_graphs[bs]
+            graph.replay()
+        else:
+            dev = self.device
+            ids = torch.from_numpy(padded.input_ids).to(dev)
+            self._fill_from_device(ids, step, padded.dst)
+            qsl = np.arange(n + 1) * q
+            meta = AttentionMetadata(
+                num_actual_tokens=n * q, query_start_loc=torch.from_numpy(qsl).to(dev, torch.int32),
+                seq_lens=torch.from_numpy(step.seq_lens).to(dev, torch.int32),
+                block_tables=torch.from_numpy(step.block_tables).to(dev, torch.int32),
+                slot_mapping=torch.from_numpy(padded.slot_mapping).to(dev), max_query_len=q,
+                max_seq_len=int(step.seq_lens.max()), num_decodes=0, block_size=self.block_size,
+                query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=step.seq_lens.tolist())
+            logits = self.model.compute_logits(self.model(ids, torch.from_numpy(padded.positions).to(dev),
+                                                          self.kv_caches, meta))
+        dst = padded.dst
+        return self.spec.sample_and_verify(
+            step, lambda idx: logits[to_device(torch.from_numpy(dst[idx]), torch.int64, self.device)], sched)
 
     def _sample(self, step: StepInputs, logits: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
         """The driver samples the rows that sample; every rank of the last stage keeps the tokens on the device
@@ -523,60 +530,6 @@ class ModelRunner:
         result = self.sampler(logits, metadata)
         batch.record_sampled(rows_t, tp.broadcast(result.sampled_token_ids))
         return PendingOutput(req_ids, result, metadata.num_logprobs)
-
-    def _sample_and_verify(self, step: StepInputs, hidden: torch.Tensor, sched: SchedulerOutput) -> PendingOutput:
-        """A step in which some requests verify drafts: the others sample as usual, these go through the
-        rejection sampler. Waits for the device: the accepted counts decide the rows' token counts and blocks."""
-        assert self.is_driver, "speculative decoding runs on one device"
-        batch = self.batch
-        sample = step.sample
-        k_all = step.num_spec[sample]
-        plain, verify = sample[k_all == 0], sample[k_all > 0]
-        ends = step.query_start_loc[1:]
-        tokens: dict[int, list[int]] = {}  # request index -> its new tokens
-        plain_out = None
-        if plain.size:
-            last = to_device(torch.from_numpy(ends[plain] - 1), torch.int64, self.device)
-            plain_step = dataclasses.replace(step, sample=plain)
-            plain_out = self._sample(plain_step, self.model.compute_logits(hidden[last]), sched).result()
-            tokens.update(zip(plain.tolist(), plain_out.sampled_token_ids))
-
-        ks = step.num_spec[verify]
-        R, K = len(verify), int(ks.max())
-        # Row r's positions: its last k_r + 1, padded to K + 1 by repeating its last (never read past k_r + 1).
-        offsets = np.minimum(np.arange(K + 1)[None, :], ks[:, None])
-        index = (ends[verify] - 1 - ks)[:, None] + offsets
-        logits = self.model.compute_logits(hidden[to_device(torch.from_numpy(index.reshape(-1)), torch.int64,
-                                                              self.device)])
-        rows = step.rows[verify]
-        V = logits.shape[-1]
-        sampling = batch.sampling.take(np.repeat(rows, K + 1))
-        md = SamplingMetadata.from_rows(sampling, [()] * len(sampling.greedy), [()] * len(sampling.greedy), {}, V,
-                                        self.device)
-        probs = target_probs(logits, md).view(R, K + 1, V)
-        seq_lens = step.seq_lens[verify]
-        drafts = np.full((R, K), -1, dtype=np.int64)
-        for r, (row, k, end) in enumerate(zip(rows.tolist(), ks.tolist(), seq_lens.tolist())):
-            drafts[r, :k] = batch.token_ids[row, end - k : end]
-        generators = {r: batch.generators[row] for r, row in enumerate(rows.tolist()) if row in batch.generators}
-        result = rejection_sample(torch.from_numpy(drafts), ks.tolist(), probs, None,
-                                  batch.sampling.greedy[rows].tolist(), generators)
-        for i, row, k, new in zip(verify.tolist(), rows.tolist(), ks.tolist(), result.tolists()):
-            tokens[i] = new
-            self.draft_policy.verified(row, k, len(new) - 1, int(step.seq_lens[i]) - k + len(new))
-            batch.num_tokens[row] += len(new) - 1  # counted as if no draft were accepted (InputBatch._gather)
-            # The blocks past the computed tokens held only rejected drafts: the scheduler frees them.
-            batch.num_blocks[row] = -(-(int(step.starts[i]) + len(new)) // self.block_size)
-        last_tokens = torch.tensor([tokens[i][-1] for i in verify.tolist()], dtype=torch.int64)
-        batch.record_sampled(to_device(torch.from_numpy(rows), torch.int64, self.device),
-                             last_tokens.to(self.device))
-
-        out = ModelRunnerOutput(req_ids=[step.req_ids[i] for i in sample.tolist()],
-                                sampled_token_ids=[tokens[i] for i in sample.tolist()])
-        if plain_out is not None and plain_out.logprobs:
-            lp = dict(zip(plain.tolist(), plain_out.logprobs))
-            out.logprobs = [lp.get(i) for i in sample.tolist()]
-        return PendingOutput.ready(out)
 
     @staticmethod
     def _grammar_rows(sched: SchedulerOutput, req_ids: list[str]) -> list[Optional[np.ndarray]]:

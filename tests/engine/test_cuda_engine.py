@@ -46,3 +46,35 @@ def test_cuda_memory_profile_uses_the_device(tiny_model_dir):
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_cuda_speculation_greedy_tokens_equal_cpu(tiny_model_dir):
+    """n-gram speculation on CUDA, verify steps replaying their CUDA graphs (and eagerly): the tokens of the CPU
+    engine without speculation. Prompts repeat a pattern, so drafts are proposed and accepted."""
+    path = tiny_model_dir("llama")
+    opts = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory=32 * 2**20)
+    rng = random.Random(1)
+    prompts = []
+    for _ in range(12):
+        pattern = [rng.randrange(3, 512) for _ in range(rng.randint(3, 8))]
+        prompts.append({"prompt_token_ids": (pattern * 10)[: rng.randint(12, 60)]})
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    cpu = [o.outputs[0].token_ids for o in LLM(path, device="cpu", **opts).generate(prompts, params, use_tqdm=False)]
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    for eager in (False, True):
+        llm = LLM(path, device="cuda", enforce_eager=eager, max_num_seqs=16, speculative_config=spec, **opts)
+        runner = llm.llm_engine.core.executor.worker.runner
+        assert bool(runner.verify_graphs) != eager
+        replays = {"n": 0}
+        launch = runner._launch_padded_verify
+
+        def counting(*args):
+            replays["n"] += 1
+            return launch(*args)
+
+        runner._launch_padded_verify = counting
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == cpu
+        assert [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]] == cpu[:3]
+        assert llm.llm_engine.core.scheduler.spec_num_accepted_tokens > 0
+        assert (replays["n"] > 0) != eager
+        llm.llm_engine.core.shutdown()

@@ -132,6 +132,26 @@ def test_greedy_tokens_identical_with_async_scheduling(model_path, reference):
     assert llm.llm_engine.core.scheduler.kv_cache_manager.usage == 0.0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_tokens_identical_in_the_padded_verify_layout(model_path, reference, async_scheduling):
+    """The layout verify steps replay CUDA graphs in (every request Q tokens, dummies in front), run eagerly on
+    the CPU: the same tokens, and it did run."""
+    llm = tiny_llm(model_path, speculative_config=SPEC, async_scheduling=async_scheduling)
+    runner = llm.llm_engine.core.executor.worker.runner
+    runner.pad_verify_steps = True
+    padded = {"n": 0}
+    launch = runner._launch_padded_verify
+
+    def counting(*args):
+        padded["n"] += 1
+        return launch(*args)
+
+    runner._launch_padded_verify = counting
+    assert _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False)) == reference
+    assert padded["n"] > 0 and _spec_counts(llm)[2] > 0
+    assert llm.llm_engine.core.scheduler.kv_cache_manager.usage == 0.0
+
+
 def test_disable_by_batch_size(model_path, reference, spec_llm):
     """Nothing is proposed while more than disable_by_batch_size requests run."""
     llm = tiny_llm(model_path, speculative_config={**SPEC, "disable_by_batch_size": 1})

@@ -140,9 +140,9 @@ class SpeculativeConfig:
     # n-gram: the shortest and longest suffix looked up; one given alone sets both, none gives 5 and 5 (vLLM).
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
-    # No drafts are proposed while the batch holds more requests than this (a verify costs compute that a
-    # large batch does not have to spare); None: any batch size.
-    disable_by_batch_size: Optional[int] = None
+    # No drafts are proposed while the batch holds more requests than this: beyond it a verify step runs
+    # without a CUDA graph and costs compute that a large batch does not have to spare (worker/speculation.py).
+    disable_by_batch_size: int = 64
 
     @classmethod
     def from_dict(cls, options: Any) -> "SpeculativeConfig":
@@ -191,8 +191,7 @@ class SpeculativeConfig:
             self.prompt_lookup_max = self.prompt_lookup_min
         integer("prompt_lookup_min", self.prompt_lookup_min, 1)
         integer("prompt_lookup_max", self.prompt_lookup_max, 1)
-        if self.disable_by_batch_size is not None:
-            integer("disable_by_batch_size", self.disable_by_batch_size, 1)
+        integer("disable_by_batch_size", self.disable_by_batch_size, 1)
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"speculative_config.prompt_lookup_max ({self.prompt_lookup_max}) must be at least "
                              f"prompt_lookup_min ({self.prompt_lookup_min})")

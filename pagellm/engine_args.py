@@ -56,8 +56,8 @@ _HELP = {
     "speculative_config": 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
     '"prompt_lookup_min": 2, "prompt_lookup_max": 5} drafts up to 4 tokens by looking up the last 2-5 tokens in '
     "the request's own prompt and output, and verifies them in one forward pass; each request drafts fewer, down "
-    "to none, when its acceptance does not pay; \"disable_by_batch_size\": N proposes nothing while more than N "
-    "requests run (one device for now)",
+    "to none, when its acceptance does not pay; \"disable_by_batch_size\": N (default 64) proposes nothing "
+    "while more than N requests run (one device for now)",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }

@@ -75,7 +75,7 @@ class Speculator:
         the next step: its drafts are stale, but they tell the scheduler it speculates (it then stops scheduling
         it ahead). `starts` gives the position of each request's first token of the step."""
         batch, policy, max_len = self.runner.batch, self.policy, self.runner.max_model_len
-        if self.max_batch is not None and len(batch) > self.max_batch:
+        if len(batch) > self.max_batch:
             return {}
         rows, wanted = [], []
         for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):

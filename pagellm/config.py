@@ -131,9 +131,10 @@ class ParallelConfig:
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding, as vLLM spells it: `{"method": "ngram", "num_speculative_tokens": 4,
-    "prompt_lookup_min": 2, "prompt_lookup_max": 5}`. Only n-gram (prompt lookup) exists so far; a draft model
-    is refused by name rather than silently ignored. k is the most drafts a request verifies per step: each
-    request asks for fewer, down to none, when its acceptance does not pay for them (spec_decode/draft_length.py)."""
+    "prompt_lookup_min": 2, "prompt_lookup_max": 5}` (prompt lookup), or `{"model": PATH,
+    "num_speculative_tokens": 4}` (a draft model with the target's vocabulary; method "draft_model"). k is the
+    most drafts a request verifies per step: each request asks for fewer, down to none, when its acceptance does
+    not pay for them (spec_decode/draft_length.py)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 0
@@ -143,6 +144,11 @@ class SpeculativeConfig:
     # No drafts are proposed while the batch holds more requests than this: beyond it a verify step runs
     # without a CUDA graph and costs compute that a large batch does not have to spare (worker/speculation.py).
     disable_by_batch_size: int = 64
+    # draft_model: the draft's path (or id), and its ModelConfig once the engine config resolves it.
+    model: Optional[str] = None
+    draft_model_config: Optional[ModelConfig] = None
+
+    METHODS = ("ngram", "draft_model")
 
     @classmethod
     def from_dict(cls, options: Any) -> "SpeculativeConfig":
@@ -160,11 +166,9 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config must be a dict (JSON object), got {type(options).__name__}")
         options = dict(options)
         if options.get("model") is not None:
-            raise ValueError("speculative_config.model: draft-model speculation is not supported yet; use "
-                             '{"method": "ngram", ...}')
-        options.pop("model", None)
+            options.setdefault("method", "draft_model")
         known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-                 "disable_by_batch_size"}
+                 "disable_by_batch_size", "model"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"speculative_config.{unknown[0]}: unknown field (known: {sorted(known)})")
@@ -175,14 +179,25 @@ class SpeculativeConfig:
         return config
 
     def validate(self) -> None:
-        if self.method != "ngram":
-            raise ValueError(f"speculative_config.method: only 'ngram' is supported, got {self.method!r}")
+        if self.method not in self.METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(self.METHODS)}, got "
+                             f"{self.method!r}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("speculative_config.model: a draft model is given by 'model' (method 'draft_model'); "
+                             "'ngram' takes none")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"speculative_config.model must be a path or model id, got {self.model!r}")
 
         def integer(name: str, value: Any, low: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"speculative_config.{name} must be an integer >= {low}, got {value!r}")
 
         integer("num_speculative_tokens", self.num_speculative_tokens, 1)
+        integer("disable_by_batch_size", self.disable_by_batch_size, 1)
+        if self.method != "ngram":
+            if self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
+                raise ValueError("speculative_config.prompt_lookup_min/max: only the 'ngram' method looks up")
+            return
         if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
             self.prompt_lookup_min = self.prompt_lookup_max = 5
         elif self.prompt_lookup_min is None:
@@ -191,7 +206,6 @@ class SpeculativeConfig:
             self.prompt_lookup_max = self.prompt_lookup_min
         integer("prompt_lookup_min", self.prompt_lookup_min, 1)
         integer("prompt_lookup_max", self.prompt_lookup_max, 1)
-        integer("disable_by_batch_size", self.disable_by_batch_size, 1)
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"speculative_config.prompt_lookup_max ({self.prompt_lookup_max}) must be at least "
                              f"prompt_lookup_min ({self.prompt_lookup_min})")

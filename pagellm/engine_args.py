@@ -233,6 +233,10 @@ class EngineArgs:
         async_scheduling = self.async_scheduling
         if self.speculative_config is not None:
             speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+            if speculative_config.model is not None:
+                from pagellm.spec_decode.draft_model import draft_model_config
+
+                speculative_config.draft_model_config = draft_model_config(speculative_config.model, model_config)
             if parallel_config.world_size > 1:
                 raise ValueError("speculative_config: speculative decoding runs on one device for now (got "
                                  "tensor_parallel_size x pipeline_parallel_size = "

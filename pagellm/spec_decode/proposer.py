@@ -29,6 +29,10 @@ class ProposeBatch:
     token_ids: list[np.ndarray]
     # Draft tokens wanted per request; it may differ between requests, and 0 means none.
     num_speculative_tokens: list[int]
+    # The runner's row of each request (a stateful proposer keys its state by row) and its KV block ids (a
+    # draft model's cache is indexed by the target's blocks). Methods that need neither may get None.
+    rows: Optional[list[int]] = None
+    block_tables: Optional[list[np.ndarray]] = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.num_speculative_tokens):

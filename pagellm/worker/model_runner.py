@@ -222,21 +222,29 @@ class ModelRunner:
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.device)
+        if self.spec is not None:
+            self.spec.load()  # a draft model, if any
 
     def release(self) -> None:
         """Drop the model, KV cache, graphs and buffers; the runner cannot step afterwards."""
         self.graphs.clear()
+        self.verify_graphs.clear()
         self.kv_caches = []
+        if self.spec is not None:
+            self.spec.release()
         self.model = None
         self.buffers = None
 
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_cache_layers * self.block_size * self.num_cache_kv_heads * mc.head_dim * elem
+        own = 2 * self.num_cache_layers * self.block_size * self.num_cache_kv_heads * mc.head_dim * elem
+        return own + (self.spec.kv_bytes_per_block() if self.spec is not None else 0)  # a draft model's cache
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv_cache(num_blocks)
+        if self.spec is not None:
+            self.spec.allocate(num_blocks)  # a draft model's cache, on the same block ids
         if self.use_graphs:
             self.capture_graphs()
 
@@ -341,7 +349,7 @@ class ModelRunner:
             reqs.append(NewRequestData(f"profile-{i}", [0] * n, params, list(range(next_block, next_block + nb)),
                                        num_computed_tokens=0, num_scheduled_tokens=n))
             next_block += nb
-        self.execute_model(SchedulerOutput(new_reqs=reqs, num_batched_tokens=num_tokens))
+        self.execute_model_async(SchedulerOutput(new_reqs=reqs, num_batched_tokens=num_tokens)).result()
         for r in reqs:
             self.batch.remove(r.req_id)
         profile_kv = sum(c.numel() * c.element_size() for c in self.kv_caches)

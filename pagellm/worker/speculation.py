@@ -26,8 +26,9 @@ import torch
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagellm.model_executor.layers.sampler import SamplingMetadata, target_probs, to_device
 from pagellm.spec_decode.draft_length import DraftLengthPolicy
+from pagellm.spec_decode.draft_model import DraftModelProposer
 from pagellm.spec_decode.ngram_proposer import NgramProposer
-from pagellm.spec_decode.proposer import ProposeBatch
+from pagellm.spec_decode.proposer import ProposeBatch, Proposer
 from pagellm.spec_decode.rejection_sampler import rejection_sample
 from pagellm.worker.input_batch import StepInputs
 
@@ -56,10 +57,37 @@ class Speculator:
         self.runner = runner
         self.num_spec_tokens = spec.num_speculative_tokens
         self.query_len = spec.num_speculative_tokens + 1
-        self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.max_batch = spec.disable_by_batch_size
         self.policy = DraftLengthPolicy(max_reqs, spec.num_speculative_tokens)
-        runner.batch.on_add = self.policy.reset
+        self.draft: Optional[DraftModelProposer] = None
+        if spec.draft_model_config is not None:
+            self.draft = DraftModelProposer(spec.draft_model_config, max_reqs, spec.num_speculative_tokens,
+                                            runner.block_size, runner.device)
+            self.proposer: Proposer = self.draft
+        else:
+            self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        runner.batch.on_add = self._on_add
+
+    def _on_add(self, row: int) -> None:
+        self.policy.reset(row)
+        if self.draft is not None:
+            self.draft.reset(row)
+
+    # ---- the draft model's life, with the runner's ---------------------------------------------------------
+    def load(self) -> None:
+        if self.draft is not None:
+            self.draft.load()
+
+    def kv_bytes_per_block(self) -> int:
+        return self.draft.bytes_per_block() if self.draft is not None else 0
+
+    def allocate(self, num_blocks: int) -> None:
+        if self.draft is not None:
+            self.draft.allocate(num_blocks)
+
+    def release(self) -> None:
+        if self.draft is not None:
+            self.draft.release()
 
     # ---- after a step: drafts ----------------------------------------------------------------------------
     @staticmethod
@@ -75,14 +103,14 @@ class Speculator:
         the next step: its drafts are stale, but they tell the scheduler it speculates (it then stops scheduling
         it ahead). `starts` gives the position of each request's first token of the step."""
         batch, policy, max_len = self.runner.batch, self.policy, self.runner.max_model_len
-        if len(batch) > self.max_batch:
-            return {}
-        rows, wanted = [], []
+        rows, wanted, known_of = [], [], {}
         for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
             row = batch.row_of.get(req_id)
-            if row is None or not batch.can_speculate[row]:
-                continue
-            known = batch.record_host_tokens(row, starts[req_id], tokens)
+            if row is not None and batch.can_speculate[row]:  # the proposer reads them (later ones too)
+                known_of[req_id] = (row, batch.record_host_tokens(row, starts[req_id], tokens))
+        if len(batch) > self.max_batch:
+            return {}
+        for req_id, (row, known) in known_of.items():
             k = min(policy.wanted(row, known), max_len - known - 1)
             if k > 0:
                 rows.append((req_id, row, known))
@@ -90,7 +118,9 @@ class Speculator:
         if not rows:
             return {}
         drafts = self.proposer.propose(ProposeBatch(
-            token_ids=[batch.token_ids[row, :known] for _, row, known in rows], num_speculative_tokens=wanted))
+            token_ids=[batch.token_ids[row, :known] for _, row, known in rows], num_speculative_tokens=wanted,
+            rows=[row for _, row, _ in rows],
+            block_tables=[batch.block_table[row, : batch.num_blocks[row]] for _, row, _ in rows]))
         found = {}
         for (req_id, row, known), d in zip(rows, drafts.token_ids):
             if d:

@@ -62,7 +62,9 @@ def spec_llm(model_path):
 
 @pytest.mark.parametrize("options, field", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
-    ({"model": "/some/draft", "num_speculative_tokens": 2}, "model"),
+    ({"method": "ngram", "model": "/some/draft", "num_speculative_tokens": 2}, "model"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+    ({"model": 3, "num_speculative_tokens": 2}, "model"),
     ({"method": "ngram"}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens"),

@@ -212,3 +212,11 @@ def add_routes(app: FastAPI, serving: OpenAIServingResponses, ticket_key: str,
     @app.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=errors)
     async def delete_response(response_id: str, raw_request: Request) -> Any:
         return serving.delete(response_id, raw_request.scope.get(ticket_key))
+
+    # GET and DELETE are two routes of one path: the router's own 405 would name only the first one's methods.
+    @app.api_route("/v1/responses/{response_id}", methods=["POST", "PUT", "PATCH", "OPTIONS", "TRACE"],
+                   include_in_schema=False)
+    async def other_methods(response_id: str) -> Any:
+        response = error_response("Method Not Allowed", 405, "invalid_request_error")
+        response.headers["allow"] = "DELETE, GET, HEAD"
+        return response

@@ -130,7 +130,7 @@ def test_json_schema_streamed_with_sdk_helpers(client, model):
     assert whole.output_text == final.output_text and whole.status == "completed"
     assert whole.text.format.type == "json_schema"
     parsed = client.responses.parse(model=model, input="Is Paris big?", text_format=Answer, max_output_tokens=200,
-                                    temperature=1.0)
+                                    temperature=0)
     assert isinstance(parsed.output_parsed, Answer)
     jsonschema.validate(json.loads(parsed.output_text), Answer.model_json_schema())
     obj = client.responses.create(model=model, input="Give JSON.", text={"format": {"type": "json_object"}},
@@ -174,7 +174,7 @@ def test_function_calls_then_their_output(client, model, stream):
 
 def test_named_function(client, model):
     r = client.responses.create(model=model, input="Search for cats.", tools=TOOLS, max_output_tokens=60,
-                                tool_choice={"type": "function", "name": "search"}, temperature=1.0)
+                                tool_choice={"type": "function", "name": "search"}, temperature=0)
     calls = [o for o in r.output if o.type == "function_call"]
     assert [c.name for c in calls] == ["search"] and r.status == "completed"
     jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS["search"])

@@ -250,6 +250,17 @@ def test_two_api_processes_answer_concurrent_requests(two_api_servers, expected)
         assert m["pagellm:kv_cache_num_blocks"] > 0 and m["pagellm:num_requests_running"] == 0
 
 
+def test_responses_are_not_stored_behind_several_api_processes(two_api_servers):
+    """Each API process has its own memory: previous_response_id is refused by every one, saying why."""
+    body = {"input": "hi", "previous_response_id": "resp_1"}
+    for index, r in _from_each(two_api_servers, "/v1/responses", method="POST", body=body).items():
+        assert r.status_code == 400, (index, r.text)
+        error = r.json()["error"]
+        assert error["param"] == "previous_response_id" and "--api-server-count" in error["message"], error
+        missing = httpx.get(two_api_servers.url("/v1/responses/resp_1"), timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
+
+
 def test_sigterm_drains_every_api_process(two_api_servers):
     """Streams in flight on both API processes finish whole after SIGTERM; meanwhile each process answers new
     requests with 503; then everything exits 0."""

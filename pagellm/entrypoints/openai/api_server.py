@@ -51,6 +51,7 @@ from pagellm.entrypoints.openai.protocol import (
 )
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponseStore, add_routes
 from pagellm.entrypoints.openai.serving_engine import (
     APIError,
     error_body,
@@ -260,11 +261,13 @@ def _api_error_response(e: BaseException) -> JSONResponse:
 
 
 def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str] = None,
-              enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None) -> tuple[Any, FastAPI]:
-    """The ASGI app to serve (FastAPI wrapped in the guard middleware), and the FastAPI app."""
+              enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+              store_responses: bool = True) -> tuple[Any, FastAPI]:
+    """The ASGI app to serve (FastAPI wrapped in the guard middleware), and the FastAPI app. `store_responses`:
+    keep /v1/responses answers in memory (not with several API processes, each with its own memory)."""
     model_name = engine.served_model_name
     app = FastAPI(title="pagellm OpenAI-compatible API", version=pagellm.__version__,
-                  description="OpenAI-compatible completions and chat completions served by pagellm.")
+                  description="OpenAI-compatible completions, chat completions and responses served by pagellm.")
     completion = OpenAIServingCompletion(engine, model_name, chat_template)
     chat = OpenAIServingChat(engine, model_name, chat_template, enable_auto_tool_choice=enable_auto_tool_choice,
                              tool_call_parser=tool_call_parser)
@@ -324,6 +327,9 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
                 request, ticket=raw_request.scope.get(TICKET)))
         except Exception as e:  # noqa: BLE001
             return _api_error_response(e)
+
+    add_routes(app, OpenAIServingResponses(chat, ResponseStore() if store_responses else None), TICKET,
+               _with_cancellation)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -509,7 +515,7 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
         engine.metrics.add_keys({k.name: k.limit_names for k in keyring.keys})
     state = ServerState(keyring, args.max_request_body_bytes)
     asgi_app, _ = build_app(engine, state, chat_template, getattr(args, "enable_auto_tool_choice", False),
-                            getattr(args, "tool_call_parser", None))
+                            getattr(args, "tool_call_parser", None), store_responses=shared is None)
     exit_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
     if shared is not None:
         asgi_app = ServerIndexMiddleware(asgi_app, shared.client_index)

@@ -1,5 +1,5 @@
-"""`pagellm serve --speculative-config '{...}'` (issue 14): the same greedy text as an engine without speculation,
-streamed and not, and the speculative-decoding counters on /metrics."""
+"""`pagellm serve --speculative-config '{...}'` (issue 14), n-gram and draft model: the same greedy text as an
+engine without speculation, streamed and not, and the speculative-decoding counters on /metrics."""
 
 from __future__ import annotations
 
@@ -52,10 +52,16 @@ def expected(model) -> list[str]:
     return [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
+@pytest.fixture(scope="module", params=["ngram", "draft_model"])
+def spec(request, model) -> dict:
+    """n-gram lookup, or a draft model (the target itself: it drafts what the target says)."""
+    return SPEC if request.param == "ngram" else {"model": model, "num_speculative_tokens": 3}
+
+
 @pytest.fixture(scope="module")
-def server(model):
+def server(model, spec):
     args = [model, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory", str(16 * 2**20),
-            "--speculative-config", json.dumps(SPEC)]
+            "--speculative-config", json.dumps(spec)]
     with RemoteServer(args) as srv:
         yield srv
 
@@ -65,7 +71,7 @@ def _body(server: RemoteServer, prompt: str, **extra) -> dict:
             "temperature": 0.0, "ignore_eos": True, **extra}
 
 
-def test_greedy_text_identical_with_speculation(server, expected):
+def test_greedy_text_identical_with_speculation(server, spec, expected):
     for prompt, want in zip(PROMPTS, expected):
         r = httpx.post(server.url("/v1/completions"), json=_body(server, prompt), timeout=120)
         assert r.status_code == 200, r.text
@@ -76,7 +82,7 @@ def test_greedy_text_identical_with_speculation(server, expected):
     accepted = metrics.get("pagellm:spec_decode_num_accepted_tokens_total", 0)
     assert 0 < accepted <= metrics["pagellm:spec_decode_num_draft_tokens_total"]
     per_pos = [metrics.get(f"pagellm:spec_decode_num_accepted_tokens_per_pos_total{{position={p}}}", 0)
-               for p in range(SPEC["num_speculative_tokens"])]
+               for p in range(spec["num_speculative_tokens"])]
     assert sum(per_pos) == accepted and per_pos == sorted(per_pos, reverse=True)  # position p needs p - 1 before
 
 

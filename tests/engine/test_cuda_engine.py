@@ -48,9 +48,11 @@ def test_cuda_memory_profile_uses_the_device(tiny_model_dir):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-def test_cuda_speculation_greedy_tokens_equal_cpu(tiny_model_dir):
-    """n-gram speculation on CUDA, verify steps replaying their CUDA graphs (and eagerly): the tokens of the CPU
-    engine without speculation. Prompts repeat a pattern, so drafts are proposed and accepted."""
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_cuda_speculation_greedy_tokens_equal_cpu(tiny_model_dir, method):
+    """Speculation on CUDA (n-gram; a draft model, the target itself), verify steps replaying their CUDA graphs
+    (and eagerly): the tokens of the CPU engine without speculation. Prompts repeat a pattern, so n-gram drafts
+    are proposed and accepted."""
     path = tiny_model_dir("llama")
     opts = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory=32 * 2**20)
     rng = random.Random(1)
@@ -60,7 +62,8 @@ def test_cuda_speculation_greedy_tokens_equal_cpu(tiny_model_dir):
         prompts.append({"prompt_token_ids": (pattern * 10)[: rng.randint(12, 60)]})
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     cpu = [o.outputs[0].token_ids for o in LLM(path, device="cpu", **opts).generate(prompts, params, use_tqdm=False)]
-    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    spec = ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+            if method == "ngram" else {"model": path, "num_speculative_tokens": 3})
     for eager in (False, True):
         llm = LLM(path, device="cuda", enforce_eager=eager, max_num_seqs=16, speculative_config=spec, **opts)
         runner = llm.llm_engine.core.executor.worker.runner

@@ -19,6 +19,7 @@ import torch
 from pagellm.model_executor.layers.quantization.base import QuantizationConfig, make_param
 from pagellm.model_executor.layers.quantization.w4a16 import (
     PACK,
+    SCALE_DTYPE,
     W4A16LinearMethod,
     drop,
     fill_packed_const,
@@ -49,7 +50,7 @@ class AWQLinearMethod(W4A16LinearMethod):
                    packed_dim=1, pack_factor=PACK, fill_dummy=fill_random_packed)
         make_param(layer, "qzeros", (groups, out // PACK), torch.int32, device, input_dim=group_dim, output_dim=1,
                    packed_dim=1, pack_factor=PACK, fill_dummy=fill_packed_const(8))
-        make_param(layer, "scales", (groups, out), dtype, device, input_dim=group_dim, output_dim=1,
+        make_param(layer, "scales", (groups, out), SCALE_DTYPE, device, input_dim=group_dim, output_dim=1,
                    fill_dummy=fill_scales)
 
     def unpacked(self, layer):

@@ -21,6 +21,7 @@ import torch
 from pagellm.model_executor.layers.quantization.base import QuantizationConfig, make_param
 from pagellm.model_executor.layers.quantization.w4a16 import (
     PACK,
+    SCALE_DTYPE,
     W4A16LinearMethod,
     drop,
     fill_packed_const,
@@ -40,7 +41,7 @@ class GPTQLinearMethod(W4A16LinearMethod):
                    packed_dim=0, pack_factor=PACK, fill_dummy=fill_random_packed)
         make_param(layer, "qzeros", (groups, out // PACK), torch.int32, device, input_dim=group_dim, output_dim=1,
                    packed_dim=1, pack_factor=PACK, fill_dummy=fill_packed_const(7))
-        make_param(layer, "scales", (groups, out), dtype, device, input_dim=group_dim, output_dim=1,
+        make_param(layer, "scales", (groups, out), SCALE_DTYPE, device, input_dim=group_dim, output_dim=1,
                    fill_dummy=fill_scales)
         # Without act-order g_idx is k // G and unused; checkpoints carry it anyway, and may leave it out.
         g_idx = make_param(layer, "g_idx", (input_size,), torch.int32, device, input_dim=0,

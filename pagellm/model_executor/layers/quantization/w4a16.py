@@ -6,8 +6,8 @@ act-order). They differ only in packing (gptq.py, awq.py say how). After loading
 
     qweight [K / 8, N] int32   eight 4-bit q of consecutive input channels per element, k = 8 * row + j in
                                bits 4j..4j+3 (GPTQ's own packing)
-    scales  [groups, N]        activation dtype
-    zeros   [groups, N]        the zero points, unpacked, in the activation dtype (exact: 0..16)
+    scales  [groups, N]        float16, as the checkpoints store them (bf16 would round them)
+    zeros   [groups, N]        the zero points, unpacked, in float16 (exact: 0..16)
     g_idx   [K] int32 or None  group of each (permuted) input channel; None when it is k // group_size
     perm    [K] int64 or None  act-order: input channels sorted by group, so the kernel reads groups in
                                order; the activations are gathered by the same permutation
@@ -26,6 +26,7 @@ import torch
 from pagellm.model_executor.layers.quantization.base import LinearMethod, make_param, replace_param
 
 PACK = 8  # 4-bit values per int32
+SCALE_DTYPE = torch.float16  # scales as GPTQ and AWQ checkpoints hold them, whatever the activation dtype
 _SHIFTS = tuple(range(0, 32, 4))
 
 

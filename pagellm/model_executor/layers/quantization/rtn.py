@@ -55,7 +55,7 @@ def gptq_quantize(w: torch.Tensor, group_size: int = 128, sym: bool = True,
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[order] = (torch.arange(k) // g).to(torch.int32)
     wt = w.float().t()  # [K, N]
-    groups = k // g
+    groups = -(-k // g)
     scales = torch.empty(groups, n)
     zeros = torch.empty(groups, n)
     for i in range(groups):

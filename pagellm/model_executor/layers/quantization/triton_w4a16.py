@@ -11,6 +11,7 @@ the same arithmetic as w4a16.w4a16_reference.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -64,8 +65,13 @@ def _w4a16_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int, int]:

@@ -127,7 +127,10 @@ class W4A16LinearMethod(LinearMethod):
         Scales are split with the input channels (a row-parallel layer) unless each rank needs all of them:
         one group over the whole input (group_size -1), or act-order, whose g_idx points anywhere."""
         group = self.group_size if self.group_size != -1 else full_input_size
-        if self.group_size != -1 and not (self.desc_act and input_size != full_input_size):
+        split = input_size != full_input_size
+        if self.group_size != -1 and not (self.desc_act and split):
+            if input_size % group and not split:  # a last, shorter group (an input smaller than one group)
+                return group, -(-input_size // group), 0
             if input_size % group:
                 raise ValueError(f"quantization: a rank's input size {input_size} is not a multiple of the group "
                                  f"size {group} (tensor_parallel_size too large for this checkpoint?)")

@@ -15,6 +15,7 @@ or already quantized in a compressed-tensors checkpoint (`weight` + `weight_scal
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -51,9 +52,16 @@ def quantize_activations(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Te
     return quantize_per_row(x, qdtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _fp8_capable(index: int) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) >= (8, 9)
+
+
 def fp8_mm_supported(device: torch.device) -> bool:
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+    """torch._scaled_mm's fp8 GEMM runs here (CUDA, compute capability 8.9 or later)."""
+    if device.type != "cuda":
+        return False
+    return _fp8_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,

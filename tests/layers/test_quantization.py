@@ -140,12 +140,6 @@ def test_compressed_tensors_refuses_other_schemes(change, match):
 
 
 # ---- 4-bit ------------------------------------------------------------------------------------------------
-def _qkv(config, weights: dict[str, torch.Tensor]):
-    """A QKV layer (4 heads of 16, 2 KV heads) loaded from per-projection weights through `config`'s format."""
-    layer = QKVLinear(64, 16, 4, 2, dtype=torch.float32, quant_config=config, prefix="model.layers.0.self_attn.qkv")
-    return layer
-
-
 @pytest.mark.parametrize("group_size,act_order,sym", [(32, False, True), (16, True, True), (-1, False, False),
                                                       (32, True, False)])
 def test_gptq_qkv_linear(group_size, act_order, sym):

@@ -19,7 +19,7 @@ format, with sane scales) and `has_default = True` (the checkpoint may omit it, 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +82,3 @@ class QuantizationConfig:
 
     def check_dtype(self, dtype: torch.dtype, device: str) -> None:
         """ValueError naming `quantization` when the method cannot run with these activations."""
-
-
-def normal_fill(param: torch.Tensor, generator: torch.Generator, std: float) -> None:
-    param.normal_(0.0, std, generator=generator)
-
-
-FillDummy = Callable[[torch.Tensor, torch.Generator, float], None]

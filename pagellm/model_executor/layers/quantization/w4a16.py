@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from pagellm.model_executor.layers.quantization.base import LinearMethod, make_param, replace_param
+from pagellm.model_executor.layers.quantization.base import LinearMethod, replace_param
 
 PACK = 8  # 4-bit values per int32
 SCALE_DTYPE = torch.float16  # scales as GPTQ and AWQ checkpoints hold them, whatever the activation dtype

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant ...   (any subset, in order)
+# quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -51,6 +52,24 @@ for part in "$@"; do
           logged "llama8b-mixed spec ngram" spec-mixed-on.log 400 '^(pagellm |speculative)' "${BENCH[@]}" throughput \
             --workload llama8b-mixed --peer none --speculative-config "$SPEC" \
             --output-json "$OUT/llama8b-mixed-spec-ngram.json" ;;
+    quant|quant-tests) logged "quant kernel tests" quant-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+            -p no:cacheprovider tests/layers/test_quantization_cuda.py ;;&
+    quant|quant-fp8)  # issue 15: fp8 W8A8 vs bf16 on llama8b-mixed, one run each, same call (target >= 1.35x)
+      for q in none fp8; do
+        qflag=(); [ "$q" != none ] && qflag=(--quantization "$q")
+        logged "llama8b-mixed $q" "llama-$q.log" 300 '^pagellm ' "${BENCH[@]}" throughput --workload llama8b-mixed \
+          --peer none "${qflag[@]}" --output-json "$OUT/llama8b-mixed-$q.json"
+      done
+      python3 benchmarks/quant_ratio.py throughput "$OUT/llama8b-mixed-none.json" "$OUT/llama8b-mixed-fp8.json" \
+        1.35 | tee -a "$summary" ;;&
+    quant|quant-w4)  # issue 15: batch-1 decode, bf16 vs 4-bit GPTQ dummy weights (target >= 1.8x tokens/s)
+      for q in none gptq; do
+        qflag=(); [ "$q" != none ] && qflag=(--quantization "$q")
+        logged "llama8b bs1 $q" "latency-$q.log" 240 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed \
+          --batch-size 1 --input-len 128 --output-len 256 "${qflag[@]}" --output-json "$OUT/llama8b-latency-bs1-$q.json"
+      done
+      python3 benchmarks/quant_ratio.py latency "$OUT/llama8b-latency-bs1-none.json" \
+        "$OUT/llama8b-latency-bs1-gptq.json" 1.8 | tee -a "$summary" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

@@ -55,6 +55,8 @@ class ModelConfig:
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    # Weight quantization method (layers/quantization): the option checked against the checkpoint; None: float.
+    quantization: Optional[str] = None
 
     @property
     def architecture(self) -> str:

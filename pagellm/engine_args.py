@@ -20,6 +20,7 @@ from pagellm.config import (
     SpeculativeConfig,
     resolve_dtype,
 )
+from pagellm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quant_config, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ _HELP = {
     "the request's own prompt and output, and verifies them in one forward pass; each request drafts fewer, down "
     "to none, when its acceptance does not pay; \"disable_by_batch_size\": N (default 64) proposes nothing "
     "while more than N requests run (one device for now)",
+    "quantization": "weight quantization: fp8 or int8 (a float checkpoint quantized per channel at load, "
+    "activations per token), or the checkpoint's own format, detected from its quantization_config: gptq, awq "
+    "(4-bit weights) or compressed-tensors (FP8/INT8 W8A8); with --load-format dummy, gptq and awq give random "
+    "4-bit weights (group size 128)",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -89,6 +94,7 @@ class EngineArgs:
     distributed_executor_backend: Optional[str] = None
     distributed_step_timeout: float = 300.0
     speculative_config: Optional[Any] = None  # a dict (LLM) or JSON text (CLI); see SpeculativeConfig
+    quantization: Optional[str] = None
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -133,6 +139,7 @@ class EngineArgs:
         parser.add_argument("--distributed-step-timeout", type=float, default=defaults.distributed_step_timeout,
                             help=_HELP["distributed_step_timeout"])
         parser.add_argument("--speculative-config", default=None, help=_HELP["speculative_config"])
+        parser.add_argument("--quantization", "-q", default=None, help=_HELP["quantization"])
         return parser
 
     @classmethod
@@ -164,6 +171,9 @@ class EngineArgs:
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)  # fails before the model loads
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; got "
+                             f"{self.quantization!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 
@@ -193,6 +203,8 @@ class EngineArgs:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                              f"({model_max})")
         max_model_len = self.max_model_len or model_max
+        quantization = resolve_quantization(self.quantization, hf_config)
+        get_quant_config(quantization, hf_config, self.load_format)  # a format it cannot build fails here
         model_config = ModelConfig(
             model=self.model or source.display_name,
             source=source,
@@ -205,6 +217,7 @@ class EngineArgs:
             served_model_name=self.served_model_name,
             skip_tokenizer_init=self.skip_tokenizer_init,
             enforce_eager=self.enforce_eager,
+            quantization=quantization,
         )
         max_num_seqs = self.max_num_seqs or (256 if on_cuda else 64)
         max_batched = self.max_num_batched_tokens or (8192 if on_cuda else 2048)

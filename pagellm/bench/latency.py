@@ -78,6 +78,7 @@ def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "dtype": str(llm.llm_engine.config.model_config.dtype).replace("torch.", ""),
+        "quantization": llm.llm_engine.config.model_config.quantization,
         "cuda_graphs": on_cuda and not engine_args.enforce_eager,
         "batch_size": args.batch_size,
         "input_len": args.input_len,
@@ -94,7 +95,7 @@ def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
     if tmp is not None:
         tmp.cleanup()
     print(f"\nlatency: batch {args.batch_size}, {args.input_len} in / {args.output_len} out, {result['device']}, "
-          f"{result['dtype']}, CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
+          f"{result['dtype']}{', ' + result['quantization'] if result['quantization'] else ''}, CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
     print(f"mean {latency:.3f} s over {args.num_iters} runs ({', '.join(f'{t:.3f}' for t in times)}); "
           f"{result['output_tokens_per_s_per_request']:.1f} output tokens/s per request, "
           f"{result['output_tokens_per_s']:.1f} in all")

@@ -76,6 +76,7 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
         "seconds": elapsed,
         "num_blocks": config.cache_config.num_blocks,
         "dtype": str(config.model_config.dtype).replace("torch.", ""),
+        "quantization": config.model_config.quantization,
     }
     if config.speculative_config is not None:
         result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)

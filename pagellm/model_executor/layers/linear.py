@@ -17,6 +17,11 @@ naming which checkpoint projection the tensor is, and copy it into that projecti
 Parameters are created uninitialized (torch.empty) in the requested dtype on the requested device: the loader
 fills them, and a missing checkpoint tensor is an error, not a silently random weight.
 
+Which parameters a layer has, and how it multiplies, is its `quant_method`'s business
+(layers/quantization/base.py): the float `weight` by default, or a quantized format's tensors. The loaders
+below never look at the method: they cut slices by the tags each parameter carries (`input_dim`,
+`output_dim`, `packed_dim`/`pack_factor`, `shard_scalar`), so tensor parallelism works for every format.
+
 A loaded tensor may be a lazy one (the safetensors loader under TP/PP): anything with `.shape`,
 `.narrow(dim, start, length) -> Tensor` (reads only that slice) and `.materialize() -> Tensor`. Sharded
 loaders narrow first, so a rank reads only its own shard from the file.
@@ -27,10 +32,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagellm.distributed.parallel_state import get_tp_group
+from pagellm.model_executor.layers.quantization.base import UNQUANTIZED, LinearMethod, QuantizationConfig
 
 
 def materialize(loaded) -> torch.Tensor:
@@ -45,7 +50,10 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) with a shape check (converts dtype and device)."""
+    """dst.copy_(src) with a shape check (converts dtype and device). A one-element tensor fits any
+    one-element parameter (checkpoints store a scalar scale as [] or [1])."""
+    if dst.numel() == 1 and src.numel() == 1:
+        src = src.reshape(dst.shape)
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"shape mismatch: checkpoint tensor {tuple(src.shape)}, parameter expects {tuple(dst.shape)}")
     dst.copy_(src)
@@ -67,31 +75,51 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=No
     copy_weight(param.data, loaded)
 
 
-def _param(shape: Sequence[int], dtype, device, loader) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-    p.weight_loader = loader
-    return p
+def packed_size(param: torch.Tensor, dim: int, size: int) -> int:
+    """`size` values along `dim` of the layer, in elements of `param` (a packed dim holds pack_factor a piece)."""
+    if getattr(param, "packed_dim", None) != dim:
+        return size
+    factor = param.pack_factor
+    if size % factor:
+        raise ValueError(f"{size} values do not pack into whole elements of {factor}")
+    return size // factor
+
+
+def quant_method_for(quant_config: Optional[QuantizationConfig], prefix: str) -> LinearMethod:
+    return UNQUANTIZED if quant_config is None else quant_config.linear_method(prefix)
 
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b), W [output_size, input_size]."""
+    """y = x @ W^T (+ b), W [output_size, input_size] (or its quantized form, see `quant_method`)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = _param((output_size, input_size), dtype, device, self.weight_loader)
+        if not hasattr(self, "full_input_size"):
+            self.full_input_size = input_size
+        self.quant_method = quant_method_for(quant_config, prefix)
+        self.quant_method.create_weights(self, input_size, self.partition_sizes(), self.full_input_size,
+                                         dtype or torch.get_default_dtype(), device)
         if bias:
-            self.bias = _param((output_size,), dtype, device, self.weight_loader)
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype, device=device), requires_grad=False)
+            self.bias.output_dim = 0
         else:
             self.register_parameter("bias", None)
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
+
+    def partition_sizes(self) -> list[int]:
+        """This rank's output rows of each merged projection (one projection here)."""
+        return [self.output_size]
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
@@ -102,26 +130,28 @@ class RowParallelLinear(Linear):
     split along its last dim (the output of a column-parallel layer). At TP size 1 it is `Linear`."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
         self.full_input_size = input_size
         super().__init__(divide(input_size, self.tp_size, "input size of a row-parallel layer"), output_size, bias,
-                         dtype, device)
+                         dtype, device, quant_config, prefix)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        if self.tp_size == 1 or param.dim() == 1:  # the bias is not split
+        dim = getattr(param, "input_dim", None)
+        if self.tp_size == 1 or dim is None:  # the bias (and anything without an input dim) is not split
             default_weight_loader(param, loaded, shard_id)
             return
         if shard_id is not None:
             raise ValueError(f"this parameter is not merged, but shard {shard_id!r} was given")
-        n = self.input_size
-        copy_weight(param.data, loaded.narrow(1, self.tp_rank * n, n))
+        n = param.shape[dim]  # this rank's share, in the parameter's own (maybe packed) elements
+        copy_weight(param.data, loaded.narrow(dim, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = get_tp_group().all_reduce(F.linear(x, self.weight))
+            return self.quant_method.apply(self, x, self.bias)
+        y = get_tp_group().all_reduce(self.quant_method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
 
@@ -135,14 +165,18 @@ class MergedLinear(Linear):
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-                 shard_names: Optional[Sequence[str]] = None) -> None:
+                 shard_names: Optional[Sequence[str]] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank_in_group, tp.world_size
         self.full_output_sizes = list(output_sizes)
         self.output_sizes = self._rank_sizes(list(output_sizes))
-        super().__init__(input_size, sum(self.output_sizes), bias, dtype, device)
-        self.shard_names = list(shard_names) if shard_names is not None else None
         self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        super().__init__(input_size, sum(self.output_sizes), bias, dtype, device, quant_config, prefix)
+        self.shard_names = list(shard_names) if shard_names is not None else None
+
+    def partition_sizes(self) -> list[int]:
+        return list(self.output_sizes)
 
     def _rank_sizes(self, full: list[int]) -> list[int]:
         return [divide(n, self.tp_size, "output size of a column-parallel layer") for n in full]
@@ -161,30 +195,43 @@ class MergedLinear(Linear):
         return self.tp_rank * self.output_sizes[i]
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        if getattr(param, "shard_scalar", False):  # one value per projection (a per-tensor scale)
+            if shard_id is None:
+                copy_weight(param.data, materialize(loaded))
+            else:
+                copy_weight(param.data[self.shard_index(shard_id)], materialize(loaded))
+            return
+        dim = getattr(param, "output_dim", None)
+        if dim is None:  # no output dim: the same tensor for every projection (GPTQ's g_idx of a shared input)
+            copy_weight(param.data, materialize(loaded))
+            return
         if shard_id is None:  # the whole merged tensor at once (e.g. a checkpoint already merged)
             if self.tp_size == 1:
                 copy_weight(param.data, materialize(loaded))
                 return
-            if tuple(loaded.shape)[0] != sum(self.full_output_sizes):
+            full_sizes = [packed_size(param, dim, n) for n in self.full_output_sizes]
+            if tuple(loaded.shape)[dim] != sum(full_sizes):
                 raise ValueError(f"shape mismatch: merged checkpoint tensor {tuple(loaded.shape)}, expected "
-                                 f"{sum(self.full_output_sizes)} rows")
+                                 f"{sum(full_sizes)} along dim {dim}")
             start = 0
-            for i, n in enumerate(self.full_output_sizes):
-                self._load_shard(param, loaded.narrow(0, start, n), i)
+            for i, n in enumerate(full_sizes):
+                self._load_shard(param, loaded.narrow(dim, start, n), i)
                 start += n
             return
         self._load_shard(param, loaded, self.shard_index(shard_id))
 
     def _load_shard(self, param: torch.Tensor, loaded, i: int) -> None:
-        n = self.output_sizes[i]
+        dim = param.output_dim
+        n = packed_size(param, dim, self.output_sizes[i])
         if self.tp_size == 1:
             src = materialize(loaded)
         else:
-            full = self.full_output_sizes[i]
-            if tuple(loaded.shape)[0] != full:
-                raise ValueError(f"shape mismatch: checkpoint tensor {tuple(loaded.shape)}, expected {full} rows")
-            src = loaded.narrow(0, self.shard_start(i), n)
-        copy_weight(param.data.narrow(0, self.offsets[i], n), src)
+            full = packed_size(param, dim, self.full_output_sizes[i])
+            if tuple(loaded.shape)[dim] != full:
+                raise ValueError(f"shape mismatch: checkpoint tensor {tuple(loaded.shape)}, expected {full} "
+                                 f"along dim {dim}")
+            src = loaded.narrow(dim, packed_size(param, dim, self.shard_start(i)), n)
+        copy_weight(param.data.narrow(dim, packed_size(param, dim, self.offsets[i]), n), src)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The output of forward() split back into its shards (views)."""
@@ -200,7 +247,8 @@ class QKVLinear(MergedLinear):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         tp = get_tp_group()
         tp_size = tp.world_size
         self.head_dim = head_dim
@@ -215,7 +263,8 @@ class QKVLinear(MergedLinear):
             self.kv_replicas = divide(tp_size, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
         self._kv_sizes = [self.num_kv_heads * head_dim] * 2
         sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden_size, sizes, bias, dtype, device, shard_names=["q", "k", "v"])
+        super().__init__(hidden_size, sizes, bias, dtype, device, shard_names=["q", "k", "v"],
+                         quant_config=quant_config, prefix=prefix)
 
     def _rank_sizes(self, full: list[int]) -> list[int]:
         return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from pagellm.model_executor.layers.quantization import get_quant_config
 from pagellm.model_executor.loader.source import ModelSource, load_hf_config, resolve_model_source
 from pagellm.model_executor.models.llama import sliding_window_of
 from pagellm.model_executor.models.registry import get_model_class
@@ -61,10 +62,20 @@ def weights_iterator(source: ModelSource, load_format: str, config) -> Iterable[
     return iterate_safetensors_weights(source.path, lazy=lazy)
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_model(config, dtype: torch.dtype, device: torch.device, quant_config=None) -> nn.Module:
     """The architecture's module with uninitialized weights (no loading)."""
     cls = get_model_class(config)
-    return cls(config, dtype=dtype, device=device)
+    if quant_config is None:
+        return cls(config, dtype=dtype, device=device)
+    return cls(config, dtype=dtype, device=device, quant_config=quant_config)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer's quant_method turn the loaded tensors into its compute layout (a no-op in float)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 @torch.no_grad()
@@ -78,19 +89,24 @@ def load_model(model_config, device: torch.device | str) -> nn.Module:
     load_format = resolve_load_format(model_config.load_format, source if model_config.load_format != "dummy"
                                       else None)
     check_sliding_window(config, model_config.max_model_len)
+    quant_config = get_quant_config(model_config.quantization, config, load_format)
     start = time.perf_counter()
-    model = build_model(config, model_config.dtype, device)
+    model = build_model(config, model_config.dtype, device, quant_config)
     if load_format == "dummy":
         from pagellm.model_executor.loader.dummy_loader import load_dummy_weights
 
         load_dummy_weights(model, config, model_config.seed)
     else:
         loaded = model.load_weights(weights_iterator(source, load_format, config))
-        missing = [name for name, _ in model.named_parameters() if name not in loaded]
+        # A parameter with a default value (GPTQ's trivial g_idx) may be absent.
+        missing = [name for name, p in model.named_parameters()
+                   if name not in loaded and not getattr(p, "has_default", False)]
         if missing:
             raise ValueError(f"weights missing from the checkpoint {source.file_path}: {_describe(model, missing)}")
+    process_weights_after_loading(model)
     model.eval()
-    logger.info("loaded %s (%s, %s) on %s in %.1fs", type(model).__name__, load_format, model_config.dtype, device,
+    logger.info("loaded %s (%s, %s%s) on %s in %.1fs", type(model).__name__, load_format, model_config.dtype,
+                f", quantization {quant_config.name}" if quant_config is not None else "", device,
                 time.perf_counter() - start)
     return model
 
@@ -107,4 +123,5 @@ def _describe(model: nn.Module, missing: list[str]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["load_model", "build_model", "resolve_load_format", "check_sliding_window"]
+__all__ = ["load_model", "build_model", "process_weights_after_loading", "resolve_load_format",
+           "check_sliding_window"]

@@ -1,6 +1,8 @@
 """Random weights for any config (benchmarks, tests of shapes): no checkpoint is read.
 
-Weights are drawn from N(0, initializer_range) (0.02 if the config has none), norm weights are ones;
+Weights are drawn from N(0, initializer_range) (0.02 if the config has none), norm weights are ones; a
+quantized format's tensors (packed 4-bit ints, fp8/int8 weights and their scales) are filled by the
+`fill_dummy` their quant_method put on them, so that they dequantize to weights of about that spread;
 everything is generated directly on the target device in the target dtype, from one seeded generator, so a
 seed gives the same model on the same device.
 """
@@ -26,7 +28,10 @@ def load_dummy_weights(model: nn.Module, config: Any, seed: int = 0) -> set[str]
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, param in params.items():
-        if _is_norm(name):
+        fill = getattr(param, "fill_dummy", None)
+        if fill is not None:
+            fill(param, gen, std)
+        elif _is_norm(name):
             param.fill_(1.0)
         else:
             param.normal_(0.0, std, generator=gen)

@@ -1,8 +1,10 @@
 """Llama-family decoder: Llama 2/3/3.1, Mistral, Qwen2, SmolLM2 (all the same code, differing only in config).
 
-Constructor convention (every model class in models/): `cls(config, dtype=None, device=None)` builds the
-module with uninitialized parameters (norm weights are ones) of `dtype` directly on `device`; a loader then
-fills them through `load_weights`. Nothing is allocated twice and nothing is cast afterwards.
+Constructor convention (every model class in models/): `cls(config, dtype=None, device=None, quant_config=None)`
+builds the module with uninitialized parameters (norm weights are ones) of `dtype` directly on `device`; a loader
+then fills them through `load_weights`. Nothing is allocated twice and nothing is cast afterwards. With a
+`quant_config` the linear layers hold that format's tensors instead (each layer is told its checkpoint name,
+`prefix`, so a format can leave some layers in float).
 
 Interface the model runner relies on:
   forward(input_ids [T], positions [T], kv_caches: list per layer, attn_metadata) -> hidden [T, H] (final norm)
@@ -35,6 +37,7 @@ from pagellm.model_executor.layers.activation import get_act_and_mul
 from pagellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from pagellm.model_executor.layers.linear import MergedLinear, QKVLinear, RowParallelLinear, materialize
 from pagellm.model_executor.layers.norm import RMSNorm
+from pagellm.model_executor.layers.quantization.base import QuantizationConfig
 from pagellm.model_executor.layers.rotary import RotaryEmbedding, get_rope
 from pagellm.model_executor.models.utils import IntermediateTensors, PPMissingLayer
 
@@ -74,10 +77,12 @@ def sliding_window_of(config: Any) -> Optional[int]:
 
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, dtype, device)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, dtype, device)
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, dtype, device,
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, dtype, device, quant_config,
+                                           f"{prefix}.down_proj")
         self.act_fn = get_act_and_mul(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,19 +93,22 @@ class LlamaAttention(nn.Module):
     """qkv_proj -> (optional per-head q/k RMSNorm, Qwen3) -> RoPE -> paged attention -> o_proj."""
 
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None) -> None:
+                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = head_dim_of(config)
-        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, device)
+        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, device,
+                                  quant_config, f"{prefix}.qkv_proj")
         # This rank's heads (all of them without tensor parallelism).
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, self.hidden_size, o_bias, dtype, device)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, self.hidden_size, o_bias, dtype, device,
+                                        quant_config, f"{prefix}.o_proj")
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
@@ -124,11 +132,13 @@ class LlamaAttention(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None) -> None:
+                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, dtype, device, rotary_emb)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, dtype, device, rotary_emb, quant_config,
+                                        f"{prefix}.self_attn")
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu"),
-                            bool(getattr(config, "mlp_bias", False)), dtype, device)
+                            bool(getattr(config, "mlp_bias", False)), dtype, device, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -146,7 +156,8 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 dtype=None, device=None, need_embedding: bool = False) -> None:
+                 dtype=None, device=None, need_embedding: bool = False,
+                 quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         pp = get_pp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
@@ -157,7 +168,8 @@ class LlamaModel(nn.Module):
             self.embed_tokens = PPMissingLayer()
         self.rotary_emb = get_rope(config, head_dim_of(config), device=device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, dtype, device, self.rotary_emb)
+            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, dtype, device, self.rotary_emb, quant_config,
+                              f"model.layers.{i}")
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
@@ -187,7 +199,8 @@ class LlamaForCausalLM(nn.Module):
     qk_norm = False
 
     def __init__(self, config: Any, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device | str] = None) -> None:
+                 device: Optional[torch.device | str] = None,
+                 quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
         dtype = dtype or torch.get_default_dtype()
@@ -195,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         last_stage = get_pp_group().is_last_rank
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, dtype, device,
-                                need_embedding=self.tie_word_embeddings and last_stage)
+                                need_embedding=self.tie_word_embeddings and last_stage, quant_config=quant_config)
         if last_stage:
             self.lm_head = LMHead(config.hidden_size, config.vocab_size, dtype, device,
                                   tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)

@@ -1,0 +1,86 @@
+"""compressed-tensors checkpoints (llm-compressor): FP8 and INT8 W8A8 with dynamic per-token activations.
+
+config.json's quantization_config names schemes in `config_groups`; each says how `weights` and
+`input_activations` are quantized. Supported here: 8-bit symmetric weights (float -> fp8 e4m3, int -> int8),
+one scale per output channel (`strategy: channel`, weight_scale [N, 1]) or per tensor (`tensor`, one scalar
+per checkpoint projection), with activations quantized per token at run time (`dynamic: true, strategy:
+token`) in the same type. Layers named in `ignore` stay in float. Anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+
+from pagellm.model_executor.layers.quantization.base import UNQUANTIZED, LinearMethod, QuantizationConfig
+from pagellm.model_executor.layers.quantization.w8a8 import FP8, W8A8LinearMethod
+
+
+def _refuse(what: str) -> ValueError:
+    return ValueError(f"quantization: this compressed-tensors checkpoint uses {what}, which pagellm does not "
+                      f"support (8-bit symmetric weights per channel or tensor, dynamic per-token activations)")
+
+
+class CompressedTensorsConfig(QuantizationConfig):
+    name = "compressed-tensors"
+
+    def __init__(self, qdtype: torch.dtype, weight_strategy: str, ignore: list[str]) -> None:
+        self.qdtype = qdtype
+        self.weight_strategy = weight_strategy
+        self.ignore = list(ignore)
+
+    @classmethod
+    def from_dict(cls, qc: dict[str, Any]) -> "CompressedTensorsConfig":
+        groups = list((qc.get("config_groups") or {}).values())
+        if not groups:
+            raise _refuse("no config_groups")
+        schemes = {repr((g.get("weights"), g.get("input_activations"))) for g in groups}
+        if len(schemes) > 1:
+            raise _refuse("several schemes in one model")
+        group = groups[0]
+        targets = group.get("targets") or []
+        if targets != ["Linear"]:
+            raise _refuse(f"targets {targets}")
+        w, a = group.get("weights") or {}, group.get("input_activations")
+        kind = w.get("type")
+        if w.get("num_bits") != 8 or kind not in ("float", "int") or not w.get("symmetric", True):
+            raise _refuse(f"weights {w}")
+        if w.get("dynamic"):
+            raise _refuse("dynamic weight scales")
+        strategy = w.get("strategy", "tensor")
+        if strategy not in ("channel", "tensor"):
+            raise _refuse(f"weight strategy {strategy!r}")
+        if a is None:
+            raise _refuse("weight-only 8-bit quantization (no input_activations)")
+        if (a.get("num_bits") != 8 or a.get("type") != kind or not a.get("dynamic")
+                or a.get("strategy") != "token" or not a.get("symmetric", True)):
+            raise _refuse(f"input_activations {a} (only dynamic per-token is supported)")
+        return cls(FP8 if kind == "float" else torch.int8, strategy, qc.get("ignore") or [])
+
+    def is_ignored(self, prefix: str) -> bool:
+        for entry in self.ignore:
+            if entry.startswith("re:"):
+                if re.fullmatch(entry[3:], prefix):
+                    return True
+            elif entry == prefix:
+                return True
+        return False
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        if self.is_ignored(prefix):
+            return UNQUANTIZED
+        return W8A8LinearMethod(self.qdtype, serialized=True, weight_strategy=self.weight_strategy)
+
+
+class OnlineW8A8Config(QuantizationConfig):
+    """quantization="fp8" or "int8" on a float checkpoint (safetensors or the dequantized GGUF): every linear
+    layer's weight is quantized per output channel once, after loading."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.qdtype: Optional[torch.dtype] = {"fp8": FP8, "int8": torch.int8}[name]
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        return W8A8LinearMethod(self.qdtype, serialized=False)

@@ -1,0 +1,158 @@
+"""W8A8: 8-bit weights with one scale per output channel, 8-bit activations with one scale per token, computed
+at run time. Two element types share all of it: float8 e4m3 ("fp8") and int8 ("int8").
+
+    w[n, k] ~ wq[n, k] * ws[n]        x[m, k] ~ xq[m, k] * xs[m]
+    y[m, n] = (sum_k xq[m, k] * wq[n, k]) * xs[m] * ws[n]
+
+The sum runs in float32 (fp8) or int32 (int8), then one rescale: on CUDA `torch._scaled_mm` (fp8, compute
+capability >= 8.9) or `torch._int_mm` (int8), with the per-token quantization in one Triton pass; on the CPU
+(and older GPUs for fp8) the same sum in float32 / torch's CPU int8 matmul, so CI checks the numerics the
+GPU runs.
+
+Weights come either from a float checkpoint, quantized once after loading (`quantization="fp8"` or "int8"),
+or already quantized in a compressed-tensors checkpoint (`weight` + `weight_scale`, per channel or per tensor).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pagellm.model_executor.layers.quantization.base import LinearMethod, make_param, replace_param
+
+FP8 = torch.float8_e4m3fn
+QMAX = {FP8: torch.finfo(FP8).max, torch.int8: 127.0}
+MIN_SCALE = 1e-10  # an all-zero row gets this scale (and zeros), not a division by zero
+
+
+def quantize_per_row(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of each row of a 2-D tensor: (q [M, K] qdtype, scale [M, 1] float32).
+
+    scale = max|row| / qmax; q = x / scale, rounded to nearest even (int8) or cast (fp8, itself round to
+    nearest even), clamped to +-qmax. The torch reference of the Triton kernel in triton_quant.py."""
+    qmax = QMAX[qdtype]
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_SCALE)
+    q = xf / scale
+    if qdtype == torch.int8:
+        q = q.round()
+    return q.clamp(-qmax, qmax).to(qdtype), scale
+
+
+def quantize_activations(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization; one fused Triton pass on CUDA."""
+    if x.is_cuda:
+        from pagellm.model_executor.layers.quantization.triton_quant import quantize_per_row_triton
+
+        return quantize_per_row_triton(x, qdtype)
+    return quantize_per_row(x, qdtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_capable(index: int) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def fp8_mm_supported(device: torch.device) -> bool:
+    """torch._scaled_mm's fp8 GEMM runs here (CUDA, compute capability 8.9 or later)."""
+    if device.type != "cuda":
+        return False
+    return _fp8_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq [M, K] @ wq [N, K]^T) * xs [M, 1] * ws [1, N], in out_dtype."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    if wq.dtype == FP8:
+        if fp8_mm_supported(xq.device) and k % 16 == 0 and n % 16 == 0:
+            # Row-wise scaled fp8 GEMM (float32 accumulation); its row-wise form writes bfloat16.
+            y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
+            return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+        acc = xq.float() @ wq.float().t()
+    else:
+        if xq.is_cuda:
+            # cuBLASLt's int8 GEMM wants more than 16 rows, in multiples of 8: pad small batches.
+            rows = max(32, -(-m // 8) * 8)
+            xp = F.pad(xq, (0, 0, 0, rows - m)) if rows != m else xq
+            acc = torch._int_mm(xp, wq.t())[:m].float()
+        else:
+            acc = torch._int_mm(xq, wq.t()).float()
+    return (acc * xs * ws).to(out_dtype)
+
+
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x W^T (+ bias) with W = wq * ws (ws [1, N] float32) and x quantized per token like wq."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, xs = quantize_activations(x2, wq.dtype)
+    y = w8a8_matmul(xq, xs, wq, ws, x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], wq.shape[0])
+
+
+def _fill_q(qdtype: torch.dtype):
+    """Dummy 8-bit weights: standard normal (fp8) or uniform over [-127, 127] (int8)."""
+    def fill(param: torch.Tensor, gen: torch.Generator, std: float) -> None:
+        if qdtype == FP8:
+            param.copy_(torch.randn(param.shape, generator=gen, device=param.device).to(FP8))
+        else:
+            param.copy_(torch.randint(-127, 128, param.shape, generator=gen, device=param.device))
+    return fill
+
+
+def _fill_scale(qdtype: torch.dtype):
+    """Dummy scales: q * scale has the spread `std` of a float dummy weight."""
+    q_std = 1.0 if qdtype == FP8 else math.sqrt((255 ** 2 - 1) / 12)  # N(0, 1); uniform integers in [-127, 127]
+
+    def fill(param: torch.Tensor, gen: torch.Generator, std: float) -> None:
+        param.fill_(std / q_std)
+    return fill
+
+
+class W8A8LinearMethod(LinearMethod):
+    """qdtype: FP8 or torch.int8. serialized: the checkpoint holds the quantized weight and its scale (per output
+    channel, or per tensor: one per merged projection), else it holds a float weight that is quantized after
+    loading. Activations are always quantized per token at run time."""
+
+    def __init__(self, qdtype: torch.dtype, serialized: bool, weight_strategy: str = "channel") -> None:
+        if weight_strategy not in ("channel", "tensor"):
+            raise ValueError(f"quantization: weight strategy {weight_strategy!r} is not supported (channel, tensor)")
+        self.qdtype = qdtype
+        self.serialized = serialized
+        self.weight_strategy = weight_strategy
+
+    def create_weights(self, layer, input_size, output_sizes, full_input_size, dtype, device) -> None:
+        rows = sum(output_sizes)
+        layer.output_partition_sizes = list(output_sizes)
+        if not self.serialized:
+            make_param(layer, "weight", (rows, input_size), dtype, device, input_dim=1, output_dim=0)
+            return
+        make_param(layer, "weight", (rows, input_size), self.qdtype, device, input_dim=1, output_dim=0,
+                   fill_dummy=_fill_q(self.qdtype))
+        if self.weight_strategy == "channel":
+            make_param(layer, "weight_scale", (rows, 1), torch.float32, device, output_dim=0,
+                       fill_dummy=_fill_scale(self.qdtype))
+        else:
+            make_param(layer, "weight_scale", (len(output_sizes),), torch.float32, device, shard_scalar=True,
+                       fill_dummy=_fill_scale(self.qdtype))
+
+    def process_weights_after_loading(self, layer) -> None:
+        if not self.serialized:
+            q, scale = quantize_per_row(layer.weight.data, self.qdtype)
+            replace_param(layer, "weight", q)
+            layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
+        scale = layer.weight_scale.data.float()
+        if self.weight_strategy == "tensor" and self.serialized:  # one scale per projection -> per row
+            sizes = torch.tensor(layer.output_partition_sizes, device=scale.device)
+            scale = scale.repeat_interleave(sizes)
+        replace_param(layer, "weight_scale", scale.reshape(1, -1).contiguous())
+
+    def apply(self, layer, x, bias):
+        return w8a8_linear(x, layer.weight, layer.weight_scale, bias)

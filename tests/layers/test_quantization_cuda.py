@@ -1,0 +1,111 @@
+"""The quantized layers' CUDA paths against their torch references, on random data of many shapes (GPU only):
+the per-token quantization kernel, the fp8 GEMM (torch._scaled_mm), the int8 GEMM (torch._int_mm) and the
+Triton W4A16 kernel; then a tiny engine per method with CUDA graphs. Run by benchmarks/gpu_check.sh quant.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from pagellm.model_executor.layers.quantization.w8a8 import (  # noqa: E402
+    FP8,
+    fp8_mm_supported,
+    quantize_per_row,
+    w8a8_matmul,
+)
+from pagellm.model_executor.layers.quantization.w4a16 import pack_rows, w4a16_reference  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("qdtype", [FP8, torch.int8])
+@pytest.mark.parametrize("rows,cols", [(1, 4096), (7, 576), (64, 14336), (300, 1000), (3, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_token_quant_kernel(qdtype, rows, cols, dtype):
+    from pagellm.model_executor.layers.quantization.triton_quant import quantize_per_row_triton
+
+    x = (torch.randn(rows, cols, device="cuda") * 3).to(dtype)
+    x[0, :] = 0  # an all-zero row
+    q, s = quantize_per_row_triton(x, qdtype)
+    q_ref, s_ref = quantize_per_row(x, qdtype)
+    assert torch.equal(s, s_ref)
+    mismatch = (q.float() != q_ref.float()).float().mean().item()
+    assert mismatch < 1e-4, f"{mismatch:.2e} of the values differ"
+
+
+@pytest.mark.parametrize("qdtype", [FP8, torch.int8])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 128, 1000])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (4096, 14336), (576, 1536), (48, 32)])
+def test_w8a8_gemm_matches_float_reference(qdtype, m, n, k):
+    if qdtype == FP8:
+        assert fp8_mm_supported(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (8, 9))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    wq, ws = quantize_per_row(w, qdtype)
+    ws = ws.reshape(1, -1).contiguous()
+    xq, xs = quantize_per_row(x, qdtype)
+    y = w8a8_matmul(xq, xs, wq, ws, torch.bfloat16)
+    ref = (xq.double() @ wq.double().t()) * xs.double() * ws.double()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 1e-2 * ref.abs().max().item() + 1e-3, err
+
+
+def _w4_case(m, n, k, group, act_order, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    group = group if group != -1 else k
+    groups = -(-k // group)
+    q = torch.randint(0, 16, (k, n), device="cuda", dtype=torch.int32, generator=g)
+    scales = (torch.rand(groups, n, device="cuda", generator=g) * 0.01 + 1e-3).half()
+    zeros = torch.randint(0, 16, (groups, n), device="cuda", generator=g).half()
+    g_idx = None
+    if act_order:  # sorted groups of uneven sizes, as a tensor-parallel shard of an act-order checkpoint has
+        g_idx = torch.sort(torch.randint(0, groups, (k,), device="cuda", generator=g)).values.to(torch.int32)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    return x, pack_rows(q), scales, zeros, g_idx, group
+
+
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 33, 128, 700])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (1536, 576), (72, 256)])
+@pytest.mark.parametrize("group,act_order", [(128, False), (32, False), (64, True), (-1, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a16_kernel_matches_dequantize_then_matmul(m, n, k, group, act_order, dtype):
+    from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
+
+    if k % (group if group != -1 else k):
+        pytest.skip("group does not divide K")
+    x, qweight, scales, zeros, g_idx, group = _w4_case(m, n, k, group, act_order, dtype)
+    y = w4a16_matmul(x, qweight, scales, zeros, g_idx, group)
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert y.dtype == dtype and y.shape == (m, n)
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= 1e-2 * ref.float().abs().max().item() + 1e-2, err
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "int8", "gptq", "awq"])
+def test_engine_with_cuda_graphs(tiny_model_dir, quantization):
+    """A tiny model per method on CUDA in bf16, decode CUDA graphs on: runs, and (fp8/int8, whose float
+    checkpoint is the same) its first greedy token agrees with the unquantized engine's."""
+    from pagellm import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    prompts = [{"prompt_token_ids": list(range(10 + i, 40 + i))} for i in range(4)]
+    opts = dict(dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.3, max_model_len=256,
+                device="cuda")
+    if quantization in ("gptq", "awq"):
+        opts["load_format"] = "dummy"
+    llm = LLM(tiny_model_dir("llama"), quantization=quantization, **opts)
+    try:
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert all(len(o) == 16 for o in outs)
+    if quantization in ("fp8", "int8"):
+        ref_llm = LLM(tiny_model_dir("llama"), **opts)
+        try:
+            ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            ref_llm.shutdown()
+        assert [o[0] for o in outs] == [r[0] for r in ref], (outs, ref)  # later tokens may drift apart

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from pagellm.model_executor.layers.quantization.w8a8 import FP8, MIN_SCALE, QMAX
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
 
 
 @triton.jit

@@ -322,9 +322,11 @@ def test_split_heuristic():
     assert decode_num_splits(32, 8, 2048, 132) == 1  # 256 programs: splitting measured slower
 
 
-def test_decode_cuda_graph():
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv-bf16", "kv-fp8"])
+def test_decode_cuda_graph(kv_fp8: bool):
     """The decode path captured once in a CUDA graph, replayed over steps with new inputs (fixed max_seq_len;
-    two padded slots with seq_len 0 and slot -1), matches the reference each step."""
+    two padded slots with seq_len 0 and slot -1), matches the reference each step. With an FP8 cache the K/V
+    scales change between replays: the graph must read them from memory, not keep the captured values."""
     _need_cuda()
     from pagellm.attention.backends import triton_attn
 
@@ -340,7 +342,9 @@ def test_decode_cuda_graph():
     perm = torch.randperm(num_blocks - 1, generator=gen) + 1
     tables = torch.zeros((n_real + n_pad, nb), dtype=torch.int32)
     tables[:n_real] = perm.view(n_real, nb).int()
-    cache = torch.randn((2, num_blocks, bs, hk, d), generator=gen).to(dt).to(device)
+    cache = torch.randn((2, num_blocks, bs, hk, d), generator=gen)
+    s_scales = torch.tensor([0.5, 0.25], device=device)  # K, V (FP8 only)
+    cache = (quantize_planes(cache, s_scales.cpu()) if kv_fp8 else cache.to(dt)).to(device)
     b = n_real + n_pad
     s_q = torch.zeros((b, hq, d), dtype=dt, device=device)
     s_k = torch.zeros((b, hk, d), dtype=dt, device=device)
@@ -349,6 +353,7 @@ def test_decode_cuda_graph():
     s_tables = tables.to(device)
     meta = make_meta([1] * b, [1] * b, s_tables, s_slots, b, bs, b, max_seq_len=max_model_len)
     scale = d ** -0.5
+    scale_args = (s_scales[:1], s_scales[1:]) if kv_fp8 else ()
 
     def fill(lens):
         seq = lens + [0] * n_pad
@@ -365,22 +370,31 @@ def test_decode_cuda_graph():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            triton_attn.forward(s_q, s_k, s_v, cache, meta, scale)
+            triton_attn.forward(s_q, s_k, s_v, cache, meta, scale, *scale_args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        s_out = triton_attn.forward(s_q, s_k, s_v, cache, meta, scale)
+        s_out = triton_attn.forward(s_q, s_k, s_v, cache, meta, scale, *scale_args)
 
     for step in range(1, 4):
         lens = [c + step for c in ctx]
         slots = fill(lens)
-        ref_cache = cache.float()
         ref_meta = make_meta([1] * n_real, lens, s_tables[:n_real],
                              torch.tensor(slots[:n_real], dtype=torch.int64, device=device), n_real, bs, n_real)
-        ref = torch_ref.forward(s_q[:n_real].float(), s_k[:n_real].float(), s_v[:n_real].float(), ref_cache,
-                                ref_meta, scale)
+        new_k, new_v = s_k[:n_real].float(), s_v[:n_real].float()
+        if kv_fp8:
+            s_scales.copy_(torch.tensor([0.5 * step, 0.25 / step]))
+            ks, vs = s_scales[0], s_scales[1]
+            new_k, new_v = fp8_kv.quantize(new_k, ks).float() * ks, fp8_kv.quantize(new_v, vs).float() * vs
+            ref_cache = dequantize_planes(cache, s_scales)
+        else:
+            ref_cache = cache.float()
+        ref = torch_ref.forward(s_q[:n_real].float(), new_k, new_v, ref_cache, ref_meta, scale)
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(s_out[:n_real].float(), ref, atol=2e-2, rtol=2e-2)
         assert torch.equal(s_out[n_real:], torch.zeros_like(s_out[n_real:]))
-        torch.testing.assert_close(cache.float(), ref_cache, atol=0, rtol=0)  # same K/V written by both
+        if kv_fp8:  # the same K/V written by both, up to a value exactly between two codes
+            assert_fp8_codes_match(cache.cpu(), quantize_planes(ref_cache.cpu(), s_scales.cpu()))
+        else:
+            torch.testing.assert_close(cache.float(), ref_cache, atol=0, rtol=0)  # same K/V written by both

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|kvfp8[-tests|-bench] ...   (any subset, in order)
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -35,6 +35,24 @@ for part in "$@"; do
             --workload llama8b-mixed --peer hf --output-json "$OUT/llama8b-mixed-peer.json" ;;
     latency) logged "llama8b bs1 $tag" "latency-$tag.log" 300 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed \
                --batch-size 1 --input-len 128 --output-len 256 --output-json "$OUT/llama8b-latency-bs1-$tag.json" ;;
+    # Issue 15's FP8 KV cache: its GPU tests (kvfp8-tests), then llama8b-mixed with the default cache and with FP8
+    # (kvfp8-bench, the pair in one run); kvfp8 runs both (may not fit one 10-minute call: then run the two).
+    kvfp8|kvfp8-tests) logged "fp8 KV tests" kvfp8-tests.log 420 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/attention/test_triton_attention.py tests/attention/test_fp8_kv.py \
+        tests/engine/test_cuda_engine.py -k "kv8 or kv-fp8 or kv-bf16 or fp8 or backend or split" ;;&
+    kvfp8|kvfp8-bench)
+      for kv in auto fp8; do
+        logged "llama8b-mixed kv_cache_dtype=$kv" "kvfp8-llama-$kv.log" 280 '^pagellm ' "${BENCH[@]}" throughput \
+          --workload llama8b-mixed --peer none --kv-cache-dtype "$kv" --output-json "$OUT/llama8b-mixed-kv-$kv.json"
+      done
+      python3 - "$OUT" >> "$summary" <<'PY' || echo "kvfp8 fp8/auto: missing results" >> "$summary"
+import json, sys
+a, f = (json.load(open(f"{sys.argv[1]}/llama8b-mixed-kv-{kv}.json"))["pagellm"] for kv in ("auto", "fp8"))
+print(f"kvfp8 fp8/auto: KV blocks {f['num_blocks']}/{a['num_blocks']} = {f['num_blocks'] / a['num_blocks']:.2f}x "
+      f"(target 2x), output tok/s {f['output_tokens_per_s']:.0f}/{a['output_tokens_per_s']:.0f} = "
+      f"{f['output_tokens_per_s'] / a['output_tokens_per_s']:.3f}x (target >= 1)")
+PY
+      ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

@@ -84,4 +84,5 @@ def load_kv_scale(buffers: dict[str, torch.Tensor], name: str, tensor: Any) -> b
     return True
 
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "is_fp8", "check_device_supports", "quantize", "checkpoint_scale_targets", "load_kv_scale"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "is_fp8", "check_device_supports", "quantize", "checkpoint_scale_targets",
+           "load_kv_scale"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8 ...   (any subset, in order)
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
+# kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -70,6 +71,24 @@ for part in "$@"; do
       done
       python3 benchmarks/quant_ratio.py latency "$OUT/llama8b-latency-bs1-none.json" \
         "$OUT/llama8b-latency-bs1-gptq.json" 1.8 | tee -a "$summary" ;;
+    # Issue 15's FP8 KV cache: its GPU tests (kvfp8-tests), then llama8b-mixed with the default cache and with FP8
+    # (kvfp8-bench, the pair in one run); kvfp8 runs both (may not fit one 10-minute call: then run the two).
+    kvfp8|kvfp8-tests) logged "fp8 KV tests" kvfp8-tests.log 420 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/attention/test_triton_attention.py tests/attention/test_fp8_kv.py \
+        tests/engine/test_cuda_engine.py -k "kv8 or kv-fp8 or kv-bf16 or fp8 or backend or split" ;;&
+    kvfp8|kvfp8-bench)
+      for kv in auto fp8; do
+        logged "llama8b-mixed kv_cache_dtype=$kv" "kvfp8-llama-$kv.log" 280 '^pagellm ' "${BENCH[@]}" throughput \
+          --workload llama8b-mixed --peer none --kv-cache-dtype "$kv" --output-json "$OUT/llama8b-mixed-kv-$kv.json"
+      done
+      python3 - "$OUT" >> "$summary" <<'PY' || echo "kvfp8 fp8/auto: missing results" >> "$summary"
+import json, sys
+a, f = (json.load(open(f"{sys.argv[1]}/llama8b-mixed-kv-{kv}.json"))["pagellm"] for kv in ("auto", "fp8"))
+print(f"kvfp8 fp8/auto: KV blocks {f['num_blocks']}/{a['num_blocks']} = {f['num_blocks'] / a['num_blocks']:.2f}x "
+      f"(target 2x), output tok/s {f['output_tokens_per_s']:.0f}/{a['output_tokens_per_s']:.0f} = "
+      f"{f['output_tokens_per_s'] / a['output_tokens_per_s']:.3f}x (target >= 1)")
+PY
+      ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

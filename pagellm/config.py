@@ -42,6 +42,19 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: Optional[torch.dtype],
         raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}") from None
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype K and V are stored in: 'auto' is the model's; 'fp8' (= 'fp8_e4m3') is float8 e4m3 with a scale
+    per layer for K and one for V (attention/fp8_kv.py), half the bytes of bf16 and so twice the blocks."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
+
+
 @dataclass
 class ModelConfig:
     model: str  # what the user named (path, GGUF file, or HF id)
@@ -88,6 +101,7 @@ class CacheConfig:
     kv_cache_memory: Optional[int] = None  # bytes for the KV cache; None: a fraction of free memory
     gpu_memory_utilization: float = 0.9  # fraction of device memory the engine may use (CPU: of free RAM)
     num_blocks: Optional[int] = None  # set by the worker after sizing the KV cache
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | fp8_e4m3: see resolve_kv_cache_dtype
 
 
 @dataclass

@@ -18,7 +18,9 @@ from pagellm.config import (
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    KV_CACHE_DTYPES,
     resolve_dtype,
+    resolve_kv_cache_dtype,
 )
 from pagellm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quant_config, resolve_quantization
 
@@ -40,6 +42,9 @@ _HELP = {
     "load_format": "auto (GGUF or safetensors by what the model is), safetensors, gguf, or dummy (random weights)",
     "kv_cache_memory": "bytes for the KV cache (default: on CUDA, what gpu_memory_utilization leaves; on CPU, "
     "10%% of available RAM)",
+    "kv_cache_dtype": "how K and V are stored in the KV cache: auto (the model's dtype) or fp8 (= fp8_e4m3: "
+    "float8 e4m3 with a per-layer scale for K and for V, from the checkpoint's k_scale/v_scale or 1.0; twice the "
+    "blocks of bf16 in the same memory; CUDA needs compute capability 8.9+)",
     "gpu_memory_utilization": "fraction of the GPU memory the engine may use for weights, activations and KV cache",
     "device": "auto (cuda if available, else cpu), cuda, cuda:N or cpu",
     "scheduling_policy": "fcfs (first come, first served) or priority (lower value first, then arrival)",
@@ -81,6 +86,7 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"
     kv_cache_memory: Optional[int] = None
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     device: str = "auto"
     scheduling_policy: str = "fcfs"
@@ -120,6 +126,8 @@ class EngineArgs:
         parser.add_argument("--load-format", default=defaults.load_format,
                             choices=["auto", "safetensors", "gguf", "dummy"], help=_HELP["load_format"])
         parser.add_argument("--kv-cache-memory", type=int, default=None, help=_HELP["kv_cache_memory"])
+        parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                            help=_HELP["kv_cache_dtype"])
         parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                             help=_HELP["gpu_memory_utilization"])
         parser.add_argument("--device", default=defaults.device, help=_HELP["device"])
@@ -169,6 +177,7 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # a bad name fails here, naming the option
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)  # fails before the model loads
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
@@ -232,6 +241,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory=self.kv_cache_memory,
             gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         parallel_config = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -14,9 +16,15 @@ class Attention(nn.Module):
 
     q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim]; kv_cache:
     [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [T, num_heads * head_dim].
+
+    `k_scale` / `v_scale` (float32 [1] buffers, 1.0 unless the checkpoint has them) are this layer's FP8 KV-cache
+    scales (attention/fp8_kv.py); the backends use them only when the cache is float8. They are buffers, not
+    parameters: a checkpoint without them is complete, and the kernels read them from device memory, so a
+    captured CUDA graph sees the loaded values.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 device: Optional[torch.device | str] = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -24,6 +32,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32, device=device), persistent=False)
 
     def forward(
         self,
@@ -38,5 +48,5 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         backend = get_attention_backend(q.device)
-        out = backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
+        out = backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -75,6 +75,7 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
         "engine": "pagellm",
         "seconds": elapsed,
         "num_blocks": config.cache_config.num_blocks,
+        "kv_cache_dtype": config.cache_config.kv_cache_dtype,
         "dtype": str(config.model_config.dtype).replace("torch.", ""),
         "quantization": config.model_config.quantization,
     }
@@ -257,6 +258,8 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
     for run in runs:
         print(f"{run['engine']:<60} {run['dtype']:>9} {run['seconds']:>8.1f} {run['requests_per_s']:>7.2f} "
               f"{run['output_tokens_per_s']:>10.1f}")
+    print(f"pagellm KV cache: {ours['num_blocks']} blocks of {engine_args.block_size} tokens "
+          f"(kv_cache_dtype {ours['kv_cache_dtype']})")
     if "ratio_output_tokens_per_s" in results:
         print(f"ratio (pagellm / peer, output tokens/s): {results['ratio_output_tokens_per_s']:.2f}x")
     if "spec_decode" in ours:

@@ -35,8 +35,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagellm.attention import fp8_kv
 from pagellm.attention.metadata import AttentionMetadata
-from pagellm.config import EngineConfig
+from pagellm.config import EngineConfig, resolve_kv_cache_dtype
 from pagellm.core.sched_output import (
     ModelRunnerOutput,
     NewRequestData,
@@ -180,6 +181,9 @@ class ModelRunner:
         self.model_config = config.model_config
         self.device = device
         self.dtype = config.model_config.dtype
+        # What K/V are stored in: the model's dtype, or float8 e4m3 (kv_cache_dtype="fp8": half the bytes of bf16).
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache_config.kv_cache_dtype, self.dtype)
+        fp8_kv.check_device_supports(self.kv_cache_dtype, device)
         self.block_size = config.cache_config.block_size
         self.model: Optional[torch.nn.Module] = None
         self.kv_caches: list[torch.Tensor] = []
@@ -237,7 +241,7 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         own = 2 * self.num_cache_layers * self.block_size * self.num_cache_kv_heads * mc.head_dim * elem
         return own + (self.spec.kv_bytes_per_block() if self.spec is not None else 0)  # a draft model's cache
 
@@ -251,7 +255,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
         shape = (2, num_blocks, self.block_size, self.num_cache_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
                           for _ in range(self.num_cache_layers)]
 
     def graph_memory_estimate(self) -> int:

@@ -102,8 +102,9 @@ class Worker:
                 f"fewer than max_model_len ({mc.max_model_len}); give more memory or a smaller max_model_len"
             )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)",
             num_blocks, cache.block_size, num_blocks * cache.block_size, num_blocks * per_block / 2**30,
+            str(self.runner.kv_cache_dtype).replace("torch.", ""),
         )
         return num_blocks
 

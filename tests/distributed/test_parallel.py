@@ -72,6 +72,24 @@ def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     _assert_same(got, _reference(path))
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_fp8_kv_cache_matches_single_device(tiny_model_dir, tp, pp):
+    """kv_cache_dtype="fp8" split over ranks: each rank stores its own KV heads (TP) or layers (PP) in FP8 with
+    the layer's scales, so the tokens and logprobs are the single device's FP8 engine's."""
+    path = tiny_model_dir("llama")
+    got = _generate(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, kv_cache_dtype="fp8")
+    _assert_same(got, _reference_fp8(path))
+
+
+_REFERENCE_FP8: dict[str, list] = {}
+
+
+def _reference_fp8(path: str) -> list:
+    if path not in _REFERENCE_FP8:
+        _REFERENCE_FP8[path] = _generate(path, kv_cache_dtype="fp8")
+    return _REFERENCE_FP8[path]
+
+
 @pytest.mark.parametrize("backend", ["mp", "ray"])
 def test_async_scheduling_with_workers_matches_single_device(tiny_model_dir, backend, request):
     """TP=2 with async scheduling: step N+1 is sent while step N runs; a decode scheduled ahead of its input

@@ -1,5 +1,5 @@
 """The whole engine on CUDA against the CPU engine: greedy tokens of a tiny random model in float32 are the same,
-with decode CUDA graphs and without, alone and in a batch (CUDA only)."""
+with decode CUDA graphs and without, alone and in a batch; with an FP8 KV cache they agree closely (CUDA only)."""
 
 from __future__ import annotations
 
@@ -80,4 +80,33 @@ def test_cuda_speculation_greedy_tokens_equal_cpu(tiny_model_dir, method):
         assert [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]] == cpu[:3]
         assert llm.llm_engine.core.scheduler.spec_num_accepted_tokens > 0
         assert (replays["n"] > 0) != eager
+        llm.llm_engine.core.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_fp8_kv_cache_agrees_with_cpu_fp8_kv_cache(tiny_model_dir, arch):
+    """kv_cache_dtype="fp8" on CUDA (Triton write and reads, with decode CUDA graphs and without) against the
+    CPU engine with an FP8 cache (torch_ref): both store the same e4m3 codes and read them in float32, so the
+    greedy tokens and logprobs agree closely (a value exactly between two codes may round apart, hence not
+    exact equality); the cache holds 4x the blocks of float32."""
+    from tests.engine.test_kv_cache_fp8 import compare
+
+    path = tiny_model_dir(arch)
+    opts = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory=32 * 2**20,
+                kv_cache_dtype="fp8")
+    prompts = _prompts(24, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5, prompt_logprobs=1)
+    cpu_llm = LLM(path, device="cpu", **opts)
+    cpu = cpu_llm.generate(prompts, params, use_tqdm=False)
+    cpu_blocks = cpu_llm.llm_engine.config.cache_config.num_blocks
+    for eager in (False, True):
+        llm = LLM(path, device="cuda", enforce_eager=eager, max_num_seqs=16, **opts)
+        runner = llm.llm_engine.core.executor.worker.runner
+        assert bool(runner.graphs) != eager
+        assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
+        num_blocks = llm.llm_engine.config.cache_config.num_blocks
+        assert num_blocks == cpu_blocks == (32 * 2**20) // runner.kv_cache_bytes_per_block()
+        m = compare(cpu, llm.generate(prompts, params, use_tqdm=False))
+        assert m["prompt_top1"] >= 0.97 and m["prompt_mean_abs_logprob_diff"] < 5e-3, (eager, m)
+        assert m["gen_top1"] >= 0.95 and m["gen_mean_abs_logprob_diff"] < 5e-3, (eager, m)
         llm.llm_engine.core.shutdown()

@@ -40,6 +40,13 @@ for a captured batch size; padded decode slots with seq_len 0 produce zeros, and
 
 Supported: head dims that are powers of two in [16, 256]; block sizes that are powers of two; any GQA ratio
 (non-powers of two are padded and masked); bf16, fp16 and fp32 (fp32 dots run in IEEE fp32, for tests).
+
+FP8 KV cache (kv_cache_dtype="fp8", attention/fp8_kv.py; KV_FP8 below): the write kernel stores x / scale in
+e4m3, saturated; the attention kernel loads e4m3 tiles (half the bytes of bf16: decode is bound by reading
+them), widens them to q's dtype exactly, and folds the K scale into the softmax scale and the V scale into the
+output. q stays in the model's dtype (it is not quantized), so the dots run as with a bf16 cache. The scales
+are read from device memory in the kernels (never as host floats), so a captured graph reads the layer's
+loaded values.
 Other head dims fall back to torch_ref (correct, slow).
 """
 
@@ -47,14 +54,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from pagellm.attention import fp8_kv
 from pagellm.attention.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
+FP8_MAX = tl.constexpr(fp8_kv.FP8_MAX)
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
@@ -63,11 +73,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_b, stride_c_s, stride_c_h,
     num_elems,
-    HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -79,6 +89,9 @@ def _write_kv_kernel(
     d = e % HEAD_D
     key = tl.load(k_ptr + tok * stride_kt + h * stride_kh + d, mask=ok)
     val = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d, mask=ok)
+    if KV_FP8:  # x / scale (IEEE division, as torch_ref), saturated to e4m3's finite range
+        key = tl.clamp(tl.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+        val = tl.clamp(tl.div_rn(val.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
     dst = cache_ptr + blk * stride_c_b + off * stride_c_s + h * stride_c_h + d
@@ -90,10 +103,11 @@ def _write_kv_kernel(
 def _attn_kv_tile(
     acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n, offs_d,
     stride_c_b, stride_c_s, scale_log2,
-    BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One KV tile [start, start + TILE_N) of the online softmax. With MASK, keys >= kv_hi and keys after a
-    row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak)."""
+    row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak).
+    KV_FP8: K/V tiles are e4m3, widened to q's dtype exactly (the scales are applied by the caller)."""
     n = start + offs_n
     if MASK:
         n_ok = n < kv_hi
@@ -106,6 +120,8 @@ def _attn_kv_tile(
         k = tl.load(k_base + kv_off2, mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_base + kv_off2)
+    if KV_FP8:
+        k = k.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
         visible = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
@@ -119,6 +135,8 @@ def _attn_kv_tile(
         v = tl.load(v_base + kv_off2, mask=n_ok[:, None], other=0.0)
     else:
         v = tl.load(v_base + kv_off2)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
 
@@ -128,14 +146,14 @@ def _attn_kv_tile(
 # step shape on an H100). Their values only bound loops and masks, so the specialization gains nothing here.
 @triton.jit(do_not_specialize=["first_req", "num_reqs", "num_splits"])
 def _paged_attn_kernel(
-    q_ptr, o_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, o_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_b, stride_c_s, stride_c_h, stride_bt,
     first_req, num_reqs, num_splits,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -176,7 +194,10 @@ def _paged_attn_kernel(
     offs_d = tl.arange(0, HEAD_D)
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    q = q.to(cache_ptr.dtype.element_ty)
+    if KV_FP8:  # q . (k8 * s_k) = (q . k8) * s_k: fold the K scale into the softmax scale
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+    else:
+        q = q.to(cache_ptr.dtype.element_ty)
     ctx0 = seq_len - q_len + q_off0  # position of the tile's first query
     q_pos = ctx0 + tok
 
@@ -201,12 +222,14 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     for start in range(kv_lo, kv_mid, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
-                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC)
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC, KV_FP8)
     for start in range(kv_mid, kv_hi, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
-                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC)
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC, KV_FP8)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FP8:  # p . (v8 * s_v) = (p . v8) * s_v
+        out = out * tl.load(v_scale_ptr)
     if SPLIT:
         num_heads = tl.num_programs(1) * GROUP
         idx = (req.to(tl.int64) * num_heads + q_head) * num_splits + split
@@ -320,38 +343,58 @@ def _supported(head_dim: int, block_size: int) -> bool:
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             num_tokens: int) -> None:
-    """Store k/v [T, Hk, D] (first num_tokens rows) at slot_mapping in kv_cache [2, NB, BS, Hk, D]."""
+             num_tokens: int, k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
+    """Store k/v [T, Hk, D] (first num_tokens rows) at slot_mapping in kv_cache [2, NB, BS, Hk, D]; an FP8 cache
+    stores x / scale, saturated (attention/fp8_kv.py)."""
     if num_tokens == 0:
         return
+    fp8 = fp8_kv.is_fp8(kv_cache.dtype)
+    k_scale, v_scale = _scales(k_scale, v_scale, k.device)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     assert k.stride(2) == 1 and v.stride(2) == 1
     num_elems = num_kv_heads * head_dim
     block_e = min(triton.next_power_of_2(num_elems), 4096)
     grid = (num_tokens, triton.cdiv(num_elems, block_e))
     _write_kv_kernel[grid](
-        k, v, kv_cache, slot_mapping,
+        k, v, kv_cache, slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         num_elems,
-        HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], BLOCK_E=block_e, num_warps=4,
+        HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], BLOCK_E=block_e, KV_FP8=fp8, num_warps=4,
     )
 
 
-def _prec(kv_cache: torch.Tensor) -> str:
-    return "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+def _prec(q: torch.Tensor) -> str:
+    """Dots run in q's dtype (an FP8 cache's tiles are widened to it); float32 (tests) in IEEE fp32."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _scales(k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' scale pointers: the layer's buffers, or 1.0 for a scale not given (direct calls: tests,
+    benchmarks). Only an FP8 cache reads them."""
+    one = _unit_scale(device) if k_scale is None or v_scale is None else None
+    return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=device)
 
 
 def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, num_splits: int | None = None, cfg: KernelConfig | None = None) -> None:
+                  scale: float, num_splits: int | None = None, cfg: KernelConfig | None = None,
+                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
     """Attention for the first meta.num_decodes requests (one query each), written into out."""
+    fp8 = fp8_kv.is_fp8(kv_cache.dtype)
+    k_scale, v_scale = _scales(k_scale, v_scale, q.device)
     nd = meta.num_decodes
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     if cfg is None:
-        cfg = decode_config(head_dim, group_p2, kv_cache.element_size())
+        cfg = decode_config(head_dim, group_p2, q.element_size())
     if num_splits is None:
         num_splits = decode_num_splits(nd, num_kv_heads, meta.max_seq_len, _device_sms(q.device))
     split = num_splits > 1
@@ -362,13 +405,13 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
         part_o = part_lse = out  # unused
     bt = meta.block_tables
     _paged_attn_kernel[(nd, num_kv_heads, num_splits)](
-        q, out, kv_cache, bt, meta.seq_lens, meta.query_start_loc, part_o, part_lse,
+        q, out, kv_cache, bt, meta.seq_lens, meta.query_start_loc, part_o, part_lse, k_scale, v_scale,
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0),
         0, nd, num_splits,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=1, BLOCK_M=cfg.block_m, TILE_N=cfg.tile_n, HEAD_D=head_dim,
-        BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(kv_cache),
+        BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(q), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -379,49 +422,54 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
 
 
 def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                   scale: float, cfg: KernelConfig | None = None) -> None:
+                   scale: float, cfg: KernelConfig | None = None, k_scale: Optional[torch.Tensor] = None,
+                   v_scale: Optional[torch.Tensor] = None) -> None:
     """Attention for requests num_decodes..num_reqs-1 (prefill chunks, any query length), written into out."""
+    fp8 = fp8_kv.is_fp8(kv_cache.dtype)
+    k_scale, v_scale = _scales(k_scale, v_scale, q.device)
     nd, nr = meta.num_decodes, meta.num_reqs
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     if cfg is None:
-        cfg = prefill_config(head_dim, group_p2, kv_cache.element_size())
+        cfg = prefill_config(head_dim, group_p2, q.element_size())
     block_q = max(1, cfg.block_m // group_p2)
     # Decodes own exactly tokens [0, nd); the rest belong to prefills. This bounds the tiles needed.
     num_tiles = (meta.num_actual_tokens - nd) // block_q + (nr - nd)
     bt = meta.block_tables
     _paged_attn_kernel[(num_tiles, num_kv_heads, 1)](
-        q, out, kv_cache, bt, meta.seq_lens, meta.query_start_loc, out, out,
+        q, out, kv_cache, bt, meta.seq_lens, meta.query_start_loc, out, out, k_scale, v_scale,
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0),
         nd, nr, 1,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_q * group_p2, TILE_N=cfg.tile_n,
-        HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(kv_cache),
+        HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(q), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+            meta: AttentionMetadata, scale: float, k_scale: Optional[torch.Tensor] = None,
+            v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hk, D] for the flat batch; returns [T, Hq, D] (rows past num_actual_tokens are
-    left unwritten)."""
+    left unwritten). k_scale/v_scale: the layer's FP8 KV-cache scales (float32 [1] on the device; None: 1.0),
+    read only when kv_cache is float8."""
     head_dim, block_size = q.shape[2], kv_cache.shape[2]
     if not _supported(head_dim, block_size):
         from pagellm.attention.backends import torch_ref
 
-        return torch_ref.forward(q, k, v, kv_cache, meta, scale)
+        return torch_ref.forward(q, k, v, kv_cache, meta, scale, k_scale, v_scale)
     if q.stride(2) != 1:
         q = q.contiguous()
     assert kv_cache.stride(4) == 1 and meta.block_tables.stride(1) == 1
-    write_kv(k, v, kv_cache, meta.slot_mapping, meta.num_actual_tokens)
+    write_kv(k, v, kv_cache, meta.slot_mapping, meta.num_actual_tokens, k_scale, v_scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.num_decodes:
-        attend_decode(q, out, kv_cache, meta, scale)
+        attend_decode(q, out, kv_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
     if meta.num_reqs > meta.num_decodes:
-        attend_prefill(q, out, kv_cache, meta, scale)
+        attend_prefill(q, out, kv_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
     return out
 
 

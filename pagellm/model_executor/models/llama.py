@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pagellm.attention import Attention, AttentionMetadata
+from pagellm.attention.fp8_kv import load_kv_scale
 from pagellm.distributed.parallel_state import get_pp_group, pp_layer_range
 from pagellm.model_executor.layers.activation import get_act_and_mul
 from pagellm.model_executor.layers.embedding import LMHead, VocabEmbedding
@@ -116,7 +117,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = self.k_norm = None
         # One table serves every layer: LlamaModel builds it once and passes it in.
         self.rotary_emb = rotary_emb if rotary_emb is not None else get_rope(config, self.head_dim, device=device)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, device)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -239,6 +240,7 @@ class LlamaForCausalLM(nn.Module):
         (load_model checks the returned set against named_parameters()).
         """
         params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
         loaded: set[str] = set()
         unknown: list[str] = []
         for name, tensor in weights:
@@ -251,6 +253,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self._other_stages and name.startswith(self._other_stages):
                 continue  # another pipeline stage's weight
+            if load_kv_scale(buffers, name, tensor):
+                continue  # an FP8 KV-cache scale (a buffer of the layer's Attention)
             target, shard_id = name, None
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in STACKED_PARAMS:

@@ -105,7 +105,13 @@ def test_engine_with_cuda_graphs(tiny_model_dir, quantization):
     if quantization in ("fp8", "int8"):
         ref_llm = LLM(tiny_model_dir("llama"), **opts)
         try:
-            ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, params, use_tqdm=False)]
+            ref = [o.outputs[0] for o in ref_llm.generate(
+                prompts, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)]
         finally:
             ref_llm.shutdown()
-        assert [o[0] for o in outs] == [r[0] for r in ref], (outs, ref)  # later tokens may drift apart
+        # The first greedy token is the unquantized engine's, or a near-tie of it there (the tiny random model's
+        # top logits can be close enough for 8-bit rounding to swap them; on one H200, 1 prompt of 4 under
+        # fp8). Later tokens may drift apart.
+        for out, r in zip(outs, ref):
+            top = r.logprobs[0]
+            assert out[0] in top and top[out[0]].logprob >= top[r.token_ids[0]].logprob - 0.25, (out, top)

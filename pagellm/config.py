@@ -55,6 +55,9 @@ class ModelConfig:
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    # Default sampling parameters (SamplingParams' names) from the model's generation_config.json, used where a
+    # request leaves them out (EngineArgs.generation_config says where they come from).
+    sampling_defaults: dict = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:

@@ -101,8 +101,11 @@ class OpenAIServingChat(OpenAIServing):
         self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
 
     def _reasoning(self, mode: _ToolMode, params: Any) -> Optional[ReasoningParser]:
-        """The reasoning parser for this request: not when a grammar shapes the whole output."""
-        if self.reasoning_parser is None or mode.kind not in ("none", "auto") or params.structured_outputs:
+        """The reasoning parser for this request: not when its output is JSON by grammar (a JSON answer, a forced
+        tool call: no room for thinking); a regex or grammar may spell the thinking out, and then it is read."""
+        so = params.structured_outputs
+        if self.reasoning_parser is None or mode.kind not in ("none", "auto") or (
+                so is not None and (so.json is not None or so.json_object)):
             return None
         return self.reasoning_parser
 

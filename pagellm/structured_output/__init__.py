@@ -370,21 +370,23 @@ class StructuredOutputManager:
             text += tok.decode(step)
         return plan
 
-    def _pieces(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Each token's text, and whether it may open something ("," "{" "[") or end a string ('"')."""
+    def _pieces(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Each token's text; whether it may open something ("," "{" "["), end a string ('"'), or starts with
+        JSON's punctuation (it ends a value or moves to the next one)."""
         if self._token_pieces is None:
             pieces = [self._hf_tok.decode([t]) for t in range(len(self._hf_tok))]
             pieces += [""] * (self.num_words * 32 - len(pieces))
             opens = np.array([any(c in p for c in ",{[") for p in pieces])
             quotes = np.array(['"' in p for p in pieces])
-            self._token_pieces = (pieces, opens, quotes)
+            punctuation = np.array([p.lstrip()[:1] in (",", "}", "]", ":", '"') for p in pieces])
+            self._token_pieces = (pieces, opens, quotes, punctuation)
         return self._token_pieces
 
     def _refuse_overruns(self, matcher: Any, text: str, row: np.ndarray, left: int) -> bool:
         """Clear the bits of the allowed tokens that open something (inside a string: only those that end it
         too) after which closing would take more than the tokens left. Whether any was cleared."""
         refused = False
-        pieces, opens, quotes = self._pieces()
+        pieces, opens, quotes, _ = self._pieces()
         bits = np.unpackbits(row.view(np.uint8), bitorder="little").astype(bool)
         suffix = json_completion(text) or ""
         risky = bits & opens & (quotes if suffix.startswith('"') else True)
@@ -399,16 +401,22 @@ class StructuredOutputManager:
 
     def _shortest_closing(self, m: Any, text: str) -> list[int]:
         """Of (some of) the tokens the grammar allows next, the one after which the syntactic completion is
-        shortest (ties: the longer token, more progress)."""
+        shortest (ties: the longer token, more progress). Punctuation goes first where the grammar allows it: a
+        number or a string that may go on is ended (the syntactic completion alone would not see the required
+        keys still to come, and would keep adding digits)."""
         import llguidance.numpy as lnp
 
+        pieces, _, _, punctuation = self._pieces()
         row = np.zeros((1, self.num_words), dtype=np.int32)
         lnp.fill_next_token_bitmask(m, row, 0)
-        bits = np.unpackbits(row[0].view(np.uint8), bitorder="little")
-        allowed = [int(t) for t in np.flatnonzero(bits)[:CLOSE_CANDIDATES] if t != self.eos_token_id]
+        bits = np.unpackbits(row[0].view(np.uint8), bitorder="little").astype(bool)
+        if self.eos_token_id is not None and 0 <= self.eos_token_id < len(bits):
+            bits[self.eos_token_id] = False
+        ended = bits & punctuation
+        allowed = [int(t) for t in np.flatnonzero(ended if ended.any() else bits)[:CLOSE_CANDIDATES]]
         best, best_key = None, None
         for t in allowed:
-            piece = self._hf_tok.decode([t])
+            piece = pieces[t]
             completion = json_completion(text + piece)
             if completion is None:
                 continue

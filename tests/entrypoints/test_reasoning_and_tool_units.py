@@ -99,3 +99,33 @@ def test_render_chat_tools_and_template_kwargs():
         render_chat(tok, [{"role": "user", "content": "hi"}], chat_template_kwargs={"tools": []})
     with pytest.raises(ValueError, match="continue_final_message"):
         render_chat(tok, [{"role": "user", "content": "hi"}], continue_final_message=True)
+
+
+def _chat_serving(template: str, **kwargs):
+    from types import SimpleNamespace
+
+    from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
+
+    engine = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template),
+                             model_config=SimpleNamespace(max_model_len=512, sampling_defaults={}))
+    return OpenAIServingChat(engine, "m", None, **kwargs)
+
+
+def test_auto_tool_choice_defaults_and_switches():
+    from pagellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from pagellm.entrypoints.openai.serving_engine import APIError
+
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools)
+    serving = _chat_serving("{{ messages }}")  # no flags: on, hermes (tools written into the system message)
+    assert serving.enable_auto_tool_choice and serving.tool_call_parser == "hermes"
+    assert serving._tool_mode(req, None)[0].kind == "auto"
+    assert _chat_serving("{{ tools }}<|python_tag|>").tool_call_parser == "llama3_json"
+    assert _chat_serving("{{ tools }}<|python_tag|>", tool_call_parser="hermes").tool_call_parser == "hermes"
+    off = _chat_serving("{{ messages }}", enable_auto_tool_choice=False)
+    with pytest.raises(APIError, match="no-enable-auto-tool-choice"):
+        off._tool_mode(req, None)
+    unknown = "{% for t in tools %}[AVAILABLE_TOOLS]{{ t }}{% endfor %}"
+    assert not _chat_serving(unknown).enable_auto_tool_choice  # a format we cannot read: auto stays off
+    with pytest.raises(ValueError, match="--tool-call-parser"):
+        _chat_serving(unknown, enable_auto_tool_choice=True)

@@ -72,10 +72,22 @@ def _completion_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+_MODELS: dict[str, str] = {}
+
+
+async def _model_of(client) -> str:
+    """The served model's name, asked once per server (call it before starting concurrent requests): hundreds of
+    concurrent requests that each asked first failed now and then on a busy machine with a connection error."""
+    key = str(client.base_url)
+    if key not in _MODELS:
+        _MODELS[key] = (await client.models.list()).data[0].id
+    return _MODELS[key]
+
+
 async def _one(client, endpoint: str, kwargs: dict, stream: bool, seed: int,
                max_tokens: int = 200) -> tuple[str, str, object]:
     """(text, finish_reason, stop_reason) of one request."""
-    common = dict(model=(await client.models.list()).data[0].id, temperature=1.0, seed=seed, max_tokens=max_tokens)
+    common = dict(model=await _model_of(client), temperature=1.0, seed=seed, max_tokens=max_tokens)
     if endpoint == "chat":
         if stream:
             text, finish, why = "", None, None
@@ -103,6 +115,7 @@ async def _one(client, endpoint: str, kwargs: dict, stream: bool, seed: int,
 def test_many_requests_every_grammar_streamed_and_not(server):
     async def run():
         client = server.async_client()
+        await _model_of(client)  # once, before the concurrent requests
         jobs, checks = [], []
         for name, kwargs, check in _extra("all"):
             for i in range(N):
@@ -129,6 +142,7 @@ def test_json_schema_closes_at_a_small_max_tokens(server):
 
     async def run():
         client = server.async_client()
+        await _model_of(client)
         return await asyncio.gather(*[_one(client, "chat" if i % 4 < 2 else "completions", kwargs,
                                            stream=i % 2 == 1, seed=i, max_tokens=40) for i in range(16)])
 
@@ -165,7 +179,7 @@ def test_json_object_on_a_random_model_always_parses(server):
 
     async def run():
         client = server.async_client()
-        model = (await client.models.list()).data[0].id
+        model = await _model_of(client)
         jobs = []
         for i in range(N):
             endpoint = "chat" if i % 4 < 2 else "completions"

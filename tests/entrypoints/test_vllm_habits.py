@@ -50,6 +50,7 @@ def _fake_hub(monkeypatch, download):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # tests/conftest.py sets it
 
 
 def test_hub_id_downloads_config_tokenizer_and_safetensors(monkeypatch, tiny_so_model):

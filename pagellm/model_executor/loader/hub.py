@@ -8,6 +8,7 @@ hub is unreachable (no network, a proxy, a timeout), or the hub does not know th
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -16,9 +17,11 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.ti
 
 
 def _offline() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub read it at import or as the environment says now."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    now = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or now
 
 
 def cached_snapshot(model_id: str) -> str | None:

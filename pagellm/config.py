@@ -70,6 +70,9 @@ class ModelConfig:
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
     # Weight quantization method (layers/quantization): the option checked against the checkpoint; None: float.
     quantization: Optional[str] = None
+    # Default sampling parameters (SamplingParams' names) from the model's generation_config.json, used where a
+    # request leaves them out (EngineArgs.generation_config says where they come from).
+    sampling_defaults: dict = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:

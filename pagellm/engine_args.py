@@ -27,8 +27,16 @@ from pagellm.model_executor.layers.quantization import QUANTIZATION_METHODS, get
 logger = logging.getLogger(__name__)
 
 _HELP = {
-    "model": "model: an HF model folder, a .gguf file, or a model id in the local HF cache "
-    "(default: the embedded SmolLM2-135M-Instruct GGUF)",
+    "model": "model: an HF model folder, a .gguf file, or a Hugging Face Hub id (from the local HF cache, else "
+    "downloaded: config, tokenizer and safetensors) (default: the embedded SmolLM2-135M-Instruct GGUF)",
+    "trust_remote_code": "let transformers run the model folder's own config and tokenizer code (the model itself "
+    "always runs pagellm's implementation of its architecture)",
+    "generation_config": "where default sampling parameters come from: auto (the model's generation_config.json: "
+    "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), vllm (none: the engine's defaults), "
+    "or a folder holding a generation_config.json; a request's own values always win",
+    "enable_chunked_prefill": "chunked prefill is always on (prompts longer than the step's token budget are "
+    "split); accepted for vLLM's flag, false is refused",
+    "runner": "what the model is run for: generate (text generation; auto means the same, the only runner so far)",
     "tokenizer": "tokenizer folder, if not the model's own",
     "dtype": "weights and activations: auto (float32 on CPU, the checkpoint's bf16/fp16 on CUDA), "
     "float32, bfloat16 or float16",
@@ -101,6 +109,10 @@ class EngineArgs:
     distributed_step_timeout: float = 300.0
     speculative_config: Optional[Any] = None  # a dict (LLM) or JSON text (CLI); see SpeculativeConfig
     quantization: Optional[str] = None
+    trust_remote_code: bool = False
+    generation_config: str = "auto"
+    enable_chunked_prefill: Optional[bool] = None
+    runner: str = "auto"
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -110,10 +122,18 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, positional_model: bool = False) -> argparse.ArgumentParser:
         defaults = EngineArgs()
-        if positional_model:
+        if positional_model:  # `pagellm serve MODEL` or, as vLLM's api_server takes it, `--model MODEL`
             parser.add_argument("model", nargs="?", default=None, help=_HELP["model"])
+            parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                                help="the model, as the positional argument")
         else:
             parser.add_argument("--model", default=None, help=_HELP["model"])
+        parser.add_argument("--trust-remote-code", action="store_true", help=_HELP["trust_remote_code"])
+        parser.add_argument("--generation-config", default=defaults.generation_config,
+                            help=_HELP["generation_config"])
+        parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                            help=_HELP["enable_chunked_prefill"])
+        parser.add_argument("--runner", default=defaults.runner, choices=["auto", "generate"], help=_HELP["runner"])
         parser.add_argument("--tokenizer", default=None, help=_HELP["tokenizer"])
         parser.add_argument("--dtype", default=defaults.dtype, help=_HELP["dtype"])
         parser.add_argument("--max-model-len", type=int, default=None, help=_HELP["max_model_len"])
@@ -152,6 +172,11 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        option = getattr(args, "model_option", None)
+        if option is not None:
+            if getattr(args, "model", None) not in (None, option):
+                raise ValueError(f"model: given twice ({args.model!r} and --model {option!r})")
+            args.model = option
         return cls(**{name: getattr(args, name) for name in cls.field_names() if hasattr(args, name)})
 
     def _validate(self) -> None:
@@ -183,6 +208,15 @@ class EngineArgs:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; got "
                              f"{self.quantization!r}")
+        if self.enable_chunked_prefill is False:
+            raise ValueError("enable_chunked_prefill: pagellm always chunks prefills (a prompt longer than "
+                             "max_num_batched_tokens is split over steps); it cannot be turned off. To schedule a "
+                             "whole prompt in one step, raise max_num_batched_tokens to max_model_len")
+        if self.runner not in ("auto", "generate"):
+            raise ValueError(f"runner: pagellm runs models for text generation only (runner 'generate' or 'auto'), "
+                             f"got {self.runner!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be a boolean, got {self.trust_remote_code!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 
@@ -196,13 +230,23 @@ class EngineArgs:
         return self.device
 
     def create_engine_config(self) -> EngineConfig:
-        from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
+        from pagellm.model_executor.loader.source import generation_defaults, load_hf_config, resolve_model_source
 
         self._validate()
         device = self.resolve_device()
         on_cuda = device.startswith("cuda")
-        source = resolve_model_source(self.model)
+        source = resolve_model_source(self.model, self.trust_remote_code)
         hf_config = load_hf_config(source)
+        sampling_defaults = generation_defaults(source, self.generation_config)
+        if sampling_defaults:
+            from pagellm.sampling_params import SamplingParams
+
+            try:
+                SamplingParams(**sampling_defaults)
+            except ValueError as e:
+                raise ValueError(f"generation_config: the model's default sampling parameters are invalid: {e} "
+                                 "(--generation-config vllm ignores them)") from None
+            logger.info("default sampling parameters from the model's generation config: %s", sampling_defaults)
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(config_dtype, str):
             config_dtype = getattr(torch, config_dtype, None)
@@ -227,6 +271,7 @@ class EngineArgs:
             skip_tokenizer_init=self.skip_tokenizer_init,
             enforce_eager=self.enforce_eager,
             quantization=quantization,
+            sampling_defaults=sampling_defaults,
         )
         max_num_seqs = self.max_num_seqs or (256 if on_cuda else 64)
         max_batched = self.max_num_batched_tokens or (8192 if on_cuda else 2048)

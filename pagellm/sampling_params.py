@@ -283,6 +283,23 @@ class StructuredOutputsParams:
 
 
 @dataclass
+class GuidedDecodingParams(StructuredOutputsParams):
+    """vLLM's older name of StructuredOutputsParams (`SamplingParams(guided_decoding=...)`). Its backend and
+    tuning fields are accepted and ignored: the grammars run on llguidance, compact JSON unless
+    disable_any_whitespace is False."""
+
+    backend: Optional[str] = None
+    whitespace_pattern: Optional[str] = None
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+
+    def as_structured_outputs(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json, regex=self.regex, choice=self.choice, grammar=self.grammar,
+                                       json_object=self.json_object,
+                                       disable_any_whitespace=self.disable_any_whitespace)
+
+
+@dataclass
 class SamplingParams:
     """Sampling options of one request, with vLLM's names and defaults."""
 
@@ -308,6 +325,11 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # vLLM's older name of structured_outputs: moved there on construction (never travels to the core).
+    guided_decoding: Optional[StructuredOutputsParams] = None
+    # Sample best_of sequences and return the n of the highest cumulative logprob (None: n). Whole outputs only
+    # (not with streaming); the engine computes the sampled tokens' logprobs for it.
+    best_of: Optional[int] = None
     # Filled by the engine: EOS and the generation config's extra stop tokens, never by the user.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -327,6 +349,16 @@ class SamplingParams:
             except (TypeError, ValueError, AttributeError):
                 raise ValueError(f"logit_bias must map token ids to numbers, got {_shown(self.logit_bias)}") \
                     from None
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("guided_decoding: set structured_outputs or guided_decoding (its older name), "
+                                 "not both")
+            guided, self.guided_decoding = self.guided_decoding, None
+            if isinstance(guided, dict):
+                guided = GuidedDecodingParams.from_dict(guided)
+            if isinstance(guided, GuidedDecodingParams):
+                guided = guided.as_structured_outputs()
+            self.structured_outputs = guided
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
@@ -338,6 +370,10 @@ class SamplingParams:
 
     def _verify(self) -> None:
         _check_int("n", self.n)
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, key="n")
+            if self.best_of < self.n:
+                raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             _check_number(name, getattr(self, name))
         _check_int("top_k", self.top_k)
@@ -371,6 +407,11 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean, got {_shown(getattr(self, name))}")
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine samples for this request: best_of (then the n best are returned), else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# No test reaches the Hugging Face Hub (a model id that is not a local path fails at once, saying the hub is off):
+# set before huggingface_hub is imported, and inherited by the servers the tests start.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.reference import smollm_file, tiny_config
 

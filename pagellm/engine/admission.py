@@ -44,7 +44,7 @@ def check_request_work(prompt_lens: Sequence[int], params: SamplingParams, caps:
     """One user request's work against the server's caps, as a ValueError naming the field: the tokens its
     sequences may generate (a max_tokens left out counts as the room each prompt leaves) and the prompt
     logprobs it asks for (each position gives the prompt token's and the top prompt_logprobs)."""
-    n = params.n
+    n = params.num_sequences
     if caps.max_tokens is not None:
         rooms = [limits.max_model_len - p for p in prompt_lens]
         per_seq = [room if params.max_tokens is None else min(params.max_tokens, room) for room in rooms]

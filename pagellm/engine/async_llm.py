@@ -261,7 +261,7 @@ class AsyncLLM:
         request_id = request_id if request_id is not None else self.next_request_id()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        self.check_admission(params.n)
+        self.check_admission(params.num_sequences)
         processed = prompt if isinstance(prompt, ProcessedPrompt) else await self.tokenize(prompt)
         if self.config.scheduler_config.policy != "priority" and priority != 0:
             raise ValueError("priority: the server must run with --scheduling-policy priority to use priorities")
@@ -270,14 +270,15 @@ class AsyncLLM:
                                                 group_id=group_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.check_admission(params.n)  # tokenizing may have awaited
+        self.check_admission(params.num_sequences)  # tokenizing may have awaited
         core = self.router.route(processed.prompt_token_ids, requests[0].cache_salt if requests else None)
         self.output_processor.add_request(request_id, processed, params, output_kind)
-        info = _RequestInfo(asyncio.Queue(), time.time(), len(processed.prompt_token_ids), params.n, core,
+        info = _RequestInfo(asyncio.Queue(), time.time(), len(processed.prompt_token_ids), params.num_sequences,
+                            core,
                             key_name=key_name)
         self.requests[request_id] = info
-        self.num_seqs_in_flight += params.n
-        self.router.add(core, params.n)
+        self.num_seqs_in_flight += params.num_sequences
+        self.router.add(core, params.num_sequences)
         if self.metrics:
             self.metrics.record_routed(core)
         try:

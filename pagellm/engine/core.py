@@ -159,12 +159,16 @@ class EngineCore:
         """Structured output: the sampled tokens advance their requests' grammars; finished ones are dropped."""
         so = self.structured_output
         if so is not None and so.matchers:
+            from pagellm.structured_output import JSON_CLOSED
+
             for out in outputs:
                 if out.new_token_ids:
                     so.accept_tokens(out.req_id, out.new_token_ids)
                 if out.finished:
-                    if out.finish_reason == "stop" and so.closed_early(out.req_id):
-                        out.finish_reason, out.stop_reason = "length", None  # closed because the budget ran out
+                    if out.finish_reason in ("stop", "length") and so.closed_json(out.req_id):
+                        # Closed by the engine as max_tokens came near, and whole: "stop", so that clients
+                        # parse it (a "length" answer is refused by the openai SDK's parse helpers).
+                        out.finish_reason, out.stop_reason = "stop", JSON_CLOSED
                     so.remove(out.req_id)
         return outputs
 

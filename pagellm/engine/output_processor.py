@@ -65,13 +65,18 @@ class OutputProcessor:
                     output_kind: OutputKind = OutputKind.FINAL_ONLY) -> None:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        num_seqs = params.num_sequences
+        if num_seqs > params.n and output_kind is not OutputKind.FINAL_ONLY:
+            raise ValueError(f"best_of: best_of ({num_seqs}) > n ({params.n}) needs whole outputs, not streaming "
+                             "(the best sequences are known only when all have finished)")
+        num_logprobs = 0 if num_seqs > params.n and params.logprobs is None else params.logprobs
         sequences = {}
-        for i in range(params.n):
-            child_id = child_request_id(request_id, i, params.n)
+        for i in range(num_seqs):
+            child_id = child_request_id(request_id, i, num_seqs)
             detok = None
             if params.detokenize and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids, params)
-            logprobs = LogprobsProcessor(self.tokenizer, params.logprobs, token_text=self.token_text)
+            logprobs = LogprobsProcessor(self.tokenizer, num_logprobs, token_text=self.token_text)
             sequences[child_id] = SequenceState(index=i, params=params, detokenizer=detok, logprobs=logprobs)
             self.child_to_parent[child_id] = request_id
         prompt_logprobs = LogprobsProcessor(self.tokenizer, None, params.prompt_logprobs, self.token_text)
@@ -158,6 +163,9 @@ class OutputProcessor:
                 index=seq.index, text=text, token_ids=token_ids, cumulative_logprob=seq.logprobs.cumulative_logprob,
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             ))
+        params = next(iter(state.sequences.values())).params
+        if finished and len(completions) > params.n:
+            completions = self._best(completions, params)
         prompt_logprobs = state.prompt_logprobs.prompt_logprobs
         if delta and state.sent_prompt_logprobs:
             prompt_logprobs = None
@@ -171,3 +179,14 @@ class OutputProcessor:
             outputs=completions, finished=finished, prompt_logprobs=prompt_logprobs,
             num_cached_tokens=state.num_cached_tokens, metrics=metrics,
         )
+
+    @staticmethod
+    def _best(completions: list[CompletionOutput], params: SamplingParams) -> list[CompletionOutput]:
+        """best_of: the n sequences of the highest cumulative logprob, best first, indexed 0..n-1 (their token
+        logprobs kept only when the user asked for them)."""
+        ranked = sorted(completions, key=lambda c: -(c.cumulative_logprob or 0.0))[:params.n]
+        for i, c in enumerate(ranked):
+            c.index = i
+            if params.logprobs is None:
+                c.logprobs = None
+        return ranked

@@ -125,16 +125,19 @@ class Processor:
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
         requests = []
-        for i in range(params.n):
+        num_seqs = params.num_sequences
+        for i in range(num_seqs):
             child = params.clone()
-            child.n = 1
+            child.n, child.best_of = 1, None
+            if num_seqs > params.n and child.logprobs is None:
+                child.logprobs = 0  # best_of ranks the sequences by the sampled tokens' cumulative logprob
             child.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
             if child.seed is not None:
                 child.seed = wrap_seed(params.seed + i)
             if i > 0:
                 child.prompt_logprobs = None  # the sequences share one prompt: score it once
             req = EngineCoreRequest(
-                request_id=child_request_id(request_id, i, params.n),
+                request_id=child_request_id(request_id, i, num_seqs),
                 prompt_token_ids=prompt.prompt_token_ids,
                 sampling_params=child,
                 all_stop_token_ids=sorted(stop_ids),

@@ -86,6 +86,9 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagellm", description="pagellm: LLM inference and serving engine")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    from pagellm import __version__
+
+    parser.add_argument("--version", "-v", action="version", version=f"pagellm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from pagellm.entrypoints.openai.cli_args import add_serve_args

@@ -1,4 +1,7 @@
-"""LLM: the offline entry point. `LLM(model).generate(prompts, params)` runs all prompts to completion."""
+"""LLM: the offline entry point. `LLM(model).generate(prompts, params)` runs all prompts to completion.
+
+Its calls follow vLLM's LLM (generate, chat, get_default_sampling_params, get_tokenizer), so that vLLM code runs
+unchanged where pagellm has the feature, and fails with a clear error where it has not (LoRA)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from tqdm.auto import tqdm
 
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.processor import PromptType
+from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.engine_args import EngineArgs
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -45,20 +49,28 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling_params uses: SamplingParams' defaults overridden by the model's
+        generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as
+        max_tokens), unless the engine was made with generation_config="vllm"."""
+        return SamplingParams(**self.llm_engine.config.model_config.sampling_defaults)
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
+        lora_request: Any = None,
         priority: Optional[Sequence[int]] = None,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in the order of the prompts.
 
         A prompt that fails validation raises before any prompt is queued, so nothing is left half-submitted.
         """
+        _refuse_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
@@ -108,17 +120,32 @@ class LLM:
         messages: Union[ChatMessages, Sequence[ChatMessages]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
+        lora_request: Any = None,
         chat_template: Optional[str] = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Optional[list[dict[str, Any]]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
-        """Formats each conversation with the model's chat template (or `chat_template`), then generates."""
+        """Formats each conversation with the model's chat template (or `chat_template`), then generates.
+
+        `tools` reach the template (written into the system message in the Hermes format when the template does
+        not read them); `chat_template_kwargs` are more template variables (e.g. enable_thinking);
+        `continue_final_message` continues the last (assistant) message instead of starting a new one."""
+        _refuse_lora(lora_request)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer (the engine runs with skip_tokenizer_init)")
         prompts: list[PromptType] = []
         for conversation in conversations:
-            ids = tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=True,
-            )["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+            ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message,
+                              tools, chat_template_kwargs)
+            prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _refuse_lora(lora_request: Any) -> None:
+    """vLLM code passes lora_request=None freely; an adapter is refused until pagellm serves LoRA."""
+    if lora_request is not None:
+        raise ValueError("lora_request: LoRA adapters are not supported yet (pass lora_request=None)")

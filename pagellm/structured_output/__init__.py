@@ -158,20 +158,33 @@ def validate_structured_outputs(params: Optional[StructuredOutputsParams],
         raise ValueError(error)
 
 
-# json_object requests close their JSON before max_tokens (json_closer.py): from this many tokens before the end
-# the manager computes what closing takes, and starts forcing it CLOSE_SLACK tokens early (one free token may
-# open more than one thing to close, e.g. '[{"').
+# JSON requests (json_object, a JSON schema, a required or named tool call) close their JSON before max_tokens
+# (json_closer.py): from this many tokens before the end the manager computes what closing takes, and starts
+# forcing it CLOSE_SLACK tokens early (one free token may open more than one thing to close, e.g. '[{"').
 CLOSE_WINDOW = 64
 CLOSE_SLACK = 4
+# When the grammar refuses the syntactic completion's next token (a required key, an enum value, a minimum
+# length), the closer tries this many of the tokens the grammar allows and takes the one that leaves the
+# shortest completion.
+CLOSE_CANDIDATES = 64
+# With a schema one token may cost many to close (a "," in an array of objects opens a whole object): while what
+# closing takes is within this many tokens of what is left, the tokens that open something more are tried ahead
+# and refused when closing after them would no longer fit.
+LOOKAHEAD_MARGIN = 32
+LOOKAHEAD_CANDIDATES = 256
+# A request whose JSON the engine closed finishes with reason "stop" (its JSON is whole) and this stop_reason.
+JSON_CLOSED = "json_closed"
+_JSON_KINDS = ("json", "json_ws", "json_object", "json_object_ws")
 
 
 class _Budget:
-    """A json_object request's token budget and its tokens so far."""
+    """A JSON request's token budget and its tokens so far."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.token_ids: list[int] = []
-        self.forced = False
+        self.forced = False  # the closing is forced token by token
+        self.steered = False  # tokens were refused (lookahead) or forced: the engine shaped the end
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -200,6 +213,7 @@ class StructuredOutputManager:
         self.matchers: dict[str, Any] = {}
         self.budgets: dict[str, _Budget] = {}  # json_object requests with a max_tokens
         self._hf_tok: Any = None
+        self._token_pieces: Optional[tuple[list[str], np.ndarray, np.ndarray]] = None
         self.num_words = bitmask_words(vocab_size)
         self._executor: Any = None
         self.compile_seconds = 0.0
@@ -239,10 +253,10 @@ class StructuredOutputManager:
         return template.deep_copy()
 
     def submit(self, request_id: str, params: StructuredOutputsParams, max_tokens: Optional[int] = None) -> None:
-        """Start compiling the request's grammar (or take it from the cache). A json_object request with a
-        max_tokens will close its JSON before it runs out."""
+        """Start compiling the request's grammar (or take it from the cache). A JSON request with a max_tokens
+        will close its JSON before it runs out."""
         self.pending[request_id] = (self.pool.submit(self._compile, params), time.monotonic())
-        if params.json_object and max_tokens is not None:
+        if params.key()[0] in _JSON_KINDS and max_tokens is not None:
             self.budgets[request_id] = _Budget(max_tokens)
 
     def poll(self) -> tuple[list[str], list[tuple[str, str]]]:
@@ -303,35 +317,120 @@ class StructuredOutputManager:
             for i, req_id in enumerate(request_ids):
                 budget = self.budgets.get(req_id)
                 if budget is not None and budget.max_tokens - len(budget.token_ids) <= CLOSE_WINDOW:
-                    self._close_json(budget, bitmask[i])
+                    self._close_json(budget, self.matchers[req_id], bitmask[i])
         return bitmask
 
-    def _close_json(self, budget: _Budget, row: np.ndarray) -> None:
-        """Near the end of a json_object request's budget: allow only the next token of the JSON's shortest
-        completion (when the grammar allows it too), from the moment that completion needs nearly all the tokens
-        left."""
-        tok = self._hf_tok
-        suffix = json_completion(tok.decode(budget.token_ids))
-        if suffix is None:
+    def _close_json(self, budget: _Budget, matcher: Any, row: np.ndarray) -> None:
+        """Near the end of a JSON request's budget: allow only the next token of the shortest way to close the
+        JSON that its grammar accepts, from the moment that way needs nearly all the tokens left."""
+        left = budget.max_tokens - len(budget.token_ids)
+        if matcher.is_stopped() or matcher.is_error():
             return
-        ids = tok.encode(suffix, add_special_tokens=False) if suffix else []
-        if not budget.forced and len(ids) + CLOSE_SLACK < budget.max_tokens - len(budget.token_ids):
+        text = self._hf_tok.decode(budget.token_ids)
+        plan = self._closing_plan(matcher, text, left)
+        if plan is None:
             return
-        budget.forced = True
-        if suffix:
-            candidates = ids[:1] + tok.encode(suffix[0], add_special_tokens=False)[:1]
-        else:
-            candidates = [self.eos_token_id] if self.eos_token_id is not None else []
-        for t in candidates:
-            if 0 <= t < self.num_words * 32 and (int(row[t // 32]) >> (t % 32)) & 1:
-                row[:] = 0
-                row[t // 32] = np.int32(np.uint32(1 << (t % 32)).view(np.int32))
-                return
+        if not budget.forced and len(plan) + CLOSE_SLACK < left:
+            if left - len(plan) <= LOOKAHEAD_MARGIN and self._refuse_overruns(matcher, text, row, left):
+                budget.steered = True
+            return
+        budget.forced = budget.steered = True
+        t = plan[0] if plan else self.eos_token_id
+        if t is not None and 0 <= t < self.num_words * 32 and (int(row[t // 32]) >> (t % 32)) & 1:
+            row[:] = 0
+            row[t // 32] = np.int32(np.uint32(1 << (t % 32)).view(np.int32))
 
-    def closed_early(self, request_id: str) -> bool:
-        """Whether the request's JSON was closed by its budget (it then finished by length, not by itself)."""
+    def _closing_plan(self, matcher: Any, text: str, limit: int) -> Optional[list[int]]:
+        """The tokens that close the JSON `text` under the grammar (the EOS after them not counted), found
+        greedily on a copy of the matcher: the syntactic completion (json_completion) where the grammar takes it,
+        else the tokens the grammar forces, else the allowed token after which the completion is shortest. At
+        most `limit` tokens are looked for (a longer plan is as good as too long); None: text is not JSON."""
+        tok = self._hf_tok
+        m = matcher.deep_copy()
+        plan: list[int] = []
+        while len(plan) < limit and not m.is_stopped():
+            suffix = json_completion(text)
+            if suffix is None:
+                return None
+            if not suffix:
+                return plan
+            step = tok.encode(suffix, add_special_tokens=False)
+            step = step[:m.validate_tokens(step)]
+            if not step:
+                step = tok.encode(suffix[0], add_special_tokens=False)[:1]
+                step = step[:m.validate_tokens(step)]
+            if not step:
+                step = list(m.compute_ff_tokens()) or self._shortest_closing(m, text)
+            if not step:
+                return None
+            for t in step:
+                if not m.consume_token(t):
+                    return None
+            plan += step
+            text += tok.decode(step)
+        return plan
+
+    def _pieces(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Each token's text; whether it may open something ("," "{" "["), end a string ('"'), or starts with
+        JSON's punctuation (it ends a value or moves to the next one)."""
+        if self._token_pieces is None:
+            pieces = [self._hf_tok.decode([t]) for t in range(len(self._hf_tok))]
+            pieces += [""] * (self.num_words * 32 - len(pieces))
+            opens = np.array([any(c in p for c in ",{[") for p in pieces])
+            quotes = np.array(['"' in p for p in pieces])
+            punctuation = np.array([p.lstrip()[:1] in (",", "}", "]", ":", '"') for p in pieces])
+            self._token_pieces = (pieces, opens, quotes, punctuation)
+        return self._token_pieces
+
+    def _refuse_overruns(self, matcher: Any, text: str, row: np.ndarray, left: int) -> bool:
+        """Clear the bits of the allowed tokens that open something (inside a string: only those that end it
+        too) after which closing would take more than the tokens left. Whether any was cleared."""
+        refused = False
+        pieces, opens, quotes, _ = self._pieces()
+        bits = np.unpackbits(row.view(np.uint8), bitorder="little").astype(bool)
+        suffix = json_completion(text) or ""
+        risky = bits & opens & (quotes if suffix.startswith('"') else True)
+        for t in np.flatnonzero(risky)[:LOOKAHEAD_CANDIDATES]:
+            t = int(t)
+            m = matcher.deep_copy()
+            plan = self._closing_plan(m, text + pieces[t], left - 1) if m.consume_token(t) else None
+            if plan is None or 1 + len(plan) + CLOSE_SLACK > left:
+                row.view(np.uint32)[t // 32] &= np.uint32(~(1 << (t % 32)) & 0xFFFFFFFF)
+                refused = True
+        return refused
+
+    def _shortest_closing(self, m: Any, text: str) -> list[int]:
+        """Of (some of) the tokens the grammar allows next, the one after which the syntactic completion is
+        shortest (ties: the longer token, more progress). Punctuation goes first where the grammar allows it: a
+        number or a string that may go on is ended (the syntactic completion alone would not see the required
+        keys still to come, and would keep adding digits)."""
+        import llguidance.numpy as lnp
+
+        pieces, _, _, punctuation = self._pieces()
+        row = np.zeros((1, self.num_words), dtype=np.int32)
+        lnp.fill_next_token_bitmask(m, row, 0)
+        bits = np.unpackbits(row[0].view(np.uint8), bitorder="little").astype(bool)
+        if self.eos_token_id is not None and 0 <= self.eos_token_id < len(bits):
+            bits[self.eos_token_id] = False
+        ended = bits & punctuation
+        allowed = [int(t) for t in np.flatnonzero(ended if ended.any() else bits)[:CLOSE_CANDIDATES]]
+        best, best_key = None, None
+        for t in allowed:
+            piece = pieces[t]
+            completion = json_completion(text + piece)
+            if completion is None:
+                continue
+            key = (len(completion), -len(piece))
+            if best_key is None or key < best_key:
+                best, best_key = t, key
+        return [] if best is None else [best]
+
+    def closed_json(self, request_id: str) -> bool:
+        """Whether the engine closed (or steered to its close) the request's JSON as its budget ran out, and the
+        JSON is whole."""
         budget = self.budgets.get(request_id)
-        return budget is not None and budget.forced
+        return (budget is not None and budget.steered
+                and json_completion(self._hf_tok.decode(budget.token_ids, skip_special_tokens=True)) == "")
 
     def _allow_only_eos(self, row: np.ndarray) -> None:
         row[:] = 0

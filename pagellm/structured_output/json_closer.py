@@ -1,11 +1,13 @@
-"""The shortest text that completes a prefix of a JSON value: how a json_object request closes its object
-before max_tokens cuts it.
+"""The shortest text that completes a prefix of a JSON value: how a JSON request closes its JSON before
+max_tokens cuts it.
 
-`response_format: json_object` has no bounds: a model that keeps opening keys, strings or arrays would be cut
-by max_tokens with unparseable text. When a json_object request's remaining tokens come close to what closing
+`response_format: json_object` has no bounds, and a schema's strings, numbers and arrays may run on: a model
+that keeps opening keys, strings or arrays would be cut by max_tokens with unparseable text. When a JSON
+request's (json_object, json_schema, a required or named tool call) remaining tokens come close to what closing
 takes, the structured-output manager forces, token by token, the completion computed here (ending the open
-string, giving a pending key the value 0, closing every open container); the request then finishes with
-reason "length", its JSON whole.
+string, giving a pending key the value 0, closing every open container), or where the request's grammar wants
+something else (a required key, an enum value) the allowed token that leaves the shortest completion. The
+request then finishes with reason "stop" and stop_reason "json_closed", its JSON whole.
 """
 
 from __future__ import annotations

@@ -110,11 +110,13 @@ def cmdline(pid: int) -> str:
 
 class RemoteServer:
     def __init__(self, args: list[str], api_key: Optional[str] = None, startup_timeout: float = 300.0,
-                 env: Optional[dict] = None) -> None:
+                 env: Optional[dict] = None, entry: Optional[list[str]] = None) -> None:
+        """`entry`: how the server is started (default `-m pagellm.entrypoints.cli serve`)."""
         self.port = free_port()
         self.api_key = api_key
         self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", *args, "--port", str(self.port)]
+        entry = entry or ["-m", "pagellm.entrypoints.cli", "serve"]
+        cmd = [sys.executable, *entry, *args, "--port", str(self.port)]
         if api_key is not None:
             cmd += ["--api-key", api_key]
         full_env = dict(os.environ)

@@ -2,14 +2,17 @@
 
 A random 2-layer model with the SmolLM2 tokenizer: 50 sampled requests (temperature 1) per grammar, half of
 them streamed, all concurrent; every output must finish by its grammar and validate. Tool calling with
-tool_choice required / named / auto (hermes parser). Then the embedded SmolLM2 (slow) behind the server: a few
-of each grammar, streamed and not, all concurrent (tests/structured_output holds SmolLM2 to 50 of each grammar
-through `LLM`; here it is the server's path that is checked).
+tool_choice required / named / auto (the hermes parser, inferred: the server runs as the README's plain
+`pagellm serve`, with no tool flags), as LangChain's bind_tools and the openai SDK's parse helpers use them.
+Then the embedded SmolLM2 (slow) behind the server: a few of each grammar, streamed and not, all concurrent
+(tests/structured_output holds SmolLM2 to 50 of each grammar through `LLM`; here it is the server's path that is
+checked).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 import httpx
@@ -40,8 +43,9 @@ MSG = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_so_model):
-    args = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", str(64 * 2**20),
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    """No tool flags: SmolLM2's template ignores tools, so the server writes them in the Hermes format and
+    reads the calls with the hermes parser, auto tool choice on."""
+    args = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", str(64 * 2**20)]
     with RemoteServer([tiny_so_model, *args]) as srv:
         yield srv
 
@@ -68,33 +72,50 @@ def _completion_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
-async def _one(client, endpoint: str, kwargs: dict, stream: bool, seed: int) -> tuple[str, str]:
-    common = dict(model=(await client.models.list()).data[0].id, temperature=1.0, seed=seed, max_tokens=200)
+_MODELS: dict[str, str] = {}
+
+
+async def _model_of(client) -> str:
+    """The served model's name, asked once per server (call it before starting concurrent requests): hundreds of
+    concurrent requests that each asked first failed now and then on a busy machine with a connection error."""
+    key = str(client.base_url)
+    if key not in _MODELS:
+        _MODELS[key] = (await client.models.list()).data[0].id
+    return _MODELS[key]
+
+
+async def _one(client, endpoint: str, kwargs: dict, stream: bool, seed: int,
+               max_tokens: int = 200) -> tuple[str, str, object]:
+    """(text, finish_reason, stop_reason) of one request."""
+    common = dict(model=await _model_of(client), temperature=1.0, seed=seed, max_tokens=max_tokens)
     if endpoint == "chat":
         if stream:
-            text, finish = "", None
+            text, finish, why = "", None, None
             async for chunk in await client.chat.completions.create(messages=MSG, stream=True, **common, **kwargs):
                 for ch in chunk.choices:
                     text += ch.delta.content or ""
-                    finish = ch.finish_reason or finish
-            return text, finish
+                    finish, why = (ch.finish_reason, getattr(ch, "stop_reason", None)) if ch.finish_reason \
+                        else (finish, why)
+            return text, finish, why
         out = await client.chat.completions.create(messages=MSG, **common, **kwargs)
-        return out.choices[0].message.content, out.choices[0].finish_reason
+        return out.choices[0].message.content, out.choices[0].finish_reason, getattr(out.choices[0], "stop_reason")
     kwargs = _completion_kwargs(kwargs)
     if stream:
-        text, finish = "", None
+        text, finish, why = "", None, None
         async for chunk in await client.completions.create(prompt="JSON:", stream=True, **common, **kwargs):
             for ch in chunk.choices:
                 text += ch.text
-                finish = ch.finish_reason or finish
-        return text, finish
+                finish, why = (ch.finish_reason, getattr(ch, "stop_reason", None)) if ch.finish_reason \
+                    else (finish, why)
+        return text, finish, why
     out = await client.completions.create(prompt="JSON:", **common, **kwargs)
-    return out.choices[0].text, out.choices[0].finish_reason
+    return out.choices[0].text, out.choices[0].finish_reason, getattr(out.choices[0], "stop_reason")
 
 
 def test_many_requests_every_grammar_streamed_and_not(server):
     async def run():
         client = server.async_client()
+        await _model_of(client)  # once, before the concurrent requests
         jobs, checks = [], []
         for name, kwargs, check in _extra("all"):
             for i in range(N):
@@ -104,19 +125,61 @@ def test_many_requests_every_grammar_streamed_and_not(server):
         return checks, await asyncio.gather(*jobs)
 
     checks, results = asyncio.run(run())
-    for (name, endpoint, stream, check), (text, finish) in zip(checks, results):
+    for (name, endpoint, stream, check), (text, finish, _) in zip(checks, results):
         assert finish == "stop", (name, endpoint, stream, text, finish)
         check(text)
 
 
+def test_json_schema_closes_at_a_small_max_tokens(server):
+    """A JSON schema's strings, numbers and arrays may run on: near max_tokens the engine closes the JSON the
+    schema's way (its required keys, its enums), so every output validates, streamed and not, on both endpoints,
+    with finish_reason "stop" (stop_reason "json_closed" where the engine closed it)."""
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+        "level": {"enum": ["low", "high"]}, "score": {"type": "number"}},
+        "required": ["name", "tags", "level", "score"], "additionalProperties": False}
+    kwargs = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+    async def run():
+        client = server.async_client()
+        await _model_of(client)
+        return await asyncio.gather(*[_one(client, "chat" if i % 4 < 2 else "completions", kwargs,
+                                           stream=i % 2 == 1, seed=i, max_tokens=40) for i in range(16)])
+
+    results = asyncio.run(run())
+    for text, finish, why in results:
+        assert finish == "stop" and why in (None, "json_closed"), (text, finish, why)
+        check_json(text, schema)
+    assert "json_closed" in {why for _, _, why in results}
+
+
+def test_openai_sdk_parse_helper_takes_a_closed_answer(server):
+    """client.chat.completions.parse refuses finish_reason "length" (LengthFinishReasonError): an answer the
+    engine closed finishes "stop", so the helper parses it even at a budget far too small for the model."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+        landmarks: list[str]
+
+    client = server.client()
+    for seed in range(3):
+        out = client.chat.completions.parse(model=client.models.list().data[0].id, messages=MSG,
+                                            response_format=City, max_tokens=30, temperature=1.0, seed=seed)
+        assert isinstance(out.choices[0].message.parsed, City), out.choices[0].message.content
+        assert out.choices[0].finish_reason == "stop"
+
+
 def test_json_object_on_a_random_model_always_parses(server):
     """json_object has no bounds, and a random model rarely closes its object by itself: near max_tokens the
-    engine closes it (finish_reason "length"). Every output of 50, streamed and not, on both endpoints parses."""
+    engine closes it (finish_reason "stop", stop_reason "json_closed", so that clients take the answer). Every
+    output of 50, streamed and not, on both endpoints parses."""
     kwargs = {"response_format": {"type": "json_object"}}
 
     async def run():
         client = server.async_client()
-        model = (await client.models.list()).data[0].id
+        model = await _model_of(client)
         jobs = []
         for i in range(N):
             endpoint = "chat" if i % 4 < 2 else "completions"
@@ -126,11 +189,12 @@ def test_json_object_on_a_random_model_always_parses(server):
         return await asyncio.gather(*jobs)
 
     *results, short = asyncio.run(run())
-    for text, finish in results:
-        assert finish in ("stop", "length"), (text, finish)
+    for text, finish, why in results:
+        assert finish == "stop", (text, finish)
         check_json(text, None)
-    assert {finish for _, finish in results} == {"stop", "length"}  # some closed by themselves, some were closed
+    assert {why for _, _, why in results} == {None, "json_closed"}  # some closed by themselves, some were closed
     check_json(short.choices[0].message.content, None)
+    assert short.choices[0].finish_reason == "stop" and short.choices[0].stop_reason == "json_closed"
     assert short.usage.completion_tokens <= 8
 
 
@@ -250,6 +314,76 @@ def test_tool_choice_auto_with_the_hermes_parser(server):
     assert out.choices[0].finish_reason == "stop"
 
 
+OPEN_TOOL = {"type": "function", "function": {
+    "name": "make_note", "description": "Save a note",
+    "parameters": {"type": "object", "required": ["title", "tags"], "properties": {
+        "title": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+        "meta": {"type": "object", "properties": {"n": {"type": "integer"}}}}}}}
+
+
+def test_required_tool_call_always_parses_at_a_small_max_tokens(server):
+    """A tool whose schema is open (unbounded strings and arrays, no additionalProperties): the arguments are
+    held to the declared properties (strict, as OpenAI's), and closed near max_tokens, so the call always
+    parses: finish_reason "tool_calls", streamed and not."""
+    schema = copy.deepcopy(OPEN_TOOL["function"]["parameters"])
+    schema["additionalProperties"] = schema["properties"]["meta"]["additionalProperties"] = False
+
+    async def run():
+        client = server.async_client()
+        model = (await client.models.list()).data[0].id
+        common = dict(model=model, messages=MSG, tools=[OPEN_TOOL], tool_choice="required", temperature=1.0,
+                      max_tokens=40)  # the shortest call takes 26 tokens
+        jobs = [client.chat.completions.create(seed=i, **common) for i in range(8)]
+        jobs += [_areassemble(await client.chat.completions.create(seed=i, stream=True, **common))
+                 for i in range(4)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(run())
+    for out in results[:8]:
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.stop_reason in (None, "json_closed")
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+    for calls, content, finish in results[8:]:
+        assert finish == "tool_calls" and calls and content == ""
+        for call in calls:
+            jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+def test_what_langchain_sends(server):
+    """LangChain's bind_tools sends tools with no tool_choice (auto) and reads tool_calls; its
+    with_structured_output(method="json_mode") sends response_format json_object and parses the content. Both
+    against the plain server, through the openai SDK as LangChain does (and through langchain_openai itself when
+    it is installed)."""
+    client = server.client()
+    model = client.models.list().data[0].id
+    call = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tokyo", "unit": "celsius", "days": 2}}'
+            '\n</tool_call>')
+    out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, max_tokens=80,
+                                         extra_body={"guided_choice": [call]})
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {
+        "city": "Tokyo", "unit": "celsius", "days": 2}
+    out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, max_tokens=5)  # free text
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    for seed in range(4):
+        out = client.chat.completions.create(model=model, messages=MSG, max_tokens=12, temperature=1.0, seed=seed,
+                                             response_format={"type": "json_object"})
+        assert isinstance(json.loads(out.choices[0].message.content), dict)
+        assert out.choices[0].finish_reason == "stop"
+    try:
+        from langchain_openai import ChatOpenAI
+    except ImportError:
+        return
+    chat = ChatOpenAI(model=model, base_url=server.url("/v1"), api_key="unused", max_tokens=80,
+                      extra_body={"guided_choice": [call]})
+    msg = chat.bind_tools([TOOLS[0]]).invoke("What is the weather in Tokyo?")
+    assert msg.tool_calls[0]["name"] == "get_weather" and msg.tool_calls[0]["args"]["city"] == "Tokyo"
+    json_mode = ChatOpenAI(model=model, base_url=server.url("/v1"), api_key="unused", max_tokens=12)
+    assert isinstance(json_mode.with_structured_output(None, method="json_mode").invoke("JSON please"), dict)
+
+
 def test_tool_messages_render_into_the_prompt(server):
     messages = MSG + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
@@ -269,18 +403,23 @@ def test_tool_messages_render_into_the_prompt(server):
 
 @pytest.fixture(scope="module")
 def smollm_server(smollm_gguf):
-    """SmolLM2 without --enable-auto-tool-choice, and a KV cache that holds every request of
+    """SmolLM2 with no tool flags, and a KV cache that holds every request of
     test_smollm_server at once."""
     with RemoteServer(SMOLLM_ARGS + ["--kv-cache-memory", str(256 * 2**20)]) as srv:
         yield srv
 
 
 @pytest.mark.slow
-def test_auto_needs_the_flag(smollm_server):
+def test_auto_tool_choice_on_the_plain_server(smollm_server):
+    """SmolLM2's template ignores tools: the README's plain serve still takes tool_choice auto (the tools go
+    into the system message in the Hermes format); whatever the model answers comes back as content or as
+    tool calls that parse."""
     client = smollm_server.client(timeout=600)
     model = client.models.list().data[0].id
-    with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
-        client.chat.completions.create(model=model, messages=MSG, tools=TOOLS)
+    out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, max_tokens=60, temperature=0)
+    for call in out.choices[0].message.tool_calls or []:
+        json.loads(call.function.arguments)
+    assert out.choices[0].message.content or out.choices[0].message.tool_calls
     out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, tool_choice="required",
                                          max_tokens=300, temperature=1.0, seed=0)
     assert out.choices[0].message.tool_calls

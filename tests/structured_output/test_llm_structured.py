@@ -56,7 +56,8 @@ def test_random_model_every_grammar(tiny_llm):
 
 def test_random_model_json_object_closes_before_max_tokens(tiny_llm):
     """A random model seldom closes an unbounded JSON object by itself; near max_tokens the engine forces the
-    shortest completion, and the request finishes by length with its JSON whole."""
+    shortest completion, and the request finishes with reason "stop" and stop_reason "json_closed", its JSON
+    whole (the others closed it by themselves: stop_reason None)."""
     for max_tokens in (30, 120):
         outs = tiny_llm.generate(["hello", "write json", "x y z"] * (N // 3 + 1), [SamplingParams(
             temperature=1.0, seed=i, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(
@@ -66,8 +67,8 @@ def test_random_model_json_object_closes_before_max_tokens(tiny_llm):
             c = o.outputs[0]
             check_json(c.text, None)
             assert len(c.token_ids) <= max_tokens
-            reasons.add(c.finish_reason)
-        assert reasons == {"stop", "length"}, reasons
+            reasons.add((c.finish_reason, c.stop_reason))
+        assert reasons == {("stop", None), ("stop", "json_closed")}, reasons
     assert not tiny_llm.llm_engine.core.structured_output.budgets  # forgotten with their requests
 
 

@@ -32,7 +32,7 @@ import pagellm
 from pagellm.engine.async_llm import AsyncLLM
 from pagellm.engine.core_client import SharedCores
 from pagellm.engine_args import EngineArgs
-from pagellm.entrypoints.openai.cli_args import add_serve_args, work_caps_from_args
+from pagellm.entrypoints.openai.cli_args import work_caps_from_args
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -261,8 +261,8 @@ def _api_error_response(e: BaseException) -> JSONResponse:
 
 
 def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str] = None,
-              enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
-              store_responses: bool = True) -> tuple[Any, FastAPI]:
+              enable_auto_tool_choice: Optional[bool] = None, tool_call_parser: Optional[str] = None,
+              reasoning_parser: Optional[str] = None, store_responses: bool = True) -> tuple[Any, FastAPI]:
     """The ASGI app to serve (FastAPI wrapped in the guard middleware), and the FastAPI app. `store_responses`:
     keep /v1/responses answers in memory (not with several API processes, each with its own memory)."""
     model_name = engine.served_model_name
@@ -270,7 +270,7 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
                   description="OpenAI-compatible completions, chat completions and responses served by pagellm.")
     completion = OpenAIServingCompletion(engine, model_name, chat_template)
     chat = OpenAIServingChat(engine, model_name, chat_template, enable_auto_tool_choice=enable_auto_tool_choice,
-                             tool_call_parser=tool_call_parser)
+                             tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     tokenization = OpenAIServingTokenization(engine, model_name, chat_template)
     app.state.engine = engine
     app.state.server_state = state
@@ -514,8 +514,9 @@ async def run_server(args: argparse.Namespace, shared: Optional[SharedCores] = N
         keyring.metrics = engine.metrics
         engine.metrics.add_keys({k.name: k.limit_names for k in keyring.keys})
     state = ServerState(keyring, args.max_request_body_bytes)
-    asgi_app, _ = build_app(engine, state, chat_template, getattr(args, "enable_auto_tool_choice", False),
-                            getattr(args, "tool_call_parser", None), store_responses=shared is None)
+    asgi_app, _ = build_app(engine, state, chat_template, getattr(args, "enable_auto_tool_choice", None),
+                            getattr(args, "tool_call_parser", None), getattr(args, "reasoning_parser", None),
+                            store_responses=shared is None)
     exit_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
     if shared is not None:
         asgi_app = ServerIndexMiddleware(asgi_app, shared.client_index)
@@ -569,8 +570,6 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("shutdown_timeout must be non-negative")
     if args.max_request_body_bytes < 1:
         raise ValueError("max_request_body_bytes must be positive")
-    if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
-        raise ValueError("enable_auto_tool_choice: needs --tool-call-parser")
     count = getattr(args, "api_server_count", 1)
     if count < 1:
         raise ValueError("api_server_count must be at least 1")
@@ -583,11 +582,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pagellm serve")
-    add_serve_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "warning").upper())
-    return serve(args)
+    """`python -m pagellm.entrypoints.openai.api_server ARGS` (vLLM's spelling) is `pagellm serve ARGS`."""
+    from pagellm.entrypoints.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -65,11 +65,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        "tokens over its prompts; more is a 400 naming prompt_logprobs (default: "
                        f"{DEFAULT_MAX_PROMPT_LOGPROBS_PER_REQUEST:,}: a 50,000-token prompt at prompt_logprobs 20, "
                        "a JSON response of about 80 MB)")
-    group.add_argument("--enable-auto-tool-choice", action="store_true",
-                       help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
+    group.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=None,
+                       help="let the model decide to call tools (tool_choice auto, the default when a request has "
+                       "tools). Default: on when the tool-call parser is known: given by --tool-call-parser, or "
+                       "inferred from the chat template (a template that does not read tools gets them in its "
+                       "system message in the Hermes format)")
     group.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                        help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
-                       "Hermes/Qwen) or llama3_json (Llama 3 JSON)")
+                       "Hermes/Qwen) or llama3_json (Llama 3 JSON) (default: inferred from the chat template)")
+    group.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                       help="split the model's thinking (<think>...</think>) from its answer into the message's "
+                       "reasoning_content (streamed as its own deltas): qwen3 (thinking only when the output starts "
+                       "with <think>) or deepseek_r1 (the output starts inside the thinking; <think> optional)")
     parser.add_argument("--log-level", default=argparse.SUPPRESS,
                         choices=["debug", "info", "warning", "error"], help="log level (default: warning)")
     parser.epilog = (

@@ -19,15 +19,19 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationInfo,
-    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from pagellm.outputs import PositionLogprobs
+from pagellm.entrypoints.openai.logprob_fields import (  # noqa: F401 - the handlers import them from here
+    LOGPROB_FLOOR,
+    TOKEN_ID_KEY,
+    Logprob,
+    PromptLogprobs,
+    prompt_logprobs_field,
+)
 
 from pagellm.sampling_params import (
     MAX_CHOICES,
@@ -49,8 +53,6 @@ MAX_SEQUENCES_PER_REQUEST = 1024  # prompts x n
 MAX_CHAT_MESSAGES = 4096
 MAX_DETOKENIZE_TOKENS = 1 << 20
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-# A logit_bias key: a token id in decimal digits (int() would also take " 1", "1_0" and "\uff11").
-TOKEN_ID_KEY = r"^[0-9]{1,10}$"
 
 
 def documented(type_: Any, **schema: Any) -> Any:
@@ -83,45 +85,6 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = ranged(Int, "token_id")  # the vocabulary check (processor, /detokenize) is tighter still
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopString = documented(str, minLength=1, maxLength=MAX_STOP_STRING_LEN)
-
-
-# JSON has no infinities: a token the sampler ruled out (logprob -inf) is reported at this floor, as vLLM does.
-LOGPROB_FLOOR = -9999.0
-
-
-def _finite_logprob(value: float) -> float:
-    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN and -inf fail the comparison
-
-
-Logprob = Annotated[float, PlainSerializer(_finite_logprob, return_type=float)]
-
-# vLLM's `prompt_logprobs` in a response: one entry per prompt position, null for the first (nothing predicts
-# it), else token id (a decimal string key) -> {logprob, rank, decoded_token}: the prompt token and the top
-# prompt_logprobs. Plain dicts (prompt_logprobs_field), not models: a long prompt has hundreds of thousands of
-# entries, which pydantic models took seconds to build; the schema is published as written here.
-_PROMPT_LOGPROB_SCHEMA = {"type": "array", "items": {"anyOf": [{"type": "null"}, {
-    "type": "object", "propertyNames": {"pattern": TOKEN_ID_KEY}, "additionalProperties": {
-        "type": "object", "required": ["logprob"], "properties": {
-            "logprob": {"type": "number"}, "rank": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
-            "decoded_token": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}}]}}
-PromptLogprobs = Annotated[Optional[Any], WithJsonSchema({"anyOf": [_PROMPT_LOGPROB_SCHEMA, {"type": "null"}]})]
-
-
-def prompt_logprobs_field(positions: list[Optional[PositionLogprobs]], k: int) -> list[Optional[dict[str, dict]]]:
-    """A response's prompt_logprobs from the engine's: at each position the prompt token and the top k (the
-    engine may have computed more, for echo's logprobs)."""
-    result: list[Optional[dict[str, dict]]] = []
-    for position in positions:
-        if position is None:
-            result.append(None)
-            continue
-        entries = {}
-        for i, (tok, lp) in enumerate(position.items()):  # the prompt token first, then by rank
-            if i == 0 or (lp.rank is not None and lp.rank <= k):
-                entries[str(tok)] = {"logprob": _finite_logprob(lp.logprob), "rank": lp.rank,
-                                     "decoded_token": lp.decoded_token}
-        result.append(entries)
-    return result
 
 
 def rename_field(message: str, field: str) -> str:
@@ -289,13 +252,15 @@ class SamplingFields(RequestBody):
         except ValueError as e:
             raise ValueError(rename_field(str(e), name)) from None
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
+    def _sampling_kwargs(self, defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """SamplingParams' arguments; a field left out takes the model's default (`defaults`, from its
+        generation_config.json), else SamplingParams' own."""
         kwargs: dict[str, Any] = {}
         for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0),
                               ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                               ("repetition_penalty", 1.0)):
             value = getattr(self, name)
-            kwargs[name] = default if value is None else value
+            kwargs[name] = (defaults or {}).get(name, default) if value is None else value
         logit_bias = None
         if self.logit_bias is not None:
             logit_bias = {}
@@ -335,9 +300,10 @@ class CompletionRequest(SamplingFields):
             return self.logprobs
         return self.prompt_logprobs
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: only best_of == n is supported")
+    def to_sampling_params(self, max_tokens: Optional[int],
+                           defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of: best_of > n needs stream=false (the best sequences are known only at the end)")
         if self.suffix:
             raise ValueError("suffix: not supported")
         prompt_logprobs = self.prompt_logprobs
@@ -345,7 +311,7 @@ class CompletionRequest(SamplingFields):
             prompt_logprobs = self.logprobs if prompt_logprobs is None else max(prompt_logprobs, self.logprobs)
         structured, _ = self.structured_outputs_params()
         return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs,
-                              structured_outputs=structured, **self._sampling_kwargs())
+                              structured_outputs=structured, best_of=self.best_of, **self._sampling_kwargs(defaults))
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -431,6 +397,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[ranged(Int, "logprobs")] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # more chat template variables, e.g. enable_thinking
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = True
@@ -442,8 +409,8 @@ class ChatCompletionRequest(SamplingFields):
             check_range(info.field_name, value, "max_tokens")
         return value
 
-    def to_sampling_params(self, max_tokens: Optional[int],
-                           structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: Optional[int], structured: Optional[StructuredOutputsParams] = None,
+                           defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
         logprobs = None
         if self.logprobs:
             logprobs = self.top_logprobs or 0
@@ -452,7 +419,7 @@ class ChatCompletionRequest(SamplingFields):
         if structured is None:
             structured, _ = self.structured_outputs_params()
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
-                              structured_outputs=structured, **self._sampling_kwargs())
+                              structured_outputs=structured, **self._sampling_kwargs(defaults))
 
 
 class ChatLogProb(OpenAIModel):
@@ -503,6 +470,7 @@ class DeltaToolCall(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: str = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None  # --reasoning-parser: the model's thinking, apart from its answer
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -531,6 +499,7 @@ class DeltaMessage(OpenAIModel):
 
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")

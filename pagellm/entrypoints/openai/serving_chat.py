@@ -31,6 +31,8 @@ from pagellm.entrypoints.openai.protocol import (
     prompt_logprobs_field,
     random_id,
 )
+from pagellm.entrypoints.chat_utils import template_text
+from pagellm.entrypoints.openai.reasoning_parsers import ReasoningParser, ReasoningStream, get_reasoning_parser
 from pagellm.entrypoints.openai.tool_parsers import (
     ParsedToolCall,
     RequiredCallStream,
@@ -38,6 +40,7 @@ from pagellm.entrypoints.openai.tool_parsers import (
     ToolParser,
     check_tools,
     get_tool_parser,
+    infer_tool_parser,
     named_tool,
     parameters_schema,
     parse_required,
@@ -79,13 +82,32 @@ class _ToolMode:
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, *args: Any, enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+    def __init__(self, *args: Any, enable_auto_tool_choice: Optional[bool] = None,
+                 tool_call_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
                  **kwargs: Any) -> None:
+        """Auto tool choice (None: on when the parser is known) reads tool calls with `tool_call_parser`, by
+        default the one the chat template's format implies (infer_tool_parser)."""
         super().__init__(*args, **kwargs)
-        self.enable_auto_tool_choice = enable_auto_tool_choice
+        if tool_call_parser is None:
+            tool_call_parser = infer_tool_parser(template_text(self.tokenizer, self.chat_template))
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice: the chat template's tool-call format is not one pagellm "
+                             "recognises: name it with --tool-call-parser")
+        self.enable_auto_tool_choice = tool_call_parser is not None if enable_auto_tool_choice is None \
+            else enable_auto_tool_choice
         self.tool_call_parser = tool_call_parser
         if tool_call_parser is not None:
             get_tool_parser(tool_call_parser)  # a bad name fails at start-up
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
+
+    def _reasoning(self, mode: _ToolMode, params: Any) -> Optional[ReasoningParser]:
+        """The reasoning parser for this request: not when its output is JSON by grammar (a JSON answer, a forced
+        tool call: no room for thinking); a regex or grammar may spell the thinking out, and then it is read."""
+        so = params.structured_outputs
+        if self.reasoning_parser is None or mode.kind not in ("none", "auto") or (
+                so is not None and (so.json is not None or so.json_object)):
+            return None
+        return self.reasoning_parser
 
     def _tool_mode(self, req: ChatCompletionRequest,
                    structured: Optional[StructuredOutputsParams]) -> tuple[_ToolMode, Optional[StructuredOutputsParams]]:
@@ -103,9 +125,9 @@ class OpenAIServingChat(OpenAIServing):
         if choice == "none":
             return _ToolMode("none"), structured
         if choice == "auto":
-            if not self.enable_auto_tool_choice or self.tool_call_parser is None:
-                raise APIError('tool_choice: "auto" tool choice requires --enable-auto-tool-choice and '
-                               "--tool-call-parser to be set", param="tool_choice")
+            if not self.enable_auto_tool_choice:
+                raise APIError('tool_choice: "auto" tool choice is off on this server (--no-enable-auto-tool-choice'
+                               '); use "required", a named function or "none"', param="tool_choice")
             return _ToolMode("auto", parser=get_tool_parser(self.tool_call_parser)), structured
         if structured is not None:
             raise APIError("tool_choice: required or a named function cannot be combined with response_format, "
@@ -130,14 +152,17 @@ class OpenAIServingChat(OpenAIServing):
         if structured_for_tools is not structured:
             structured, field = structured_for_tools, "tools"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.to_sampling_params(max_tokens, structured)
+        params = req.to_sampling_params(max_tokens, structured, self.sampling_defaults)
         if params.n > MAX_SEQUENCES_PER_REQUEST:
             raise APIError(f"n may be at most {MAX_SEQUENCES_PER_REQUEST}", param="n")
         await self.check_structured_outputs(params, field)
         self.engine.check_admission(params.n)
         tools = req.tools if mode.kind != "none" else None
         prompt = await self.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                        tools=tools)
+                                        tools=tools, chat_template_kwargs=req.chat_template_kwargs)
+        if max_tokens is None and "max_tokens" in self.sampling_defaults:  # the model's default, within the room
+            room = self.max_model_len - len(prompt.prompt_token_ids)
+            params.max_tokens = max(1, min(self.sampling_defaults["max_tokens"], room))
         self.engine.processor.check_work([prompt], params)
         request_id = random_id("chatcmpl")
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY
@@ -150,7 +175,8 @@ class OpenAIServingChat(OpenAIServing):
         num_prompt = len(prompt.prompt_token_ids)
         created = int(time.time())
         if req.stream:
-            return StreamingResponse(self._stream(req, stream, request_id, created, num_prompt, params.n, mode),
+            return StreamingResponse(self._stream(req, stream, request_id, created, num_prompt, params.n, mode,
+                                                  self._reasoning(mode, params)),
                                      media_type="text/event-stream", background=BackgroundTask(stream.abort))
         try:
             final = None
@@ -160,10 +186,14 @@ class OpenAIServingChat(OpenAIServing):
             stream.abort()
         choices = []
         completion_tokens = 0
+        reasoning = self._reasoning(mode, params)
         for c in sorted(final.outputs, key=lambda c: c.index):
             completion_tokens += len(c.token_ids)
-            content, calls = mode.extract(c.text, c.finish_reason)
-            message = ChatResponseMessage(role="assistant", content=content, tool_calls=[
+            thinking, text = reasoning.extract(c.text) if reasoning is not None else (None, c.text)
+            content, calls = mode.extract(text or "", c.finish_reason)
+            if text is None and not calls:
+                content = None  # all thinking (cut before its end)
+            message = ChatResponseMessage(role="assistant", content=content, reasoning_content=thinking, tool_calls=[
                 ToolCall(id=tool_call_id(), function=FunctionCall(name=call.name, arguments=call.arguments))
                 for call in calls])
             choices.append(ChatCompletionResponseChoice(
@@ -198,8 +228,10 @@ class OpenAIServingChat(OpenAIServing):
         return ChatLogProbs(content=content)
 
     async def _stream(self, req: ChatCompletionRequest, stream: RequestStream, request_id: str, created: int,
-                      num_prompt: int, n: int, mode: Optional[_ToolMode] = None) -> AsyncIterator[str]:
+                      num_prompt: int, n: int, mode: Optional[_ToolMode] = None,
+                      reasoning: Optional[ReasoningParser] = None) -> AsyncIterator[str]:
         mode = mode or _ToolMode("none")
+        thinking_streams = [ReasoningStream(reasoning) for _ in range(n)] if reasoning is not None else None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
         completion_tokens = 0
@@ -251,9 +283,15 @@ class OpenAIServingChat(OpenAIServing):
                     completion_tokens += len(c.token_ids)
                     logprobs = self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None
                     final = c.finish_reason is not None
+                    text = c.text
+                    if thinking_streams is not None:
+                        thought, text = thinking_streams[c.index].feed(c.text, final)
+                        if thought:
+                            yield chunk(c.index, DeltaMessage(reasoning_content=thought), logprobs)
+                            logprobs = None  # sent with the thinking
                     if mode.kind == "none":
-                        if c.text or c.token_ids:
-                            yield chunk(c.index, DeltaMessage(content=c.text), logprobs)
+                        if text or (c.token_ids and logprobs is not None) or (c.token_ids and not thinking_streams):
+                            yield chunk(c.index, DeltaMessage(content=text), logprobs)
                     elif mode.kind == "named":
                         if num_calls[c.index] == 0 and (c.text or final):
                             num_calls[c.index] = 1
@@ -268,7 +306,7 @@ class OpenAIServingChat(OpenAIServing):
                             else:
                                 yield call_args(c.index, i, args, logprobs)
                     else:
-                        content, calls = auto_states[c.index].feed(c.text, final)
+                        content, calls = auto_states[c.index].feed(text, final)
                         if content:
                             yield chunk(c.index, DeltaMessage(content=content), logprobs)
                         for piece in call_chunks(c.index, calls):

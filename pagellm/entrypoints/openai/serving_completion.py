@@ -84,12 +84,12 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(req.model)
         prompts = _prompt_list(req.prompt)  # never empty, at most MAX_PROMPTS_PER_REQUEST: the model checks
         echo_only = req.echo and req.max_tokens == 0
-        params = req.to_sampling_params(1 if echo_only else req.max_tokens)
-        if len(prompts) * params.n > MAX_SEQUENCES_PER_REQUEST:
-            raise APIError(f"n: prompts x n may be at most {MAX_SEQUENCES_PER_REQUEST}, got "
-                           f"{len(prompts)} x {params.n}", param="n")
+        params = req.to_sampling_params(1 if echo_only else req.max_tokens, self.sampling_defaults)
+        if len(prompts) * params.num_sequences > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError(f"n: prompts x n (or best_of) may be at most {MAX_SEQUENCES_PER_REQUEST}, got "
+                           f"{len(prompts)} x {params.num_sequences}", param="n")
         await self.check_structured_outputs(params, req.structured_outputs_params()[1])
-        self.engine.check_admission(len(prompts) * params.n)
+        self.engine.check_admission(len(prompts) * params.num_sequences)
         processed = [await self.process_prompt(p, req.add_special_tokens) for p in prompts]
         self.engine.processor.check_work(processed, params)
         request_id = random_id("cmpl")

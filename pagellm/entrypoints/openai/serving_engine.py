@@ -20,6 +20,7 @@ from pagellm.engine.async_llm import (
     RequestStream,
 )
 from pagellm.engine.processor import ProcessedPrompt
+from pagellm.entrypoints.chat_utils import check_chat_template_kwargs, render_chat, template_text
 from pagellm.entrypoints.openai.protocol import CalledTool, ChatMessage, ErrorInfo, ErrorResponse
 from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
 from pagellm.sampling_params import check_json_text
@@ -171,6 +172,8 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.model_config.max_model_len
         self.chat_template = chat_template
+        # The model's default sampling parameters (generation_config.json), for the fields a request leaves out.
+        self.sampling_defaults: dict[str, Any] = dict(engine.model_config.sampling_defaults)
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model_name:
@@ -214,8 +217,7 @@ class OpenAIServing:
             raise ValueError(rename_field(str(e), field or "structured_outputs")) from None
 
     def _template_renders_tool_calls(self) -> bool:
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None) or ""
-        return "tool_calls" in str(template)
+        return "tool_calls" in template_text(self.tokenizer, self.chat_template)
 
     def chat_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
         """The messages as chat templates take them (their number, roles and parts are checked by the model)."""
@@ -257,23 +259,11 @@ class OpenAIServing:
             out.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
         return out
 
-    def _render_chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
-                     continue_final_message: bool, tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
-        tokenizer = self._need_tokenizer("messages")
-        kwargs: dict[str, Any] = {}
-        if continue_final_message:
-            kwargs["continue_final_message"] = True
-        if tools:
-            kwargs["tools"] = tools
-        out = tokenizer.apply_chat_template(
-            conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-            tokenize=True, return_dict=True, **kwargs,
-        )
-        return list(out["input_ids"])
-
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False,
-                          tools: Optional[list[dict[str, Any]]] = None) -> ProcessedPrompt:
+                          continue_final_message: bool = False, tools: Optional[list[dict[str, Any]]] = None,
+                          chat_template_kwargs: Optional[dict[str, Any]] = None) -> ProcessedPrompt:
+        tokenizer = self._need_tokenizer("messages")
+        chat_template_kwargs = check_chat_template_kwargs(chat_template_kwargs)
         conversation = self.chat_messages(messages)
         total_chars = sum(len(m["content"]) for m in conversation)
         if total_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
@@ -283,8 +273,8 @@ class OpenAIServing:
             raise APIError("continue_final_message: cannot be used with add_generation_prompt",
                            param="continue_final_message")
         try:
-            ids = await asyncio.to_thread(self._render_chat, conversation, add_generation_prompt,
-                                          continue_final_message, tools)
+            ids = await asyncio.to_thread(render_chat, tokenizer, conversation, self.chat_template,
+                                          add_generation_prompt, continue_final_message, tools, chat_template_kwargs)
         except APIError:
             raise
         except jinja2.TemplateError as e:  # the template's own raise_exception("...") and its syntax errors

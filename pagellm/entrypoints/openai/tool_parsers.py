@@ -7,7 +7,11 @@ Parsers (`--tool-call-parser`, used when tool_choice is "auto"):
   `<|python_tag|>`), several separated by `;`.
 
 tool_choice "required" and a named function are enforced by a JSON-schema grammar built from the functions'
-parameters, so the arguments always parse and match the schema.
+parameters, held to their schema as OpenAI's strict mode does (an object takes no keys beyond its properties
+unless its schema says `additionalProperties`), so the arguments always parse and match the schema. Near
+max_tokens the engine closes the JSON (structured_output's closer), so a required call is always whole.
+
+With no --tool-call-parser, the parser comes from the chat template (infer_tool_parser).
 """
 
 from __future__ import annotations
@@ -128,6 +132,18 @@ class Llama3JsonToolParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
 
 
+def infer_tool_parser(template: str) -> Optional[str]:
+    """The parser of the tool calls a chat template teaches the model to write; None when its format is not
+    one of ours. A template that does not read tools gets them in the Hermes format (chat_utils): hermes."""
+    from pagellm.entrypoints.chat_utils import template_declares_tools
+
+    if not template_declares_tools(template) or "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or "<|start_header_id|>" in template:
+        return "llama3_json"
+    return None
+
+
 def get_tool_parser(name: str) -> ToolParser:
     if name not in TOOL_PARSERS:
         raise ValueError(f"tool_call_parser: unknown parser {name!r} (known: {', '.join(TOOL_PARSERS)})")
@@ -161,8 +177,33 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
 
 
 def parameters_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """The grammar's schema of a tool's arguments: its parameters, strict (see strict_schema)."""
     params = tool["function"].get("parameters")
-    return params if params else {"type": "object", "properties": {}}
+    return strict_schema(params) if params else {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of a JSON schema in which every object schema that does not say additionalProperties has it
+    false, as OpenAI's strict mode: a model held to it cannot add keys the function does not declare."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(sub) for sub in out[key]]
+    for key in ("items", "additionalProperties", "not", "if", "then", "else"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key])
+    return out
 
 
 def named_tool(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any]:

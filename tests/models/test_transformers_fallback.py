@@ -86,15 +86,16 @@ def test_fallback_engine_greedy_chunked_and_prefix_cached(tiny_model_dir, arch):
     assert all(out.num_cached_tokens >= 32 for out in outputs)  # two full blocks came from the cache
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_native_arch_through_fallback_equals_native(tiny_model_dir, arch):
-    """model_impl='transformers' on an architecture pagellm has: the same tokens and logprobs as our own model."""
+@pytest.mark.parametrize("arch,kv_cache_dtype", [("llama", "auto"), ("qwen3", "auto"), ("llama", "fp8")])
+def test_native_arch_through_fallback_equals_native(tiny_model_dir, arch, kv_cache_dtype):
+    """model_impl='transformers' on an architecture pagellm has: the same tokens and logprobs as our own model,
+    also with an FP8 KV cache (the fallback's attention writes and reads it like ours)."""
     path = tiny_model_dir(arch)
     prompts = _prompts(4, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2)
     results = {}
     for impl in ("pagellm", "transformers"):
-        llm = tiny_llm(path, model_impl=impl, max_num_batched_tokens=48)
+        llm = tiny_llm(path, model_impl=impl, max_num_batched_tokens=48, kv_cache_dtype=kv_cache_dtype)
         want = TransformersForCausalLM if impl == "transformers" else torch.nn.Module
         assert isinstance(_runner_model(llm), want)
         results[impl] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -155,3 +156,15 @@ def test_fallback_cuda_greedy_equals_cpu(tiny_model_dir, arch, impl):
     assert isinstance(runner.model, TransformersForCausalLM) and not runner.graphs
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == cpu
     llm.llm_engine.core.shutdown()
+
+
+def test_fallback_loads_fp8_kv_scales(tiny_model_dir):
+    """A checkpoint's per-layer KV-cache scales (`...self_attn.k_scale`, as pagellm's own models read them) fill
+    the fallback's attention scale buffers, which its attention function passes to the backend."""
+    model = load_model(model_config_for(tiny_model_dir("olmo2")), "cpu")
+    loaded = model.load_weights([("model.layers.1.self_attn.k_scale", torch.tensor(0.25)),
+                                 ("model.layers.1.self_attn.v_scale", torch.tensor(0.5))])
+    assert loaded == set()  # buffers, not parameters
+    attn = model.hf.model.layers[1].self_attn._pagellm_attn
+    assert attn.k_scale.item() == 0.25 and attn.v_scale.item() == 0.5
+    assert model.hf.model.layers[0].self_attn._pagellm_attn.k_scale.item() == 1.0

@@ -31,6 +31,7 @@ from torch import nn
 
 from pagellm.attention import Attention, AttentionMetadata
 from pagellm.attention.backends import get_attention_backend
+from pagellm.attention.fp8_kv import load_kv_scale
 from pagellm.model_executor.layers.linear import materialize
 
 logger = logging.getLogger(__name__)
@@ -146,14 +147,18 @@ class TransformersForCausalLM(nn.Module):
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        layers = 0
-        for module in self.hf.modules():
+        # The FP8 KV-cache scale buffers by the names load_kv_scale gives a checkpoint's scales
+        # ("<attention module>.attn.k_scale", as in pagellm's own models).
+        self._kv_scales: dict[str, torch.Tensor] = {}
+        for path, module in self.hf.named_modules():
             if type(module).__name__.endswith("Attention") and getattr(module, "layer_idx", None) is not None:
                 # An attention layer: it gets the step holder and its own scale buffers (FP8 KV caches).
                 scale = float(getattr(module, "scaling", head_dim**-0.5))
                 module._pagellm_attn = Attention(num_heads, head_dim, num_kv_heads, scale, device)
                 object.__setattr__(module, "_pagellm_step", self._step)
-                layers += 1
+                self._kv_scales[f"{path}.attn.k_scale"] = module._pagellm_attn.k_scale
+                self._kv_scales[f"{path}.attn.v_scale"] = module._pagellm_attn.v_scale
+        layers = len(self._kv_scales) // 2
         if layers != config.num_hidden_layers:
             raise ValueError(f"the transformers fallback found {layers} attention layers in "
                              f"{type(self.hf).__name__}, expected num_hidden_layers={config.num_hidden_layers}")
@@ -181,6 +186,8 @@ class TransformersForCausalLM(nn.Module):
         for name, tensor in weights:
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied: the embedding is the head
+            if load_kv_scale(self._kv_scales, name, tensor):
+                continue  # an FP8 KV-cache scale
             target = params.get(name)
             if target is None:
                 target = buffers.get(name)

@@ -133,11 +133,13 @@ def test_model_impl_option_errors(tiny_model_dir):
     assert config.model_config.model_impl == "transformers" and config.model_config.enforce_eager
 
 
-def test_encoder_decoder_is_refused():
-    from transformers import T5Config
+def test_what_the_fallback_cannot_serve_is_refused():
+    from transformers import Gemma2Config, T5Config
 
     with pytest.raises(ValueError, match="encoder-decoder"):
         resolve_model_impl(T5Config(d_model=32, num_layers=1, num_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match="soft-caps its attention logits"):
+        resolve_model_impl(Gemma2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
 
 
 @pytest.mark.cuda

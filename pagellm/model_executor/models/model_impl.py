@@ -49,6 +49,9 @@ def _check_transformers_can_build(config: Any) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"model type {model_type!r} is an encoder-decoder: neither pagellm nor its transformers "
                          "fallback (decoder-only models) serves it")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"model type {model_type!r} soft-caps its attention logits, which pagellm's attention "
+                         "does not implement: the transformers fallback cannot serve it")
     if type(config) not in AutoModelForCausalLM._model_mapping:
         archs = getattr(config, "architectures", None) or [model_type]
         raise ValueError(f"model architecture {archs[0]!r} is not supported: pagellm has no file for it and "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8 ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback ...   (any subset, in order)
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
 # kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
+# fallback = fallback-tests + fallback-bench (issue 16: the transformers fallback on CUDA, and its speed against
+# pagellm's own Qwen3 on the same dummy weights).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -87,6 +89,24 @@ a, f = (json.load(open(f"{sys.argv[1]}/llama8b-mixed-kv-{kv}.json"))["pagellm"] 
 print(f"kvfp8 fp8/auto: KV blocks {f['num_blocks']}/{a['num_blocks']} = {f['num_blocks'] / a['num_blocks']:.2f}x "
       f"(target 2x), output tok/s {f['output_tokens_per_s']:.0f}/{a['output_tokens_per_s']:.0f} = "
       f"{f['output_tokens_per_s'] / a['output_tokens_per_s']:.3f}x (target >= 1)")
+PY
+      ;;
+    # Issue 16's transformers fallback: its CUDA test (Triton attention under transformers' layers, tokens equal
+    # to the CPU's), then qwen06b-nano (128 requests) through pagellm's Qwen3 and forced through the fallback, the
+    # pair in one run. The fallback runs eagerly; expect it slower (a figure to report, not a target).
+    fallback|fallback-tests) logged "fallback tests" fallback-tests.log 300 '(passed|failed|error)' python3 -m pytest \
+        -q -p no:cacheprovider tests/models/test_transformers_fallback.py ;;&
+    fallback|fallback-bench)
+      for impl in pagellm transformers; do
+        logged "qwen06b-nano model_impl=$impl" "fallback-qwen-$impl.log" 280 '^pagellm ' "${BENCH[@]}" throughput \
+          --workload qwen06b-nano --num-prompts 128 --peer none --model-impl "$impl" \
+          --output-json "$OUT/qwen06b-nano-impl-$impl.json"
+      done
+      python3 - "$OUT" >> "$summary" <<'PY' || echo "fallback/native: missing results" >> "$summary"
+import json, sys
+n, f = (json.load(open(f"{sys.argv[1]}/qwen06b-nano-impl-{i}.json"))["pagellm"] for i in ("pagellm", "transformers"))
+print(f"fallback/native output tok/s: {f['output_tokens_per_s']:.0f}/{n['output_tokens_per_s']:.0f} = "
+      f"{f['output_tokens_per_s'] / n['output_tokens_per_s']:.3f}x")
 PY
       ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \

@@ -68,6 +68,8 @@ class ModelConfig:
     served_model_name: Optional[str] = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    # auto | pagellm | transformers: pagellm's own model file or the transformers fallback (models/model_impl.py)
+    model_impl: str = "auto"
     # Weight quantization method (layers/quantization): the option checked against the checkpoint; None: float.
     quantization: Optional[str] = None
     # Default sampling parameters (SamplingParams' names) from the model's generation_config.json, used where a

@@ -23,6 +23,7 @@ from pagellm.config import (
     resolve_kv_cache_dtype,
 )
 from pagellm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quant_config, resolve_quantization
+from pagellm.model_executor.models.model_impl import MODEL_IMPLS, resolve_model_impl
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ _HELP = {
     "activations per token), or the checkpoint's own format, detected from its quantization_config: gptq, awq "
     "(4-bit weights) or compressed-tensors (FP8/INT8 W8A8); with --load-format dummy, gptq and awq give random "
     "4-bit weights (group size 128)",
+    "model_impl": "which implementation runs the model: auto (pagellm's own when it has the architecture, else "
+    "the transformers fallback: transformers' modules with pagellm's paged attention; one device, float weights, "
+    "no CUDA graphs), pagellm, or transformers (the fallback even for an architecture pagellm has)",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -113,6 +117,7 @@ class EngineArgs:
     generation_config: str = "auto"
     enable_chunked_prefill: Optional[bool] = None
     runner: str = "auto"
+    model_impl: str = "auto"
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -134,6 +139,8 @@ class EngineArgs:
         parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                             help=_HELP["enable_chunked_prefill"])
         parser.add_argument("--runner", default=defaults.runner, choices=["auto", "generate"], help=_HELP["runner"])
+        parser.add_argument("--model-impl", default=defaults.model_impl, choices=["auto", "pagellm", "transformers"],
+                            help=_HELP["model_impl"])
         parser.add_argument("--tokenizer", default=None, help=_HELP["tokenizer"])
         parser.add_argument("--dtype", default=defaults.dtype, help=_HELP["dtype"])
         parser.add_argument("--max-model-len", type=int, default=None, help=_HELP["max_model_len"])
@@ -215,6 +222,8 @@ class EngineArgs:
         if self.runner not in ("auto", "generate"):
             raise ValueError(f"runner: pagellm runs models for text generation only (runner 'generate' or 'auto'), "
                              f"got {self.runner!r}")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}; got {self.model_impl!r}")
         if not isinstance(self.trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a boolean, got {self.trust_remote_code!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
@@ -256,6 +265,11 @@ class EngineArgs:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                              f"({model_max})")
         max_model_len = self.max_model_len or model_max
+        model_impl = resolve_model_impl(hf_config, self.model_impl)
+        enforce_eager = self.enforce_eager
+        if model_impl == "transformers":
+            check_fallback_options(self, on_cuda)
+            enforce_eager = True  # transformers' layers run eagerly: no CUDA graphs
         quantization = resolve_quantization(self.quantization, hf_config)
         get_quant_config(quantization, hf_config, self.load_format)  # a format it cannot build fails here
         model_config = ModelConfig(
@@ -269,7 +283,8 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             served_model_name=self.served_model_name,
             skip_tokenizer_init=self.skip_tokenizer_init,
-            enforce_eager=self.enforce_eager,
+            enforce_eager=enforce_eager,
+            model_impl=model_impl,
             quantization=quantization,
             sampling_defaults=sampling_defaults,
         )
@@ -320,6 +335,17 @@ class EngineArgs:
                                              if async_scheduling is None else async_scheduling)
         return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config,
                             speculative_config)
+
+
+def check_fallback_options(args: EngineArgs, on_cuda: bool) -> None:
+    """What the transformers fallback cannot do fails here, naming the option, before any model is built."""
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        raise ValueError("model_impl: the transformers fallback runs on one device; tensor_parallel_size and "
+                         "pipeline_parallel_size must be 1")
+    if args.quantization is not None:
+        raise ValueError("quantization: the transformers fallback runs float weights only")
+    if on_cuda and not args.enforce_eager:
+        logger.info("the transformers fallback runs eagerly (no CUDA graphs)")
 
 
 def check_parallel_fits_model(hf_config: Any, parallel: ParallelConfig) -> None:

@@ -31,6 +31,16 @@ def tiny_config(arch: str):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    # Architectures pagellm has no file for: served by the transformers fallback.
+    if arch == "olmo2":  # q/k RMSNorm over the whole projection, norms after attention and MLP
+        from transformers import Olmo2Config
+
+        return Olmo2Config(**common, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "granite":  # embedding, residual, attention and logits multipliers
+        from transformers import GraniteConfig
+
+        return GraniteConfig(**common, pad_token_id=0, embedding_multiplier=2.0, residual_multiplier=0.5,
+                             attention_multiplier=0.2, logits_scaling=4.0, tie_word_embeddings=True)
     raise ValueError(arch)
 
 

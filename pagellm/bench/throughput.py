@@ -78,6 +78,7 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
         "kv_cache_dtype": config.cache_config.kv_cache_dtype,
         "dtype": str(config.model_config.dtype).replace("torch.", ""),
         "quantization": config.model_config.quantization,
+        "model_impl": config.model_config.model_impl,
     }
     if config.speculative_config is not None:
         result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)

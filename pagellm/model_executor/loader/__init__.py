@@ -18,7 +18,8 @@ from torch import nn
 from pagellm.model_executor.layers.quantization import get_quant_config
 from pagellm.model_executor.loader.source import ModelSource, load_hf_config, resolve_model_source
 from pagellm.model_executor.models.llama import sliding_window_of
-from pagellm.model_executor.models.registry import get_model_class
+from pagellm.model_executor.models.model_impl import model_class_for
+from pagellm.model_executor.models.transformers_fallback import TransformersForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,11 @@ def weights_iterator(source: ModelSource, load_format: str, config) -> Iterable[
     return iterate_safetensors_weights(source.path, lazy=lazy)
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device, quant_config=None) -> nn.Module:
-    """The architecture's module with uninitialized weights (no loading)."""
-    cls = get_model_class(config)
+def build_model(config, dtype: torch.dtype, device: torch.device, quant_config=None,
+                model_impl: str = "auto") -> nn.Module:
+    """The architecture's module with uninitialized weights (no loading): pagellm's own, or the transformers
+    fallback (models/model_impl.py says which)."""
+    cls = model_class_for(config, model_impl)
     if quant_config is None:
         return cls(config, dtype=dtype, device=device)
     return cls(config, dtype=dtype, device=device, quant_config=quant_config)
@@ -91,7 +94,7 @@ def load_model(model_config, device: torch.device | str) -> nn.Module:
     check_sliding_window(config, model_config.max_model_len)
     quant_config = get_quant_config(model_config.quantization, config, load_format)
     start = time.perf_counter()
-    model = build_model(config, model_config.dtype, device, quant_config)
+    model = build_model(config, model_config.dtype, device, quant_config, model_config.model_impl)
     if load_format == "dummy":
         from pagellm.model_executor.loader.dummy_loader import load_dummy_weights
 
@@ -105,10 +108,16 @@ def load_model(model_config, device: torch.device | str) -> nn.Module:
             raise ValueError(f"weights missing from the checkpoint {source.file_path}: {_describe(model, missing)}")
     process_weights_after_loading(model)
     model.eval()
-    logger.info("loaded %s (%s, %s%s) on %s in %.1fs", type(model).__name__, load_format, model_config.dtype,
-                f", quantization {quant_config.name}" if quant_config is not None else "", device,
-                time.perf_counter() - start)
+    path = "the transformers fallback" if isinstance(model, TransformersForCausalLM) else "pagellm's own model"
+    logger.info("loaded %s through %s (%s, %s%s) on %s in %.1fs", architecture_name(config), path, load_format,
+                model_config.dtype, f", quantization {quant_config.name}" if quant_config is not None else "",
+                device, time.perf_counter() - start)
     return model
+
+
+def architecture_name(config) -> str:
+    archs = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
+    return archs[0]
 
 
 def _describe(model: nn.Module, missing: list[str]) -> str:

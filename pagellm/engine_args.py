@@ -342,3 +342,13 @@ def check_parallel_fits_model(hf_config: Any, parallel: ParallelConfig) -> None:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide intermediate_size ({inter})")
     if pp > hf_config.num_hidden_layers:
         raise ValueError(f"pipeline_parallel_size ({pp}) exceeds the model's {hf_config.num_hidden_layers} layers")
+    if getattr(hf_config, "num_experts_per_tok", None):  # a Mixture-of-Experts model
+        from pagellm.model_executor.layers.fused_moe.layer import moe_sizes_of
+
+        moe = moe_sizes_of(hf_config)
+        if parallel.enable_expert_parallel and moe.num_experts % tp:
+            raise ValueError(f"enable_expert_parallel: tensor_parallel_size ({tp}) must divide the number of "
+                             f"experts ({moe.num_experts})")
+        if not parallel.enable_expert_parallel and moe.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size ({tp}) must divide the experts' intermediate size "
+                             f"({moe.intermediate_size}), or use enable_expert_parallel")

@@ -72,6 +72,33 @@ def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     _assert_same(got, _reference(path))
 
 
+@pytest.mark.parametrize("arch,ep", [
+    ("mixtral", True),     # expert parallelism: experts 0-3 on rank 0, 4-7 on rank 1
+    ("qwen2_moe", True),   # plus a shared expert (tensor-parallel) and a dense layer
+    ("qwen3_moe", False),  # every expert's intermediate dim sliced over the two ranks
+])
+def test_moe_tp2_and_ep2_match_single_device(tiny_model_dir, arch, ep):
+    """Mixture-of-Experts at TP=2, with and without enable_expert_parallel: the single device's tokens and
+    logprobs (the single device is checked against transformers in tests/engine/test_correctness.py)."""
+    path = tiny_model_dir(arch)
+    got = _generate(path, tensor_parallel_size=2, enable_expert_parallel=ep)
+    _assert_same(got, _reference(path))
+
+
+def test_expert_parallel_needs_the_experts_to_divide():
+    from types import SimpleNamespace
+
+    from pagellm.config import ParallelConfig
+    from pagellm.engine_args import check_parallel_fits_model
+
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
+                             num_local_experts=6, num_experts_per_tok=2)
+    check_parallel_fits_model(config, ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True))
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: tensor_parallel_size \(4\) must divide the "
+                                         r"number of experts \(6\)"):
+        check_parallel_fits_model(config, ParallelConfig(tensor_parallel_size=4, enable_expert_parallel=True))
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_fp8_kv_cache_matches_single_device(tiny_model_dir, tp, pp):
     """kv_cache_dtype="fp8" split over ranks: each rank stores its own KV heads (TP) or layers (PP) in FP8 with

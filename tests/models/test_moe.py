@@ -135,3 +135,32 @@ def test_fused_moe_weight_loader_places_each_expert():
     assert torch.all(layer.w2_weight[3] == 23)
     with pytest.raises(ValueError, match="shape mismatch"):
         layer.weight_loader(layer.w2_weight, torch.zeros(6, 5), "w2", 0)
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_two_ranks_hold_their_share(monkeypatch, expert_parallel):
+    """Built as rank r of a TP group of two (no collective is called): tensor parallelism slices every expert's
+    intermediate dim; expert parallelism gives each rank whole experts and skips the others' tensors."""
+    from pagellm.distributed import parallel_state as ps
+
+    sizes = MoESizes(4, 2, 6, True)
+    w1 = [torch.randn(6, 5) for _ in range(4)]
+    w2 = [torch.randn(5, 6) for _ in range(4)]
+    monkeypatch.setattr(ps, "_EXPERT_PARALLEL", expert_parallel)
+    for rank in range(2):
+        monkeypatch.setattr(ps, "_TP", ps.GroupCoordinator([0, 1], rank, None))
+        layer = FusedMoE(sizes, 5, torch.float32, "cpu")
+        took = [layer.weight_loader(layer.w13_weight, w1[e], "w1", e) for e in range(4)]
+        took += [layer.weight_loader(layer.w2_weight, w2[e], "w2", e) for e in range(4)]
+        if expert_parallel:
+            assert layer.w13_weight.shape == (2, 12, 5) and layer.w2_weight.shape == (2, 5, 6)
+            assert took == [rank == 0, rank == 0, rank == 1, rank == 1] * 2
+            for slot in range(2):
+                torch.testing.assert_close(layer.w13_weight[slot, :6], w1[2 * rank + slot])
+                torch.testing.assert_close(layer.w2_weight[slot], w2[2 * rank + slot])
+        else:
+            assert layer.w13_weight.shape == (4, 6, 5) and layer.w2_weight.shape == (4, 5, 3)
+            assert all(took)
+            for e in range(4):
+                torch.testing.assert_close(layer.w13_weight[e, :3], w1[e][3 * rank:3 * rank + 3])
+                torch.testing.assert_close(layer.w2_weight[e], w2[e][:, 3 * rank:3 * rank + 3])

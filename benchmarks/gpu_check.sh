@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8 ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8|moe|moe-ep ...   (any subset, in order)
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
 # kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
+# moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
+# qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -89,6 +91,24 @@ print(f"kvfp8 fp8/auto: KV blocks {f['num_blocks']}/{a['num_blocks']} = {f['num_
       f"{f['output_tokens_per_s'] / a['output_tokens_per_s']:.3f}x (target >= 1)")
 PY
       ;;
+    # Issue 16's Mixture-of-Experts. moe-tests: the fused kernel against the torch path (many shapes, EP parts, a
+    # CUDA graph), the MoE models on CUDA, then the kernel's time against the unfused loop. moe-bench: qwen3moe-mixed
+    # (Qwen3-30B-A3B shape, dummy bf16, ~61 GB) with the transformers peer (its grouped_mm experts) in the same run.
+    moe|moe-tests) logged "moe kernel tests" moe-tests.log 200 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/layers/test_fused_moe.py tests/models/test_moe.py
+      logged "moe kernel vs loop" moe-kernel.log 90 '^moe kernel' python3 benchmarks/moe_kernel.py \
+        --out "$OUT/moe-kernel.json" ;;&
+    # The peer runs the first 128 requests (two static batches of 64) to stay inside one call; its tokens/s
+    # counts their output tokens.
+    moe|moe-bench) logged "qwen3moe-mixed vs peer" moe-bench.log 400 '^(pagellm|transformers|ratio)' "${BENCH[@]}" \
+        throughput --workload qwen3moe-mixed --peer hf --peer-requests 128 \
+        --output-json "$OUT/qwen3moe-mixed-peer.json" ;;
+    moe-ep)  # 2 GPUs: tensor parallel vs expert parallel, one run each, same call
+      for mode in tp ep; do
+        epflag=(); [ "$mode" = ep ] && epflag=(--enable-expert-parallel)
+        logged "qwen3moe-mixed 2 GPUs $mode" "moe-$mode.log" 280 '^pagellm ' "${BENCH[@]}" throughput \
+          --workload qwen3moe-mixed --peer none -tp 2 "${epflag[@]}" --output-json "$OUT/qwen3moe-mixed-$mode.json"
+      done ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

@@ -65,8 +65,6 @@ def main() -> None:
             rows.append(row)
             print(f"{name:<14} tokens {tokens:>5}  fused {t_fused:8.3f} ms  loop {t_loop:8.3f} ms  "
                   f"{row['speedup']:6.2f}x  rel err {err:.1e}", flush=True)
-        del w13, w2
-        torch.cuda.empty_cache()
     worst = min(rows, key=lambda r: r["speedup"])
     print(f"moe kernel: fused/loop speedup {min(r['speedup'] for r in rows):.2f}x .. "
           f"{max(r['speedup'] for r in rows):.2f}x (slowest case {worst['shape']} x{worst['tokens']}), "

@@ -92,8 +92,7 @@ def test_interpreted_kernel_expert_parallel_halves(interpreted):
     (1, 8, 2, 0, 8, 16), (50, 8, 3, 0, 8, 16), (50, 8, 3, 4, 4, 32), (300, 64, 8, 16, 16, 64)])
 def test_sort_by_expert_blocks(tokens, experts, top_k, first, num_local, block_m):
     """Every routed row of a held expert appears once, in a block of its own expert; padding is T * top_k."""
-    pytest.importorskip("triton")
-    from pagellm.model_executor.layers.fused_moe.triton_moe import sort_by_expert
+    from pagellm.model_executor.layers.fused_moe.sorting import sort_by_expert
 
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
     rows, block_expert = sort_by_expert(ids, num_local, first, block_m)

@@ -240,6 +240,9 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     runs = [(ours, requests)]
     if args.peer == "hf":
+        # Said now, so that a peer cut short by a time limit leaves our figure behind.
+        print(f"pagellm (before the peer): {ours['seconds']:.1f} s, {num_out / ours['seconds']:.1f} output tokens/s",
+              flush=True)
         batch = args.peer_batch_size or (64 if device.startswith("cuda") else 16)
         peer_dtype = torch.float32 if device == "cpu" else getattr(torch, ours["dtype"])
         peer_requests = requests[:args.peer_requests] if getattr(args, "peer_requests", None) else requests

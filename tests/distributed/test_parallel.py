@@ -85,6 +85,32 @@ def test_moe_tp2_and_ep2_match_single_device(tiny_model_dir, arch, ep):
     _assert_same(got, _reference(path))
 
 
+def test_expert_parallel_reaches_the_workers_process_groups(tiny_model_dir):
+    """The option's way: EngineArgs -> ParallelConfig (what each worker gets) -> parallel_state, read by FusedMoE
+    (whose split per rank is tested in tests/models/test_moe.py)."""
+    from pagellm.distributed import parallel_state as ps
+    from pagellm.engine_args import EngineArgs
+
+    config = EngineArgs(model=tiny_model_dir("mixtral"), tensor_parallel_size=2, enable_expert_parallel=True,
+                        skip_tokenizer_init=True, device="cpu").create_engine_config()
+    assert config.parallel_config.enable_expert_parallel
+    try:  # a one-process gloo world stands for a worker's init
+        ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 1, 1, backend="gloo",
+                                        enable_expert_parallel=config.parallel_config.enable_expert_parallel)
+        assert ps.expert_parallel_enabled()
+    finally:
+        ps.destroy_distributed_environment()
+    assert not ps.expert_parallel_enabled()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_expert_parallel_needs_the_experts_to_divide():
     from types import SimpleNamespace
 

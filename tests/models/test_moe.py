@@ -181,3 +181,11 @@ def test_cuda_matches_transformers(saved_moe, arch, dtype):
         torch.testing.assert_close(ours, ref, atol=2e-3, rtol=0)
     else:
         assert (ours - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_quantized_moe_is_refused_by_name(saved_moe):
+    path, _ = saved_moe("qwen3_moe")
+    mc = model_config_for(path)
+    mc.quantization = "fp8"
+    with pytest.raises(ValueError, match=r"quantization: fp8 is not supported for Mixture-of-Experts"):
+        load_model(mc, "cpu")

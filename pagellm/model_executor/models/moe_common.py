@@ -29,7 +29,8 @@ class SparseMoeBlock(nn.Module):
                  prefix: str = "", shared_expert: bool = False) -> None:
         super().__init__()
         if quant_config is not None:
-            raise NotImplementedError(f"{prefix}: quantized MoE experts are not supported yet")
+            raise ValueError(f"quantization: {quant_config.name} is not supported for Mixture-of-Experts layers yet "
+                             f"({prefix}); load the model unquantized")
         sizes = moe_sizes_of(config)
         hidden = config.hidden_size
         self.gate = Linear(hidden, sizes.num_experts, False, dtype, device)

@@ -18,7 +18,6 @@ from pagellm.model_executor.layers.fused_moe.torch_moe import fused_experts_torc
 
 MODULE = "pagellm.model_executor.layers.fused_moe.triton_moe"
 CUDA = torch.cuda.is_available()
-needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
 
 
 def make_case(tokens, experts, top_k, hidden, inter, dtype, device, seed=0):
@@ -120,24 +119,22 @@ SHAPES = [  # (tokens, experts, top_k, hidden, moe intermediate)
 ]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", SHAPES)
 def test_cuda_kernel_matches_torch(tokens, experts, top_k, hidden, inter, dtype):
-    if not CUDA:
-        pytest.skip("needs CUDA")
     from pagellm.model_executor.layers.fused_moe.triton_moe import fused_experts
 
     x, w13, w2, weights, ids = make_case(tokens, experts, top_k, hidden, inter, dtype, "cuda", seed=tokens)
     assert_close(fused_experts(x, w13, w2, weights, ids), reference(x, w13, w2, weights, ids), dtype)
 
 
-test_cuda_kernel_matches_torch = pytest.mark.cuda(test_cuda_kernel_matches_torch)
 
-
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("ep", [2, 4])
 def test_cuda_expert_parallel_parts_sum_to_the_whole(ep):
-    if not CUDA:
-        pytest.skip("needs CUDA")
     from pagellm.model_executor.layers.fused_moe.triton_moe import fused_experts
 
     x, w13, w2, weights, ids = make_case(300, 64, 8, 1024, 256, torch.float32, "cuda", seed=ep)
@@ -145,8 +142,6 @@ def test_cuda_expert_parallel_parts_sum_to_the_whole(ep):
     total = sum(fused_experts(x, w13[r * n:(r + 1) * n], w2[r * n:(r + 1) * n], weights, ids, r * n) for r in range(ep))
     assert_close(total, reference(x, w13, w2, weights, ids), torch.float32)
 
-
-test_cuda_expert_parallel_parts_sum_to_the_whole = pytest.mark.cuda(test_cuda_expert_parallel_parts_sum_to_the_whole)
 
 
 @pytest.mark.cuda

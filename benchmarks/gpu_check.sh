@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep ...   (any subset, in order)
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
 # kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
 # fallback = fallback-tests + fallback-bench (issue 16: the transformers fallback on CUDA, and its speed against
 # pagellm's own Qwen3 on the same dummy weights).
+# moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
+# qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -109,6 +111,24 @@ print(f"fallback/native output tok/s: {f['output_tokens_per_s']:.0f}/{n['output_
       f"{f['output_tokens_per_s'] / n['output_tokens_per_s']:.3f}x")
 PY
       ;;
+    # Issue 16's Mixture-of-Experts. moe-tests: the fused kernel against the torch path (many shapes, EP parts, a
+    # CUDA graph), the MoE models on CUDA, then the kernel's time against the unfused loop. moe-bench: qwen3moe-mixed
+    # (Qwen3-30B-A3B shape, dummy bf16, ~61 GB) with the transformers peer (its grouped_mm experts) in the same run.
+    moe|moe-tests) logged "moe kernel tests" moe-tests.log 150 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/layers/test_fused_moe.py tests/models/test_moe.py
+      logged "moe kernel vs loop" moe-kernel.log 75 '^moe kernel' python3 benchmarks/moe_kernel.py \
+        --out "$OUT/moe-kernel.json" ;;&
+    # The peer runs the first 64 requests (one static batch) to stay inside one call; its tokens/s counts their
+    # output tokens. pagellm's own figure is printed before the peer starts, so a cut-short peer leaves it.
+    moe|moe-bench) logged "qwen3moe-mixed vs peer" moe-bench.log 330 '^(pagellm|transformers|ratio)' "${BENCH[@]}" \
+        throughput --workload qwen3moe-mixed --peer hf --peer-requests 64 \
+        --output-json "$OUT/qwen3moe-mixed-peer.json" ;;
+    moe-ep)  # 2 GPUs: tensor parallel vs expert parallel, one run each, same call
+      for mode in tp ep; do
+        epflag=(); [ "$mode" = ep ] && epflag=(--enable-expert-parallel)
+        logged "qwen3moe-mixed 2 GPUs $mode" "moe-$mode.log" 280 '^pagellm ' "${BENCH[@]}" throughput \
+          --workload qwen3moe-mixed --peer none -tp 2 "${epflag[@]}" --output-json "$OUT/qwen3moe-mixed-$mode.json"
+      done ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

@@ -133,6 +133,8 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1  # engine cores behind one API server (the server only)
     data_parallel_rank: int = 0  # which of them this engine core is (picks its devices)
+    # MoE layers: split whole experts over the tensor-parallel ranks instead of slicing every expert.
+    enable_expert_parallel: bool = False
     # uni (the worker in the engine's process) | mp (one process per rank) | ray (one Ray actor per rank);
     # None: uni at world size 1, else mp.
     distributed_executor_backend: Optional[str] = None

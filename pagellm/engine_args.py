@@ -63,6 +63,8 @@ _HELP = {
     "async_scheduling": "schedule and launch each step while the one before it runs on the device, hiding the "
     "host's per-step work (default: on with CUDA unless pipeline_parallel_size > 1, off on the CPU)",
     "tensor_parallel_size": "devices that split every layer's weights (one worker process per device)",
+    "enable_expert_parallel": "Mixture-of-Experts models: split whole experts over the tensor-parallel ranks "
+    "instead of slicing every expert's MLP (attention stays tensor-parallel)",
     "pipeline_parallel_size": "pipeline stages: devices that each hold a contiguous slice of the layers",
     "data_parallel_size": "engine cores behind one server (each with its own devices and KV cache); requests go "
     "to the least loaded, conversations stay on the core that caches their prefix (server only)",
@@ -108,6 +110,7 @@ class EngineArgs:
     async_scheduling: Optional[bool] = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     data_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
     distributed_step_timeout: float = 300.0
@@ -168,6 +171,7 @@ class EngineArgs:
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help=_HELP["tensor_parallel_size"])
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                             help=_HELP["pipeline_parallel_size"])
+        parser.add_argument("--enable-expert-parallel", action="store_true", help=_HELP["enable_expert_parallel"])
         parser.add_argument("--data-parallel-size", "-dp", type=int, default=1, help=_HELP["data_parallel_size"])
         parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
                             help=_HELP["distributed_executor_backend"])
@@ -306,6 +310,7 @@ class EngineArgs:
         parallel_config = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
+            enable_expert_parallel=bool(self.enable_expert_parallel),
             data_parallel_size=self.data_parallel_size,
             data_parallel_rank=self.data_parallel_rank,
             distributed_executor_backend=self.distributed_executor_backend,
@@ -363,3 +368,13 @@ def check_parallel_fits_model(hf_config: Any, parallel: ParallelConfig) -> None:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide intermediate_size ({inter})")
     if pp > hf_config.num_hidden_layers:
         raise ValueError(f"pipeline_parallel_size ({pp}) exceeds the model's {hf_config.num_hidden_layers} layers")
+    if getattr(hf_config, "num_experts_per_tok", None):  # a Mixture-of-Experts model
+        from pagellm.model_executor.layers.fused_moe.layer import moe_sizes_of
+
+        moe = moe_sizes_of(hf_config)
+        if parallel.enable_expert_parallel and moe.num_experts % tp:
+            raise ValueError(f"enable_expert_parallel: tensor_parallel_size ({tp}) must divide the number of "
+                             f"experts ({moe.num_experts})")
+        if not parallel.enable_expert_parallel and moe.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size ({tp}) must divide the experts' intermediate size "
+                             f"({moe.intermediate_size}), or use enable_expert_parallel")

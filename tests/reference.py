@@ -41,6 +41,22 @@ def tiny_config(arch: str):
 
         return GraniteConfig(**common, pad_token_id=0, embedding_multiplier=2.0, residual_multiplier=0.5,
                              attention_multiplier=0.2, logits_scaling=4.0, tie_word_embeddings=True)
+    if arch == "mixtral":  # 8 experts of MLP 64, top 2 (renormalized, as Mixtral always does)
+        from transformers import MixtralConfig
+
+        return MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=8, num_experts_per_tok=2,
+                             tie_word_embeddings=False)
+    if arch == "qwen2_moe":  # shared expert; layer 1 keeps a dense MLP (mlp_only_layers); top-k not renormalized
+        from transformers import Qwen2MoeConfig
+
+        return Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                              num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+                              tie_word_embeddings=False)
+    if arch == "qwen3_moe":  # q/k norm, head_dim 32, 8 experts top 3 renormalized
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+                              norm_topk_prob=True, tie_word_embeddings=False)
     raise ValueError(arch)
 
 

@@ -33,6 +33,9 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         help="hf: also time transformers' static-batch generate() on the same requests")
     parser.add_argument("--peer-batch-size", type=int, default=None,
                         help="batch size of the transformers peer (default: 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--peer-requests", type=int, default=None,
+                        help="time the peer on only the first N requests (a slow peer on a long workload); its "
+                        "tokens/s counts those requests' output tokens (default: all)")
     parser.add_argument("--output-json", default=None, help="write the results here")
     parser.add_argument("--structured-output", default="none", choices=["none", "json"],
                         help="json: time the workload with and without a JSON schema grammar on every request "
@@ -236,18 +239,26 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "pagellm": ours,
     }
-    runs = [ours]
+    runs = [(ours, requests)]
     if args.peer == "hf":
+        # Said now, so that a peer cut short by a time limit leaves our figure behind.
+        print(f"pagellm (before the peer): {ours['seconds']:.1f} s, {num_out / ours['seconds']:.1f} output tokens/s",
+              flush=True)
         batch = args.peer_batch_size or (64 if device.startswith("cuda") else 16)
         peer_dtype = torch.float32 if device == "cpu" else getattr(torch, ours["dtype"])
-        peer = run_hf_peer(source.path, source.gguf_file, peer_dtype, device, requests, batch,
+        peer_requests = requests[:args.peer_requests] if getattr(args, "peer_requests", None) else requests
+        peer = run_hf_peer(source.path, source.gguf_file, peer_dtype, device, peer_requests, batch,
                            dummy=load_format == "dummy")
+        if len(peer_requests) < len(requests):
+            peer["engine"] += f", first {len(peer_requests)} requests"
+            peer["num_requests"] = len(peer_requests)
         results["peer"] = peer
-        runs.append(peer)
-    for run in runs:
-        run["requests_per_s"] = len(requests) / run["seconds"]
-        run["output_tokens_per_s"] = num_out / run["seconds"]
-        run["total_tokens_per_s"] = (num_in + num_out) / run["seconds"]
+        runs.append((peer, peer_requests))
+    for run, reqs in runs:
+        run_out = sum(r.output_len for r in reqs)
+        run["requests_per_s"] = len(reqs) / run["seconds"]
+        run["output_tokens_per_s"] = run_out / run["seconds"]
+        run["total_tokens_per_s"] = (sum(len(r.prompt_token_ids) for r in reqs) + run_out) / run["seconds"]
     if "peer" in results:
         results["ratio_output_tokens_per_s"] = ours["output_tokens_per_s"] / results["peer"]["output_tokens_per_s"]
     if tmp is not None:
@@ -256,7 +267,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nworkload {wl.name}: {len(requests)} requests, {num_in} input / {num_out} output tokens, "
           f"device {results['device']}")
     print(f"{'engine':<60} {'dtype':>9} {'seconds':>8} {'req/s':>7} {'out tok/s':>10}")
-    for run in runs:
+    for run, _ in runs:
         print(f"{run['engine']:<60} {run['dtype']:>9} {run['seconds']:>8.1f} {run['requests_per_s']:>7.2f} "
               f"{run['output_tokens_per_s']:>10.1f}")
     print(f"pagellm KV cache: {ours['num_blocks']} blocks of {engine_args.block_size} tokens "

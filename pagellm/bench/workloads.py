@@ -43,9 +43,20 @@ QWEN3_06B = {
     "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
 }
 
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936, "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 151643,
+    "eos_token_id": 151645, "torch_dtype": "bfloat16",
+}
+
 WORKLOADS: dict[str, Workload] = {
     "llama8b-mixed": Workload("llama8b-mixed", None, LLAMA_8B, 256, (128, 1024), (64, 512), "bfloat16", "dummy"),
     "qwen06b-nano": Workload("qwen06b-nano", None, QWEN3_06B, 256, (100, 1024), (100, 1024), "bfloat16", "dummy"),
+    "qwen3moe-mixed": Workload("qwen3moe-mixed", None, QWEN3_30B_A3B, 256, (128, 1024), (64, 512), "bfloat16",
+                               "dummy"),
     "smollm-cpu": Workload("smollm-cpu", None, None, 64, (32, 256), (16, 128), None, "auto"),
 }
 

@@ -94,6 +94,8 @@ _TRIVIAL = GroupCoordinator([0], 0, None)
 _WORLD: Optional[GroupCoordinator] = None
 _TP: Optional[GroupCoordinator] = None
 _PP: Optional[GroupCoordinator] = None
+# Expert parallelism: MoE layers split their experts over the TP group instead of slicing every expert.
+_EXPERT_PARALLEL = False
 
 
 def get_world_group() -> GroupCoordinator:
@@ -106,6 +108,16 @@ def get_tp_group() -> GroupCoordinator:
 
 def get_pp_group() -> GroupCoordinator:
     return _PP or _TRIVIAL
+
+
+def expert_parallel_enabled() -> bool:
+    """Whether MoE layers split whole experts over the TP ranks (`enable_expert_parallel`)."""
+    return _EXPERT_PARALLEL
+
+
+def set_expert_parallel(enabled: bool) -> None:
+    global _EXPERT_PARALLEL
+    _EXPERT_PARALLEL = bool(enabled)
 
 
 def model_parallel_is_initialized() -> bool:
@@ -122,7 +134,7 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
 
 def init_distributed_environment(world_size: int, rank: int, init_method: str, tensor_parallel_size: int,
                                  pipeline_parallel_size: int, backend: Optional[str] = None,
-                                 timeout_s: float = 600.0) -> None:
+                                 timeout_s: float = 600.0, enable_expert_parallel: bool = False) -> None:
     """Join the engine's process group and build the TP and PP groups. Called once per worker process.
 
     backend: "nccl" for CUDA devices, "gloo" for CPUs (default: by whether CUDA is in use).
@@ -137,6 +149,7 @@ def init_distributed_environment(world_size: int, rank: int, init_method: str, t
         dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
                                 timeout=timedelta(seconds=timeout_s))
     tp, pp = tensor_parallel_size, pipeline_parallel_size
+    set_expert_parallel(enable_expert_parallel)
     _WORLD = GroupCoordinator(list(range(world_size)), rank, dist.group.WORLD)
     # new_group must be called by every rank for every group, in the same order.
     for stage in range(pp):
@@ -153,8 +166,9 @@ def init_distributed_environment(world_size: int, rank: int, init_method: str, t
 
 
 def destroy_distributed_environment() -> None:
-    global _WORLD, _TP, _PP
+    global _WORLD, _TP, _PP, _EXPERT_PARALLEL
     _WORLD = _TP = _PP = None
+    _EXPERT_PARALLEL = False
     if dist.is_initialized():
         try:
             dist.destroy_process_group()

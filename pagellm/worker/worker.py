@@ -67,7 +67,8 @@ class Worker:
                 raise ValueError("a worker of a multi-device engine needs distributed_init_method")
             init_distributed_environment(pc.world_size, rank, distributed_init_method, pc.tensor_parallel_size,
                                          pc.pipeline_parallel_size,
-                                         backend="nccl" if self.device.type == "cuda" else "gloo")
+                                         backend="nccl" if self.device.type == "cuda" else "gloo",
+                                         enable_expert_parallel=pc.enable_expert_parallel)
         torch.manual_seed(config.model_config.seed)
         self.runner = ModelRunner(config, self.device)
 

@@ -72,6 +72,59 @@ def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     _assert_same(got, _reference(path))
 
 
+@pytest.mark.parametrize("arch,ep", [
+    ("mixtral", True),     # expert parallelism: experts 0-3 on rank 0, 4-7 on rank 1
+    ("qwen2_moe", True),   # plus a shared expert (tensor-parallel) and a dense layer
+    ("qwen3_moe", False),  # every expert's intermediate dim sliced over the two ranks
+])
+def test_moe_tp2_and_ep2_match_single_device(tiny_model_dir, arch, ep):
+    """Mixture-of-Experts at TP=2, with and without enable_expert_parallel: the single device's tokens and
+    logprobs (the single device is checked against transformers in tests/engine/test_correctness.py)."""
+    path = tiny_model_dir(arch)
+    got = _generate(path, tensor_parallel_size=2, enable_expert_parallel=ep)
+    _assert_same(got, _reference(path))
+
+
+def test_expert_parallel_reaches_the_workers_process_groups(tiny_model_dir):
+    """The option's way: EngineArgs -> ParallelConfig (what each worker gets) -> parallel_state, read by FusedMoE
+    (whose split per rank is tested in tests/models/test_moe.py)."""
+    from pagellm.distributed import parallel_state as ps
+    from pagellm.engine_args import EngineArgs
+
+    config = EngineArgs(model=tiny_model_dir("mixtral"), tensor_parallel_size=2, enable_expert_parallel=True,
+                        skip_tokenizer_init=True, device="cpu").create_engine_config()
+    assert config.parallel_config.enable_expert_parallel
+    try:  # a one-process gloo world stands for a worker's init
+        ps.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 1, 1, backend="gloo",
+                                        enable_expert_parallel=config.parallel_config.enable_expert_parallel)
+        assert ps.expert_parallel_enabled()
+    finally:
+        ps.destroy_distributed_environment()
+    assert not ps.expert_parallel_enabled()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_expert_parallel_needs_the_experts_to_divide():
+    from types import SimpleNamespace
+
+    from pagellm.config import ParallelConfig
+    from pagellm.engine_args import check_parallel_fits_model
+
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
+                             num_local_experts=6, num_experts_per_tok=2)
+    check_parallel_fits_model(config, ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True))
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: tensor_parallel_size \(4\) must divide the "
+                                         r"number of experts \(6\)"):
+        check_parallel_fits_model(config, ParallelConfig(tensor_parallel_size=4, enable_expert_parallel=True))
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_fp8_kv_cache_matches_single_device(tiny_model_dir, tp, pp):
     """kv_cache_dtype="fp8" split over ranks: each rank stores its own KV heads (TP) or layers (PP) in FP8 with

@@ -25,7 +25,7 @@ def _prompts(n: int, seed: int = 0, vocab: int = 512) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(3, 70))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_tiny_models_greedy_and_logprobs_match_transformers(tiny_model_dir, arch):
     from transformers import AutoModelForCausalLM
 

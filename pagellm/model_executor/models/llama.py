@@ -131,15 +131,22 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out)
 
 
+def dense_mlp(config: Any, layer_idx: int, dtype=None, device=None,
+              quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> nn.Module:
+    """The feed-forward block of a Llama layer (a model class's `make_mlp`; MoE families swap in their own)."""
+    return LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu"),
+                    bool(getattr(config, "mlp_bias", False)), dtype, device, quant_config, prefix)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
                  dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None,
-                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "", layer_idx: int = 0,
+                 make_mlp=dense_mlp) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, dtype, device, rotary_emb, quant_config,
                                         f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu"),
-                            bool(getattr(config, "mlp_bias", False)), dtype, device, quant_config, f"{prefix}.mlp")
+        self.mlp = make_mlp(config, layer_idx, dtype, device, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -158,7 +165,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
                  dtype=None, device=None, need_embedding: bool = False,
-                 quant_config: Optional[QuantizationConfig] = None) -> None:
+                 quant_config: Optional[QuantizationConfig] = None, make_mlp=dense_mlp) -> None:
         super().__init__()
         pp = get_pp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
@@ -170,7 +177,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = get_rope(config, head_dim_of(config), device=device)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, dtype, device, self.rotary_emb, quant_config,
-                              f"model.layers.{i}")
+                              f"model.layers.{i}", i, make_mlp)
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
@@ -198,6 +205,7 @@ class LlamaForCausalLM(nn.Module):
     """Llama 2/3/3.1, SmolLM2 (and, by subclass, Mistral and Qwen2)."""
 
     qk_norm = False
+    make_mlp = staticmethod(dense_mlp)  # (config, layer_idx, dtype, device, quant_config, prefix) -> module
 
     def __init__(self, config: Any, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device | str] = None,
@@ -209,7 +217,8 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         last_stage = get_pp_group().is_last_rank
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, dtype, device,
-                                need_embedding=self.tie_word_embeddings and last_stage, quant_config=quant_config)
+                                need_embedding=self.tie_word_embeddings and last_stage, quant_config=quant_config,
+                                make_mlp=self.make_mlp)
         if last_stage:
             self.lm_head = LMHead(config.hidden_size, config.vocab_size, dtype, device,
                                   tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)

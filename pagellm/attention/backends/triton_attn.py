@@ -47,7 +47,8 @@ them), widens them to q's dtype exactly, and folds the K scale into the softmax 
 output. q stays in the model's dtype (it is not quantized), so the dots run as with a bf16 cache. The scales
 are read from device memory in the kernels (never as host floats), so a captured graph reads the layer's
 loaded values.
-Sliding-window layers (SLIDING, a per-layer `window`): a query at position i sees keys > i - window. A program
+Sliding-window layers (WINDOW > 0, a compile-time constant: a model has one or two values, full and its
+window): a query at position i sees keys > i - window. A program
 starts at the tile holding its first row's window start (so a decode reads at most window keys plus a tile)
 and masks every tile, since each may hold keys outside some row's window.
 Other head dims fall back to torch_ref (correct, slow).
@@ -105,13 +106,13 @@ def _write_kv_kernel(
 @triton.jit
 def _attn_kv_tile(
     acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n, offs_d,
-    stride_c_b, stride_c_s, scale_log2, window,
+    stride_c_b, stride_c_s, scale_log2,
     BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
-    SLIDING: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One KV tile [start, start + TILE_N) of the online softmax. With MASK, keys >= kv_hi and keys after a
     row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak);
-    with SLIDING also keys at or before a row's query position - window.
+    with a WINDOW (> 0) also keys at or before a row's query position - WINDOW.
     KV_FP8: K/V tiles are e4m3, widened to q's dtype exactly (the scales are applied by the caller)."""
     n = start + offs_n
     if MASK:
@@ -130,8 +131,8 @@ def _attn_kv_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
         visible = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
-        if SLIDING:
-            visible = visible & (n[None, :] > q_pos[:, None] - window)
+        if WINDOW > 0:
+            visible = visible & (n[None, :] > q_pos[:, None] - WINDOW)
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -151,17 +152,17 @@ def _attn_kv_tile(
 # Step-dependent ints are not specialized: Triton would otherwise compile a variant per (value == 1, value % 16
 # == 0) combination of each, seconds of JIT stalls in the middle of serving (measured: 2-3 s per new mixed
 # step shape on an H100). Their values only bound loops and masks, so the specialization gains nothing here.
-@triton.jit(do_not_specialize=["first_req", "num_reqs", "num_splits", "window"])
+@triton.jit(do_not_specialize=["first_req", "num_reqs", "num_splits"])
 def _paged_attn_kernel(
     q_ptr, o_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_b, stride_c_s, stride_c_h, stride_bt,
-    first_req, num_reqs, num_splits, window,
+    first_req, num_reqs, num_splits,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
-    SLIDING: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -212,8 +213,8 @@ def _paged_attn_kernel(
     # --- KV range: keys < kv_hi matter to some row; keys < full_hi are visible to every valid row
     kv_hi = tl.minimum(seq_len, ctx0 + BLOCK_Q)
     full_hi = ctx0 + 1
-    if SLIDING:  # keys before the tile's first window start are seen by no row: start at its tile
-        win_lo = tl.maximum(ctx0 - window + 1, 0) // TILE_N * TILE_N
+    if WINDOW > 0:  # keys before the tile's first window start are seen by no row: start at its tile
+        win_lo = tl.maximum(ctx0 - WINDOW + 1, 0) // TILE_N * TILE_N
     else:
         win_lo = 0
     if SPLIT:
@@ -222,7 +223,7 @@ def _paged_attn_kernel(
         kv_hi = tl.minimum(kv_hi, kv_lo + part)
     else:
         kv_lo = win_lo
-    if SLIDING:  # every tile may hold keys outside some row's window: all of them are masked
+    if WINDOW > 0:  # every tile may hold keys outside some row's window: all of them are masked
         n_full = 0
     else:
         n_full = tl.maximum(tl.minimum(kv_hi, full_hi) - kv_lo, 0) // TILE_N
@@ -237,12 +238,12 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     for start in range(kv_lo, kv_mid, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
-                                      offs_d, stride_c_b, stride_c_s, scale_log2, window, BLOCK_SIZE, False, PREC,
-                                      KV_FP8, SLIDING)
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC,
+                                      KV_FP8, WINDOW)
     for start in range(kv_mid, kv_hi, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
-                                      offs_d, stride_c_b, stride_c_s, scale_log2, window, BLOCK_SIZE, True, PREC,
-                                      KV_FP8, SLIDING)
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC,
+                                      KV_FP8, WINDOW)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if KV_FP8:  # p . (v8 * s_v) = (p . v8) * s_v
@@ -429,10 +430,10 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0),
-        0, nd, num_splits, sliding_window or 0,
+        0, nd, num_splits,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=1, BLOCK_M=cfg.block_m, TILE_N=cfg.tile_n, HEAD_D=head_dim,
         BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(q), KV_FP8=fp8,
-        SLIDING=sliding_window is not None,
+        WINDOW=sliding_window or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -464,10 +465,10 @@ def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, m
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0),
-        nd, nr, 1, sliding_window or 0,
+        nd, nr, 1,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_q * group_p2, TILE_N=cfg.tile_n,
         HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(q), KV_FP8=fp8,
-        SLIDING=sliding_window is not None,
+        WINDOW=sliding_window or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

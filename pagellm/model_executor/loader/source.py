@@ -302,12 +302,10 @@ def load_generation_eos_ids(source: ModelSource) -> Optional[set[int]]:
     return ids or None
 
 
-def resolve_eos_token_id(tokenizer: Any, hf_config: Any) -> Optional[int]:
+def resolve_eos_token_id(tokenizer: Any, arch: Any) -> Optional[int]:
     """The model's end of sequence: the tokenizer's EOS, else (no tokenizer: token-id prompts) the config's
-    (its first, when it lists several)."""
+    (its first, when it lists several; `arch` is the model's ArchConfig)."""
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
+    if eos is None and arch.eos_token_ids:
+        eos = arch.eos_token_ids[0]
     return eos

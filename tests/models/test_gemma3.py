@@ -80,6 +80,24 @@ def test_tiny_gemma3_engine_greedy_matches_transformers(tmp_path):
             assert abs(ours - float(logprobs[step][tok])) < 1e-3
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_tiny_gemma3_cuda_greedy_equals_cpu(tmp_path, eager):
+    """The Triton kernels' per-layer window inside the engine (decode CUDA graphs too): float32 greedy tokens on
+    CUDA equal the CPU engine's, over prompts and outputs longer than the window."""
+    from tests.reference import tiny_llm
+
+    from pagellm import SamplingParams
+
+    save_gemma3(tmp_path)
+    prompts = [{"prompt_token_ids": prompt(512, n, seed=s)} for s, n in ((1, 3), (2, 17), (3, 45), (4, 9))]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    cpu = [o.outputs[0].token_ids for o in tiny_llm(str(tmp_path)).generate(prompts, params)]
+    gpu = tiny_llm(str(tmp_path), device="cuda", enforce_eager=eager, max_num_seqs=16)
+    assert [o.outputs[0].token_ids for o in gpu.generate(prompts, params)] == cpu
+
+
 # ---- the real model -----------------------------------------------------------------------------------------
 GEMMA3_GGUF_ENV = "PAGELLM_GEMMA3_GGUF"
 GEMMA3_GGUF_DEFAULT = "/tmp/gemma-3-270m-q4_k_m.gguf"

@@ -227,3 +227,25 @@ def test_cuda_matches_transformers(saved, arch, dtype):
         assert (ours - ref).abs().max() < 0.1 * ref.abs().max()
     dummy = model_config_for(path, dtype=dtype, load_format="dummy")
     assert torch.isfinite(run_pagellm(load_model(dummy, "cuda"), ids[:5], 3, device="cuda")).all()
+
+
+def test_registry_records_are_complete():
+    """Every record's class imports and follows the model interface; lookups by name, model_type and GGUF
+    architecture give the same record; an unknown GGUF architecture is refused by name."""
+    from types import SimpleNamespace
+
+    from pagellm.model_executor.models.interface import CausalLM
+    from pagellm.model_executor.models.registry import ARCHITECTURES, spec_for, spec_for_gguf
+
+    for spec in ARCHITECTURES:
+        cls = spec.model_class()
+        assert cls.__name__ == spec.class_name
+        assert all(callable(getattr(cls, m, None)) for m in ("forward", "compute_logits", "load_weights"))
+        assert spec_for(spec.name) is spec
+        for model_type in spec.model_types:
+            assert spec_for(SimpleNamespace(model_type=model_type)) is spec
+        if spec.gguf_arch:
+            assert spec_for_gguf(spec.gguf_arch) is spec
+    assert issubclass(spec_for("Gemma3ForCausalLM").model_class(), CausalLM)
+    with pytest.raises(ValueError, match="'falcon' is not supported"):
+        spec_for_gguf("falcon")

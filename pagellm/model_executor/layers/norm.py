@@ -58,6 +58,8 @@ class GemmaRMSNorm(RMSNorm):
         super().__init__(hidden_size, eps, dtype, device)
         with torch.no_grad():
             self.weight.zero_()
+        # Dummy weights (loader/dummy_loader.py) give norms a scale of 1: w = 0 here, not the ones of RMSNorm.
+        self.weight.fill_dummy = lambda param, gen, std: param.zero_()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -12,26 +12,18 @@ import torch
 
 from tests.models.helpers import run_pagellm, run_transformers
 from tests.models.test_models import model_config_for, prompt
+from tests.reference import tiny_config
 
 from pagellm.model_executor.loader import load_model
 
 TOL = 1e-4
-WINDOW = 6
+WINDOW = 6  # tiny_config("gemma3")'s
 
 
 def gemma3_config(final_logit_softcapping=None):
-    from transformers import Gemma3TextConfig
-
-    return Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=2,
-        eos_token_id=1, pad_token_id=0, sliding_window=WINDOW, query_pre_attn_scalar=24,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-        final_logit_softcapping=final_logit_softcapping, architectures=["Gemma3ForCausalLM"],
-        tie_word_embeddings=True,
-    )
+    config = tiny_config("gemma3")
+    config.final_logit_softcapping = final_logit_softcapping
+    return config
 
 
 def save_gemma3(folder, **config_kwargs):

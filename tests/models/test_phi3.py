@@ -8,6 +8,7 @@ import torch
 
 from tests.models.helpers import run_pagellm, run_transformers
 from tests.models.test_models import model_config_for, prompt
+from tests.reference import tiny_config
 
 from pagellm.model_executor.loader import load_model
 
@@ -15,14 +16,10 @@ TOL = 1e-4
 
 
 def phi3_config(**overrides):
-    from transformers import Phi3Config
-
-    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                  architectures=["Phi3ForCausalLM"])
-    kwargs.update(overrides)
-    return Phi3Config(**kwargs)
+    config = tiny_config("phi3")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 def save_phi3(folder, **overrides):

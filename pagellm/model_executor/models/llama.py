@@ -6,10 +6,9 @@ then fills them through `load_weights`. Nothing is allocated twice and nothing i
 `quant_config` the linear layers hold that format's tensors instead (each layer is told its checkpoint name,
 `prefix`, so a format can leave some layers in float).
 
-Interface the model runner relies on:
-  forward(input_ids [T], positions [T], kv_caches: list per layer, attn_metadata) -> hidden [T, H] (final norm)
-  compute_logits(hidden [N, H]) -> logits [N, vocab] float32
-  load_weights(iterable of (hf_name, tensor)) -> set of our parameter names that were loaded
+Interface the model runner relies on: models/interface.py (forward, compute_logits, load_weights). The config's
+facts are read once into an ArchConfig (pagellm/arch_config.py); a family that differs in a block subclasses
+LlamaForCausalLM and builds its own decoder layer in `build_model` (models/gemma3.py).
 
 Checkpoint names are HF's; q/k/v go into one qkv_proj and gate/up into one gate_up_proj through the merged
 layers' weight_loader hooks.

@@ -31,7 +31,8 @@ for part in "$@"; do
              -k "cuda or triton or rotary or rms or silu" ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
-    models) logged "sliding-window attention + Gemma 3 on CUDA" models.log 480 '(passed|failed|error)' python3 -m pytest \
+    models) logged "sliding-window attention + Gemma 3 on CUDA" models.log 480 "(passed|failed|error)" \
+              python3 -m pytest \
               -q -p no:cacheprovider tests/attention/test_triton_attention.py tests/models/test_gemma3.py \
               -k "win- or cuda_greedy" ;;
     qwen) logged "qwen06b-nano $tag" "qwen-$tag.log" 300 '^pagellm ' "${BENCH[@]}" throughput --workload qwen06b-nano \

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep ...
+#   (any subset, in order)
+# models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
+# Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
 # kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
 # fallback = fallback-tests + fallback-bench (issue 16: the transformers fallback on CUDA, and its speed against
@@ -33,6 +36,10 @@ for part in "$@"; do
              -k "cuda or triton or rotary or rms or silu" ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
+    models) logged "sliding-window attention + Gemma 3 on CUDA" models.log 480 "(passed|failed|error)" \
+              python3 -m pytest \
+              -q -p no:cacheprovider tests/attention/test_triton_attention.py tests/models/test_gemma3.py \
+              -k "win- or cuda_greedy" ;;
     qwen) logged "qwen06b-nano $tag" "qwen-$tag.log" 300 '^pagellm ' "${BENCH[@]}" throughput --workload qwen06b-nano \
             --peer none --output-json "$OUT/qwen06b-nano-$tag.json" ;;
     llama) logged "llama8b-mixed $tag" "llama-$tag.log" 400 '^pagellm ' "${BENCH[@]}" throughput \

@@ -6,9 +6,12 @@ EngineArgs (engine_args.py) turns flat user options into these; everything below
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from pagellm.arch_config import ArchConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -77,26 +80,35 @@ class ModelConfig:
     sampling_defaults: dict = field(default_factory=dict)
 
     @property
+    def arch(self) -> "ArchConfig":
+        """The architecture's facts, read once from hf_config (pagellm/arch_config.py)."""
+        cached = self.__dict__.get("_arch")
+        if cached is None or cached[0] is not self.hf_config:
+            from pagellm.arch_config import ArchConfig
+
+            cached = (self.hf_config, ArchConfig.from_hf(self.hf_config))
+            self.__dict__["_arch"] = cached
+        return cached[1]
+
+    @property
     def architecture(self) -> str:
-        archs = getattr(self.hf_config, "architectures", None) or []
-        return archs[0] if archs else "LlamaForCausalLM"
+        return self.arch.architecture or "LlamaForCausalLM"
 
     @property
     def num_layers(self) -> int:
-        return self.hf_config.num_hidden_layers
+        return self.arch.num_layers
 
     @property
     def num_kv_heads(self) -> int:
-        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+        return self.arch.num_kv_heads
 
     @property
     def head_dim(self) -> int:
-        hd = getattr(self.hf_config, "head_dim", None)
-        return hd or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+        return self.arch.head_dim
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_config.vocab_size
+        return self.arch.vocab_size
 
 
 @dataclass

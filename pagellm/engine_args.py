@@ -316,7 +316,7 @@ class EngineArgs:
             distributed_executor_backend=self.distributed_executor_backend,
             step_timeout_s=self.distributed_step_timeout,
         )
-        check_parallel_fits_model(hf_config, parallel_config)
+        check_parallel_fits_model(model_config.arch, parallel_config)
         speculative_config = None
         async_scheduling = self.async_scheduling
         if self.speculative_config is not None:
@@ -353,28 +353,24 @@ def check_fallback_options(args: EngineArgs, on_cuda: bool) -> None:
         logger.info("the transformers fallback runs eagerly (no CUDA graphs)")
 
 
-def check_parallel_fits_model(hf_config: Any, parallel: ParallelConfig) -> None:
-    """Fail early, naming the option, when the model cannot be split as asked."""
+def check_parallel_fits_model(arch: Any, parallel: ParallelConfig) -> None:
+    """Fail early, naming the option, when the model (an ArchConfig) cannot be split as asked."""
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    heads, kv_heads = arch.num_heads, arch.num_kv_heads
     if heads % tp:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide num_attention_heads ({heads})")
     if kv_heads % tp and tp % kv_heads:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide num_key_value_heads ({kv_heads}) or be a "
                          f"multiple of it")
-    inter = getattr(hf_config, "intermediate_size", None)
-    if inter is not None and inter % tp:
+    inter = arch.intermediate_size
+    if inter and inter % tp:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide intermediate_size ({inter})")
-    if pp > hf_config.num_hidden_layers:
-        raise ValueError(f"pipeline_parallel_size ({pp}) exceeds the model's {hf_config.num_hidden_layers} layers")
-    if getattr(hf_config, "num_experts_per_tok", None):  # a Mixture-of-Experts model
-        from pagellm.model_executor.layers.fused_moe.layer import moe_sizes_of
-
-        moe = moe_sizes_of(hf_config)
-        if parallel.enable_expert_parallel and moe.num_experts % tp:
+    if pp > arch.num_layers:
+        raise ValueError(f"pipeline_parallel_size ({pp}) exceeds the model's {arch.num_layers} layers")
+    if arch.num_experts:  # a Mixture-of-Experts model
+        if parallel.enable_expert_parallel and arch.num_experts % tp:
             raise ValueError(f"enable_expert_parallel: tensor_parallel_size ({tp}) must divide the number of "
-                             f"experts ({moe.num_experts})")
-        if not parallel.enable_expert_parallel and moe.intermediate_size % tp:
+                             f"experts ({arch.num_experts})")
+        if not parallel.enable_expert_parallel and arch.moe_intermediate_size % tp:
             raise ValueError(f"tensor_parallel_size ({tp}) must divide the experts' intermediate size "
-                             f"({moe.intermediate_size}), or use enable_expert_parallel")
+                             f"({arch.moe_intermediate_size}), or use enable_expert_parallel")

@@ -57,6 +57,19 @@ def tiny_config(arch: str):
 
         return Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3,
                               norm_topk_prob=True, tie_word_embeddings=False)
+    if arch == "phi3":  # fused qkv_proj / gate_up_proj in the checkpoint
+        from transformers import Phi3Config
+
+        return Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False, architectures=["Phi3ForCausalLM"])
+    if arch == "gemma3":  # sliding (window 6, local rope) / global / sliding layers
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=32, pad_token_id=0, sliding_window=6,
+            query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            architectures=["Gemma3ForCausalLM"], tie_word_embeddings=True)
     raise ValueError(arch)
 
 

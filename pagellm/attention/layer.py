@@ -21,10 +21,13 @@ class Attention(nn.Module):
     scales (attention/fp8_kv.py); the backends use them only when the cache is float8. They are buffers, not
     parameters: a checkpoint without them is complete, and the kernels read them from device memory, so a
     captured CUDA graph sees the loaded values.
+
+    `sliding_window` (None: full attention): a query at position i sees only keys at positions > i - window,
+    as transformers' sliding masks do. The cache still holds every block of the request.
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 device: Optional[torch.device | str] = None) -> None:
+                 device: Optional[torch.device | str] = None, sliding_window: Optional[int] = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -32,6 +35,9 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+        self.sliding_window = sliding_window
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32, device=device), persistent=False)
 
@@ -48,5 +54,6 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         backend = get_attention_backend(q.device)
-        out = backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale)
+        out = backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale,
+                              self.sliding_window)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -79,7 +79,7 @@ class EngineCore:
                     self.tokenizer = load_tokenizer(mc.source, mc.tokenizer)
                 return self.tokenizer
 
-            eos = resolve_eos_token_id(self.tokenizer, mc.hf_config)
+            eos = resolve_eos_token_id(self.tokenizer, mc.arch)
             self.structured_output = StructuredOutputManager(load, mc.vocab_size, eos)
         return self.structured_output
 

@@ -47,7 +47,7 @@ class Processor:
         self.limits = RequestLimits.from_model_config(model_config)
         self.work_caps = work_caps or WorkCaps()
         self.tokenizer = tokenizer
-        self.eos_token_id = resolve_eos_token_id(tokenizer, model_config.hf_config)
+        self.eos_token_id = resolve_eos_token_id(tokenizer, model_config.arch)
         extra = set(eos_token_ids or ())
         if self.eos_token_id is not None:
             extra.add(self.eos_token_id)

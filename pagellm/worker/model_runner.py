@@ -264,11 +264,11 @@ class ModelRunner:
         leaves this much out of the KV cache."""
         if not self.use_graphs:
             return 0
-        cfg = self.model_config.hf_config
+        arch = self.model_config.arch
         elem = torch.empty((), dtype=self.dtype).element_size()
         bs = max([max(self.graph_sizes)] + [b * self.spec.query_len for b in self.verify_graph_sizes])
-        per_row = (cfg.vocab_size * (elem + 4) + 3 * cfg.intermediate_size * elem * 2
-                   + 16 * cfg.hidden_size * elem + 64 * cfg.num_attention_heads * self.model_config.head_dim * 4)
+        per_row = (arch.vocab_size * (elem + 4) + 3 * arch.mlp_width * elem * 2
+                   + 16 * arch.hidden_size * elem + 64 * arch.num_heads * arch.head_dim * 4)
         return bs * per_row + 256 * 2**20
 
     def _fill_graph_padding(self, n: int, bs: int, q: int = 1) -> None:

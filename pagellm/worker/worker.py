@@ -83,7 +83,7 @@ class Worker:
             from pagellm.worker.pipeline import PipelineStage
 
             mc = self.config.model_config
-            self.runner.model = PipelineStage(self.runner.model, mc.hf_config.hidden_size, mc.dtype, self.device)
+            self.runner.model = PipelineStage(self.runner.model, mc.arch.hidden_size, mc.dtype, self.device)
 
     def determine_num_blocks(self) -> int:
         """Blocks of KV cache that fit: kv_cache_memory bytes if given, else a share of the free memory."""

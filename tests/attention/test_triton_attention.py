@@ -14,6 +14,10 @@ own; the reference is torch_ref in float32 over the dequantized cache (stored * 
 K/V, so it never goes through the FP8 read path under test. Their cache bytes must be torch's own quantization
 (x / scale, saturated, round to nearest even) of this step's K/V; a value exactly between two e4m3 codes may
 round either way (at most one code apart, on at most 0.1% of the written bytes).
+
+Sliding-window cases (`window`, ids with `-win`): the same checks with a per-layer window (a query at position
+i sees keys > i - window), windows shorter and longer than the contexts, on every path (decode, split-KV
+decode, prefill, chunked).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Case:
     kv_fp8: bool = False  # the cache in float8 e4m3 with the scales below (dtype is then q's)
     k_scale: float = 1.0
     v_scale: float = 1.0
+    window: int | None = None  # sliding-window attention
 
 
 def _decodes(rng: random.Random, n: int, max_ctx: int) -> tuple[list[int], list[int]]:
@@ -118,7 +123,33 @@ def _build_cases() -> list[Case]:
     add("fp32-decode", [1] * 20, [rng.randrange(0, 400) for _ in range(20)], 20, 16, 4, 1, 128, fp32)
     add("fp32-mixed", [1, 1, 40], [900, 33, 100], 2, 32, 1, 2, 256, fp32)
     _add_fp8_cases(random.Random(4321), add)
+    cases += window_cases()
     return cases
+
+
+def window_cases() -> list[Case]:
+    """Sliding-window cases: every kernel path with windows below, around and above the contexts."""
+    rng = random.Random(777)
+    out: list[Case] = []
+    bf16, fp32 = torch.bfloat16, torch.float32
+
+    def add(kind, q, c, nd, bs, hk, g, d, dt, window, pad=0):
+        name = f"{kind}-bs{bs}-hk{hk}-g{g}-d{d}-win{window}-n{len(q)}-maxs{max(a + b for a, b in zip(q, c))}"
+        out.append(Case(name, tuple(q), tuple(c), nd, bs, hk, g, d, dt, pad, seed=9000 + len(out), window=window))
+
+    for window in (1, 7, 64, 512, 4096):
+        for dt in (bf16, fp32):
+            dq, dc = _decodes(rng, rng.randint(1, 6), 3000)
+            pq, pc = _chunks(rng, rng.randint(1, 4), 300, 2000)
+            add("win-mixed", dq + pq, dc + pc, len(dq), 16, rng.choice([1, 2, 4]), rng.choice([1, 2, 4]),
+                rng.choice([64, 128, 256]), dt, window)
+            q, c = _decodes(rng, rng.randint(8, 40), 1000)
+            add("win-decode", q, c, len(q), 32, 2, 4, 128, dt, window)
+            q, c = _chunks(rng, rng.randint(1, 4), 400, 3000)
+            add("win-chunked", q, c, 0, 16, 1, 4, 256, dt, window, pad=rng.randint(0, 5))
+    add("win-long-decode", [1, 1], [32000, 600], 2, 16, 1, 4, 256, bf16, 512)  # split-KV within the window
+    add("win-long-prefill", [2048], [0], 0, 16, 1, 4, 256, bf16, 512)
+    return out
 
 
 def _add_fp8_cases(rng: random.Random, add) -> None:
@@ -233,7 +264,8 @@ def run_case(case: Case, device: str, forward, poison: bool = True) -> dict:
     kf, vf = new_k.float(), new_v.float()
     if case.kv_fp8:
         kf, vf = kf * scales[0], vf * scales[1]
-    ref = torch_ref.forward(q[:t].float().to(device), kf.to(device), vf.to(device), ref_cache, ref_meta, scale).cpu()
+    ref = torch_ref.forward(q[:t].float().to(device), kf.to(device), vf.to(device), ref_cache, ref_meta, scale,
+                            sliding_window=case.window).cpu()
     del ref_cache
 
     dev_cache = cache.to(device)
@@ -243,9 +275,10 @@ def run_case(case: Case, device: str, forward, poison: bool = True) -> dict:
     k_d = qkv_dev[:, hq * d:(hq + hk) * d].view(tp, hk, d)
     v_d = qkv_dev[:, (hq + hk) * d:].view(tp, hk, d)
     if case.kv_fp8:
-        out = forward(q_d, k_d, v_d, dev_cache, meta, scale, scales[:1].to(device), scales[1:].to(device))
+        out = forward(q_d, k_d, v_d, dev_cache, meta, scale, scales[:1].to(device), scales[1:].to(device),
+                      sliding_window=case.window)
     else:
-        out = forward(q_d, k_d, v_d, dev_cache, meta, scale)
+        out = forward(q_d, k_d, v_d, dev_cache, meta, scale, sliding_window=case.window)
     out = out[:t].float().cpu()
 
     if case.kv_fp8:

@@ -65,6 +65,9 @@ def _assert_same(got: list, ref: list) -> None:
     ("qwen3", 2, 1),      # per-head q/k norm, head_dim != hidden / heads
     ("llama", 1, 2),      # two pipeline stages of one layer each
     ("qwen2", 1, 2),      # tied embedding: the last stage holds it for the LM head too
+    ("phi3", 2, 1),       # fused qkv_proj / gate_up_proj checkpoint tensors sliced per rank
+    ("gemma3", 2, 1),     # sliding/global layers, Gemma norms; 2 KV heads, one per rank
+    ("gemma3", 1, 2),     # the embedding scale on the first stage, the final norm on the last
 ])
 def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     path = tiny_model_dir(arch)

@@ -19,13 +19,13 @@ from pagellm.config import ModelConfig
 from pagellm.model_executor.loader import load_model
 from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
 
-ARCHS = ["llama", "llama3", "qwen2", "qwen3", "mistral", "llama-bias"]
+ARCHS = ["llama", "llama3", "qwen2", "qwen3", "mistral", "mistral-window", "llama-bias"]
 TOL = 1e-4
 
 
 def make_config(arch: str):
     """conftest's tiny configs, plus Mistral and a Llama with attention/MLP biases."""
-    if arch not in ("mistral", "llama-bias"):
+    if arch not in ("mistral", "mistral-window", "llama-bias"):
         return tiny_config(arch)
     from transformers import LlamaConfig, MistralConfig
 
@@ -33,8 +33,10 @@ def make_config(arch: str):
     common = {k: base[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                    "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
                                    "bos_token_id", "eos_token_id")}
-    if arch == "mistral":  # the window covers max_model_len (256), so full attention is exact
+    if arch == "mistral":  # the window covers max_model_len (256): every layer attends fully
         return MistralConfig(**common, sliding_window=256, tie_word_embeddings=False)
+    if arch == "mistral-window":  # a window shorter than the test's sequence (23 tokens): sliding attention
+        return MistralConfig(**common, sliding_window=7, tie_word_embeddings=False)
     return LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
 
 
@@ -147,16 +149,17 @@ def test_unsupported_architecture(tmp_path):
                    "cpu")
 
 
-def test_sliding_window_longer_than_max_model_len_is_refused():
+def test_arch_config_sliding_window_facts():
+    """Mistral slides whenever a window is set; Qwen2 keeps its window off unless use_sliding_window."""
     from transformers import MistralConfig
 
-    from pagellm.model_executor.loader import check_sliding_window
+    from pagellm.arch_config import ArchConfig
 
-    config = MistralConfig(sliding_window=128)
-    check_sliding_window(config, 128)
-    with pytest.raises(ValueError, match="sliding-window"):
-        check_sliding_window(config, 129)
-    check_sliding_window(tiny_config("qwen2"), 10_000)  # Qwen2 keeps sliding_window off unless asked
+    mistral = ArchConfig.from_hf(MistralConfig(sliding_window=128, num_hidden_layers=2))
+    assert mistral.sliding_window == 128 and [mistral.layer_window(i) for i in range(2)] == [128, 128]
+    qwen2 = ArchConfig.from_hf(tiny_config("qwen2"))
+    assert qwen2.sliding_window is None and qwen2.layer_window(0) is None
+    assert ArchConfig.from_hf(tiny_config("qwen3")).head_dim == 32
 
 
 def test_dummy_weights(saved):
@@ -224,3 +227,25 @@ def test_cuda_matches_transformers(saved, arch, dtype):
         assert (ours - ref).abs().max() < 0.1 * ref.abs().max()
     dummy = model_config_for(path, dtype=dtype, load_format="dummy")
     assert torch.isfinite(run_pagellm(load_model(dummy, "cuda"), ids[:5], 3, device="cuda")).all()
+
+
+def test_registry_records_are_complete():
+    """Every record's class imports and follows the model interface; lookups by name, model_type and GGUF
+    architecture give the same record; an unknown GGUF architecture is refused by name."""
+    from types import SimpleNamespace
+
+    from pagellm.model_executor.models.interface import CausalLM
+    from pagellm.model_executor.models.registry import ARCHITECTURES, spec_for, spec_for_gguf
+
+    for spec in ARCHITECTURES:
+        cls = spec.model_class()
+        assert cls.__name__ == spec.class_name
+        assert all(callable(getattr(cls, m, None)) for m in ("forward", "compute_logits", "load_weights"))
+        assert spec_for(spec.name) is spec
+        for model_type in spec.model_types:
+            assert spec_for(SimpleNamespace(model_type=model_type)) is spec
+        if spec.gguf_arch:
+            assert spec_for_gguf(spec.gguf_arch) is spec
+    assert issubclass(spec_for("Gemma3ForCausalLM").model_class(), CausalLM)
+    with pytest.raises(ValueError, match="'falcon' is not supported"):
+        spec_for_gguf("falcon")

@@ -54,7 +54,7 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
 
 def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
             max_seq_len: int, scale: float, k_scale: Optional[torch.Tensor] = None,
-            v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+            v_scale: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
     """q [B, Hq, D] against each request's whole context, as one masked batch. Returns [B, Hq, D] float32.
     k_scale/v_scale (FP8 caches only, else None) multiply q and the output.
 
@@ -68,7 +68,10 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     # index_select over whole blocks: 2.5x the bandwidth of advanced indexing (kv_cache[0, ids]) on the CPU.
     k = kv_cache[0].index_select(0, ids).view(bsz, -1, *kv_cache.shape[3:]).transpose(1, 2)  # [B, Hk, S, D]
     v = kv_cache[1].index_select(0, ids).view(bsz, -1, *kv_cache.shape[3:]).transpose(1, 2)
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()
+    key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+    visible = key_pos < seq_lens[:, None].long()
+    if window is not None:  # the query sits at seq_len - 1: keys > seq_len - 1 - window
+        visible &= key_pos >= seq_lens[:, None].long() - window
     qf = q[:, :, None, :].float()
     if k_scale is not None:
         qf = qf * k_scale
@@ -82,16 +85,21 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+             window: Optional[int] = None) -> torch.Tensor:
     """q [L, Hq, D] are the last L positions of a context of k, v [S, Hk, D]; causal. Returns [L, Hq, D].
     k_scale/v_scale (FP8 caches only, else None) multiply q and the output."""
     q_len = q.shape[0]
     seq_len = k.shape[0]
     ctx = seq_len - q_len
-    if ctx == 0:  # plain causal attention: SDPA's own mask, no mask tensor
+    if ctx == 0 and window is None:  # plain causal attention: SDPA's own mask, no mask tensor
         mask, causal = None, True
     else:
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= (ctx + torch.arange(q_len, device=q.device))[:, None]
+        key_pos = torch.arange(seq_len, device=q.device)[None, :]
+        q_pos = (ctx + torch.arange(q_len, device=q.device))[:, None]
+        mask = key_pos <= q_pos
+        if window is not None:
+            mask &= key_pos > q_pos - window
         causal = False
     qf = q.transpose(0, 1).float()
     if k_scale is not None:
@@ -107,9 +115,10 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
             meta: AttentionMetadata, scale: float, k_scale: Optional[torch.Tensor] = None,
-            v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+            v_scale: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hk, D] for the flat batch; returns [T, Hq, D]. k_scale/v_scale: the layer's FP8
-    KV-cache scales (float32 [1]; None: 1.0), used only when kv_cache is float8."""
+    KV-cache scales (float32 [1]; None: 1.0), used only when kv_cache is float8. sliding_window: a query at
+    position i sees keys at positions > i - window (None: all earlier keys)."""
     t = meta.num_actual_tokens
     write_kv(k[:t], v[:t], kv_cache, meta.slot_mapping[:t], k_scale, v_scale)
     fp8 = fp8_kv.is_fp8(kv_cache.dtype)
@@ -125,7 +134,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
         if hi > lo:
             max_len = max(meta.seq_lens_cpu[lo:hi])
             out[lo:hi] = _decode(q[lo:hi], kv_cache, meta.block_tables[lo:hi], meta.seq_lens[lo:hi], max_len,
-                                 scale, k_scale, v_scale).to(q.dtype)
+                                 scale, k_scale, v_scale, sliding_window).to(q.dtype)
     qsl = meta.query_start_loc_cpu
     for i in range(nd, meta.num_reqs):
         start, end = qsl[i], qsl[i + 1]
@@ -133,5 +142,5 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
             kc, vc = k[start:end], v[start:end]
         else:
             kc, vc = gather_kv(kv_cache, meta.block_tables[i], meta.seq_lens_cpu[i])
-        out[start:end] = _prefill(q[start:end], kc, vc, scale, k_scale, v_scale)
+        out[start:end] = _prefill(q[start:end], kc, vc, scale, k_scale, v_scale, sliding_window)
     return out

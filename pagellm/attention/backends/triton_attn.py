@@ -47,6 +47,10 @@ them), widens them to q's dtype exactly, and folds the K scale into the softmax 
 output. q stays in the model's dtype (it is not quantized), so the dots run as with a bf16 cache. The scales
 are read from device memory in the kernels (never as host floats), so a captured graph reads the layer's
 loaded values.
+Sliding-window layers (WINDOW > 0, a compile-time constant: a model has one or two values, full and its
+window): a query at position i sees keys > i - window. A program
+starts at the tile holding its first row's window start (so a decode reads at most window keys plus a tile)
+and masks every tile, since each may hold keys outside some row's window.
 Other head dims fall back to torch_ref (correct, slow).
 """
 
@@ -104,9 +108,11 @@ def _attn_kv_tile(
     acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n, offs_d,
     stride_c_b, stride_c_s, scale_log2,
     BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One KV tile [start, start + TILE_N) of the online softmax. With MASK, keys >= kv_hi and keys after a
-    row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak).
+    row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak);
+    with a WINDOW (> 0) also keys at or before a row's query position - WINDOW.
     KV_FP8: K/V tiles are e4m3, widened to q's dtype exactly (the scales are applied by the caller)."""
     n = start + offs_n
     if MASK:
@@ -125,6 +131,8 @@ def _attn_kv_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
         visible = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (n[None, :] > q_pos[:, None] - WINDOW)
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -154,6 +162,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -204,13 +213,20 @@ def _paged_attn_kernel(
     # --- KV range: keys < kv_hi matter to some row; keys < full_hi are visible to every valid row
     kv_hi = tl.minimum(seq_len, ctx0 + BLOCK_Q)
     full_hi = ctx0 + 1
+    if WINDOW > 0:  # keys before the tile's first window start are seen by no row: start at its tile
+        win_lo = tl.maximum(ctx0 - WINDOW + 1, 0) // TILE_N * TILE_N
+    else:
+        win_lo = 0
     if SPLIT:
-        part = tl.cdiv(tl.cdiv(kv_hi, num_splits), TILE_N) * TILE_N
-        kv_lo = split * part
+        part = tl.cdiv(tl.cdiv(kv_hi - win_lo, num_splits), TILE_N) * TILE_N
+        kv_lo = win_lo + split * part
         kv_hi = tl.minimum(kv_hi, kv_lo + part)
     else:
-        kv_lo = 0
-    n_full = tl.maximum(tl.minimum(kv_hi, full_hi) - kv_lo, 0) // TILE_N
+        kv_lo = win_lo
+    if WINDOW > 0:  # every tile may hold keys outside some row's window: all of them are masked
+        n_full = 0
+    else:
+        n_full = tl.maximum(tl.minimum(kv_hi, full_hi) - kv_lo, 0) // TILE_N
     kv_mid = kv_lo + n_full * TILE_N
 
     bt_row = bt_ptr + req.to(tl.int64) * stride_bt
@@ -222,10 +238,12 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     for start in range(kv_lo, kv_mid, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
-                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC, KV_FP8)
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC,
+                                      KV_FP8, WINDOW)
     for start in range(kv_mid, kv_hi, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
-                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC, KV_FP8)
+                                      offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC,
+                                      KV_FP8, WINDOW)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if KV_FP8:  # p . (v8 * s_v) = (p . v8) * s_v
@@ -384,7 +402,8 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 
 def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, num_splits: int | None = None, cfg: KernelConfig | None = None,
-                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
+                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                  sliding_window: Optional[int] = None) -> None:
     """Attention for the first meta.num_decodes requests (one query each), written into out."""
     fp8 = fp8_kv.is_fp8(kv_cache.dtype)
     k_scale, v_scale = _scales(k_scale, v_scale, q.device)
@@ -396,7 +415,9 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
     if cfg is None:
         cfg = decode_config(head_dim, group_p2, q.element_size())
     if num_splits is None:
-        num_splits = decode_num_splits(nd, num_kv_heads, meta.max_seq_len, _device_sms(q.device))
+        # A window bounds the keys one decode reads: split by that length, not the context's.
+        span = meta.max_seq_len if sliding_window is None else min(meta.max_seq_len, sliding_window)
+        num_splits = decode_num_splits(nd, num_kv_heads, span, _device_sms(q.device))
     split = num_splits > 1
     if split:
         part_o = torch.empty((nd, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -412,6 +433,7 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
         0, nd, num_splits,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=1, BLOCK_M=cfg.block_m, TILE_N=cfg.tile_n, HEAD_D=head_dim,
         BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(q), KV_FP8=fp8,
+        WINDOW=sliding_window or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -423,7 +445,7 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
 
 def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float, cfg: KernelConfig | None = None, k_scale: Optional[torch.Tensor] = None,
-                   v_scale: Optional[torch.Tensor] = None) -> None:
+                   v_scale: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None) -> None:
     """Attention for requests num_decodes..num_reqs-1 (prefill chunks, any query length), written into out."""
     fp8 = fp8_kv.is_fp8(kv_cache.dtype)
     k_scale, v_scale = _scales(k_scale, v_scale, q.device)
@@ -446,30 +468,32 @@ def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, m
         nd, nr, 1,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_q * group_p2, TILE_N=cfg.tile_n,
         HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(q), KV_FP8=fp8,
+        WINDOW=sliding_window or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
             meta: AttentionMetadata, scale: float, k_scale: Optional[torch.Tensor] = None,
-            v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+            v_scale: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hk, D] for the flat batch; returns [T, Hq, D] (rows past num_actual_tokens are
     left unwritten). k_scale/v_scale: the layer's FP8 KV-cache scales (float32 [1] on the device; None: 1.0),
-    read only when kv_cache is float8."""
+    read only when kv_cache is float8. sliding_window: a query at position i sees keys > i - window."""
     head_dim, block_size = q.shape[2], kv_cache.shape[2]
     if not _supported(head_dim, block_size):
         from pagellm.attention.backends import torch_ref
 
-        return torch_ref.forward(q, k, v, kv_cache, meta, scale, k_scale, v_scale)
+        return torch_ref.forward(q, k, v, kv_cache, meta, scale, k_scale, v_scale, sliding_window)
     if q.stride(2) != 1:
         q = q.contiguous()
     assert kv_cache.stride(4) == 1 and meta.block_tables.stride(1) == 1
     write_kv(k, v, kv_cache, meta.slot_mapping, meta.num_actual_tokens, k_scale, v_scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.num_decodes:
-        attend_decode(q, out, kv_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
+        attend_decode(q, out, kv_cache, meta, scale, k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window)
     if meta.num_reqs > meta.num_decodes:
-        attend_prefill(q, out, kv_cache, meta, scale, k_scale=k_scale, v_scale=v_scale)
+        attend_prefill(q, out, kv_cache, meta, scale, k_scale=k_scale, v_scale=v_scale,
+                       sliding_window=sliding_window)
     return out
 
 

@@ -19,7 +19,19 @@ class SiluAndMul(nn.Module):
         return F.silu(x[..., :d]) * x[..., d:]
 
 
+class GeluTanhAndMul(nn.Module):
+    """x [..., 2*I] holds [gate | up]; returns gelu_tanh(gate) * up [..., I] (Gemma's gelu_pytorch_tanh)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
+_GATED = {"silu": SiluAndMul, "swish": SiluAndMul, "gelu_pytorch_tanh": GeluTanhAndMul}
+
+
 def get_act_and_mul(hidden_act: str) -> nn.Module:
-    if hidden_act in ("silu", "swish"):
-        return SiluAndMul()
-    raise NotImplementedError(f"hidden_act {hidden_act!r} is not supported for gated MLPs (supported: silu)")
+    if hidden_act in _GATED:
+        return _GATED[hidden_act]()
+    raise NotImplementedError(f"hidden_act {hidden_act!r} is not supported for gated MLPs (supported: "
+                              f"{', '.join(sorted(_GATED))})")

@@ -46,3 +46,30 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: y = (x / sqrt(mean(x^2) + eps)) * (1 + weight), all in float32, then cast to x's dtype.
+    The weight is stored as the checkpoint holds it (zero-centred); a GGUF's 1 + w is turned back by the loader.
+    Same residual-fused `forward(x, residual)` as RMSNorm (never the Triton kernel, which applies w, not 1 + w)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__(hidden_size, eps, dtype, device)
+        with torch.no_grad():
+            self.weight.zero_()
+        # Dummy weights (loader/dummy_loader.py) give norms a scale of 1: w = 0 here, not the ones of RMSNorm.
+        self.weight.fill_dummy = lambda param, gen, std: param.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x

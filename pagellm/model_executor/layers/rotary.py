@@ -13,22 +13,6 @@ import torch
 from torch import nn
 
 
-def rope_parameters(config: Any) -> tuple[float, dict]:
-    """(theta, scaling dict with a 'rope_type' key) from a transformers config.
-
-    transformers 5 keeps both in `config.rope_parameters`; older versions use `config.rope_theta` and
-    `config.rope_scaling` (whose type key was 'type' before 'rope_type').
-    """
-    params = getattr(config, "rope_parameters", None) or {}
-    if params and "rope_theta" not in params and "rope_type" not in params:
-        # Per-layer-type parameters (e.g. {"full_attention": {...}}): not used by the models here.
-        raise NotImplementedError(f"per-layer-type rope parameters are not supported: {sorted(params)}")
-    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
-    scaling = dict(params) if params else dict(getattr(config, "rope_scaling", None) or {})
-    scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), scaling
-
-
 def _base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
 
@@ -127,10 +111,12 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}, max_position={self.max_position}, base={self.base}, type={self.rope_type}"
 
 
-def get_rope(config: Any, head_dim: int, device: Optional[torch.device] = None,
-             max_position: Optional[int] = None) -> RotaryEmbedding:
-    theta, scaling = rope_parameters(config)
-    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+def get_rope(arch: Any, head_dim: Optional[int] = None, device: Optional[torch.device] = None,
+             max_position: Optional[int] = None, layer: Optional[int] = None) -> RotaryEmbedding:
+    """The rotary embedding of an ArchConfig (pagellm/arch_config.py): its full layers', or `layer`'s (Gemma 3's
+    sliding layers have their own base)."""
+    theta, scaling = arch.layer_rope(layer) if layer is not None else (arch.rope_theta, dict(arch.rope_scaling))
+    if arch.partial_rotary_factor != 1.0:
         raise NotImplementedError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
-    max_position = max_position or getattr(config, "max_position_embeddings", None) or 2048
-    return RotaryEmbedding(head_dim, max_position, theta, scaling, device=device)
+    return RotaryEmbedding(head_dim or arch.head_dim, max_position or arch.max_position, theta, scaling,
+                           device=device)

@@ -17,7 +17,6 @@ from torch import nn
 
 from pagellm.model_executor.layers.quantization import get_quant_config
 from pagellm.model_executor.loader.source import ModelSource, load_hf_config, resolve_model_source
-from pagellm.model_executor.models.llama import sliding_window_of
 from pagellm.model_executor.models.model_impl import model_class_for
 from pagellm.model_executor.models.transformers_fallback import TransformersForCausalLM
 
@@ -38,16 +37,6 @@ def resolve_load_format(load_format: str, source: Optional[ModelSource]) -> str:
     if load_format == "safetensors" and (source is None or source.kind != "hf"):
         raise ValueError("load_format='safetensors' needs an HF model folder (config.json + *.safetensors)")
     return load_format
-
-
-def check_sliding_window(config, max_model_len: int) -> None:
-    """Sliding-window attention is not implemented: accept such a model only when the window covers every
-    sequence it will see, where full attention is the same computation."""
-    window = sliding_window_of(config)
-    if window is not None and max_model_len > window:
-        raise ValueError(
-            f"this model uses sliding-window attention (window {window}), which pagellm does not implement; "
-            f"pass max_model_len <= {window} (got {max_model_len})")
 
 
 def weights_iterator(source: ModelSource, load_format: str, config) -> Iterable[tuple[str, torch.Tensor]]:
@@ -91,7 +80,6 @@ def load_model(model_config, device: torch.device | str) -> nn.Module:
         config = load_hf_config(source)
     load_format = resolve_load_format(model_config.load_format, source if model_config.load_format != "dummy"
                                       else None)
-    check_sliding_window(config, model_config.max_model_len)
     quant_config = get_quant_config(model_config.quantization, config, load_format)
     start = time.perf_counter()
     model = build_model(config, model_config.dtype, device, quant_config, model_config.model_impl)
@@ -132,5 +120,4 @@ def _describe(model: nn.Module, missing: list[str]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["load_model", "build_model", "process_weights_after_loading", "resolve_load_format",
-           "check_sliding_window"]
+__all__ = ["load_model", "build_model", "process_weights_after_loading", "resolve_load_format"]

@@ -31,10 +31,6 @@ _NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32
                 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
 
-# GGUF architectures whose q/k rows llama.cpp permuted on conversion.
-_PERMUTED_QK_ARCHS = {"llama", "mistral"}
-
-
 @dataclass
 class GGUFTensorInfo:
     name: str
@@ -239,14 +235,15 @@ _GLOBAL_NAMES = {
 }
 
 
-def gguf_to_hf_name(name: str) -> Optional[str]:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for a name we do not know."""
+def gguf_to_hf_name(name: str, layer_names: Optional[dict[str, str]] = None) -> Optional[str]:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for a name we do not know.
+    `layer_names`: an architecture's own per-layer names (its ArchSpec.gguf_layer_names), tried first."""
     base, dot, suffix = name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
         return None
     m = _LAYER.match(base)
     if m:
-        mapped = _LAYER_NAMES.get(m.group(2))
+        mapped = (layer_names or {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return f"model.layers.{m.group(1)}.{mapped}.{suffix}" if mapped else None
     mapped = _GLOBAL_NAMES.get(base)
     return f"{mapped}.{suffix}" if mapped else None
@@ -268,21 +265,26 @@ def iterate_gguf_weights(path: str, config: Any = None,
     file's metadata when not given). Unknown tensor names are passed through under their GGUF name, so the
     model reports them as unexpected.
     """
+    from pagellm.model_executor.models.registry import spec_for_gguf
+
     f = gguf_file or GGUFFile(path)
     try:
-        arch = f.architecture
-        permuted = arch in _PERMUTED_QK_ARCHS
+        spec = spec_for_gguf(f.architecture)
         if config is not None:
-            n_heads = config.num_attention_heads
-            n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+            from pagellm.arch_config import ArchConfig
+
+            arch = ArchConfig.from_hf(config)
+            n_heads, n_kv = arch.num_heads, arch.num_kv_heads
         else:
             n_heads = int(f.arch_get("attention.head_count"))
             n_kv = int(f.arch_get("attention.head_count_kv", n_heads))
         for name in f.tensors:
-            hf_name = gguf_to_hf_name(name) or name
+            hf_name = gguf_to_hf_name(name, spec.gguf_layer_names) or name
             tensor = f.dequantize(name)
-            if permuted and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+            if spec.gguf_permute_qk and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
                 tensor = unpermute_qk(tensor, n_heads if ".q_proj." in hf_name else n_kv)
+            if spec.gguf_norm_offset and hf_name.endswith("norm.weight"):
+                tensor = tensor + spec.gguf_norm_offset
             yield hf_name, tensor
     finally:
         if gguf_file is None:

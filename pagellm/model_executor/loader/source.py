@@ -108,9 +108,6 @@ def _resolve(model: Optional[str]) -> ModelSource:
 
 
 # ---- config ---------------------------------------------------------------------------------------------
-_GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
 # ggml file types (general.file_type) whose weights are stored unquantized
 _GGUF_FILE_DTYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
 
@@ -136,18 +133,19 @@ def gguf_config(path: str):
     """A transformers config built from a GGUF's metadata (and tensor shapes)."""
     from transformers import AutoConfig
 
+    from pagellm.model_executor.models.registry import spec_for, spec_for_gguf
+
     meta, tensors = gguf_header(path)
     arch = str(meta.get("general.architecture", ""))
-    if arch not in _GGUF_MODEL_TYPES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_GGUF_MODEL_TYPES)})")
+    spec = spec_for_gguf(arch)
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
-    model_type = _GGUF_MODEL_TYPES[arch]
     name = str(meta.get("general.name", ""))
-    if model_type == "llama" and "mistral" in name.lower():
-        model_type = "mistral"  # llama.cpp writes Mistral as llama (as transformers does, call it Mistral)
+    if spec.name == "LlamaForCausalLM" and "mistral" in name.lower():
+        spec = spec_for("MistralForCausalLM")  # llama.cpp writes Mistral as llama; call it Mistral
+    model_type = spec.model_types[0]
     heads = int(get("attention.head_count"))
     embd = tensors.get("token_embd.weight")
     vocab = embd.shape[0] if embd is not None else int(get("vocab_size") or len(meta["tokenizer.ggml.tokens"]))
@@ -163,13 +161,13 @@ def gguf_config(path: str):
         rope_theta=float(get("rope.freq_base", 10000.0)),
         vocab_size=vocab,
         tie_word_embeddings="output.weight" not in tensors,
-        architectures=[_ARCHITECTURES[model_type]],
+        architectures=[spec.name],
     )
     head_dim = get("attention.key_length") or get("rope.dimension_count")
     if head_dim and int(head_dim) != hidden // heads:
         kwargs["head_dim"] = int(head_dim)
-    if model_type == "mistral":
-        kwargs["sliding_window"] = None  # a GGUF does not say; llama.cpp attends over the full context
+    window = get("attention.sliding_window") if spec.gguf_sliding_window else None
+    kwargs["sliding_window"] = int(window) if window else None  # no window named: llama.cpp attends fully
     if model_type == "llama" and tensors.get("blk.0.attn_q.bias") is not None:
         kwargs["attention_bias"] = True
     scaling_type = get("rope.scaling.type")
@@ -304,12 +302,10 @@ def load_generation_eos_ids(source: ModelSource) -> Optional[set[int]]:
     return ids or None
 
 
-def resolve_eos_token_id(tokenizer: Any, hf_config: Any) -> Optional[int]:
+def resolve_eos_token_id(tokenizer: Any, arch: Any) -> Optional[int]:
     """The model's end of sequence: the tokenizer's EOS, else (no tokenizer: token-id prompts) the config's
-    (its first, when it lists several)."""
+    (its first, when it lists several; `arch` is the model's ArchConfig)."""
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
+    if eos is None and arch.eos_token_ids:
+        eos = arch.eos_token_ids[0]
     return eos

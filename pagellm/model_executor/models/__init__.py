@@ -1,5 +1,6 @@
-"""Model architectures; registry.py maps config.architectures[0] to a class."""
+"""Model architectures; registry.py holds one ArchSpec record per architecture, interface.py the Protocol a
+model class follows."""
 
-from pagellm.model_executor.models.registry import MODEL_REGISTRY, get_model_class, supported_architectures
+from pagellm.model_executor.models.registry import ARCHITECTURES, get_model_class, spec_for, supported_architectures
 
-__all__ = ["MODEL_REGISTRY", "get_model_class", "supported_architectures"]
+__all__ = ["ARCHITECTURES", "get_model_class", "spec_for", "supported_architectures"]

@@ -6,10 +6,9 @@ then fills them through `load_weights`. Nothing is allocated twice and nothing i
 `quant_config` the linear layers hold that format's tensors instead (each layer is told its checkpoint name,
 `prefix`, so a format can leave some layers in float).
 
-Interface the model runner relies on:
-  forward(input_ids [T], positions [T], kv_caches: list per layer, attn_metadata) -> hidden [T, H] (final norm)
-  compute_logits(hidden [N, H]) -> logits [N, vocab] float32
-  load_weights(iterable of (hf_name, tensor)) -> set of our parameter names that were loaded
+Interface the model runner relies on: models/interface.py (forward, compute_logits, load_weights). The config's
+facts are read once into an ArchConfig (pagellm/arch_config.py); a family that differs in a block subclasses
+LlamaForCausalLM and builds its own decoder layer in `build_model` (models/gemma3.py).
 
 Checkpoint names are HF's; q/k/v go into one qkv_proj and gate/up into one gate_up_proj through the merged
 layers' weight_loader hooks.
@@ -31,6 +30,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from pagellm.arch_config import ArchConfig
 from pagellm.attention import Attention, AttentionMetadata
 from pagellm.attention.fp8_kv import load_kv_scale
 from pagellm.distributed.parallel_state import get_pp_group, pp_layer_range
@@ -57,25 +57,6 @@ STACKED_PARAMS = {
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached)$")
 
 
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def sliding_window_of(config: Any) -> Optional[int]:
-    """The attention window the config asks for, or None when attention is full.
-
-    Qwen2/Qwen3 carry a `sliding_window` value but only use it with `use_sliding_window`; Mistral uses it
-    whenever it is set.
-    """
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and all(t == "full_attention" for t in layer_types):
-        return None
-    return int(window)
-
-
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
                  dtype=None, device=None, quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
@@ -91,18 +72,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """qkv_proj -> (optional per-head q/k RMSNorm, Qwen3) -> RoPE -> paged attention -> o_proj."""
+    """qkv_proj -> (optional per-head q/k norm: Qwen3, Gemma 3) -> RoPE -> paged attention -> o_proj.
 
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
+    `layer` picks the layer's attention window (ArchConfig.layer_window); `norm_cls` the q/k norm's kind;
+    `scale` the softmax scale (default head_dim ** -0.5)."""
+
+    def __init__(self, arch: ArchConfig, layer: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
                  dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None,
-                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "") -> None:
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "",
+                 norm_cls: type[nn.Module] = RMSNorm, scale: Optional[float] = None) -> None:
         super().__init__()
-        self.hidden_size = config.hidden_size
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        self.head_dim = head_dim_of(config)
-        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, device,
-                                  quant_config, f"{prefix}.qkv_proj")
+        self.hidden_size = arch.hidden_size
+        num_heads = arch.num_heads
+        self.head_dim = arch.head_dim
+        self.qkv_proj = QKVLinear(self.hidden_size, self.head_dim, num_heads, arch.num_kv_heads, qkv_bias, dtype,
+                                  device, quant_config, f"{prefix}.qkv_proj")
         # This rank's heads (all of them without tensor parallelism).
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -111,13 +95,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, self.hidden_size, o_bias, dtype, device,
                                         quant_config, f"{prefix}.o_proj")
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.q_norm = norm_cls(self.head_dim, arch.rms_norm_eps, dtype, device)
+            self.k_norm = norm_cls(self.head_dim, arch.rms_norm_eps, dtype, device)
         else:
             self.q_norm = self.k_norm = None
-        # One table serves every layer: LlamaModel builds it once and passes it in.
-        self.rotary_emb = rotary_emb if rotary_emb is not None else get_rope(config, self.head_dim, device=device)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, device)
+        # One table per rope serves every layer: LlamaModel builds it once and passes it in.
+        self.rotary_emb = rotary_emb if rotary_emb is not None else get_rope(arch, layer=layer, device=device)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
+                              scale if scale is not None else self.head_dim**-0.5, device,
+                              sliding_window=arch.layer_window(layer))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -139,16 +125,18 @@ def dense_mlp(config: Any, layer_idx: int, dtype=None, device=None,
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None,
-                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "", layer_idx: int = 0,
-                 make_mlp=dense_mlp) -> None:
+    def __init__(self, arch: ArchConfig, layer: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool = False,
+                 qk_norm: bool = False, dtype=None, device=None, rotary_emb: Optional[RotaryEmbedding] = None,
+                 quant_config: Optional[QuantizationConfig] = None, prefix: str = "",
+                 mlp: Optional[nn.Module] = None) -> None:
+        """`mlp`: the feed-forward block when a family's differs (Mixture-of-Experts), else Llama's."""
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, dtype, device, rotary_emb, quant_config,
-                                        f"{prefix}.self_attn")
-        self.mlp = make_mlp(config, layer_idx, dtype, device, quant_config, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(arch, layer, qkv_bias, o_bias, qk_norm, dtype, device, rotary_emb,
+                                        quant_config, f"{prefix}.self_attn")
+        self.mlp = mlp if mlp is not None else LlamaMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act,
+                                                        mlp_bias, dtype, device, quant_config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,26 +151,33 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
-                 dtype=None, device=None, need_embedding: bool = False,
-                 quant_config: Optional[QuantizationConfig] = None, make_mlp=dense_mlp) -> None:
+    """Embedding -> decoder layers -> final norm. `make_layer(layer, rotary_emb, prefix)` builds one decoder
+    layer (a family that differs in a block passes its own); `norm_cls` is the final norm's kind."""
+
+    def __init__(self, arch: ArchConfig, make_layer, dtype=None, device=None, need_embedding: bool = False,
+                 norm_cls: type[nn.Module] = RMSNorm) -> None:
         super().__init__()
         pp = get_pp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
+        self.start_layer, self.end_layer = pp_layer_range(arch.num_layers)
         if self.is_first_stage or need_embedding:
-            self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+            self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype, device)
         else:
             self.embed_tokens = PPMissingLayer()
-        self.rotary_emb = get_rope(config, head_dim_of(config), device=device)
+        # One rotary table per layer type (full layers first: rope_freqs factors apply to them).
+        self.rotary_emb = get_rope(arch, device=device)
+        ropes = {"full_attention": self.rotary_emb}
+        for i, kind in enumerate(arch.layer_types):
+            if kind not in ropes:
+                ropes[kind] = get_rope(arch, layer=i, device=device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, dtype, device, self.rotary_emb, quant_config,
-                              f"model.layers.{i}", i, make_mlp)
+            make_layer(i, ropes[arch.layer_types[i]], f"model.layers.{i}")
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
-            for i in range(config.num_hidden_layers)
+            for i in range(arch.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device) if self.is_last_stage \
+        self.norm = norm_cls(arch.hidden_size, arch.rms_norm_eps, dtype, device) if self.is_last_stage \
             else PPMissingLayer()
+        self.embed_scale: Optional[float] = None  # Gemma multiplies the embeddings by sqrt(hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
@@ -190,6 +185,8 @@ class LlamaModel(nn.Module):
         """kv_caches: one per layer of this stage. `intermediate`: the previous stage's output (later stages)."""
         if intermediate is None:
             hidden = self.embed_tokens(input_ids)
+            if self.embed_scale is not None:
+                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
             residual = None
         else:
             hidden, residual = intermediate.hidden, intermediate.residual
@@ -205,27 +202,40 @@ class LlamaForCausalLM(nn.Module):
     """Llama 2/3/3.1, SmolLM2 (and, by subclass, Mistral and Qwen2)."""
 
     qk_norm = False
-    make_mlp = staticmethod(dense_mlp)  # (config, layer_idx, dtype, device, quant_config, prefix) -> module
+    # A family whose feed-forward differs (MoE): (config, layer_idx, dtype, device, quant_config, prefix) -> module.
+    make_mlp = None
 
     def __init__(self, config: Any, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device | str] = None,
                  quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
+        self.arch = arch = ArchConfig.from_hf(config)
         dtype = dtype or torch.get_default_dtype()
-        qkv_bias, o_bias = self.attention_biases(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = arch.tie_word_embeddings
         last_stage = get_pp_group().is_last_rank
-        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm, dtype, device,
-                                need_embedding=self.tie_word_embeddings and last_stage, quant_config=quant_config,
-                                make_mlp=self.make_mlp)
+        self.model = self.build_model(arch, dtype, device, quant_config,
+                                      need_embedding=self.tie_word_embeddings and last_stage)
         if last_stage:
-            self.lm_head = LMHead(config.hidden_size, config.vocab_size, dtype, device,
+            self.lm_head = LMHead(arch.hidden_size, arch.vocab_size, dtype, device,
                                   tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)
         else:
             self.lm_head = PPMissingLayer()
         # Checkpoint names under these prefixes belong to other pipeline stages: skipped, never read.
         self._other_stages = tuple(name + "." for name, m in self.named_modules() if isinstance(m, PPMissingLayer))
+
+    def build_model(self, arch: ArchConfig, dtype, device, quant_config, need_embedding: bool) -> nn.Module:
+        """The decoder stack; a family whose layers differ overrides this (or only `make_layer`)."""
+        qkv_bias, o_bias = self.attention_biases(self.config)
+        mlp_bias = bool(getattr(self.config, "mlp_bias", False))
+
+        def make_layer(i: int, rotary_emb: RotaryEmbedding, prefix: str) -> nn.Module:
+            mlp = (self.make_mlp(self.config, i, dtype, device, quant_config, f"{prefix}.mlp")
+                   if self.make_mlp is not None else None)
+            return LlamaDecoderLayer(arch, i, qkv_bias, o_bias, mlp_bias, self.qk_norm, dtype, device, rotary_emb,
+                                     quant_config, prefix, mlp)
+
+        return LlamaModel(arch, make_layer, dtype, device, need_embedding)
 
     @staticmethod
     def attention_biases(config: Any) -> tuple[bool, bool]:
@@ -319,8 +329,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: Llama's layers. A sliding window is only accepted when it covers max_model_len (see
-    loader.load_model), so full attention computes the same thing."""
+    """Mistral: Llama's layers, each with the config's sliding window (when it sets one)."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

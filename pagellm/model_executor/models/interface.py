@@ -1,0 +1,33 @@
+"""The interface every model class follows: what the model runner, the loader and the pipeline stages call.
+
+Constructor: `cls(config, dtype=None, device=None, quant_config=None)`, with `config` the transformers config
+(the class reads its facts through pagellm.arch_config.ArchConfig); parameters are built uninitialized on the
+device in `dtype` and filled by `load_weights`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Protocol, runtime_checkable
+
+import torch
+
+from pagellm.attention import AttentionMetadata
+from pagellm.model_executor.models.utils import IntermediateTensors
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                ) -> torch.Tensor | IntermediateTensors:
+        """input_ids, positions [T]; one paged KV cache per layer of this pipeline stage. Returns the final
+        hidden states [T, H] (after the final norm), or, on a stage that is not last, IntermediateTensors."""
+        ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, vocab] in float32 (soft-capped where the family does)."""
+        ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into the parameters; returns the names of the parameters filled."""
+        ...

@@ -23,7 +23,8 @@ if triton is not None:
 
     @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, slot_ptr, u_ptr, T, K, R, stride_xt, stride_al, stride_ar, stride_ut,
-                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr):
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
@@ -40,13 +41,14 @@ if triton is not None:
                                 mask=sel[:, None] & (kk[None, :] < K), other=0.0)
                     a = tl.load(a_ptr + s * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
                                 mask=r_mask[None, :] & (kk[:, None] < K), other=0.0)
-                    acc += tl.dot(x, a)
+                    acc += tl.dot(x, a, input_precision=PRECISION)
         tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :], acc,
                  mask=t_mask[:, None] & r_mask[None, :])
 
     @triton.jit
     def _expand_kernel(u_ptr, b_ptr, slot_ptr, y_ptr, T, N, R, stride_ut, stride_bl, stride_bn, stride_yt,
-                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PRECISION: tl.constexpr):
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
@@ -63,11 +65,16 @@ if triton is not None:
                 b = tl.load(b_ptr + s * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None],
                             mask=n_mask[None, :] & r_mask[:, None], other=0.0)
                 us = tl.where(sel[:, None], u, 0.0).to(b.dtype)
-                acc += tl.dot(us, b)
+                acc += tl.dot(us, b, input_precision=PRECISION)
         y_mask = (t_mask & (slots >= 0))[:, None] & n_mask[None, :]
         y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0)
         tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 weights get float32 dots (a float32 engine matches transformers), not TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -85,7 +92,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
     block_r = min(64, _pow2(r))
     grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r))
     _shrink_kernel[grid](x, a, slots, u, t, k, r, x.stride(0), a.stride(0), a.stride(1), u.stride(0),
-                         L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64)
+                         L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64, PRECISION=_precision(x.dtype))
     return u
 
 
@@ -99,5 +106,5 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch
         raise ValueError("lora_expand_: the output must be contiguous in its last dim")
     grid = (triton.cdiv(t, 32), triton.cdiv(n, 64))
     _expand_kernel[grid](u, b, slots, y, t, n, r, u.stride(0), b.stride(0), b.stride(1), y.stride(0),
-                         L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r))
+                         L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
     return y

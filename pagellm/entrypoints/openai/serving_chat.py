@@ -146,7 +146,7 @@ class OpenAIServingChat(OpenAIServing):
                        param="tool_choice")
 
     async def create_chat_completion(self, req: ChatCompletionRequest, ticket: Optional[Ticket] = None) -> Any:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         structured, field = req.structured_outputs_params()
         mode, structured_for_tools = self._tool_mode(req, structured)
         if structured_for_tools is not structured:
@@ -169,7 +169,7 @@ class OpenAIServingChat(OpenAIServing):
         if ticket is not None:  # the API key's tokens per minute
             ticket.reserve_for([len(prompt.prompt_token_ids)], params, self.max_model_len)
         stream = await self.engine.add_request(prompt, params, request_id, priority=req.priority, output_kind=kind,
-                                               **engine_kwargs(ticket))
+                                               lora_request=lora, **engine_kwargs(ticket))
         if ticket is not None:
             ticket.track([stream])
         num_prompt = len(prompt.prompt_token_ids)

@@ -81,7 +81,7 @@ class _ChoiceLogprobs:
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest, ticket: Optional[Ticket] = None) -> Any:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         prompts = _prompt_list(req.prompt)  # never empty, at most MAX_PROMPTS_PER_REQUEST: the model checks
         echo_only = req.echo and req.max_tokens == 0
         params = req.to_sampling_params(1 if echo_only else req.max_tokens, self.sampling_defaults)
@@ -102,7 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 streams.append(await self.engine.add_request(
                     prompt, params, f"{request_id}-{i}", priority=req.priority, output_kind=kind,
                     group_id=request_id,  # the prompts of one call share the scheduler's fair share
-                    **engine_kwargs(ticket)))
+                    lora_request=lora, **engine_kwargs(ticket)))
         except BaseException:
             for s in streams:
                 s.abort()

@@ -73,10 +73,13 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         if lora_request is None or isinstance(lora_request, LoRARequest):
             loras = [lora_request] * len(prompt_list)
-        else:
+        elif isinstance(lora_request, (list, tuple)):
             loras = list(lora_request)
             if len(loras) != len(prompt_list):
                 raise ValueError(f"lora_request: {len(loras)} given for {len(prompt_list)} prompts")
+        else:
+            raise ValueError(f"lora_request must be a LoRARequest or a list of them (None: the base model), got "
+                             f"{type(lora_request).__name__}")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8 ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8|lora ...   (any subset, in order)
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
-# kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
+# kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache). lora = lora-tests + lora-bench (issue 17's LoRA).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -89,6 +89,13 @@ print(f"kvfp8 fp8/auto: KV blocks {f['num_blocks']}/{a['num_blocks']} = {f['num_
       f"{f['output_tokens_per_s'] / a['output_tokens_per_s']:.3f}x (target >= 1)")
 PY
       ;;
+    # Issue 17's multi-LoRA: the Triton kernels against torch and the CUDA engine against the CPU engine (lora-tests),
+    # then llama8b-mixed on the base model alone and with 8 random rank-16 adapters mixed in, both in one run
+    # (lora-bench; target >= 0.8x output tokens/s).
+    lora|lora-tests) logged "lora tests" lora-tests.log 420 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/lora/test_triton_lora.py tests/lora/test_lora_cuda.py ;;&
+    lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
+        --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

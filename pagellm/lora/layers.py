@@ -31,18 +31,15 @@ class LoRAStepState:
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, slice_sizes: list[int], max_loras: int, max_rank: int,
-                 state: LoRAStepState) -> None:
+                 state: LoRAStepState, dtype: torch.dtype) -> None:
+        """`dtype`: the model's activations' (a quantized base layer's weights say nothing about it)."""
         super().__init__()
         self.base = base
         self.slice_sizes = list(slice_sizes)
         self.slice_offsets = [sum(slice_sizes[:i]) for i in range(len(slice_sizes))]
         self.max_rank = max_rank
         self.state = state
-        weight_like = next(base.parameters())
-        dtype = weight_like.dtype if weight_like.is_floating_point() else torch.get_default_dtype()
-        if not dtype.is_floating_point or dtype.itemsize == 1:
-            dtype = torch.bfloat16 if weight_like.is_cuda else torch.float32
-        dev = weight_like.device
+        dev = next(base.parameters()).device
         r_total = max_rank * len(slice_sizes)
         self.register_buffer("lora_a", torch.zeros(max_loras, r_total, base.input_size, dtype=dtype, device=dev),
                              persistent=False)

@@ -31,7 +31,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
 class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, num_layers: int, max_tokens: int,
-                 device: torch.device) -> None:
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.num_layers = num_layers
@@ -44,12 +44,12 @@ class LoRAManager:
         self.state = LoRAStepState(torch.full((max_tokens,), -1, dtype=torch.int32, device=device),
                                    use_kernels=use_kernels)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
-        self._wrap(model)
+        self._wrap(model, dtype)
         self.slot_ids: list[Optional[int]] = [None] * max_loras  # lora_int_id held by each slot
         self.lru: "OrderedDict[int, None]" = OrderedDict()  # slots, least recently wanted first
         self.req_slot: dict[str, int] = {}  # request id -> slot (requests with an adapter only)
 
-    def _wrap(self, model: nn.Module) -> None:
+    def _wrap(self, model: nn.Module, dtype: torch.dtype) -> None:
         for name, module in list(model.named_modules()):
             m = _LAYER.search(name)
             if m is None or m.group(2) not in LAYER_SLICES or isinstance(module, LoRALinear):
@@ -57,7 +57,7 @@ class LoRAManager:
             sizes = slice_sizes_of(module)
             if sizes is None or len(sizes) != LAYER_SLICES[m.group(2)]:
                 continue
-            wrapped = LoRALinear(module, sizes, self.max_loras, self.max_rank, self.state)
+            wrapped = LoRALinear(module, sizes, self.max_loras, self.max_rank, self.state, dtype)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, wrapped)
             self.layers[(int(m.group(1)), m.group(2))] = wrapped

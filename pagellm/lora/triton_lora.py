@@ -22,9 +22,9 @@ except ImportError:  # the CPU installs have no triton: layers.py then uses the 
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, u_ptr, T, K, R, stride_xt, stride_al, stride_ar, stride_ut,
-                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, u_ptr, T, K, R, K_PER_SPLIT, USE_ATOMIC, stride_xt, stride_al,
+                       stride_ar, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
@@ -35,15 +35,19 @@ if triton is not None:
         for s in range(0, L):
             sel = slots == s
             if tl.sum(sel.to(tl.int32), axis=0) > 0:
-                for k0 in range(0, K, BLOCK_K):
-                    kk = k0 + offs_k
+                k_start = tl.program_id(2) * K_PER_SPLIT
+                for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+                    kk = k_start + k0 + offs_k
                     x = tl.load(x_ptr + offs_t[:, None] * stride_xt + kk[None, :],
                                 mask=sel[:, None] & (kk[None, :] < K), other=0.0)
                     a = tl.load(a_ptr + s * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
                                 mask=r_mask[None, :] & (kk[:, None] < K), other=0.0)
                     acc += tl.dot(x, a, input_precision=PRECISION)
-        tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :], acc,
-                 mask=t_mask[:, None] & r_mask[None, :])
+        u_ptrs = u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :]
+        if USE_ATOMIC:  # a runtime flag, not a constexpr: one compiled kernel for every batch size
+            tl.atomic_add(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
+        else:
+            tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
 
     @triton.jit
     def _expand_kernel(u_ptr, b_ptr, slot_ptr, y_ptr, T, N, R, stride_ut, stride_bl, stride_bn, stride_yt,
@@ -72,6 +76,9 @@ if triton is not None:
         tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
 
 
+_TARGET_PROGRAMS = 512  # about four programs per SM of an H100/H200
+
+
 def _precision(dtype: torch.dtype) -> str:
     """float32 weights get float32 dots (a float32 engine matches transformers), not TF32."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -86,13 +93,20 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
     t, k = x.shape
     num_loras, r, _ = a.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    u = torch.empty(t, r, dtype=torch.float32, device=x.device)
+    block_r = min(64, _pow2(r))
+    tiles = triton.cdiv(max(t, 1), 32) * triton.cdiv(r, block_r)
+    # Few tokens make few tiles: split the reduction over K too (partial sums added atomically), so that a decode
+    # batch still fills the GPU's SMs. A model's small K (the tests') stays in one split: exact, deterministic.
+    split_k = max(1, min(triton.cdiv(k, 256), triton.cdiv(_TARGET_PROGRAMS, tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), 64) * 64
+    split_k = triton.cdiv(k, k_per_split)
+    u = (torch.zeros if split_k > 1 else torch.empty)(t, r, dtype=torch.float32, device=x.device)
     if t == 0:
         return u
-    block_r = min(64, _pow2(r))
-    grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r))
-    _shrink_kernel[grid](x, a, slots, u, t, k, r, x.stride(0), a.stride(0), a.stride(1), u.stride(0),
-                         L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64, PRECISION=_precision(x.dtype))
+    grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r), split_k)
+    _shrink_kernel[grid](x, a, slots, u, t, k, r, k_per_split, int(split_k > 1), x.stride(0), a.stride(0),
+                         a.stride(1), u.stride(0), L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64,
+                         PRECISION=_precision(x.dtype))
     return u
 
 

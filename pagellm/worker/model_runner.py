@@ -233,7 +233,7 @@ class ModelRunner:
 
             sc = self.config.scheduler_config
             self.lora = LoRAManager(self.model, lc.max_loras, lc.max_lora_rank, self.model_config.num_layers,
-                                    max(sc.max_num_batched_tokens, sc.max_num_seqs), self.device)
+                                    max(sc.max_num_batched_tokens, sc.max_num_seqs), self.device, self.dtype)
         if self.spec is not None:
             self.spec.load()  # a draft model, if any
 

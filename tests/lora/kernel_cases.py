@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-# (tokens, in, out, slices * rank, adapters): decode batches, a prefill, ragged sizes, one adapter
-SHAPES = [(1, 64, 96, 16, 2), (7, 48, 80, 24, 3), (33, 128, 64, 48, 4), (70, 96, 200, 8, 1)]
+# (tokens, in, out, slices * rank, adapters): decode batches, a prefill, ragged sizes, one adapter, and a long
+# input over few tokens (the shrink splits K: partial sums added atomically)
+SHAPES = [(1, 64, 96, 16, 2), (7, 48, 80, 24, 3), (33, 128, 64, 48, 4), (70, 96, 200, 8, 1), (3, 1000, 40, 16, 2)]
 
 
 def reference(x, a, b, slots):

@@ -125,3 +125,21 @@ def test_peft_reads_the_test_adapters_as_the_merged_reference(adapters):
             want = merged_reference(base, path)(ids).logits
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert os.path.isfile(os.path.join(paths["all"], "adapter_model.safetensors"))
+
+
+def test_pipeline_parallel_stages_apply_their_layers_adapters(adapters):
+    """At pipeline_parallel_size=2 each stage's runner holds the adapter slots of its own layers."""
+    base, paths = adapters
+    llm = tiny_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, pipeline_parallel_size=2)
+    try:
+        lora = LoRARequest("all", 1, paths["all"])
+        prompts = [random_prompt(20 + i, 9 + 4 * i) for i in range(4)]
+        loras = [None, lora, None, lora]
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False,
+                            lora_request=loras)
+        refs = {None: merged_reference(base, None), "all": merged_reference(base, paths["all"])}
+        for prompt, l, out in zip(prompts, loras, outs):
+            want = hf_greedy(refs[None if l is None else "all"], prompt["prompt_token_ids"], 6)[0]
+            assert out.outputs[0].token_ids == want
+    finally:
+        llm.shutdown()

@@ -102,10 +102,14 @@ def add_model_routes(app: FastAPI, models: ServingModels) -> None:
             f"The model `{model_id}` does not exist.", 404, "invalid_request_error", "model",
             "model_not_found").response()
 
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=errors)
+    # Success is a line of text (as vLLM answers), an error OpenAI's JSON envelope.
+    text = {200: {"description": "what was done, as text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **errors}
+
+    @app.post("/v1/load_lora_adapter", responses=text)
     async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Any:
         return PlainTextResponse(models.load(request))
 
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=errors)
+    @app.post("/v1/unload_lora_adapter", responses=text)
     async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Any:
         return PlainTextResponse(models.unload(request))

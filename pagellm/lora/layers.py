@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pagellm.lora.triton_lora import lora_expand_, lora_shrink  # usable only where triton is (CUDA)
+
 
 @dataclass
 class LoRAStepState:
@@ -69,8 +71,6 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         state = self.state
         if state.use_kernels:
-            from pagellm.lora.triton_lora import lora_expand_, lora_shrink
-
             slots = state.token_slots[: x.shape[0]]
             return lora_expand_(y, lora_shrink(x, self.lora_a, slots), self.lora_b, slots)
         for slot, start, end in state.runs:

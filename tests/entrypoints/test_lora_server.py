@@ -62,6 +62,7 @@ def test_models_listed_and_chosen_by_model_field(lora_setup):
     refs = {name: merged_reference(base, None if name == "tiny" else paths[name]) for name in set(names)}
     for name, prompt, answer in zip(names, prompts, answers):
         assert _tokens(answer.choices[0]) == hf_greedy(refs[name], prompt, MAX_TOKENS)[0], name
+        assert answer.model == name  # the adapter's name, as vLLM answers
 
     # chat and completions share the lookup: an unknown model is a 404 naming the field
     with pytest.raises(openai.NotFoundError) as e:

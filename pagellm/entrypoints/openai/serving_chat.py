@@ -202,7 +202,7 @@ class OpenAIServingChat(OpenAIServing):
                 finish_reason=mode.finish_reason(c.finish_reason, bool(calls)), stop_reason=c.stop_reason,
             ))
         response = ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=choices,
+            id=request_id, created=created, model=self.response_model(req.model), choices=choices,
             usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                             total_tokens=num_prompt + completion_tokens),
             prompt_logprobs=None if req.prompt_logprobs is None or final.prompt_logprobs is None
@@ -243,7 +243,7 @@ class OpenAIServingChat(OpenAIServing):
                 usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                                   total_tokens=num_prompt + completion_tokens)
             return sse(ChatCompletionStreamResponse(
-                id=request_id, created=created, model=self.model_name, usage=usage,
+                id=request_id, created=created, model=self.response_model(req.model), usage=usage,
                 choices=[ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs,
                                                     finish_reason=finish_reason, stop_reason=stop_reason)],
             ))
@@ -318,7 +318,7 @@ class OpenAIServingChat(OpenAIServing):
                                     stop_reason=c.stop_reason)
             if include_usage:
                 yield sse(ChatCompletionStreamResponse(
-                    id=request_id, created=created, model=self.model_name, choices=[],
+                    id=request_id, created=created, model=self.response_model(req.model), choices=[],
                     usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                                     total_tokens=num_prompt + completion_tokens),
                 ))

@@ -185,6 +185,10 @@ class OpenAIServing:
         """The LoRA adapter the request's `model` names, None for the base model (404 for an unknown name)."""
         return self.models.resolve(model)
 
+    def response_model(self, model: Optional[str]) -> str:
+        """The `model` a response names: the adapter the request asked for, else the base model (as vLLM)."""
+        return model if model is not None and model in self.models.adapters else self.model_name
+
     def _need_tokenizer(self, field: str) -> Any:
         if self.tokenizer is None:
             raise APIError(f"{field}: the server runs without a tokenizer (--skip-tokenizer-init): "

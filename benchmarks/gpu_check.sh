@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep ...
+#   benchmarks/gpu_check.sh tests|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -10,6 +10,7 @@
 # pagellm's own Qwen3 on the same dummy weights).
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
+# lora = lora-tests + lora-bench (issue 17's LoRA).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -136,6 +137,13 @@ PY
         logged "qwen3moe-mixed 2 GPUs $mode" "moe-$mode.log" 280 '^pagellm ' "${BENCH[@]}" throughput \
           --workload qwen3moe-mixed --peer none -tp 2 "${epflag[@]}" --output-json "$OUT/qwen3moe-mixed-$mode.json"
       done ;;
+    # Issue 17's multi-LoRA: the Triton kernels against torch and the CUDA engine against the CPU engine (lora-tests),
+    # then llama8b-mixed on the base model alone and with 8 random rank-16 adapters mixed in, both in one run
+    # (lora-bench; target >= 0.8x output tokens/s).
+    lora|lora-tests) logged "lora tests" lora-tests.log 420 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/lora/test_triton_lora.py tests/lora/test_lora_cuda.py ;;&
+    lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
+        --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

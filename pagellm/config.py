@@ -254,3 +254,4 @@ class EngineConfig:
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     speculative_config: Optional[SpeculativeConfig] = None
+    lora_config: Optional[Any] = None  # pagellm.lora.config.LoRAConfig when LoRA is enabled

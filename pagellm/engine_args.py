@@ -82,6 +82,12 @@ _HELP = {
     "model_impl": "which implementation runs the model: auto (pagellm's own when it has the architecture, else "
     "the transformers fallback: transformers' modules with pagellm's paged attention; one device, float weights, "
     "no CUDA graphs), pagellm, or transformers (the fallback even for an architecture pagellm has)",
+    "enable_lora": "serve LoRA adapters (PEFT folders: adapter_config.json + adapter_model.safetensors) on the "
+    "q/k/v/o and gate/up/down projections; requests for different adapters share a batch",
+    "lora_modules": "an adapter served from the start, as name=path (repeatable); a request picks it by its "
+    "model field (server) or LoRARequest (LLM)",
+    "max_loras": "adapters one batch may use at once (each holds a slot of max_lora_rank on the device)",
+    "max_lora_rank": "largest adapter rank served (8, 16, 32, 64, ...); a higher-rank adapter is refused",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -121,6 +127,10 @@ class EngineArgs:
     enable_chunked_prefill: Optional[bool] = None
     runner: str = "auto"
     model_impl: str = "auto"
+    enable_lora: bool = False
+    lora_modules: Optional[Any] = None  # list of "name=path" (CLI, LLM) or {name: path} (LLM)
+    max_loras: int = 1
+    max_lora_rank: int = 16
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -179,6 +189,11 @@ class EngineArgs:
                             help=_HELP["distributed_step_timeout"])
         parser.add_argument("--speculative-config", default=None, help=_HELP["speculative_config"])
         parser.add_argument("--quantization", "-q", default=None, help=_HELP["quantization"])
+        parser.add_argument("--enable-lora", action="store_true", help=_HELP["enable_lora"])
+        parser.add_argument("--lora-modules", action="append", default=None, metavar="NAME=PATH",
+                            help=_HELP["lora_modules"])
+        parser.add_argument("--max-loras", type=int, default=defaults.max_loras, help=_HELP["max_loras"])
+        parser.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank, help=_HELP["max_lora_rank"])
         return parser
 
     @classmethod
@@ -196,7 +211,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_loras",
+                     "max_lora_rank"):
             positive(name, getattr(self, name))
         if not (isinstance(self.distributed_step_timeout, (int, float)) and self.distributed_step_timeout > 0):
             raise ValueError(f"distributed_step_timeout must be a positive number of seconds, got "
@@ -339,7 +355,25 @@ class EngineArgs:
         scheduler_config.async_scheduling = (on_cuda and parallel_config.pipeline_parallel_size == 1
                                              if async_scheduling is None else async_scheduling)
         return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config,
-                            speculative_config)
+                            speculative_config, self._lora_config(parallel_config, speculative_config))
+
+    def _lora_config(self, parallel: ParallelConfig, speculative: Optional[SpeculativeConfig]) -> Any:
+        """The LoRA limits, or None without enable_lora (adapters named without it are an error)."""
+        from pagellm.lora.adapter import read_adapter_config
+        from pagellm.lora.config import LoRAConfig, parse_lora_modules
+
+        modules = parse_lora_modules(self.lora_modules)
+        if not self.enable_lora:
+            if modules:
+                raise ValueError("lora_modules: adapters need enable_lora (--enable-lora)")
+            return None
+        if parallel.tensor_parallel_size > 1:
+            raise ValueError("enable_lora: LoRA runs with tensor_parallel_size 1 for now")
+        if speculative is not None:
+            raise ValueError("enable_lora: LoRA and speculative_config do not run together yet")
+        for m in modules:
+            read_adapter_config(m.lora_path, self.max_lora_rank)  # missing files, rank above max: fail at start
+        return LoRAConfig(self.max_loras, self.max_lora_rank, modules)
 
 
 def check_fallback_options(args: EngineArgs, on_cuda: bool) -> None:

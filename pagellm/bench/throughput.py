@@ -42,6 +42,10 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         "(same engine, runs alternated; no peer) and print the ratio")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternated runs of each (--structured-output); the best of each is reported")
+    parser.add_argument("--lora-adapters", type=int, default=0, metavar="N",
+                        help="time the workload on the base model alone and with N random LoRA adapters mixed in "
+                        "(request i runs adapter i mod N; both in this run, no peer) and print the ratio")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the --lora-adapters adapters")
     EngineArgs.add_cli_args(parser)
 
 
@@ -219,6 +223,27 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"  (runs: {', '.join(f'{t:.1f}' for t in ab[name]['all_seconds'])} s)")
         print(f"json schema / plain, output tokens/s: {ab['json_over_plain']:.3f} "
               f"(grammar compile {ab['grammar_compile_seconds'] * 1000:.0f} ms, once, cached)")
+        if tmp is not None:
+            tmp.cleanup()
+        if args.output_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            with open(args.output_json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
+
+    if getattr(args, "lora_adapters", 0):
+        from pagellm.bench.lora_bench import run_lora_ab
+
+        ab = run_lora_ab(engine_kwargs, requests, load_hf_config(source), args.lora_adapters, args.lora_rank)
+        results = {"workload": wl.name, "num_requests": len(requests), "input_tokens": num_in,
+                   "output_tokens": num_out, "device": torch.cuda.get_device_name() if device.startswith("cuda")
+                   else "cpu", "lora": ab}
+        print(f"\nworkload {wl.name}: {len(requests)} requests, {num_in} input / {num_out} output tokens, "
+              f"{results['device']}")
+        for name in ("base", "lora_mixed", "lora_engine_base_requests"):
+            print(f"{name:<28} {ab[name]['seconds']:7.1f} s  {ab[name]['output_tokens_per_s']:9.1f} out tok/s")
+        print(f"lora ({ab['adapters']} adapters, rank {ab['rank']}) / base, output tokens/s: "
+              f"{ab['lora_over_base']:.3f}")
         if tmp is not None:
             tmp.cleanup()
         if args.output_json:

@@ -11,6 +11,7 @@ import time
 from typing import Any, Iterable, Optional, Union
 
 from pagellm.core.block_pool import BlockHash, hash_block_tokens
+from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
 
@@ -53,6 +54,7 @@ class Request:
         priority: int = 0,
         cache_salt: Optional[str] = None,
         group_id: Optional[str] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         self.request_id = request_id
         # The user request this sequence is part of (the n sequences of one request, the prompts of one
@@ -64,8 +66,10 @@ class Request:
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.queued_at = time.monotonic()  # when this process got it (queue times are measured from here)
         self.priority = priority  # lower is served first; ties by arrival_time
-        # Anything besides the token ids that changes the KV (cache salt, LoRA): part of every block hash.
-        self.extra_keys: Any = cache_salt
+        # Anything besides the token ids that changes the KV (cache salt, LoRA adapter): part of every block hash,
+        # so two adapters (or an adapter and the base) never share a block.
+        self.lora_request = lora_request
+        self.extra_keys: Any = cache_salt if lora_request is None else (cache_salt, lora_request.cache_key)
 
         self.status = RequestStatus.WAITING
         self.stop_reason: Union[int, str, None] = None

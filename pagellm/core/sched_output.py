@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import msgspec
 
+from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
 
@@ -34,6 +35,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     num_computed_tokens: int  # position of this step's first token; tokens before it are in the KV cache
     num_scheduled_tokens: int
     output_token_ids: list[int] = []  # a resumed request's tokens so far (the prompt's continuation)
+    lora_request: Optional[LoRARequest] = None  # its adapter (None: the base model)
 
 
 class CachedRequestData(msgspec.Struct, array_like=True):

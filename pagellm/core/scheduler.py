@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from pagellm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagellm.core.request import Request, RequestStatus
@@ -76,7 +76,7 @@ PROMPT_LOGPROBS_SHARE = 8
 
 class Scheduler:
     def __init__(self, scheduler_config: "SchedulerConfig", cache_config: "CacheConfig",
-                 speculative_config: Optional["SpeculativeConfig"] = None) -> None:
+                 speculative_config: Optional["SpeculativeConfig"] = None, lora_config: Any = None) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         if scheduler_config.policy not in ("fcfs", "priority"):
@@ -84,6 +84,7 @@ class Scheduler:
         if cache_config.num_blocks is None:
             raise ValueError("cache_config.num_blocks must be set before the scheduler is built")
         self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_loras: Optional[int] = None if lora_config is None else lora_config.max_loras
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_model_len = scheduler_config.max_model_len
         self.block_size = cache_config.block_size
@@ -342,6 +343,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting.peek()
+            if not self._lora_fits(request):
+                break  # its adapter waits for a slot: running requests use max_loras others
             first_time = request.num_cached_tokens < 0
             if request.sampling_params.prompt_logprobs is None:
                 hits, num_hit = kvm.get_computed_blocks(request, count_stats=False)
@@ -449,6 +452,14 @@ class Scheduler:
             k = min(k, max_tokens - request.num_output_tokens - 1)
         return drafts[:k] if k > 0 else []
 
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether the request's adapter can run beside the running requests' (at most max_loras at once)."""
+        lora = request.lora_request
+        if lora is None or self.max_loras is None:
+            return True
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        return lora.lora_int_id in running or len(running) < self.max_loras
+
     def _add_to_output(self, out: SchedulerOutput, request: Request, n: int, ahead: bool,
                        drafts: Optional[list[int]] = None) -> None:
         """Put one scheduled request in the step message, as a delta where the runner holds it already; then
@@ -461,6 +472,7 @@ class Scheduler:
                 req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling_params=request.sampling_params, block_ids=list(block_ids), num_computed_tokens=start,
                 num_scheduled_tokens=n, output_token_ids=list(request.output_token_ids),
+                lora_request=request.lora_request,
             ))
             assert not drafts, "drafts are only verified by a request the runner holds"
             request.runner_holds = True

@@ -33,6 +33,7 @@ from pagellm.engine.core_messages import CoreStats, Outputs
 from pagellm.engine.dp_router import DPRouter
 from pagellm.engine.output_processor import OutputKind, OutputProcessor
 from pagellm.engine.processor import ProcessedPrompt, Processor, PromptType
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -107,7 +108,8 @@ class AsyncLLM:
         mc = self.config.model_config
         self.model_config = mc
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.source, mc.tokenizer)
-        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source), work_caps)
+        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source), work_caps,
+                                   self.config.lora_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_queued_requests = max_queued_requests
         self.max_num_seqs = self.config.scheduler_config.max_num_seqs
@@ -248,6 +250,7 @@ class AsyncLLM:
         cache_salt: Optional[str] = None,
         key_name: Optional[str] = None,
         group_id: Optional[str] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> "RequestStream":
         """Validate and submit a request now; iterate the returned stream for its outputs. `group_id`: the
         user request it is part of, for the scheduler's fairness (default: its own id).
@@ -267,7 +270,7 @@ class AsyncLLM:
             raise ValueError("priority: the server must run with --scheduling-policy priority to use priorities")
         requests = self.processor.make_requests(request_id, processed, params, priority=priority,
                                                 strict_max_tokens=True, cache_salt=cache_salt,
-                                                group_id=group_id)
+                                                group_id=group_id, lora_request=lora_request)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.check_admission(params.num_sequences)  # tokenizing may have awaited

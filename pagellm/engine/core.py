@@ -37,7 +37,8 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()  # no worker processes left behind
             raise
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.speculative_config)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.speculative_config,
+                                   config.lora_config)
         # Pipeline parallelism: up to one batch per stage in flight, so that no stage idles (micro-batches).
         pp = config.parallel_config.pipeline_parallel_size
         self.max_batches_in_flight = pp
@@ -55,7 +56,7 @@ class EngineCore:
         check_request(req, self.limits)
         request = Request(req.request_id, req.prompt_token_ids, req.params(), req.eos_token_id,
                           arrival_time=req.arrival_time, priority=req.priority, cache_salt=req.cache_salt,
-                          group_id=req.group_id)
+                          group_id=req.group_id, lora_request=req.lora_request)
         structured = request.sampling_params.structured_outputs
         if structured is None:
             self.scheduler.add_request(request)

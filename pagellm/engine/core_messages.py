@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import msgspec
 
 from pagellm.core.sched_output import EngineCoreOutput
+from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
 
@@ -39,6 +40,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", omit_defaults=True):
     # The user request it belongs to (the n sequences of one request, the prompts of one /v1/completions call):
     # the scheduler shares seats fairly between groups. None: its own group.
     group_id: Optional[str] = None
+    lora_request: Optional[LoRARequest] = None  # the adapter it runs with (None: the base model)
 
     def params(self) -> SamplingParams:
         """The sampling parameters with the resolved stop ids in place."""

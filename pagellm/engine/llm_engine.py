@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 from pagellm.config import EngineConfig
 from pagellm.engine.core import EngineCore
 from pagellm.engine.output_processor import OutputKind, OutputProcessor
 from pagellm.engine.processor import Processor, PromptType
+from pagellm.lora.request import LoRARequest
 from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -22,7 +23,8 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc.source, mc.tokenizer)
-        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source))
+        self.processor = Processor(mc, self.tokenizer, load_generation_eos_ids(mc.source),
+                                   lora_config=config.lora_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.core = EngineCore(config, self.tokenizer)
         self._ids = itertools.count()
@@ -41,12 +43,14 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         output_kind: OutputKind = OutputKind.FINAL_ONLY,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         """Validates first (ValueError naming the field), so a bad request never reaches the core."""
         if self.config.scheduler_config.policy != "priority" and priority != 0:
             raise ValueError("priority: set scheduling_policy='priority' to use request priorities")
         processed = self.processor.tokenize_prompt(prompt)
-        requests = self.processor.make_requests(request_id, processed, params, priority=priority)
+        requests = self.processor.make_requests(request_id, processed, params, priority=priority,
+                                                lora_request=lora_request)
         self.output_processor.add_request(request_id, processed, params, output_kind)
         try:
             for request in requests:

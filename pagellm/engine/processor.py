@@ -21,6 +21,8 @@ from pagellm.engine.admission import (
     wrap_seed,
 )
 from pagellm.engine.core_messages import EngineCoreRequest
+from pagellm.lora.adapter import read_adapter_config
+from pagellm.lora.request import LoRARequest
 from pagellm.model_executor.loader.source import resolve_eos_token_id
 from pagellm.sampling_params import SamplingParams, check_text
 
@@ -41,9 +43,11 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 class Processor:
     def __init__(self, model_config: ModelConfig, tokenizer: Any, eos_token_ids: Optional[set[int]] = None,
-                 work_caps: Optional[WorkCaps] = None) -> None:
-        """`work_caps`: a server's caps on one user request (check_work); none by default."""
+                 work_caps: Optional[WorkCaps] = None, lora_config: Any = None) -> None:
+        """`work_caps`: a server's caps on one user request (check_work); none by default. `lora_config`: the
+        engine's LoRA limits (None: LoRA off, requests with an adapter are refused)."""
         self.model_config = model_config
+        self.lora_config = lora_config
         self.limits = RequestLimits.from_model_config(model_config)
         self.work_caps = work_caps or WorkCaps()
         self.tokenizer = tokenizer
@@ -82,6 +86,17 @@ class Processor:
         """The work caps on one user request, all its prompts at once (ValueError naming the field)."""
         check_request_work([len(p.prompt_token_ids) for p in prompts], params, self.work_caps, self.limits)
 
+    def check_lora(self, lora_request: Optional[LoRARequest]) -> None:
+        """The adapter can be served: LoRA on, its folder complete, its rank within max_lora_rank."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.lora_config is None:
+            raise ValueError("lora_request: LoRA is not enabled (start the engine with enable_lora=True / "
+                             "--enable-lora)")
+        read_adapter_config(lora_request.lora_path, self.lora_config.max_lora_rank)
+
     def make_requests(
         self,
         request_id: str,
@@ -92,6 +107,7 @@ class Processor:
         strict_max_tokens: bool = False,
         cache_salt: Optional[str] = None,
         group_id: Optional[str] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> list[EngineCoreRequest]:
         """One engine-core request per sequence (they share the prompt's KV blocks through the prefix cache),
         each passed through the admission check that the core runs too. The sequences form one group for the
@@ -120,6 +136,7 @@ class Processor:
             from pagellm.structured_output import validate_structured_outputs
 
             validate_structured_outputs(params.structured_outputs)
+        self.check_lora(lora_request)
         arrival_time = time.time() if arrival_time is None else arrival_time
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
@@ -146,6 +163,7 @@ class Processor:
                 priority=priority,
                 cache_salt=cache_salt,
                 group_id=request_id if group_id is None else group_id,
+                lora_request=lora_request,
             )
             check_request(req, limits)
             requests.append(req)

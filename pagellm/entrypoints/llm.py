@@ -1,7 +1,7 @@
 """LLM: the offline entry point. `LLM(model).generate(prompts, params)` runs all prompts to completion.
 
 Its calls follow vLLM's LLM (generate, chat, get_default_sampling_params, get_tokenizer), so that vLLM code runs
-unchanged where pagellm has the feature, and fails with a clear error where it has not (LoRA)."""
+unchanged where pagellm has the feature, and fails with a clear error where it has not."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.processor import PromptType
 from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.engine_args import EngineArgs
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -60,15 +61,25 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
-        lora_request: Any = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
         priority: Optional[Sequence[int]] = None,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in the order of the prompts.
 
-        A prompt that fails validation raises before any prompt is queued, so nothing is left half-submitted.
+        `lora_request`: one adapter for every prompt, or one per prompt (None: the base model); the engine needs
+        enable_lora. A prompt that fails validation raises before any prompt is queued, so nothing is left
+        half-submitted.
         """
-        _refuse_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompt_list)
+        elif isinstance(lora_request, (list, tuple)):
+            loras = list(lora_request)
+            if len(loras) != len(prompt_list):
+                raise ValueError(f"lora_request: {len(loras)} given for {len(prompt_list)} prompts")
+        else:
+            raise ValueError(f"lora_request must be a LoRARequest or a list of them (None: the base model), got "
+                             f"{type(lora_request).__name__}")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -85,7 +96,8 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
                 request_id = engine.next_request_id()
-                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0,
+                                   lora_request=loras[i])
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)
@@ -120,7 +132,7 @@ class LLM:
         messages: Union[ChatMessages, Sequence[ChatMessages]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
-        lora_request: Any = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
         chat_template: Optional[str] = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -132,7 +144,6 @@ class LLM:
         `tools` reach the template (written into the system message in the Hermes format when the template does
         not read them); `chat_template_kwargs` are more template variables (e.g. enable_thinking);
         `continue_final_message` continues the last (assistant) message instead of starting a new one."""
-        _refuse_lora(lora_request)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -142,10 +153,5 @@ class LLM:
             ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message,
                               tools, chat_template_kwargs)
             prompts.append({"prompt_token_ids": ids})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
-
-def _refuse_lora(lora_request: Any) -> None:
-    """vLLM code passes lora_request=None freely; an adapter is refused until pagellm serves LoRA."""
-    if lora_request is not None:
-        raise ValueError("lora_request: LoRA adapters are not supported yet (pass lora_request=None)")

@@ -30,7 +30,7 @@ the device, so that every rank has each request's last token.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -186,6 +186,7 @@ class ModelRunner:
         fp8_kv.check_device_supports(self.kv_cache_dtype, device)
         self.block_size = config.cache_config.block_size
         self.model: Optional[torch.nn.Module] = None
+        self.lora: Any = None  # LoRAManager with enable_lora (set in load_model)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         # The last stage computes logits; its tensor-parallel rank 0 (the driver) samples and answers.
@@ -226,6 +227,13 @@ class ModelRunner:
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.device)
+        lc = self.config.lora_config
+        if lc is not None:  # before memory profiling: the adapter slots are part of the weights' memory
+            from pagellm.lora.manager import LoRAManager
+
+            sc = self.config.scheduler_config
+            self.lora = LoRAManager(self.model, lc.max_loras, lc.max_lora_rank, self.model_config.num_layers,
+                                    max(sc.max_num_batched_tokens, sc.max_num_seqs), self.device, self.dtype)
         if self.spec is not None:
             self.spec.load()  # a draft model, if any
 
@@ -439,6 +447,8 @@ class ModelRunner:
     def execute_model_async(self, sched: SchedulerOutput) -> PendingOutput:
         """Launch the step; nothing here waits for the device (unless a sampling option needs a host-side
         decision, like top-p's fallback check)."""
+        if self.lora is not None:
+            self.lora.update(sched)
         step = self.batch.apply(sched)
         if step.num_reqs == 0:
             return PendingOutput()
@@ -453,6 +463,8 @@ class ModelRunner:
             if padded is not None and (not self.verify_graphs or step.num_reqs <= self.verify_graph_sizes[-1]):
                 return self._launch_padded_verify(step, sched, padded)
         graph_bs = self._graph_size(step)
+        if self.lora is not None:
+            self.lora.set_step(step.req_ids, step.q_lens, graph_bs)
         input_ids, positions, meta = self._upload_inputs(step, pad_to=graph_bs)
         self._fill_from_device(input_ids, step)
         sample = step.sample

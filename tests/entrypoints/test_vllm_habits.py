@@ -12,6 +12,7 @@ import pytest
 from pagellm import GuidedDecodingParams, SamplingParams
 from pagellm.engine_args import EngineArgs
 from pagellm.inputs import TextPrompt, TokensPrompt
+from pagellm.lora.request import LoRARequest
 
 GENERATION_CONFIG = {"temperature": 0.0, "top_p": 0.9, "top_k": 7, "repetition_penalty": 1.1,
                      "max_new_tokens": 5, "do_sample": True, "eos_token_id": 2}
@@ -190,8 +191,10 @@ def test_guided_decoding_and_lora_request(llm):
     assert all(o.outputs[0].text in choices for o in outs)
     with pytest.raises(ValueError, match="guided_decoding: set structured_outputs or guided_decoding"):
         SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
-    with pytest.raises(ValueError, match="lora_request: LoRA adapters are not supported yet"):
+    with pytest.raises(ValueError, match="lora_request must be a LoRARequest"):
         llm.generate(["hello"], lora_request=object())
+    with pytest.raises(ValueError, match="lora_request: LoRA is not enabled"):
+        llm.generate(["hello"], lora_request=LoRARequest("a", 1, "/nowhere"))
 
 
 # ---- chat ----

@@ -43,8 +43,6 @@ from pagellm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
-    ModelCard,
-    ModelList,
     TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
@@ -52,6 +50,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponseStore, add_routes
+from pagellm.entrypoints.openai.serving_models import ServingModels, add_model_routes
 from pagellm.entrypoints.openai.serving_engine import (
     APIError,
     error_body,
@@ -268,10 +267,11 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
     model_name = engine.served_model_name
     app = FastAPI(title="pagellm OpenAI-compatible API", version=pagellm.__version__,
                   description="OpenAI-compatible completions, chat completions and responses served by pagellm.")
-    completion = OpenAIServingCompletion(engine, model_name, chat_template)
+    models = ServingModels(model_name, engine)  # the base model and its LoRA adapters
+    completion = OpenAIServingCompletion(engine, model_name, chat_template, models=models)
     chat = OpenAIServingChat(engine, model_name, chat_template, enable_auto_tool_choice=enable_auto_tool_choice,
-                             tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
-    tokenization = OpenAIServingTokenization(engine, model_name, chat_template)
+                             tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, models=models)
+    tokenization = OpenAIServingTokenization(engine, model_name, chat_template, models=models)
     app.state.engine = engine
     app.state.server_state = state
 
@@ -331,18 +331,7 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
     add_routes(app, OpenAIServingResponses(chat, ResponseStore() if store_responses else None), TICKET,
                _with_cancellation)
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, root=engine.model_config.model,
-                                         max_model_len=engine.model_config.max_model_len)])
-
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses)
-    async def get_model(model_id: str) -> Any:
-        if model_id != model_name:
-            return error_response(f"The model `{model_id}` does not exist.", 404, "invalid_request_error",
-                                  "model", "model_not_found")
-        return ModelCard(id=model_name, root=engine.model_config.model,
-                         max_model_len=engine.model_config.max_model_len)
+    add_model_routes(app, models)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses)
     async def tokenize(request: TokenizeRequest) -> Any:

@@ -146,7 +146,7 @@ class OpenAIServingChat(OpenAIServing):
                        param="tool_choice")
 
     async def create_chat_completion(self, req: ChatCompletionRequest, ticket: Optional[Ticket] = None) -> Any:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         structured, field = req.structured_outputs_params()
         mode, structured_for_tools = self._tool_mode(req, structured)
         if structured_for_tools is not structured:
@@ -169,7 +169,7 @@ class OpenAIServingChat(OpenAIServing):
         if ticket is not None:  # the API key's tokens per minute
             ticket.reserve_for([len(prompt.prompt_token_ids)], params, self.max_model_len)
         stream = await self.engine.add_request(prompt, params, request_id, priority=req.priority, output_kind=kind,
-                                               **engine_kwargs(ticket))
+                                               lora_request=lora, **engine_kwargs(ticket))
         if ticket is not None:
             ticket.track([stream])
         num_prompt = len(prompt.prompt_token_ids)
@@ -202,7 +202,7 @@ class OpenAIServingChat(OpenAIServing):
                 finish_reason=mode.finish_reason(c.finish_reason, bool(calls)), stop_reason=c.stop_reason,
             ))
         response = ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=choices,
+            id=request_id, created=created, model=self.response_model(req.model), choices=choices,
             usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                             total_tokens=num_prompt + completion_tokens),
             prompt_logprobs=None if req.prompt_logprobs is None or final.prompt_logprobs is None
@@ -243,7 +243,7 @@ class OpenAIServingChat(OpenAIServing):
                 usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                                   total_tokens=num_prompt + completion_tokens)
             return sse(ChatCompletionStreamResponse(
-                id=request_id, created=created, model=self.model_name, usage=usage,
+                id=request_id, created=created, model=self.response_model(req.model), usage=usage,
                 choices=[ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs,
                                                     finish_reason=finish_reason, stop_reason=stop_reason)],
             ))
@@ -318,7 +318,7 @@ class OpenAIServingChat(OpenAIServing):
                                     stop_reason=c.stop_reason)
             if include_usage:
                 yield sse(ChatCompletionStreamResponse(
-                    id=request_id, created=created, model=self.model_name, choices=[],
+                    id=request_id, created=created, model=self.response_model(req.model), choices=[],
                     usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                                     total_tokens=num_prompt + completion_tokens),
                 ))

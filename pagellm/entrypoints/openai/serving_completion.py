@@ -81,7 +81,7 @@ class _ChoiceLogprobs:
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest, ticket: Optional[Ticket] = None) -> Any:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         prompts = _prompt_list(req.prompt)  # never empty, at most MAX_PROMPTS_PER_REQUEST: the model checks
         echo_only = req.echo and req.max_tokens == 0
         params = req.to_sampling_params(1 if echo_only else req.max_tokens, self.sampling_defaults)
@@ -102,7 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 streams.append(await self.engine.add_request(
                     prompt, params, f"{request_id}-{i}", priority=req.priority, output_kind=kind,
                     group_id=request_id,  # the prompts of one call share the scheduler's fair share
-                    **engine_kwargs(ticket)))
+                    lora_request=lora, **engine_kwargs(ticket)))
         except BaseException:
             for s in streams:
                 s.abort()
@@ -144,6 +144,7 @@ class _Context:
         self.n = n
         self.echo_only = echo_only
         self.created = int(time.time())
+        self.model = serving.response_model(req.model)  # the adapter's name, or the base model's
         self._prompt_texts: dict[int, str] = {}
         self._prompt_lps: dict[int, list] = {}
 
@@ -206,7 +207,7 @@ class _Context:
                     index=i * self.n + c.index, text=text, logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs,
                 ))
-        return CompletionResponse(id=self.request_id, created=self.created, model=self.serving.model_name,
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                   choices=choices, usage=self.usage(completion_tokens))
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
@@ -235,7 +236,7 @@ class _Context:
                     completion_tokens += num_tokens
                     finished[idx] = c.finish_reason is not None
                     chunk = CompletionStreamResponse(
-                        id=self.request_id, created=self.created, model=self.serving.model_name,
+                        id=self.request_id, created=self.created, model=self.model,
                         choices=[CompletionStreamChoice(index=idx, text=text, logprobs=logprobs,
                                                         finish_reason=c.finish_reason,
                                                         stop_reason=c.stop_reason)],
@@ -244,7 +245,7 @@ class _Context:
                     yield sse(chunk)
             if include_usage:
                 yield sse(CompletionStreamResponse(id=self.request_id, created=self.created,
-                                                   model=self.serving.model_name, choices=[],
+                                                   model=self.model, choices=[],
                                                    usage=self.usage(completion_tokens)))
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
             yield sse_error(e)

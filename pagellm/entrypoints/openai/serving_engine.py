@@ -22,6 +22,7 @@ from pagellm.engine.async_llm import (
 from pagellm.engine.processor import ProcessedPrompt
 from pagellm.entrypoints.chat_utils import check_chat_template_kwargs, render_chat, template_text
 from pagellm.entrypoints.openai.protocol import CalledTool, ChatMessage, ErrorInfo, ErrorResponse
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
 from pagellm.sampling_params import check_json_text
 
@@ -166,19 +167,27 @@ async def merge_streams(streams: Sequence[RequestStream]) -> AsyncIterator[tuple
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_name: str, chat_template: Optional[str] = None) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_name: str, chat_template: Optional[str] = None,
+                 models: Any = None) -> None:
+        """`models`: the server's ServingModels (the base and its LoRA adapters), shared by every handler."""
+        from pagellm.entrypoints.openai.serving_models import ServingModels
+
         self.engine = engine
         self.model_name = served_model_name
+        self.models = models if models is not None else ServingModels(served_model_name, engine)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.model_config.max_model_len
         self.chat_template = chat_template
         # The model's default sampling parameters (generation_config.json), for the fields a request leaves out.
         self.sampling_defaults: dict[str, Any] = dict(engine.model_config.sampling_defaults)
 
-    def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(f"The model `{model}` does not exist.", 404, "invalid_request_error", param="model",
-                           code="model_not_found")
+    def check_model(self, model: Optional[str]) -> Optional[LoRARequest]:
+        """The LoRA adapter the request's `model` names, None for the base model (404 for an unknown name)."""
+        return self.models.resolve(model)
+
+    def response_model(self, model: Optional[str]) -> str:
+        """The `model` a response names: the adapter the request asked for, else the base model (as vLLM)."""
+        return model if model is not None and model in self.models.adapters else self.model_name
 
     def _need_tokenizer(self, field: str) -> Any:
         if self.tokenizer is None:

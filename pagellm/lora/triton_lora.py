@@ -1,0 +1,124 @@
+"""Batched LoRA on CUDA: two Triton kernels over a flat batch where every token names its adapter slot.
+
+    shrink:  u[t, :] = x[t, :] @ A[slot[t]]^T          A [L, R, K]  ->  u [T, R] float32
+    expand:  y[t, :] += u[t, :] @ B[slot[t]]^T         B [L, N, R]  (in place on the base layer's output)
+
+A program takes a block of tokens and loops over the adapter slots, doing a tensor-core dot only for the slots
+its tokens use (a request's tokens are contiguous, so a block seldom sees more than one or two). Tokens with
+slot -1 (the base model) get nothing added. Nothing depends on host-side knowledge of the batch, so the
+kernels are captured in the decode CUDA graphs and replay with whatever slots the step wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU installs have no triton: layers.py then uses the torch path
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, u_ptr, T, K, R, K_PER_SPLIT, USE_ATOMIC, stride_xt, stride_al,
+                       stride_ar, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        t_mask = offs_t < T
+        r_mask = offs_r < R
+        slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for s in range(0, L):
+            sel = slots == s
+            if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                k_start = tl.program_id(2) * K_PER_SPLIT
+                for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+                    kk = k_start + k0 + offs_k
+                    x = tl.load(x_ptr + offs_t[:, None] * stride_xt + kk[None, :],
+                                mask=sel[:, None] & (kk[None, :] < K), other=0.0)
+                    a = tl.load(a_ptr + s * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
+                                mask=r_mask[None, :] & (kk[:, None] < K), other=0.0)
+                    acc += tl.dot(x, a, input_precision=PRECISION)
+        u_ptrs = u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :]
+        if USE_ATOMIC:  # a runtime flag, not a constexpr: one compiled kernel for every batch size
+            tl.atomic_add(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
+        else:
+            tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
+
+    @triton.jit
+    def _expand_kernel(u_ptr, b_ptr, slot_ptr, y_ptr, T, N, R, stride_ut, stride_bl, stride_bn, stride_yt,
+                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        t_mask = offs_t < T
+        n_mask = offs_n < N
+        r_mask = offs_r < R
+        slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
+        u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :],
+                    other=0.0)
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for s in range(0, L):
+            sel = slots == s
+            if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                b = tl.load(b_ptr + s * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None],
+                            mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+                us = tl.where(sel[:, None], u, 0.0).to(b.dtype)
+                acc += tl.dot(us, b, input_precision=PRECISION)
+        y_mask = (t_mask & (slots >= 0))[:, None] & n_mask[None, :]
+        y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
+
+
+_TARGET_PROGRAMS = 512  # about four programs per SM of an H100/H200
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 weights get float32 dots (a float32 engine matches transformers), not TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """u [T, R] float32: each token's input through its slot's A (zeros for slot -1)."""
+    t, k = x.shape
+    num_loras, r, _ = a.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    block_r = min(64, _pow2(r))
+    tiles = triton.cdiv(max(t, 1), 32) * triton.cdiv(r, block_r)
+    # Few tokens make few tiles: split the reduction over K too (partial sums added atomically), so that a decode
+    # batch still fills the GPU's SMs. A model's small K (the tests') stays in one split: exact, deterministic.
+    split_k = max(1, min(triton.cdiv(k, 256), triton.cdiv(_TARGET_PROGRAMS, tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), 64) * 64
+    split_k = triton.cdiv(k, k_per_split)
+    u = (torch.zeros if split_k > 1 else torch.empty)(t, r, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return u
+    grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r), split_k)
+    _shrink_kernel[grid](x, a, slots, u, t, k, r, k_per_split, int(split_k > 1), x.stride(0), a.stride(0),
+                         a.stride(1), u.stride(0), L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64,
+                         PRECISION=_precision(x.dtype))
+    return u
+
+
+def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """y [T, N] += u @ B[slot]^T per token, in place (tokens with slot -1 untouched)."""
+    t, n = y.shape
+    num_loras, _, r = b.shape
+    if t == 0:
+        return y
+    if y.stride(-1) != 1:
+        raise ValueError("lora_expand_: the output must be contiguous in its last dim")
+    grid = (triton.cdiv(t, 32), triton.cdiv(n, 64))
+    _expand_kernel[grid](u, b, slots, y, t, n, r, u.stride(0), b.stride(0), b.stride(1), y.stride(0),
+                         L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
+    return y

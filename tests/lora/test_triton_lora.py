@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
-from tests.lora.kernel_cases import check
+from tests.lora.kernel_cases import SHAPES, check
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the compiled kernels are checked instead (Triton "
+                    "3.6's interpreter fails under numpy >= 2.3, which the GPU machines have)")
 def test_kernels_under_the_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -31,4 +33,4 @@ def test_kernels_on_cuda(dtype, rtol):
     # Then Llama-8B's shapes (qkv, gate_up, down, o) at decode and prefill batch sizes.
     shapes = [(1, 4096, 6144, 48, 8), (256, 4096, 28672, 32, 8), (300, 14336, 4096, 16, 8),
               (3000, 4096, 4096, 16, 3)]
-    assert check("cuda", dtype, rtol) + check("cuda", dtype, rtol, shapes) == len(shapes) + 4
+    assert check("cuda", dtype, rtol) + check("cuda", dtype, rtol, shapes) == len(SHAPES) + len(shapes)

@@ -223,6 +223,15 @@ class EngineArgs:
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 
+    def resolved_runner(self) -> str:
+        """generate or pooling, from the option or (auto) the model's config, without loading weights."""
+        from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
+
+        if self.runner in ("generate", "pooling"):
+            return self.runner
+        source = resolve_model_source(self.model, self.trust_remote_code)
+        return resolve_runner(self.runner, source, load_hf_config(source))
+
     def resolve_device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"

@@ -142,9 +142,12 @@ class PoolingEngine:
             tokens += n
         return batch
 
-    @torch.inference_mode()
     def step(self) -> list[PoolingRequestOutput]:
-        batch = self.schedule()
+        return self.run(self.schedule())
+
+    @torch.inference_mode()
+    def run(self, batch: list[PoolingRequest]) -> list[PoolingRequestOutput]:
+        """The model over a scheduled batch, pooled. Touches no queue, so a server may run it in a thread."""
         if not batch:
             return []
         seq_lens = [len(r.prompt_token_ids) for r in batch]

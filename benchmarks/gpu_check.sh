@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8 ...   (any subset, in order)
+#   benchmarks/gpu_check.sh tests|embed|attn|qwen|llama|latency|peer|host|spec|quant|kvfp8 ...   (any subset, in order)
 # quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
 # kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
@@ -27,6 +27,8 @@ for part in "$@"; do
     tests) logged tests tests.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider -x \
              tests/layers/test_triton_ops.py tests/engine/test_cuda_engine.py tests/models/test_models.py \
              -k "cuda or triton or rotary or rms or silu" ;;
+    embed) logged "pooling tests (CUDA, float32)" embed-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+             -p no:cacheprovider tests/pooling ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
     qwen) logged "qwen06b-nano $tag" "qwen-$tag.log" 300 '^pagellm ' "${BENCH[@]}" throughput --workload qwen06b-nano \

@@ -54,7 +54,7 @@ class PoolingCalls:
         engine.pooler_config.check_dimensions(dimensions)
         prompt_list = _as_list(prompts)
         tokens = [engine.tokenize(p, f"prompts[{i}]") for i, p in enumerate(prompt_list)]
-        ids = [f"pool-{id(tokens)}-{i}" for i in range(len(tokens))]
+        ids = [engine.next_request_id() for _ in tokens]
         for request_id, t in zip(ids, tokens):
             engine.add_request(request_id, t, dimensions)
         results: dict[str, PoolingRequestOutput] = {}

@@ -7,7 +7,6 @@ step runs share the next step, and the server keeps answering meanwhile."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from typing import Optional
 
@@ -24,7 +23,6 @@ class AsyncPoolingEngine:
         self.model_config = config.model_config
         self.served_model_name = config.model_config.served_model_name or config.model_config.model
         self._pending: dict[str, asyncio.Future] = {}
-        self._ids = itertools.count()
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
 
@@ -50,7 +48,7 @@ class AsyncPoolingEngine:
         if self._loop_task is None:
             self._wake = asyncio.Event()
             self._loop_task = loop.create_task(self._run_loop())
-        ids = [f"emb-{next(self._ids)}" for _ in token_ids]
+        ids = [self.engine.next_request_id() for _ in token_ids]
         futures = []
         for request_id, ids_ in zip(ids, token_ids):
             self.engine.add_request(request_id, ids_, dimensions)

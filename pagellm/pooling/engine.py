@@ -7,6 +7,7 @@ budget (or than the model's limit) is refused on arrival, with an error naming t
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -74,10 +75,14 @@ class PoolingEngine:
         self.max_model_len = min(mc.max_model_len, self.pooler_config.max_seq_length or mc.max_model_len)
         self.model = load_pooling_model(config, self.device)
         self.waiting: deque[PoolingRequest] = deque()
+        self._ids = itertools.count()
         logger.info("pooling engine: %s pooling, normalize=%s, max %d tokens a prompt",
                     self.pooler_config.pooling, self.pooler_config.normalize, self.max_model_len)
 
     # ---- requests in -----------------------------------------------------------------------------------
+    def next_request_id(self) -> str:
+        return f"pool-{next(self._ids)}"
+
     def tokenize(self, prompt: PoolingPrompt, field: str = "input") -> list[int]:
         """Token ids of a prompt (text gets the tokenizer's special tokens, e.g. BERT's [CLS] ... [SEP]), checked:
         not empty, ids in the vocabulary, not longer than the model's limit or the step's token budget."""

@@ -23,7 +23,7 @@ needs_minilm = pytest.mark.skipif(minilm_folder() is None,
 
 @pytest.fixture(scope="module")
 def minilm_server():
-    server = RemoteServer([minilm_folder(), "--served-model-name", "minilm"])
+    server = RemoteServer([minilm_folder(), "--dtype", "float32", "--served-model-name", "minilm"])
     yield server
     server.terminate()
 
@@ -133,7 +133,7 @@ def test_score(minilm_server):
 
 def test_matryoshka_dimensions_through_the_server(tmp_path):
     folder = save_tiny_bert(str(tmp_path / "mrl"), pooling="mean", is_matryoshka=True)
-    server = RemoteServer([folder, "--skip-tokenizer-init", "--served-model-name", "tiny"])
+    server = RemoteServer([folder, "--dtype", "float32", "--skip-tokenizer-init", "--served-model-name", "tiny"])
     try:
         client = server.client()
         prompts = [[5, 17, 42], [7, 8, 9, 10]]

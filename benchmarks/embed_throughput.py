@@ -71,6 +71,7 @@ def main() -> int:
     from pagellm import LLM
 
     texts = make_texts(args.num_texts)
+    load_before = os.getloadavg()[0]
     st = SentenceTransformer(folder, device="cpu")
     llm = LLM(folder, max_num_seqs=args.batch_size, max_num_batched_tokens=args.batch_size * 256)
     num_tokens = sum(len(llm.get_tokenizer()(t)["input_ids"]) for t in texts)
@@ -91,6 +92,7 @@ def main() -> int:
                                   "tokens_per_s": round(num_tokens / st_s, 1)},
         "speedup_vs_sentence_transformers": round(st_s / pg_s, 3),
         "min_cosine_vs_sentence_transformers": round(float(cos.min()), 6),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: noise
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora ...
+#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -35,6 +35,8 @@ for part in "$@"; do
     tests) logged tests tests.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider -x \
              tests/layers/test_triton_ops.py tests/engine/test_cuda_engine.py tests/models/test_models.py \
              -k "cuda or triton or rotary or rms or silu" ;;
+    embed) logged "pooling tests (CUDA, float32)" embed-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+             -p no:cacheprovider tests/pooling ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
     models) logged "sliding-window attention + Gemma 3 on CUDA" models.log 480 "(passed|failed|error)" \

@@ -78,6 +78,7 @@ class ModelConfig:
     # Default sampling parameters (SamplingParams' names) from the model's generation_config.json, used where a
     # request leaves them out (EngineArgs.generation_config says where they come from).
     sampling_defaults: dict = field(default_factory=dict)
+    runner: str = "generate"  # generate | pooling (pagellm/pooling: embeddings, one vector per prompt)
 
     @property
     def arch(self) -> "ArchConfig":

@@ -27,6 +27,8 @@ from pagellm.model_executor.models.model_impl import MODEL_IMPLS, resolve_model_
 
 logger = logging.getLogger(__name__)
 
+RUNNERS = ["auto", "generate", "pooling"]
+
 _HELP = {
     "model": "model: an HF model folder, a .gguf file, or a Hugging Face Hub id (from the local HF cache, else "
     "downloaded: config, tokenizer and safetensors) (default: the embedded SmolLM2-135M-Instruct GGUF)",
@@ -37,7 +39,9 @@ _HELP = {
     "or a folder holding a generation_config.json; a request's own values always win",
     "enable_chunked_prefill": "chunked prefill is always on (prompts longer than the step's token budget are "
     "split); accepted for vLLM's flag, false is refused",
-    "runner": "what the model is run for: generate (text generation; auto means the same, the only runner so far)",
+    "runner": "what the model is run for: generate (text generation), pooling (embeddings: llm.embed, "
+    "/v1/embeddings, /v1/score), or auto (pooling for an encoder-only model such as BertModel or a "
+    "sentence-transformers folder, else generate)",
     "tokenizer": "tokenizer folder, if not the model's own",
     "dtype": "weights and activations: auto (float32 on CPU, the checkpoint's bf16/fp16 on CUDA), "
     "float32, bfloat16 or float16",
@@ -151,7 +155,7 @@ class EngineArgs:
                             help=_HELP["generation_config"])
         parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                             help=_HELP["enable_chunked_prefill"])
-        parser.add_argument("--runner", default=defaults.runner, choices=["auto", "generate"], help=_HELP["runner"])
+        parser.add_argument("--runner", default=defaults.runner, choices=RUNNERS, help=_HELP["runner"])
         parser.add_argument("--model-impl", default=defaults.model_impl, choices=["auto", "pagellm", "transformers"],
                             help=_HELP["model_impl"])
         parser.add_argument("--tokenizer", default=None, help=_HELP["tokenizer"])
@@ -239,15 +243,23 @@ class EngineArgs:
             raise ValueError("enable_chunked_prefill: pagellm always chunks prefills (a prompt longer than "
                              "max_num_batched_tokens is split over steps); it cannot be turned off. To schedule a "
                              "whole prompt in one step, raise max_num_batched_tokens to max_model_len")
-        if self.runner not in ("auto", "generate"):
-            raise ValueError(f"runner: pagellm runs models for text generation only (runner 'generate' or 'auto'), "
-                             f"got {self.runner!r}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}; got {self.model_impl!r}")
         if not isinstance(self.trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a boolean, got {self.trust_remote_code!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+
+    def resolved_runner(self) -> str:
+        """generate or pooling, from the option or (auto) the model's config, without loading weights."""
+        from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
+
+        if self.runner in ("generate", "pooling"):
+            return self.runner
+        source = resolve_model_source(self.model, self.trust_remote_code)
+        return resolve_runner(self.runner, source, load_hf_config(source))
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -307,6 +319,7 @@ class EngineArgs:
             model_impl=model_impl,
             quantization=quantization,
             sampling_defaults=sampling_defaults,
+            runner=resolve_runner(self.runner, source, hf_config),
         )
         max_num_seqs = self.max_num_seqs or (256 if on_cuda else 64)
         max_batched = self.max_num_batched_tokens or (8192 if on_cuda else 2048)
@@ -385,6 +398,19 @@ def check_fallback_options(args: EngineArgs, on_cuda: bool) -> None:
         raise ValueError("quantization: the transformers fallback runs float weights only")
     if on_cuda and not args.enforce_eager:
         logger.info("the transformers fallback runs eagerly (no CUDA graphs)")
+
+
+def resolve_runner(runner: str, source: Any, hf_config: Any) -> str:
+    """auto -> pooling for pooling models (pooling/st_config.py says which), else generate."""
+    from pagellm.pooling.st_config import is_encoder, is_pooling_model
+
+    folder = source.path if source.kind == "hf" else None
+    if runner == "auto":
+        return "pooling" if is_pooling_model(folder, hf_config) else "generate"
+    if runner == "generate" and is_encoder(hf_config):
+        raise ValueError(f"runner: {hf_config.architectures[0]} is an encoder-only model and cannot generate "
+                         "text; use runner='pooling' (or 'auto')")
+    return runner
 
 
 def check_parallel_fits_model(arch: Any, parallel: ParallelConfig) -> None:

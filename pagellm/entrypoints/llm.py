@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.processor import PromptType
 from pagellm.entrypoints.chat_utils import render_chat
+from pagellm.entrypoints.llm_pooling import PoolingCalls
 from pagellm.engine_args import EngineArgs
 from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
@@ -30,8 +31,9 @@ def _as_prompt_list(prompts: Union[PromptType, Sequence[PromptType]]) -> list[Pr
     return prompts
 
 
-class LLM:
-    """An engine in this process. Keyword arguments are EngineArgs' fields (the CLI flags' names)."""
+class LLM(PoolingCalls):
+    """An engine in this process. Keyword arguments are EngineArgs' fields (the CLI flags' names). A pooling
+    model (runner='pooling', or detected) answers embed/encode/score (llm_pooling.py) instead of generate."""
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
         unknown = set(kwargs) - EngineArgs.field_names()
@@ -41,7 +43,13 @@ class LLM:
         if self.engine_args.data_parallel_size != 1:
             raise ValueError("data_parallel_size: data parallelism is for the server (pagellm serve "
                              "--data-parallel-size N); the offline LLM runs one engine")
-        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        config = self.engine_args.create_engine_config()
+        if config.model_config.runner == "pooling":
+            from pagellm.pooling.engine import PoolingEngine
+
+            self.llm_engine: Any = PoolingEngine(config)
+        else:
+            self.llm_engine = LLMEngine(config)
 
     def shutdown(self) -> None:
         """Stop the engine's worker processes or actors (tensor/pipeline parallelism); idempotent."""
@@ -70,6 +78,7 @@ class LLM:
         enable_lora. A prompt that fails validation raises before any prompt is queued, so nothing is left
         half-submitted.
         """
+        self._generating_engine()
         prompt_list = _as_prompt_list(prompts)
         if lora_request is None or isinstance(lora_request, LoRARequest):
             loras = [lora_request] * len(prompt_list)
@@ -103,6 +112,12 @@ class LLM:
             engine.abort_request(ids)
             raise
         return self._run_engine(ids, use_tqdm)
+
+    def _generating_engine(self) -> LLMEngine:
+        if not isinstance(self.llm_engine, LLMEngine):
+            raise ValueError("runner: this is a pooling model (embeddings); use embed/encode/score, or "
+                             "runner='generate' for a model that generates text")
+        return self.llm_engine
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

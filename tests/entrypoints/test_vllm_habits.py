@@ -108,8 +108,9 @@ def test_hub_errors_say_which(monkeypatch):
 def test_engine_options_with_vllms_names():
     with pytest.raises(ValueError, match="enable_chunked_prefill: pagellm always chunks"):
         EngineArgs(enable_chunked_prefill=False)._validate()
-    with pytest.raises(ValueError, match="runner: pagellm runs models for text generation only"):
-        EngineArgs(runner="pooling")._validate()
+    with pytest.raises(ValueError, match="runner must be one of auto, generate, pooling"):
+        EngineArgs(runner="classify")._validate()
+    EngineArgs(runner="pooling")._validate()
     EngineArgs(enable_chunked_prefill=True, runner="auto", trust_remote_code=True)._validate()
 
 

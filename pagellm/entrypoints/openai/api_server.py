@@ -24,14 +24,13 @@ from typing import Any, Callable, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagellm
 from pagellm.engine.async_llm import AsyncLLM
 from pagellm.engine.core_client import SharedCores
 from pagellm.engine_args import EngineArgs
+from pagellm.entrypoints.openai.app_errors import install_error_handlers
 from pagellm.entrypoints.openai.cli_args import work_caps_from_args
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -51,13 +50,7 @@ from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponseStore, add_routes
 from pagellm.entrypoints.openai.serving_models import ServingModels, add_model_routes
-from pagellm.entrypoints.openai.serving_engine import (
-    APIError,
-    error_body,
-    error_response,
-    to_api_error,
-    validation_error,
-)
+from pagellm.entrypoints.openai.serving_engine import error_body, error_response, to_api_error
 from pagellm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagellm.entrypoints.openai.tenants import KeyRing, RateLimited, Ticket, load_keys
 
@@ -275,29 +268,7 @@ def build_app(engine: AsyncLLM, state: ServerState, chat_template: Optional[str]
     app.state.engine = engine
     app.state.server_state = state
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc.errors()).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = exc.status_code
-        kind = "invalid_request_error" if status < 500 else "internal_error"
-        code = "not_found" if status == 404 else None
-        message = str(exc.detail)
-        if status == 400:  # FastAPI's: the body did not parse (e.g. nested deeper than json.loads recurses)
-            message = f"body: {message}"
-        response = error_response(message, status, kind, None, code)
-        response.headers.update(exc.headers or {})  # a 405's Allow
-        return response
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return _api_error_response(exc)
+    install_error_handlers(app)
 
     error_responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
@@ -563,6 +534,10 @@ def serve(args: argparse.Namespace) -> int:
     if count < 1:
         raise ValueError("api_server_count must be at least 1")
     keyring = make_keyring(args)  # bad keys fail here, before any process starts
+    if EngineArgs.from_cli_args(args).resolved_runner() == "pooling":
+        from pagellm.entrypoints.openai.serving_pooling import run_pooling_server
+
+        return asyncio.run(run_pooling_server(args, EngineArgs.from_cli_args(args), keyring))
     if count > 1:
         from pagellm.entrypoints.openai.launcher import run_launcher
 

@@ -115,13 +115,15 @@ def _free_port() -> int:
 
 
 def test_expert_parallel_needs_the_experts_to_divide():
-    from types import SimpleNamespace
+    from transformers import MixtralConfig
 
+    from pagellm.arch_config import ArchConfig
     from pagellm.config import ParallelConfig
     from pagellm.engine_args import check_parallel_fits_model
 
-    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
-                             num_local_experts=6, num_experts_per_tok=2)
+    config = ArchConfig.from_hf(MixtralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                              intermediate_size=64, num_hidden_layers=2, num_local_experts=6,
+                                              num_experts_per_tok=2, vocab_size=512))
     check_parallel_fits_model(config, ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True))
     with pytest.raises(ValueError, match=r"enable_expert_parallel: tensor_parallel_size \(4\) must divide the "
                                          r"number of experts \(6\)"):

@@ -107,7 +107,8 @@ def _chat_serving(template: str, **kwargs):
     from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 
     engine = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template),
-                             model_config=SimpleNamespace(max_model_len=512, sampling_defaults={}))
+                             model_config=SimpleNamespace(max_model_len=512, sampling_defaults={}),
+                             config=SimpleNamespace(lora_config=None))
     return OpenAIServingChat(engine, "m", None, **kwargs)
 
 

@@ -3,7 +3,7 @@ processor reads them (a str or a list of token ids works as well)."""
 
 from __future__ import annotations
 
-from typing import TypedDict, Union
+from typing import Sequence, TypedDict, Union
 
 
 class TextPrompt(TypedDict):
@@ -24,4 +24,15 @@ class TokensPrompt(_TokenIds, total=False):
 
 PromptType = Union[str, list[int], TextPrompt, TokensPrompt]
 
-__all__ = ["TextPrompt", "TokensPrompt", "PromptType"]
+
+def as_prompt_list(prompts: Union[PromptType, Sequence[PromptType]]) -> list[PromptType]:
+    """One prompt or many: a str, a token-id list, or a dict is one prompt."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        return [prompts]
+    return prompts
+
+
+__all__ = ["TextPrompt", "TokensPrompt", "PromptType", "as_prompt_list"]

@@ -225,11 +225,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
               f"(grammar compile {ab['grammar_compile_seconds'] * 1000:.0f} ms, once, cached)")
         if tmp is not None:
             tmp.cleanup()
-        if args.output_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            with open(args.output_json, "w") as f:
-                json.dump(results, f, indent=2)
-        return results
+        return _write_results(results, args.output_json)
 
     if getattr(args, "lora_adapters", 0):
         from pagellm.bench.lora_bench import run_lora_ab
@@ -246,11 +242,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
               f"{ab['lora_over_base']:.3f}")
         if tmp is not None:
             tmp.cleanup()
-        if args.output_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            with open(args.output_json, "w") as f:
-                json.dump(results, f, indent=2)
-        return results
+        return _write_results(results, args.output_json)
 
     ours = run_pagellm(engine_kwargs, requests)
     results: dict[str, Any] = {
@@ -304,8 +296,13 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"speculative decoding: {sd['num_drafts']} drafts, acceptance {sd['acceptance']:.3f} "
               f"({sd['num_accepted_tokens']} of {sd['num_draft_tokens']} draft tokens), mean accepted length "
               f"{sd['mean_accepted_length']:.2f}")
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
+    return _write_results(results, args.output_json)
+
+
+def _write_results(results: dict[str, Any], path: Optional[str]) -> dict[str, Any]:
+    """The results, also written as JSON to `path` when one is given."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
     return results

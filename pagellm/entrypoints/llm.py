@@ -13,22 +13,13 @@ from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.processor import PromptType
 from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.entrypoints.llm_pooling import PoolingCalls
+from pagellm.inputs import as_prompt_list
 from pagellm.engine_args import EngineArgs
 from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
 ChatMessages = list[dict[str, Any]]
-
-
-def _as_prompt_list(prompts: Union[PromptType, Sequence[PromptType]]) -> list[PromptType]:
-    """One prompt or many: a str, a token-id list, or a dict is one prompt."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
-        return [prompts]
-    return prompts
 
 
 class LLM(PoolingCalls):
@@ -79,7 +70,7 @@ class LLM(PoolingCalls):
         half-submitted.
         """
         self._generating_engine()
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = as_prompt_list(prompts)
         if lora_request is None or isinstance(lora_request, LoRARequest):
             loras = [lora_request] * len(prompt_list)
         elif isinstance(lora_request, (list, tuple)):

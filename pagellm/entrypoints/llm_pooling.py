@@ -7,18 +7,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from pagellm.inputs import as_prompt_list
 from pagellm.pooling.engine import PoolingEngine, PoolingPrompt
 from pagellm.pooling.outputs import (EmbeddingRequestOutput, PoolingRequestOutput, ScoringOutput,
                                      ScoringRequestOutput)
-
-
-def _as_list(prompts: Union[PoolingPrompt, Sequence[PoolingPrompt]]) -> list[PoolingPrompt]:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
-        return [prompts]
-    return prompts
 
 
 def score_pairs(n1: int, n2: int) -> list[tuple[int, int]]:
@@ -52,7 +44,7 @@ class PoolingCalls:
             raise ValueError(f"pooling_task: only 'embed' is supported, got {pooling_task!r}")
         engine = self._pooling_engine()
         engine.pooler_config.check_dimensions(dimensions)
-        prompt_list = _as_list(prompts)
+        prompt_list = as_prompt_list(prompts)
         tokens = [engine.tokenize(p, f"prompts[{i}]") for i, p in enumerate(prompt_list)]
         ids = [engine.next_request_id() for _ in tokens]
         for request_id, t in zip(ids, tokens):
@@ -82,7 +74,7 @@ class PoolingCalls:
               data_2: Union[PoolingPrompt, Sequence[PoolingPrompt]], use_tqdm: bool = True,
               lora_request: Any = None) -> list[ScoringRequestOutput]:
         """Cosine similarity of the embeddings: one text against N (1 x N) or N pairs (N x N)."""
-        first, second = _as_list(data_1), _as_list(data_2)
+        first, second = as_prompt_list(data_1), as_prompt_list(data_2)
         pairs = score_pairs(len(first), len(second))
         outs = self.encode(first + second, use_tqdm, lora_request=lora_request)
         a, b = outs[:len(first)], outs[len(first):]

@@ -79,6 +79,7 @@ class ArchConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    moe_renormalize: bool = False  # top-k weights renormalized to sum to 1 (Mixtral always; Qwen: norm_topk_prob)
 
     @classmethod
     def from_hf(cls, config: Any, architecture: Optional[str] = None) -> "ArchConfig":
@@ -134,6 +135,8 @@ class ArchConfig:
             moe_intermediate_size=int(g("moe_intermediate_size") or (g("intermediate_size") if g("num_local_experts")
                                                                       else 0) or 0),
             shared_expert_intermediate_size=int(g("shared_expert_intermediate_size") or 0),
+            moe_renormalize=(bool(g("norm_topk_prob", False)) if g("moe_intermediate_size")
+                             else bool(g("num_local_experts"))),
         )
 
     def layer_window(self, layer: int) -> Optional[int]:

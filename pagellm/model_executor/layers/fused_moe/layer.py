@@ -48,13 +48,13 @@ class MoESizes:
 
 
 def moe_sizes_of(config: Any) -> MoESizes:
-    """Mixtral names them num_local_experts / intermediate_size and always renormalizes; Qwen2-MoE and
-    Qwen3-MoE num_experts / moe_intermediate_size, renormalizing when `norm_topk_prob`."""
-    if getattr(config, "moe_intermediate_size", None):  # (Qwen3-MoE's config also answers to num_local_experts)
-        return MoESizes(int(config.num_experts), int(config.num_experts_per_tok), int(config.moe_intermediate_size),
-                        bool(getattr(config, "norm_topk_prob", False)))
-    return MoESizes(int(config.num_local_experts), int(config.num_experts_per_tok), int(config.intermediate_size),
-                    True)
+    """The routed experts' sizes, as the normalized config reads them (arch_config.py: Mixtral's
+    num_local_experts / intermediate_size, always renormalized; Qwen2/3-MoE's num_experts /
+    moe_intermediate_size, renormalized when `norm_topk_prob`)."""
+    from pagellm.arch_config import ArchConfig
+
+    arch = ArchConfig.from_hf(config)
+    return MoESizes(arch.num_experts, arch.num_experts_per_tok, arch.moe_intermediate_size, arch.moe_renormalize)
 
 
 class FusedMoE(nn.Module):

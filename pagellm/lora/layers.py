@@ -26,7 +26,8 @@ from pagellm.lora.triton_lora import lora_expand_, lora_shrink  # usable only wh
 class LoRAStepState:
     """The current step's adapter per token, shared by every LoRA layer of the model."""
 
-    token_slots: torch.Tensor  # int32 [max_tokens] on the device; -1: the base model
+    token_slots: torch.Tensor  # int32 [2, max_tokens] on the device: each token's slot (-1: the base model), then
+    # the token indices sorted by slot (triton_lora.slot_order), both written by LoRAManager.set_step
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, end), slot >= 0 only
     use_kernels: bool = False  # the Triton path (CUDA)
 
@@ -71,8 +72,8 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         state = self.state
         if state.use_kernels:
-            slots = state.token_slots[: x.shape[0]]
-            return lora_expand_(y, lora_shrink(x, self.lora_a, slots), self.lora_b, slots)
+            slots, order = state.token_slots[:, : x.shape[0]]
+            return lora_expand_(y, lora_shrink(x, self.lora_a, slots, order), self.lora_b, slots, order)
         for slot, start, end in state.runs:
             xs = x[start:end].to(self.lora_a.dtype)
             y[start:end] += ((xs @ self.lora_a[slot].T) @ self.lora_b[slot].T).to(y.dtype)

@@ -41,7 +41,7 @@ class LoRAManager:
 
             if triton_lora.triton is None:
                 raise ValueError("enable_lora: LoRA on CUDA needs triton (pip install triton)")
-        self.state = LoRAStepState(torch.full((max_tokens,), -1, dtype=torch.int32, device=device),
+        self.state = LoRAStepState(torch.full((2, max_tokens), -1, dtype=torch.int32, device=device),
                                    use_kernels=use_kernels)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
         self._wrap(model, dtype)
@@ -111,8 +111,11 @@ class LoRAManager:
         host[: len(per_token)] = per_token
         st = self.state
         if st.use_kernels:
+            # The kernels visit tokens in slot order (see triton_lora.py): the base model's tokens last.
+            key = np.where(host < 0, self.max_loras, host)
+            both = np.stack([host, np.argsort(key, kind="stable").astype(np.int32)])
             # pinned, so the copy is queued on the stream and the host does not wait for the step before it
-            st.token_slots[:total].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+            st.token_slots[:, :total].copy_(torch.from_numpy(both).pin_memory(), non_blocking=True)
             return
         runs: list[tuple[int, int, int]] = []
         start = 0

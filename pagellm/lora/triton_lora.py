@@ -3,10 +3,12 @@
     shrink:  u[t, :] = x[t, :] @ A[slot[t]]^T          A [L, R, K]  ->  u [T, R] float32
     expand:  y[t, :] += u[t, :] @ B[slot[t]]^T         B [L, N, R]  (in place on the base layer's output)
 
-A program takes a block of tokens and loops over the adapter slots, doing a tensor-core dot only for the slots
-its tokens use (a request's tokens are contiguous, so a block seldom sees more than one or two). Tokens with
-slot -1 (the base model) get nothing added. Nothing depends on host-side knowledge of the batch, so the
-kernels are captured in the decode CUDA graphs and replay with whatever slots the step wrote.
+A program takes a block of tokens in slot order (`order`: the token indices sorted by slot, the base model's last)
+and loops over the adapter slots, doing a tensor-core dot only for the slots its tokens use. Sorted, a block
+seldom sees more than one or two slots, so each adapter's A and B are read about once per block of its own
+tokens; in batch order (a decode batch mixes every adapter in every block) each block would read all of them.
+Tokens with slot -1 (the base model) get nothing added. The grid depends only on the token count, so the
+kernels are captured in the decode CUDA graphs and replay with whatever slots and order the step wrote.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ except ImportError:  # the CPU installs have no triton: layers.py then uses the 
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, u_ptr, T, K, R, K_PER_SPLIT, USE_ATOMIC, stride_xt, stride_al,
-                       stride_ar, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, order_ptr, u_ptr, T, K, R, K_PER_SPLIT, USE_ATOMIC, stride_xt,
+                       stride_al, stride_ar, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        offs_p = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t = tl.load(order_ptr + offs_p, mask=offs_p < T, other=0)  # this block's tokens, in slot order
         offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
-        t_mask = offs_t < T
+        t_mask = (offs_p < T) & (offs_t < T)
         r_mask = offs_r < R
         slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -50,13 +53,14 @@ if triton is not None:
             tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
 
     @triton.jit
-    def _expand_kernel(u_ptr, b_ptr, slot_ptr, y_ptr, T, N, R, stride_ut, stride_bl, stride_bn, stride_yt,
-                       L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       PRECISION: tl.constexpr):
-        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    def _expand_kernel(u_ptr, b_ptr, slot_ptr, order_ptr, y_ptr, T, N, R, stride_ut, stride_bl, stride_bn,
+                       stride_yt, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+        offs_p = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t = tl.load(order_ptr + offs_p, mask=offs_p < T, other=0)  # this block's tokens, in slot order
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
-        t_mask = offs_t < T
+        t_mask = (offs_p < T) & (offs_t < T)
         n_mask = offs_n < N
         r_mask = offs_r < R
         slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
@@ -88,8 +92,15 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """u [T, R] float32: each token's input through its slot's A (zeros for slot -1)."""
+def slot_order(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The token indices sorted by slot, the base model's (-1) last: the `order` the kernels take. (The model
+    runner computes it on the host instead, from the same per-token slots: LoRAManager.set_step.)"""
+    key = torch.where(slots < 0, num_slots, slots)
+    return torch.argsort(key, stable=True).to(torch.int32)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """u [T, R] float32: each token's input through its slot's A (zeros for slot -1); `order`: slot_order's."""
     t, k = x.shape
     num_loras, r, _ = a.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -104,13 +115,14 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
     if t == 0:
         return u
     grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r), split_k)
-    _shrink_kernel[grid](x, a, slots, u, t, k, r, k_per_split, int(split_k > 1), x.stride(0), a.stride(0),
+    _shrink_kernel[grid](x, a, slots, order, u, t, k, r, k_per_split, int(split_k > 1), x.stride(0), a.stride(0),
                          a.stride(1), u.stride(0), L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64,
                          PRECISION=_precision(x.dtype))
     return u
 
 
-def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                 order: torch.Tensor) -> torch.Tensor:
     """y [T, N] += u @ B[slot]^T per token, in place (tokens with slot -1 untouched)."""
     t, n = y.shape
     num_loras, _, r = b.shape
@@ -119,6 +131,6 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch
     if y.stride(-1) != 1:
         raise ValueError("lora_expand_: the output must be contiguous in its last dim")
     grid = (triton.cdiv(t, 32), triton.cdiv(n, 64))
-    _expand_kernel[grid](u, b, slots, y, t, n, r, u.stride(0), b.stride(0), b.stride(1), y.stride(0),
+    _expand_kernel[grid](u, b, slots, order, y, t, n, r, u.stride(0), b.stride(0), b.stride(1), y.stride(0),
                          L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
     return y

@@ -23,7 +23,7 @@ def reference(x, a, b, slots):
 
 def check(device: str, dtype: torch.dtype, rtol: float, shapes=SHAPES) -> int:
     """Max error relative to the largest output (at least 1), per shape; returns the shapes checked."""
-    from pagellm.lora.triton_lora import lora_expand_, lora_shrink
+    from pagellm.lora.triton_lora import lora_expand_, lora_shrink, slot_order
 
     gen = torch.Generator().manual_seed(0)
     for t, k, n, r, num in shapes:
@@ -33,7 +33,8 @@ def check(device: str, dtype: torch.dtype, rtol: float, shapes=SHAPES) -> int:
         slots = torch.randint(-1, num, (t,), generator=gen).to(device, torch.int32)
         base = torch.randn(t, n, generator=gen).to(device, dtype)
         y = base.clone()
-        lora_expand_(y, lora_shrink(x, a, slots), b, slots)
+        order = slot_order(slots, num)
+        lora_expand_(y, lora_shrink(x, a, slots, order), b, slots, order)
         want = base.float() + reference(x, a, b, slots)
         err = (y.float() - want).abs().max().item() / max(1.0, want.abs().max().item())
         if err > rtol:

@@ -207,30 +207,44 @@ SchedulerMachine.TestCase.settings = settings(
 TestSchedulerMachine = SchedulerMachine.TestCase
 
 
+def random_run(seed: int, add_prob: float, finish_prob: float, prompt_logprobs: list[int],
+               max_drafts: int = 0) -> Tracker:
+    """One non-shrinking random run: a random config and 150 random operations (add, finish, step), the
+    invariants checked after each, then drained. max_drafts > 0: the runner proposes up to that many drafts and
+    the scheduler verifies up to a random num_speculative_tokens of them."""
+    rng = random.Random(seed)
+    spec = {"num_speculative_tokens": rng.randint(1, 6)} if max_drafts else {}
+    cfg = make_config(
+        block_size=rng.choice([1, 2, 4, 8]),
+        max_model_len=rng.randint(2, 64),
+        extra_blocks=rng.randint(-2, 16),
+        max_num_batched_tokens=rng.randint(1, 48),
+        max_num_seqs=rng.randint(1, 8),
+        policy=rng.choice(["fcfs", "priority"]),
+        enable_prefix_caching=rng.random() < 0.8,
+        **spec,
+    )
+    t = Tracker(cfg, seed, rng.choice([0.0, 0.1]))
+    if max_drafts:
+        t.runner.max_drafts = rng.randint(1, max_drafts)  # may propose more than the scheduler verifies
+    for _ in range(150):
+        op = rng.random()
+        if op < add_prob:
+            tail = [rng.choice(VOCAB) for _ in range(rng.randint(0, 6))]
+            t.add(rng.randrange(len(BASES)), rng.randint(0, 16), tail, rng.randint(1, 16), rng.randint(0, 3),
+                  rng.randint(0, 2), rng.random() < 0.5, rng.random() < 0.3, group=rng.randint(-1, 2),
+                  prompt_logprobs=rng.choice(prompt_logprobs))
+        elif op < add_prob + finish_prob and t.live_ids():
+            t.finish(rng.choice(t.live_ids()),
+                     rng.choice([RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED]))
+        else:
+            t.step()
+        check_invariants(t.sched)
+    t.drain()
+    return t
+
+
 def test_random_driver_many_seeds():
     """A cheaper, non-shrinking driver for volume: random configs and long random operation mixes."""
     for seed in range(40):
-        rng = random.Random(seed)
-        cfg = make_config(
-            block_size=rng.choice([1, 2, 4, 8]),
-            max_model_len=rng.randint(2, 64),
-            extra_blocks=rng.randint(-2, 16),
-            max_num_batched_tokens=rng.randint(1, 48),
-            max_num_seqs=rng.randint(1, 8),
-            policy=rng.choice(["fcfs", "priority"]),
-            enable_prefix_caching=rng.random() < 0.8,
-        )
-        t = Tracker(cfg, seed, rng.choice([0.0, 0.1]))
-        for _ in range(150):
-            op = rng.random()
-            if op < 0.35:
-                t.add(rng.randrange(len(BASES)), rng.randint(0, 16), [rng.choice(VOCAB) for _ in range(rng.randint(0, 6))],
-                      rng.randint(1, 16), rng.randint(0, 3), rng.randint(0, 2), rng.random() < 0.5, rng.random() < 0.3,
-                      group=rng.randint(-1, 2), prompt_logprobs=rng.choice([-1, -1, -1, 0, 2]))
-            elif op < 0.45 and t.live_ids():
-                t.finish(rng.choice(t.live_ids()),
-                         rng.choice([RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED]))
-            else:
-                t.step()
-            check_invariants(t.sched)
-        t.drain()
+        random_run(seed, 0.35, 0.10, [-1, -1, -1, 0, 2])

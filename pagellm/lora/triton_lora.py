@@ -24,8 +24,8 @@ except ImportError:  # the CPU installs have no triton: layers.py then uses the 
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, order_ptr, u_ptr, T, K, R, K_PER_SPLIT, USE_ATOMIC, stride_xt,
-                       stride_al, stride_ar, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr,
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, order_ptr, u_ptr, T, K, R, K_PER_SPLIT, stride_xt, stride_al,
+                       stride_ar, stride_us, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         offs_p = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_t = tl.load(order_ptr + offs_p, mask=offs_p < T, other=0)  # this block's tokens, in slot order
@@ -46,15 +46,13 @@ if triton is not None:
                     a = tl.load(a_ptr + s * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
                                 mask=r_mask[None, :] & (kk[:, None] < K), other=0.0)
                     acc += tl.dot(x, a, input_precision=PRECISION)
-        u_ptrs = u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :]
-        if USE_ATOMIC:  # a runtime flag, not a constexpr: one compiled kernel for every batch size
-            tl.atomic_add(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
-        else:
-            tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
+        # each split of K writes its own partial sums (the expand adds them): no atomics, no zeroed buffer
+        u_ptrs = u_ptr + tl.program_id(2) * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :]
+        tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
 
     @triton.jit
-    def _expand_kernel(u_ptr, b_ptr, slot_ptr, order_ptr, y_ptr, T, N, R, stride_ut, stride_bl, stride_bn,
-                       stride_yt, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _expand_kernel(u_ptr, b_ptr, slot_ptr, order_ptr, y_ptr, T, N, R, SPLITS, stride_us, stride_ut,
+                       stride_bl, stride_bn, stride_yt, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
         offs_p = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_t = tl.load(order_ptr + offs_p, mask=offs_p < T, other=0)  # this block's tokens, in slot order
@@ -64,8 +62,10 @@ if triton is not None:
         n_mask = offs_n < N
         r_mask = offs_r < R
         slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
-        u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :],
-                    other=0.0)
+        u_ptrs = u_ptr + offs_t[:, None] * stride_ut + offs_r[None, :]
+        u = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for split in range(0, SPLITS):  # the shrink's partial sums over K
+            u += tl.load(u_ptrs + split * stride_us, mask=t_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for s in range(0, L):
             sel = slots == s
@@ -100,30 +100,32 @@ def slot_order(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """u [T, R] float32: each token's input through its slot's A (zeros for slot -1); `order`: slot_order's."""
+    """u [splits, T, R] float32, whose sum over splits is each token's input through its slot's A (rows of
+    slot -1 tokens are not written); `order`: slot_order's. Only lora_expand_ reads it."""
     t, k = x.shape
     num_loras, r, _ = a.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     block_r = min(64, _pow2(r))
     tiles = triton.cdiv(max(t, 1), 32) * triton.cdiv(r, block_r)
-    # Few tokens make few tiles: split the reduction over K too (partial sums added atomically), so that a decode
-    # batch still fills the GPU's SMs. A model's small K (the tests') stays in one split: exact, deterministic.
+    # Few tokens make few tiles: split the reduction over K too (partial sums, added by the expand), so that a
+    # decode batch still fills the GPU's SMs. A model's small K (the tests') stays in one split.
     split_k = max(1, min(triton.cdiv(k, 256), triton.cdiv(_TARGET_PROGRAMS, tiles)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), 64) * 64
     split_k = triton.cdiv(k, k_per_split)
-    u = (torch.zeros if split_k > 1 else torch.empty)(t, r, dtype=torch.float32, device=x.device)
+    u = torch.empty(split_k, t, r, dtype=torch.float32, device=x.device)
     if t == 0:
         return u
     grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r), split_k)
-    _shrink_kernel[grid](x, a, slots, order, u, t, k, r, k_per_split, int(split_k > 1), x.stride(0), a.stride(0),
-                         a.stride(1), u.stride(0), L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64,
+    _shrink_kernel[grid](x, a, slots, order, u, t, k, r, k_per_split, x.stride(0), a.stride(0), a.stride(1),
+                         u.stride(0), u.stride(1), L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64,
                          PRECISION=_precision(x.dtype))
     return u
 
 
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
                  order: torch.Tensor) -> torch.Tensor:
-    """y [T, N] += u @ B[slot]^T per token, in place (tokens with slot -1 untouched)."""
+    """y [T, N] += u @ B[slot]^T per token (u: lora_shrink's partial sums), in place (tokens with slot -1
+    untouched)."""
     t, n = y.shape
     num_loras, _, r = b.shape
     if t == 0:
@@ -131,6 +133,6 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch
     if y.stride(-1) != 1:
         raise ValueError("lora_expand_: the output must be contiguous in its last dim")
     grid = (triton.cdiv(t, 32), triton.cdiv(n, 64))
-    _expand_kernel[grid](u, b, slots, order, y, t, n, r, u.stride(0), b.stride(0), b.stride(1), y.stride(0),
-                         L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
+    _expand_kernel[grid](u, b, slots, order, y, t, n, r, u.shape[0], u.stride(0), u.stride(1), b.stride(0),
+                         b.stride(1), y.stride(0), L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
     return y

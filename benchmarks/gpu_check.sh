@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora ...
+#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
-# quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run).
+# quant = quant-tests + quant-fp8 + quant-w4 (issue 15: kernel tests, then each bf16/quantized pair in one run);
+# fp8gemm: where an fp8 linear's time goes (quantization, row-wise vs per-tensor _scaled_mm) against bf16.
 # kvfp8 = kvfp8-tests + kvfp8-bench (issue 15's FP8 KV cache).
 # fallback = fallback-tests + fallback-bench (issue 16: the transformers fallback on CUDA, and its speed against
 # pagellm's own Qwen3 on the same dummy weights).
@@ -77,6 +78,8 @@ for part in "$@"; do
       done
       python3 benchmarks/quant_ratio.py throughput "$OUT/llama8b-mixed-none.json" "$OUT/llama8b-mixed-fp8.json" \
         1.35 | tee -a "$summary" ;;&
+    fp8gemm) logged "fp8 gemm parts" fp8-gemm.log 120 '^fp8 gemm' python3 benchmarks/fp8_gemm.py \
+        --out "$OUT/fp8-gemm.json" ;;
     quant|quant-w4)  # issue 15: batch-1 decode, bf16 vs 4-bit GPTQ dummy weights (target >= 1.8x tokens/s)
       for q in none gptq; do
         qflag=(); [ "$q" != none ] && qflag=(--quantization "$q")

@@ -2,7 +2,8 @@
 
 For the Llama-3.1-8B projections and several token counts: the median time (CUDA events) of bf16
 `F.linear`, of the per-token activation quantization alone, of `torch._scaled_mm` with row-wise scales (what
-pagellm runs) and with one scale per tensor (cuBLASLt's native fp8 form), and of the whole `w8a8_linear`.
+pagellm runs) and with one scale per tensor (cuBLASLt's native fp8 form), and of the whole `w8a8_linear`, each
+as CUDA-graph replays (GPU time, as in the engine's decode graphs; eager calls add ~30 us of launch each).
 Prints a table; writes JSON with --out. Not a test: it explains the end-to-end figure of `gpu_check.sh quant`.
 
     python benchmarks/fp8_gemm.py --out fp8-gemm.json
@@ -12,29 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cuda_timing import graph_ms
 from pagellm.model_executor.layers.quantization.w8a8 import FP8, quantize_activations, quantize_per_row, w8a8_linear
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 TOKENS = [16, 64, 256, 1024, 4096]
-
-
-def time_ms(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -53,13 +40,13 @@ def main() -> None:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             xq, xs = quantize_activations(x, FP8)
             t = {
-                "bf16": time_ms(lambda: F.linear(x, w)),
-                "quant": time_ms(lambda: quantize_activations(x, FP8)),
-                "rowwise": time_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws,
+                "bf16": graph_ms(lambda: F.linear(x, w)),
+                "quant": graph_ms(lambda: quantize_activations(x, FP8)),
+                "rowwise": graph_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws,
                                                             out_dtype=torch.bfloat16)),
-                "tensor": time_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
+                "tensor": graph_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
                                                            out_dtype=torch.bfloat16)),
-                "w8a8": time_ms(lambda: w8a8_linear(x, wq, ws, None)),
+                "w8a8": graph_ms(lambda: w8a8_linear(x, wq, ws, None)),
             }
             rows.append({"shape": name, "tokens": m, **{f"{key}_ms": v for key, v in t.items()}})
             print(f"{name:8} {m:5d} {t['bf16']:7.3f} {t['quant']:7.3f} {t['rowwise']:8.3f} {t['tensor']:7.3f} "

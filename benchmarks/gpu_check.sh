@@ -11,7 +11,7 @@
 # pagellm's own Qwen3 on the same dummy weights).
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
-# lora = lora-tests + lora-bench (issue 17's LoRA).
+# lora = lora-tests + lora-bench (issue 17's LoRA); lora-kernel: the LoRA kernels' GPU time per layer by tile config.
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -147,6 +147,8 @@ PY
     # (lora-bench; target >= 0.8x output tokens/s).
     lora|lora-tests) logged "lora tests" lora-tests.log 420 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/lora/test_triton_lora.py tests/lora/test_lora_cuda.py ;;&
+    lora-kernel) logged "lora kernel configs" lora-kernel.log 200 '^lora kernel' python3 benchmarks/lora_kernel.py \
+        --out "$OUT/lora-kernel.json" ;;
     lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
         --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \

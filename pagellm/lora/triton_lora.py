@@ -80,7 +80,9 @@ if triton is not None:
         tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
 
 
-_TARGET_PROGRAMS = 512  # about four programs per SM of an H100/H200
+# Tile sizes (benchmarks/lora_kernel.py times the alternatives on a GPU). target_programs: the shrink splits K
+# until about this many programs run (about four per SM of an H100/H200).
+CONFIG = {"shrink_block_t": 32, "target_programs": 512, "expand_block_t": 32, "expand_block_n": 64}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -106,18 +108,19 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, order: to
     num_loras, r, _ = a.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     block_r = min(64, _pow2(r))
-    tiles = triton.cdiv(max(t, 1), 32) * triton.cdiv(r, block_r)
+    block_t = CONFIG["shrink_block_t"]
+    tiles = triton.cdiv(max(t, 1), block_t) * triton.cdiv(r, block_r)
     # Few tokens make few tiles: split the reduction over K too (partial sums, added by the expand), so that a
     # decode batch still fills the GPU's SMs. A model's small K (the tests') stays in one split.
-    split_k = max(1, min(triton.cdiv(k, 256), triton.cdiv(_TARGET_PROGRAMS, tiles)))
+    split_k = max(1, min(triton.cdiv(k, 256), triton.cdiv(CONFIG["target_programs"], tiles)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), 64) * 64
     split_k = triton.cdiv(k, k_per_split)
     u = torch.empty(split_k, t, r, dtype=torch.float32, device=x.device)
     if t == 0:
         return u
-    grid = (triton.cdiv(t, 32), triton.cdiv(r, block_r), split_k)
+    grid = (triton.cdiv(t, block_t), triton.cdiv(r, block_r), split_k)
     _shrink_kernel[grid](x, a, slots, order, u, t, k, r, k_per_split, x.stride(0), a.stride(0), a.stride(1),
-                         u.stride(0), u.stride(1), L=num_loras, BLOCK_T=32, BLOCK_R=block_r, BLOCK_K=64,
+                         u.stride(0), u.stride(1), L=num_loras, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=64,
                          PRECISION=_precision(x.dtype))
     return u
 
@@ -132,7 +135,8 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch
         return y
     if y.stride(-1) != 1:
         raise ValueError("lora_expand_: the output must be contiguous in its last dim")
-    grid = (triton.cdiv(t, 32), triton.cdiv(n, 64))
+    block_t, block_n = CONFIG["expand_block_t"], CONFIG["expand_block_n"]
+    grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
     _expand_kernel[grid](u, b, slots, order, y, t, n, r, u.shape[0], u.stride(0), u.stride(1), b.stride(0),
-                         b.stride(1), y.stride(0), L=num_loras, BLOCK_T=32, BLOCK_N=64, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
+                         b.stride(1), y.stride(0), L=num_loras, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
     return y

@@ -1,0 +1,32 @@
+"""GPU time of a piece of work without the host's launch time: the work captured in a CUDA graph and replayed.
+
+Timing small kernels with CUDA events around eager calls measures the host's launch time when it exceeds the
+kernels' (tens of microseconds a call); the engine's decode steps replay CUDA graphs, where that time is gone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds per call of fn, captured `reps` times in one CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    for _ in range(3):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (10 * reps)

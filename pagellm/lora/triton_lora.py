@@ -23,7 +23,9 @@ except ImportError:  # the CPU installs have no triton: layers.py then uses the 
 
 if triton is not None:
 
-    @triton.jit
+    # The batch's token count (and what follows from it) is not specialized on: one compiled kernel serves every
+    # step, instead of a compile (~1 s) the first time a step's count is 1, or a multiple of 16, or not.
+    @triton.jit(do_not_specialize=["T", "K_PER_SPLIT", "stride_us"])
     def _shrink_kernel(x_ptr, a_ptr, slot_ptr, order_ptr, u_ptr, T, K, R, K_PER_SPLIT, stride_xt, stride_al,
                        stride_ar, stride_us, stride_ut, L: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -53,7 +55,7 @@ if triton is not None:
             u_ptrs = u_ptr + tl.program_id(2) * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :]
             tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "SPLITS", "stride_us"])
     def _expand_kernel(u_ptr, b_ptr, slot_ptr, order_ptr, y_ptr, T, N, R, SPLITS, stride_us, stride_ut,
                        stride_bl, stride_bn, stride_yt, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):

@@ -21,8 +21,8 @@ from benchmarks.cuda_timing import graph_ms
 from pagellm.lora import triton_lora
 from pagellm.lora.triton_lora import lora_expand_, lora_shrink, slot_order
 
-# (in, out, slices): qkv, o, gate_up, down
-LAYER = [(4096, 6144, 3), (4096, 4096, 1), (4096, 28672, 2), (14336, 4096, 1)]
+# (in, output slices): qkv, o, gate_up, down
+LAYER = [(4096, [4096, 1024, 1024]), (4096, [4096]), (4096, [14336, 14336]), (14336, [4096])]
 ADAPTERS, RANK = 8, 16
 
 
@@ -40,35 +40,36 @@ def main() -> None:
         slots = slots.repeat_interleave(per_req).to(torch.int32)
         order = slot_order(slots, ADAPTERS)
         layer = []
-        for k, n, sl in LAYER:
+        for k, sizes in LAYER:
+            n, sl = sum(sizes), len(sizes)
             x = torch.randn(tokens, k, device=dev, dtype=dt, generator=gen)
             w = torch.randn(n, k, device=dev, dtype=dt, generator=gen) * 0.02
             a = torch.randn(ADAPTERS, sl * RANK, k, device=dev, dtype=dt, generator=gen) * 0.02
             b = torch.randn(ADAPTERS, n, sl * RANK, device=dev, dtype=dt, generator=gen) * 0.02
-            layer.append((x, w, a, b, torch.zeros(tokens, n, device=dev, dtype=dt)))
+            layer.append((x, w, a, b, torch.zeros(tokens, n, device=dev, dtype=dt), sizes))
 
         def base():
-            for x, w, _, _, y in layer:
+            for x, w, _, _, y, _ in layer:
                 torch.matmul(x, w.t(), out=y)
 
         def lora():
-            for x, _, a, b, y in layer:
-                lora_expand_(y, lora_shrink(x, a, slots, order), b, slots, order)
+            for x, _, a, b, y, sizes in layer:
+                lora_expand_(y, lora_shrink(x, a, slots, order), b, slots, order, sizes)
 
         base_ms = graph_ms(base)
         triton_lora.CONFIG.update(default)
-        for *_, y in layer:
+        for *_, y, _ in layer:
             y.zero_()
         lora()
-        want = [y.float().clone() for *_, y in layer]
+        want = [y.float().clone() for *_, y, _ in layer]
         best = None
         for sbt, tp, ebt, ebn in itertools.product((16, 32, 64), (128, 512, 1024), (16, 32, 64), (64, 128)):
             triton_lora.CONFIG.update(shrink_block_t=sbt, target_programs=tp, expand_block_t=ebt, expand_block_n=ebn)
-            for *_, y in layer:
+            for *_, y, _ in layer:
                 y.zero_()
             lora()
             err = max(((y.float() - w_).abs().max() / w_.abs().max().clamp_min(1e-6)).item()
-                      for (*_, y), w_ in zip(layer, want))
+                      for (*_, y, _), w_ in zip(layer, want))
             ms = graph_ms(lora)
             row = {"tokens": tokens, **triton_lora.CONFIG, "lora_ms": ms, "base_ms": base_ms, "rel_err": err}
             results.append(row)

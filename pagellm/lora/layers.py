@@ -73,7 +73,8 @@ class LoRALinear(nn.Module):
         state = self.state
         if state.use_kernels:
             slots, order = state.token_slots[:, : x.shape[0]]
-            return lora_expand_(y, lora_shrink(x, self.lora_a, slots, order), self.lora_b, slots, order)
+            return lora_expand_(y, lora_shrink(x, self.lora_a, slots, order), self.lora_b, slots, order,
+                                self.slice_sizes)
         for slot, start, end in state.runs:
             xs = x[start:end].to(self.lora_a.dtype)
             y[start:end] += ((xs @ self.lora_a[slot].T) @ self.lora_b[slot].T).to(y.dtype)

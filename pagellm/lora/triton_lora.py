@@ -13,6 +13,8 @@ kernels are captured in the decode CUDA graphs and replay with whatever slots an
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 try:
@@ -56,16 +58,19 @@ if triton is not None:
             tl.store(u_ptrs, acc, mask=t_mask[:, None] & r_mask[None, :])
 
     @triton.jit(do_not_specialize=["T", "SPLITS", "stride_us"])
-    def _expand_kernel(u_ptr, b_ptr, slot_ptr, order_ptr, y_ptr, T, N, R, SPLITS, stride_us, stride_ut,
-                       stride_bl, stride_bn, stride_yt, L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    def _expand_kernel(u_ptr, b_ptr, slot_ptr, order_ptr, y_ptr, T, N, R, SPLITS, SLICE1, SLICE2, stride_us,
+                       stride_ut, stride_bl, stride_bn, stride_yt, L: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
         offs_p = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_t = tl.load(order_ptr + offs_p, mask=offs_p < T, other=0)  # this block's tokens, in slot order
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_r = tl.arange(0, BLOCK_R)
+        # A merged layer's B is block diagonal: output columns of slice i (from SLICE1, SLICE2 on) use only the
+        # rank columns [i * R, (i + 1) * R). The host passes SLICE1 = SLICE2 = N when a block may straddle slices.
+        slice_idx = (tl.program_id(1) * BLOCK_N >= SLICE1).to(tl.int32) + (tl.program_id(1) * BLOCK_N >= SLICE2)
+        offs_r = slice_idx * R + tl.arange(0, BLOCK_R)
         t_mask = (offs_p < T) & (offs_t < T)
         n_mask = offs_n < N
-        r_mask = offs_r < R
+        r_mask = offs_r < (slice_idx + 1) * R
         slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
         if tl.max(slots, axis=0) >= 0:  # a block of base-model tokens (the sorted batch's tail) has nothing to add
             lora_rows = (t_mask & (slots >= 0))[:, None]
@@ -133,18 +138,22 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, order: to
     return u
 
 
-def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-                 order: torch.Tensor) -> torch.Tensor:
+def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, order: torch.Tensor,
+                 slice_sizes: Optional[list[int]] = None) -> torch.Tensor:
     """y [T, N] += u @ B[slot]^T per token (u: lora_shrink's partial sums), in place (tokens with slot -1
-    untouched)."""
+    untouched). slice_sizes: a merged layer's output slices (at most 3), B block diagonal with equal rank widths."""
     t, n = y.shape
     num_loras, _, r = b.shape
+    block_t, block_n = CONFIG["expand_block_t"], CONFIG["expand_block_n"]
+    bounds = [n, n]
+    if slice_sizes and 1 < len(slice_sizes) <= 3 and all(size % block_n == 0 for size in slice_sizes):
+        r //= len(slice_sizes)  # each column block reads only its slice's rank columns
+        bounds = [sum(slice_sizes[:i]) for i in (1, 2)] if len(slice_sizes) == 3 else [slice_sizes[0], n]
     if t == 0:
         return y
     if y.stride(-1) != 1:
         raise ValueError("lora_expand_: the output must be contiguous in its last dim")
-    block_t, block_n = CONFIG["expand_block_t"], CONFIG["expand_block_n"]
     grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
-    _expand_kernel[grid](u, b, slots, order, y, t, n, r, u.shape[0], u.stride(0), u.stride(1), b.stride(0),
+    _expand_kernel[grid](u, b, slots, order, y, t, n, r, u.shape[0], *bounds, u.stride(0), u.stride(1), b.stride(0),
                          b.stride(1), y.stride(0), L=num_loras, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=_pow2(r), PRECISION=_precision(b.dtype))
     return y

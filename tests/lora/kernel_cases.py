@@ -45,6 +45,34 @@ def check(device: str, dtype: torch.dtype, rtol: float, shapes=SHAPES) -> int:
     return len(shapes)
 
 
+# (tokens, in, output slices, rank per slice, adapters): merged qkv- and gate_up-like layers, whose B is block
+# diagonal (each slice's rows use only its own rank columns), the layout the expand exploits
+SLICED = [(40, 64, [256, 128, 128], 16, 3), (9, 96, [128, 128], 8, 2)]
+
+
+def check_slices(device: str, dtype: torch.dtype, rtol: float) -> int:
+    from pagellm.lora.triton_lora import lora_expand_, lora_shrink, slot_order
+
+    gen = torch.Generator().manual_seed(1)
+    for t, k, sizes, r, num in SLICED:
+        x = torch.randn(t, k, generator=gen).to(device, dtype)
+        a = (torch.randn(num, len(sizes) * r, k, generator=gen) * 0.2).to(device, dtype)
+        b = torch.zeros(num, sum(sizes), len(sizes) * r)
+        for i, size in enumerate(sizes):
+            rows = slice(sum(sizes[:i]), sum(sizes[:i]) + size)
+            b[:, rows, i * r:(i + 1) * r] = torch.randn(num, size, r, generator=gen) * 0.2
+        b = b.to(device, dtype)
+        slots = torch.randint(-1, num, (t,), generator=gen).to(device, torch.int32)
+        order = slot_order(slots, num)
+        y = torch.zeros(t, sum(sizes), device=device, dtype=dtype)
+        lora_expand_(y, lora_shrink(x, a, slots, order), b, slots, order, sizes)
+        want = reference(x, a, b, slots)
+        err = (y.float() - want).abs().max().item() / max(1.0, want.abs().max().item())
+        if err > rtol:
+            raise AssertionError(f"sliced {(t, k, sizes, r, num)} {dtype}: relative error {err:.2e} > {rtol}")
+    return len(SLICED)
+
+
 if __name__ == "__main__":
-    print(f"lora kernels ok: {check('cpu', torch.float32, 1e-4)} shapes")
+    print(f"lora kernels ok: {check('cpu', torch.float32, 1e-4) + check_slices('cpu', torch.float32, 1e-4)} shapes")
     sys.exit(0)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.lora.kernel_cases import SHAPES, check
+from tests.lora.kernel_cases import SHAPES, SLICED, check, check_slices
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the compiled kernels are checked instead (Triton "
@@ -34,3 +34,4 @@ def test_kernels_on_cuda(dtype, rtol):
     shapes = [(1, 4096, 6144, 48, 8), (256, 4096, 28672, 32, 8), (300, 14336, 4096, 16, 8),
               (3000, 4096, 4096, 16, 3)]
     assert check("cuda", dtype, rtol) + check("cuda", dtype, rtol, shapes) == len(SHAPES) + len(shapes)
+    assert check_slices("cuda", dtype, rtol) == len(SLICED)

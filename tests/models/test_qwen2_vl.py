@@ -33,23 +33,25 @@ def _original_layout(name: str) -> str:
 
 
 @torch.inference_mode()
-def _run_ours(model: Qwen2VLForConditionalGeneration, ids: list[int], grids, pixels) -> torch.Tensor:
+def _run_ours(model: Qwen2VLForConditionalGeneration, ids: list[int], grids, pixels, device="cpu") -> torch.Tensor:
     """Logits of every token: the prompt in one prefill (inputs_embeds, [3, T] positions), then one decode per
     generated token (token ids, positions index + delta)."""
     prompt_len = len(ids) - len(GENERATED)
     text_config = tiny_qwen2_vl_config().text_config
-    caches = empty_kv_caches(text_config, len(ids))
-    prompt = torch.tensor(ids[:prompt_len])
+    caches = empty_kv_caches(text_config, len(ids), next(model.parameters()).dtype, device=device)
+    prompt = torch.tensor(ids[:prompt_len], device=device)
     positions, delta = model.mrope_positions(prompt, grids)
-    image_embeds = model.get_image_embeddings(pixels, torch.tensor(grids)) if grids else None
+    image_embeds = model.get_image_embeddings(pixels.to(device), torch.tensor(grids)) if grids else None
     embeds = model.embed_input_ids(prompt, image_embeds)
-    hidden = model(None, positions, caches, single_request_metadata(0, prompt_len), inputs_embeds=embeds)
+    hidden = model(None, positions.to(device), caches, single_request_metadata(0, prompt_len, device=device),
+                   inputs_embeds=embeds)
     out = [model.compute_logits(hidden)]
     for i in range(prompt_len, len(ids)):
-        pos = mrope_decode_positions(delta, i, i + 1)
-        hidden = model(torch.tensor(ids[i:i + 1]), pos, caches, single_request_metadata(i, 1))
+        pos = mrope_decode_positions(delta, i, i + 1, device=device)
+        hidden = model(torch.tensor(ids[i:i + 1], device=device), pos, caches,
+                       single_request_metadata(i, 1, device=device))
         out.append(model.compute_logits(hidden))
-    return torch.cat(out)
+    return torch.cat(out).float().cpu()
 
 
 @pytest.mark.parametrize("tie,layout,grids", [
@@ -79,6 +81,28 @@ def test_logits_match_transformers(tie, layout, grids):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_transformers(dtype):
+    """Tower, M-RoPE (the Triton rotary kernel) and Triton paged attention on CUDA against transformers on the CPU."""
+    grids = [(1, 6, 4), (1, 8, 8)]
+    hf = _hf_model(False)
+    ids = image_prompt(grids, seed=7) + GENERATED
+    pixels = pixel_values_for(grids, hf.config, seed=1)
+    ours = Qwen2VLForConditionalGeneration(hf.config, dtype=dtype, device="cuda")
+    ours.load_weights(hf.state_dict().items())
+    t = torch.tensor([ids])
+    with torch.inference_mode():
+        want = hf(input_ids=t, pixel_values=pixels, image_grid_thw=torch.tensor(grids),
+                  mm_token_type_ids=(t == IMAGE_TOKEN).int()).logits[0].float()
+    got = _run_ours(ours, ids, grids, pixels, device="cuda")
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    else:
+        assert (got - want).abs().max() < 0.1 * want.abs().max()
 
 
 def test_embed_input_ids_checks_the_image_rows():

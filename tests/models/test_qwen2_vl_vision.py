@@ -28,7 +28,8 @@ def towers():
     return config, ref, ours
 
 
-@pytest.mark.parametrize("grids", [[(1, 4, 6)], [(1, 6, 4), (1, 8, 8)], [(2, 4, 4), (1, 2, 2)]])
+@pytest.mark.parametrize("grids", [[(1, 4, 6)], [(1, 6, 4), (1, 8, 8)], [(2, 4, 4), (1, 2, 2)],
+                                   [(1, 4, 4), (2, 4, 4), (1, 4, 6)]])  # equal frames batched in one call
 def test_tower_matches_transformers(towers, grids):
     config, ref, ours = towers
     pixels = pixel_values_for(grids, config, seed=len(grids))
@@ -40,10 +41,10 @@ def test_tower_matches_transformers(towers, grids):
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_images_are_independent(towers):
+@pytest.mark.parametrize("grids", [[(1, 4, 6), (1, 8, 8)], [(1, 4, 6), (1, 4, 6)]])
+def test_images_are_independent(towers, grids):
     """An image's embeddings do not depend on the other images of the batch (attention stays within one)."""
     config, _, ours = towers
-    grids = [(1, 4, 6), (1, 8, 8)]
     pixels = pixel_values_for(grids, config)
     with torch.inference_mode():
         both = ours(pixels, torch.tensor(grids))
@@ -60,3 +61,26 @@ def test_bad_inputs_raise(towers):
         ours(pixels, torch.tensor([1, 4, 4]))
     with pytest.raises(ValueError, match="multiples"):
         ours(pixel_values_for([(1, 3, 4)], config), torch.tensor([[1, 3, 4]]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tower_on_cuda(towers, dtype):
+    config, ref, ours = towers
+    grids = [(1, 6, 4), (2, 8, 8)]
+    pixels = pixel_values_for(grids, config, seed=2)
+    with torch.inference_mode():
+        want = ref(pixels, grid_thw=torch.tensor(grids)).pooler_output
+        gpu = Qwen2VisionTransformer(config.vision_config, dtype=dtype, device="cuda")
+        gpu.load_weights(("visual." + n, t) for n, t in ref.state_dict().items())
+        got = gpu(pixels.cuda(), torch.tensor(grids)).float().cpu()
+    tol = 1e-3 if dtype == torch.float32 else 0.05 * want.abs().max().item()
+    assert (got - want).abs().max().item() < tol
+
+
+def test_attention_runs_group_equal_neighbours():
+    from pagellm.model_executor.models.qwen2_vl_vision import attention_runs
+
+    assert attention_runs(torch.tensor([[1, 4, 4], [2, 4, 4], [1, 4, 6], [1, 4, 4]])) == \
+        [(0, 3, 16), (48, 1, 24), (72, 1, 16)]

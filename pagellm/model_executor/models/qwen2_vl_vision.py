@@ -98,8 +98,23 @@ def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def attention_runs(image_grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The attention segments (one per frame of each image, t * (h*w) rows each) as runs of equal-length
+    neighbours: (first row, number of segments, segment length). A run is one batched attention call."""
+    runs: list[tuple[int, int, int]] = []
+    row = 0
+    for t, h, w in image_grid_thw.tolist():
+        if runs and runs[-1][2] == h * w and runs[-1][0] + runs[-1][1] * runs[-1][2] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1] + t, h * w)
+        else:
+            runs.append((row, t, h * w))
+        row += t * h * w
+    return runs
+
+
 class VisionAttention(nn.Module):
-    """Full (non-causal) attention within each segment of `cu_seqlens` (one frame of one image)."""
+    """Full (non-causal) attention within each segment (one frame of one image), segments of equal length
+    batched (`runs` from attention_runs)."""
 
     def __init__(self, dim: int, num_heads: int, dtype=None, device=None) -> None:
         super().__init__()
@@ -108,14 +123,18 @@ class VisionAttention(nn.Module):
         self.qkv = _linear(dim, 3 * dim, True, dtype, device)
         self.proj = _linear(dim, dim, True, dtype, device)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, runs: list[tuple[int, int, int]], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
         out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [H, L, D]
-            out[start:end] = F.scaled_dot_product_attention(*seg).transpose(0, 1)
+        for start, count, length in runs:
+            end = start + count * length
+            # [count, H, L, D]: each segment attends within itself
+            seg = [t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+            out[start:end] = F.scaled_dot_product_attention(*seg).transpose(1, 2).reshape(end - start, self.num_heads,
+                                                                                           self.head_dim)
         return self.proj(out.reshape(n, -1))
 
 
@@ -140,8 +159,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads, dtype, device)
         self.mlp = VisionMLP(dim, mlp_hidden, _ACTS[act], dtype, device)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x: torch.Tensor, runs: list[tuple[int, int, int]], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), runs, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -221,10 +241,9 @@ class Qwen2VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary(patch_rows_cols(grid, m).to(x.device))
         cos, sin = cos[:, None, :], sin[:, None, :]
-        # One attention segment per frame of each image.
-        cu_seqlens = [0] + torch.repeat_interleave(frames, grid[:, 0]).cumsum(0).tolist()
+        runs = attention_runs(grid)
         for block in self.blocks:
-            x = block(x, cu_seqlens, cos, sin)
+            x = block(x, runs, cos, sin)
         return self.merger(x)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

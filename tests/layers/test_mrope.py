@@ -8,7 +8,8 @@ import torch
 
 from pagellm.arch_config import ArchConfig
 from pagellm.model_executor.layers.mrope import MRotaryEmbedding, get_mrope, mrope_decode_positions, mrope_positions
-from tests.models.tiny_qwen2_vl import IMAGE_TOKEN, MERGE, VISION_START, image_prompt, tiny_qwen2_vl_config
+from tests.models.tiny_qwen2_vl import (IMAGE_TOKEN, MERGE, VISION_START, image_prompt, tiny_qwen2_vl_config,
+                                       token_type_kwargs)
 
 PROMPTS = {
     "text": [],
@@ -28,7 +29,7 @@ def hf_model():
 def _hf_rope_index(model, ids: list[int], grids):
     t = torch.tensor([ids])
     grid = torch.tensor(grids) if grids else None
-    positions, delta = model.get_rope_index(t, mm_token_type_ids=(t == IMAGE_TOKEN).int(), image_grid_thw=grid)
+    positions, delta = model.get_rope_index(t, image_grid_thw=grid, **token_type_kwargs(model.get_rope_index, t))
     return positions[:, 0], int(delta.flatten()[0])
 
 
@@ -75,7 +76,7 @@ def test_bad_prompts_raise():
 
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_rotation_matches_transformers(hf_model, name):
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 
     grids = PROMPTS[name]
     ids = image_prompt(grids, seed=len(grids))
@@ -85,10 +86,12 @@ def test_rotation_matches_transformers(hf_model, name):
     torch.manual_seed(1)
     q, k = torch.randn(t, heads * d), torch.randn(t, kv_heads * d)
 
-    ref_rope = Qwen2VLRotaryEmbedding(text_config)
-    cos, sin = ref_rope(q, positions[:, None, :])
-    ref_q, ref_k = apply_rotary_pos_emb(q.view(1, t, heads, d).transpose(1, 2), k.view(1, t, kv_heads, d)
-                                        .transpose(1, 2), cos, sin)
+    cos, sin = hf.Qwen2VLRotaryEmbedding(text_config)(q, positions[:, None, :])
+    q4, k4 = q.view(1, t, heads, d).transpose(1, 2), k.view(1, t, kv_heads, d).transpose(1, 2)
+    if cos.dim() == 4:  # older transformers: per-row cos/sin [3, 1, T, D], the sections picked when rotating
+        ref_q, ref_k = hf.apply_multimodal_rotary_pos_emb(q4, k4, cos, sin, [2, 3, 3])
+    else:
+        ref_q, ref_k = hf.apply_rotary_pos_emb(q4, k4, cos, sin)
     rope = get_mrope(ArchConfig.from_hf(text_config))
     assert isinstance(rope, MRotaryEmbedding) and rope.mrope_section == [2, 3, 3]
     out_q, out_k = rope(positions, q, k)

@@ -10,7 +10,8 @@ import torch
 from pagellm.model_executor.layers.mrope import mrope_decode_positions
 from pagellm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from tests.models.helpers import empty_kv_caches, single_request_metadata
-from tests.models.tiny_qwen2_vl import IMAGE_TOKEN, image_prompt, pixel_values_for, tiny_qwen2_vl_config
+from tests.models.tiny_qwen2_vl import (IMAGE_TOKEN, image_prompt, pixel_values_for, tiny_qwen2_vl_config,
+                                       token_type_kwargs)
 
 GENERATED = [17, 42, 99, 5, 230]  # teacher-forced continuation: each is one decode step
 
@@ -72,7 +73,7 @@ def test_logits_match_transformers(tie, layout, grids):
     assert loaded == {n for n, _ in ours.named_parameters()}
 
     t = torch.tensor([ids])
-    kwargs = dict(mm_token_type_ids=(t == IMAGE_TOKEN).int())
+    kwargs = token_type_kwargs(hf.forward, t)
     if grids:
         kwargs.update(pixel_values=pixels, image_grid_thw=torch.tensor(grids))
     with torch.inference_mode():
@@ -97,7 +98,7 @@ def test_cuda_matches_transformers(dtype):
     t = torch.tensor([ids])
     with torch.inference_mode():
         want = hf(input_ids=t, pixel_values=pixels, image_grid_thw=torch.tensor(grids),
-                  mm_token_type_ids=(t == IMAGE_TOKEN).int()).logits[0].float()
+                  **token_type_kwargs(hf.forward, t)).logits[0].float()
     got = _run_ours(ours, ids, grids, pixels, device="cuda")
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

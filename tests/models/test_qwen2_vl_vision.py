@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pagellm.model_executor.models.qwen2_vl_vision import Qwen2VisionTransformer, image_token_counts
-from tests.models.tiny_qwen2_vl import pixel_values_for, tiny_qwen2_vl_config
+from tests.models.tiny_qwen2_vl import merged_output, pixel_values_for, tiny_qwen2_vl_config
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_tower_matches_transformers(towers, grids):
     pixels = pixel_values_for(grids, config, seed=len(grids))
     grid = torch.tensor(grids)
     with torch.inference_mode():
-        want = ref(pixels, grid_thw=grid).pooler_output
+        want = merged_output(ref(pixels, grid_thw=grid))
         got = ours(pixels, grid)
     assert got.shape == (sum(image_token_counts(grid, 2)), config.vision_config.hidden_size)
     assert (got - want).abs().max().item() < 1e-4
@@ -71,7 +71,7 @@ def test_tower_on_cuda(towers, dtype):
     grids = [(1, 6, 4), (2, 8, 8)]
     pixels = pixel_values_for(grids, config, seed=2)
     with torch.inference_mode():
-        want = ref(pixels, grid_thw=torch.tensor(grids)).pooler_output
+        want = merged_output(ref(pixels, grid_thw=torch.tensor(grids)))
         gpu = Qwen2VisionTransformer(config.vision_config, dtype=dtype, device="cuda")
         gpu.load_weights(("visual." + n, t) for n, t in ref.state_dict().items())
         got = gpu(pixels.cuda(), torch.tensor(grids)).float().cpu()

@@ -45,3 +45,19 @@ def pixel_values_for(grids: list[tuple[int, int, int]], config, seed: int = 0) -
     per_patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
     n = sum(t * h * w for t, h, w in grids)
     return torch.randn(n, per_patch, generator=torch.Generator().manual_seed(seed))
+
+
+def token_type_kwargs(fn, input_ids: torch.Tensor) -> dict:
+    """`mm_token_type_ids` (text 0, image 1) for a transformers call that takes it (newer 5.x releases need it to
+    place images; older ones find images by their vision-start token and take no such argument)."""
+    import inspect
+
+    if "mm_token_type_ids" in inspect.signature(fn).parameters:
+        return {"mm_token_type_ids": (input_ids == IMAGE_TOKEN).int()}
+    return {}
+
+
+def merged_output(out) -> torch.Tensor:
+    """The merged image embeddings of transformers' vision tower (a tensor in older releases, `pooler_output`
+    of its output in newer ones)."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out

@@ -84,6 +84,39 @@ def test_logits_match_transformers(tie, layout, grids):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@torch.inference_mode()
+def test_chunked_prefill_split_inside_an_image():
+    """A prompt prefilled in chunks whose boundaries fall inside images (as the scheduler may cut it): each chunk
+    takes its slice of the [3, T] positions and the image rows of the image tokens it holds, and the logits of
+    its tokens equal the whole prefill's."""
+    grids = [(1, 6, 4), (1, 8, 8)]
+    hf = _hf_model(False)
+    ours = Qwen2VLForConditionalGeneration(hf.config, dtype=torch.float32)
+    ours.load_weights(hf.state_dict().items())
+    prompt = torch.tensor(image_prompt(grids, seed=7))
+    positions, _ = ours.mrope_positions(prompt, grids)
+    image_rows = ours.get_image_embeddings(pixel_values_for(grids, hf.config, seed=1), torch.tensor(grids))
+    text_config = tiny_qwen2_vl_config().text_config
+
+    def prefill(cuts: list[int]) -> torch.Tensor:
+        caches = empty_kv_caches(text_config, len(prompt))
+        out = []
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            first_row = int((prompt[:start] == IMAGE_TOKEN).sum())
+            rows = image_rows[first_row:first_row + int((prompt[start:end] == IMAGE_TOKEN).sum())]
+            embeds = ours.embed_input_ids(prompt[start:end], rows)
+            hidden = ours(None, positions[:, start:end], caches, single_request_metadata(start, end - start),
+                          inputs_embeds=embeds)
+            out.append(ours.compute_logits(hidden))
+        return torch.cat(out)
+
+    whole = prefill([0, len(prompt)])
+    cuts = [0, 9, 25, 30, len(prompt)]  # 9: inside the first image; 25 and 30: inside the second
+    assert all(prompt[c - 1] == IMAGE_TOKEN and prompt[c] == IMAGE_TOKEN for c in cuts[1:-1])
+    chunked = prefill(cuts)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

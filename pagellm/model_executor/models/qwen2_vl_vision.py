@@ -12,7 +12,8 @@ rotates q/k by the patch's (row, column) (2-D rotary: half the frequencies from 
 then the patch merger (LayerNorm, m*m neighbours concatenated, two-layer GELU MLP).
 
 The tower is small next to the language model (~0.6B of Qwen2-VL-7B's 8B) and runs once per image: it is plain
-torch (nn.Linear, scaled_dot_product_attention per frame), replicated on every tensor-parallel rank.
+torch (nn.Linear; scaled_dot_product_attention, one call per run of equal-size frames), replicated on every
+tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def attention_runs(image_grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
     runs: list[tuple[int, int, int]] = []
     row = 0
     for t, h, w in image_grid_thw.tolist():
-        if runs and runs[-1][2] == h * w and runs[-1][0] + runs[-1][1] * runs[-1][2] == row:
+        if runs and runs[-1][2] == h * w:  # the same frame size as the image before: join its run
             runs[-1] = (runs[-1][0], runs[-1][1] + t, h * w)
         else:
             runs.append((row, t, h * w))

@@ -131,3 +131,28 @@ def test_cuda_in_place_matches_cpu(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(out_q.cpu().float(), ref_q.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(out_k.cpu().float(), ref_k.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager():
+    """[3, T] positions inside a captured CUDA graph (a decode graph of the runner): new positions written into
+    the static buffer give the eager result."""
+    head_dim, heads, kv_heads, tokens = 128, 4, 2, 8
+    rope = MRotaryEmbedding(head_dim, 4096, 1e6, [16, 24, 24], device="cuda")
+    pos = torch.zeros(3, tokens, dtype=torch.int64, device="cuda")
+    q0 = torch.randn(tokens, heads * head_dim, device="cuda")
+    k0 = torch.randn(tokens, kv_heads * head_dim, device="cuda")
+    q, k = q0.clone(), k0.clone()
+    rope(pos, q, k)  # warm-up (Triton compiles outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rope(pos, q, k)
+    new_pos = torch.randint(0, 4096, (3, tokens), device="cuda")
+    pos.copy_(new_pos)
+    q.copy_(q0)
+    k.copy_(k0)
+    graph.replay()
+    want_q, want_k = MRotaryEmbedding(head_dim, 4096, 1e6, [16, 24, 24])(new_pos.cpu(), q0.cpu(), k0.cpu())
+    torch.testing.assert_close(q.cpu(), want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.cpu(), want_k, atol=1e-5, rtol=1e-5)

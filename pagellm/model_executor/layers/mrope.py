@@ -39,18 +39,18 @@ class MRotaryEmbedding(RotaryEmbedding):
                              f"({head_dim // 2})")
         super().__init__(head_dim, max_position, base, None, device)
         self.mrope_section = section
-        # Which position row (0, 1, 2) drives each of the D/2 frequencies.
-        self._row_of_freq = torch.repeat_interleave(torch.arange(3), torch.tensor(section))
+        # The frequency columns [start, end) that position row i drives.
+        bounds = [0, section[0], section[0] + section[1], sum(section)]
+        self._spans = list(zip(bounds[:-1], bounds[1:]))
 
     def merged_cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
-        """[3, T] positions -> [T, D] float32 cos|sin rows, each frequency taken from its section's row."""
+        """[3, T] positions -> [T, D] float32 cos|sin rows, each frequency taken from its section's row.
+        Only slicing after one gather: no host data moves, so a CUDA graph can capture it."""
         half = self.head_dim // 2
         table = self.cos_sin_cache.index_select(0, positions.reshape(-1)).view(3, -1, self.head_dim)
-        rows = self._row_of_freq.to(positions.device)
-        cols = torch.arange(half, device=positions.device)
-        cos = table[rows, :, cols].transpose(0, 1)  # [T, D/2]
-        sin = table[rows, :, cols + half].transpose(0, 1)
-        return torch.cat([cos, sin], dim=-1)
+        cos = [table[i, :, a:b] for i, (a, b) in enumerate(self._spans)]
+        sin = [table[i, :, half + a:half + b] for i, (a, b) in enumerate(self._spans)]
+        return torch.cat(cos + sin, dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora ...
+#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|mrope ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -12,6 +12,8 @@
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA); lora-kernel: the LoRA kernels' GPU time per layer by tile config.
+# mrope = mrope-tests + mrope-bench (issue 18's Qwen2-VL parts: M-RoPE, the vision tower, the model module on CUDA;
+# then the tower against transformers' at Qwen2-VL-7B's shape and M-RoPE against 1-D RoPE, bf16, one run).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -151,6 +153,15 @@ PY
         --out "$OUT/lora-kernel.json" ;;
     lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
         --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
+    # Issue 18's Qwen2-VL parts (not yet wired into the engine): the Triton rotary kernel under M-RoPE, the tower and
+    # the model module (Triton paged attention) on CUDA against transformers on the CPU (mrope-tests); the tower at
+    # Qwen2-VL-7B's shape against transformers' tower (sdpa) on the same random bf16 weights, and M-RoPE's cost
+    # next to 1-D RoPE (mrope-bench).
+    mrope|mrope-tests) logged "qwen2-vl parts tests (CUDA)" mrope-tests.log 300 '(passed|failed|error)' python3 -m \
+        pytest -q -p no:cacheprovider tests/layers/test_mrope.py tests/models/test_qwen2_vl_vision.py \
+        tests/models/test_qwen2_vl.py ;;&
+    mrope|mrope-bench) logged "qwen2-vl tower + M-RoPE" mrope-bench.log 300 '^qwen2-vl' python3 \
+        benchmarks/qwen2_vl_parts.py --out "$OUT/qwen2-vl-parts.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

@@ -1,0 +1,164 @@
+"""Qwen2-VL: the vision tower (qwen2_vl_vision.py) and Qwen2's decoder with M-RoPE (layers/mrope.py).
+
+The language side is pagellm's Qwen2 (llama.py) with one block swapped: every layer rotates q/k by M-RoPE, so
+`positions` may be [3, T] (temporal, height, width rows; mrope_positions gives a prompt's) or [T] for plain text.
+The runner's part, not this file's: compute image embeddings with `get_image_embeddings`, put them at the
+prompt's image tokens with `embed_input_ids`, and pass the result as `inputs_embeds` with [3, T] positions; later
+tokens sit at index + delta in all three rows (mrope_decode_positions).
+
+Config: transformers' Qwen2VLConfig (text facts in `text_config` in transformers 5, at the top level in older
+configs; `tie_word_embeddings` at the top level). Checkpoint names: original Qwen2-VL (`visual.*`, `model.*`,
+`lm_head.*`) and transformers 5 (`model.visual.*`, `model.language_model.*`, `lm_head.*`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from pagellm.arch_config import ArchConfig
+from pagellm.attention import AttentionMetadata
+from pagellm.model_executor.layers.mrope import MRotaryEmbedding, get_mrope, mrope_positions
+from pagellm.model_executor.layers.quantization.base import QuantizationConfig
+from pagellm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel, Qwen2ForCausalLM
+from pagellm.model_executor.models.qwen2_vl_vision import VISION_PREFIXES, Qwen2VisionTransformer
+from pagellm.model_executor.models.utils import IntermediateTensors
+
+
+class TextConfigView:
+    """The text side of a Qwen2-VL config as the Llama classes read it: attributes from `text_config` (or the
+    config itself when flat), with `tie_word_embeddings` from the top level and an "mrope" rope type read as
+    "default" (M-RoPE is plain RoPE on text; mrope_section stays in the dict)."""
+
+    def __init__(self, config: Any) -> None:
+        self._text = getattr(config, "text_config", None) or config
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = getattr(self._text, key, None)
+            if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "mrope":
+                setattr(self, key, {**rope, "rope_type": "default", "type": "default"})
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_text":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._text, name)
+
+
+class Qwen2VLTextModel(LlamaModel):
+    """LlamaModel whose forward also takes `inputs_embeds` [T, H] (text and image embeddings) in place of ids."""
+
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate is not None or inputs_embeds is None:
+            return super().forward(input_ids, positions, kv_caches, attn_metadata, intermediate)
+        hidden, residual = inputs_embeds, None
+        for layer, kv_cache in zip(self.layers[self.start_layer:self.end_layer], kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class Qwen2VLTextForCausalLM(Qwen2ForCausalLM):
+    """Qwen2 (q/k/v bias) with M-RoPE in every layer. `config`: a TextConfigView (or any flat text config)."""
+
+    def build_model(self, arch: ArchConfig, dtype, device, quant_config, need_embedding: bool) -> nn.Module:
+        qkv_bias, o_bias = self.attention_biases(self.config)
+        mrope = get_mrope(arch, device)
+
+        def make_layer(i: int, _rope, prefix: str) -> nn.Module:
+            return LlamaDecoderLayer(arch, i, qkv_bias, o_bias, False, False, dtype, device, mrope, quant_config,
+                                     prefix)
+
+        model = Qwen2VLTextModel(arch, make_layer, dtype, device, need_embedding)
+        model.rotary_emb = mrope  # the one table every layer shares (LlamaModel's 1-D one is dropped)
+        return model
+
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate, inputs_embeds)
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    """The tower (`visual`) and the language model (`language_model`); same constructor as every model class."""
+
+    def __init__(self, config: Any, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device | str] = None,
+                 quant_config: Optional[QuantizationConfig] = None) -> None:
+        super().__init__()
+        self.config = config
+        dtype = dtype or torch.get_default_dtype()
+        self.image_token_id = int(config.image_token_id)
+        self.vision_start_token_id = int(config.vision_start_token_id)
+        self.spatial_merge_size = int(config.vision_config.spatial_merge_size)
+        # The tower stays unquantized: checkpoints quantize only the language model.
+        self.visual = Qwen2VisionTransformer(config.vision_config, dtype, device)
+        self.language_model = Qwen2VLTextForCausalLM(TextConfigView(config), dtype, device, quant_config)
+        self.arch = self.language_model.arch
+
+    @property
+    def rotary_emb(self) -> MRotaryEmbedding:
+        return self.language_model.model.rotary_emb
+
+    # ---- inputs ------------------------------------------------------------------------------------------
+    def mrope_positions(self, input_ids, image_grid_thw) -> tuple[torch.Tensor, int]:
+        """A prompt's [3, T] positions and delta, with this model's token ids and merge size."""
+        return mrope_positions(input_ids, image_grid_thw, self.spatial_merge_size, self.image_token_id,
+                               self.vision_start_token_id)
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N_patches, C*T*P*P], image_grid_thw [n_images, 3] -> [sum(t*h*w/m^2), hidden], the rows
+        of the prompt's image tokens, images in order (see qwen2_vl_vision.image_token_counts)."""
+        return self.visual(pixel_values, image_grid_thw)
+
+    def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [T] -> inputs_embeds [T, hidden]: token embeddings, with the image-token rows replaced by
+        `image_embeds` in order (as many rows as input_ids has image tokens: a prefill chunk passes the rows of
+        the image tokens it holds)."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        n = int(is_image.sum())
+        if n == 0 and image_embeds is None:
+            return embeds
+        rows = 0 if image_embeds is None else image_embeds.shape[0]
+        if rows != n:
+            raise ValueError(f"input_ids hold {n} image tokens but {rows} image embedding rows were given")
+        embeds[is_image] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    # ---- the model interface -----------------------------------------------------------------------------
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
+        """positions [3, T] (or [T] on text-only steps); inputs_embeds [T, H] when the step holds image tokens."""
+        return self.language_model(input_ids, positions, kv_caches, attn_metadata, intermediate, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF-named checkpoint tensors (either layout) -> parameters; returns our parameter names filled."""
+        vision: list[tuple[str, torch.Tensor]] = []
+
+        def text_weights():
+            for name, tensor in weights:
+                if name.startswith(VISION_PREFIXES):
+                    vision.append((name, tensor))
+                elif name.startswith("model.language_model."):
+                    yield "model." + name[len("model.language_model."):], tensor
+                else:
+                    yield name, tensor
+
+        loaded = {"language_model." + n for n in self.language_model.load_weights(text_weights())}
+        return loaded | {"visual." + n for n in self.visual.load_weights(vision)}
+
+    def required_params(self) -> dict[str, set[str]]:
+        """Our parameter name -> the checkpoint names that fill it (original layout), for error messages."""
+        out = {"language_model." + k: v for k, v in self.language_model.required_params().items()}
+        out.update({"visual." + n: {"visual." + n} for n, _ in self.visual.named_parameters()})
+        return out

@@ -1,0 +1,95 @@
+"""The runner's images: encode each image when a prefill step first reaches its placeholder span, keep its
+embeddings while a chunked prefill crosses the span, and hand the language model `inputs_embeds` with the
+image rows scattered over the placeholder tokens.
+
+A request's features (multimodal/inputs.py) arrive with its NewRequestData. Embeddings are kept per request and
+image until a step has computed the image's last placeholder position, then dropped: an image is encoded once
+per prefill (again only if the request is preempted and recomputes it). Steps that touch no image span (all
+decodes, text-only requests) go the usual input_ids path, CUDA graphs included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from pagellm.core.sched_output import SchedulerOutput
+from pagellm.multimodal.inputs import MultiModalFeature
+from pagellm.worker.input_batch import StepInputs
+
+
+@dataclass
+class ImageSlice:
+    """Rows [src, src + n) of one image's embeddings go to flat token indices [dst, dst + n) of the step."""
+
+    key: tuple[str, int]  # (request id, image index in the prompt)
+    feature: MultiModalFeature
+    dst: int
+    src: int
+    n: int
+    done: bool  # the step computes the image's last placeholder position: drop its embeddings afterwards
+
+
+class MultiModalEmbedder:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.features: dict[str, list[MultiModalFeature]] = {}
+        self.embeddings: dict[tuple[str, int], torch.Tensor] = {}
+        self.num_images_encoded = 0  # (tests and metrics: each image once per prefill)
+
+    def apply(self, sched: SchedulerOutput) -> None:
+        """Follow the step message: forget requests that left or were preempted, take new ones' features."""
+        for req_id in (*sched.finished_req_ids, *sched.preempted_req_ids):
+            self._drop(req_id)
+        for r in sched.new_reqs:
+            if r.mm_features:
+                self._drop(r.req_id)
+                self.features[r.req_id] = list(r.mm_features)
+
+    def _drop(self, req_id: str) -> None:
+        feats = self.features.pop(req_id, None)
+        for k in range(len(feats or ())):
+            self.embeddings.pop((req_id, k), None)
+
+    def plan(self, step: StepInputs) -> list[ImageSlice]:
+        """The image rows this step computes (empty for most steps)."""
+        if not self.features:
+            return []
+        slices = []
+        for i, req_id in enumerate(step.req_ids):
+            feats = self.features.get(req_id)
+            if not feats:
+                continue
+            start = int(step.starts[i])
+            end = start + int(step.q_lens[i])
+            base = int(step.query_start_loc[i])
+            for k, f in enumerate(feats):
+                lo, hi = max(start, f.offset), min(end, f.end)
+                if lo < hi:
+                    slices.append(ImageSlice((req_id, k), f, base + lo - start, lo - f.offset, hi - lo,
+                                             end >= f.end))
+        return slices
+
+    def inputs_embeds(self, slices: list[ImageSlice], input_ids: torch.Tensor) -> torch.Tensor:
+        """The step's token embeddings with the planned image rows in place."""
+        missing = {s.key: s.feature for s in slices if s.key not in self.embeddings}
+        if missing:
+            encoded = self.model.embed_images([f.torch_tensors() for f in missing.values()])
+            for key, emb in zip(missing, encoded):
+                self.embeddings[key] = emb
+            self.num_images_encoded += len(missing)
+        embeds = self.model.embed_input_ids(input_ids)
+        for s in slices:
+            rows = self.embeddings[s.key][s.src : s.src + s.n]
+            embeds[s.dst : s.dst + s.n] = rows.to(embeds.dtype)
+        for s in slices:
+            if s.done:
+                self.embeddings.pop(s.key, None)
+        return embeds
+
+
+def make_embedder(model: Any) -> Optional[MultiModalEmbedder]:
+    """An embedder for a model that encodes images, else None."""
+    return MultiModalEmbedder(model) if hasattr(model, "embed_images") else None

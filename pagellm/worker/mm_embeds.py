@@ -3,8 +3,9 @@ embeddings while a chunked prefill crosses the span, and hand the language model
 image rows scattered over the placeholder tokens.
 
 A request's features (multimodal/inputs.py) arrive with its NewRequestData. Embeddings are kept per request and
-image until a step has computed the image's last placeholder position, then dropped: an image is encoded once
-per prefill (again only if the request is preempted and recomputes it). Steps that touch no image span (all
+image until a step has computed the image's last placeholder position, then dropped (and the request's features
+with its last image): an image is encoded once per prefill (again only if the request is preempted: it comes
+back with its features and recomputes). Steps that touch no image span (all
 decodes, text-only requests) go the usual input_ids path, CUDA graphs included.
 """
 
@@ -87,6 +88,9 @@ class MultiModalEmbedder:
         for s in slices:
             if s.done:
                 self.embeddings.pop(s.key, None)
+                req_id, k = s.key
+                if k == len(self.features.get(req_id, ())) - 1:  # its last image: the pixels are not needed again
+                    self.features.pop(req_id, None)
         return embeds
 
 

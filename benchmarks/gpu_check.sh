@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora ...
+#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora|vision ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -11,6 +11,7 @@
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA).
+# vision = vision-tests + vision-bench (issue 18 part 2: tiny LLaVA on CUDA, then llava7b-image with its peer).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -146,6 +147,18 @@ PY
         -p no:cacheprovider tests/lora/test_triton_lora.py tests/lora/test_lora_cuda.py ;;&
     lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
         --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
+    # Issue 18 part 2, images in chat (needs pillow there: carry its wheel if `import PIL` fails): the tiny LLaVA
+    # tests on CUDA (vision-tests; the server test only where fastapi & co. import), then llava7b-image (LLaVA-1.5-7B
+    # shape, dummy bf16 weights, 128 requests with one random image each) with the transformers peer in the same
+    # run (vision-bench). Both under 5 minutes.
+    vision|vision-tests)
+      python3 -c "import PIL" 2>/dev/null || echo "vision: pillow is missing (pip install pillow)" | tee -a "$summary"
+      vtests=(tests/multimodal)
+      python3 -c "import fastapi, uvicorn, zmq, msgspec, openai" 2>/dev/null && vtests+=(tests/entrypoints/test_vision_server.py)
+      logged "vision tests (CUDA)" vision-tests.log 200 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider "${vtests[@]}" ;;&
+    vision|vision-bench) logged "llava7b-image vs peer" vision-bench.log 240 '^(pagellm|transformers|ratio)' \
+        "${BENCH[@]}" throughput --workload llava7b-image --peer hf --output-json "$OUT/llava7b-image-peer.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

@@ -105,11 +105,27 @@ def _fetch_bytes(url: str, rules: MediaRules, field: str) -> bytes:
     if host not in rules.allowed_media_domains:
         raise ValueError(f"{field}: fetching images from {host or 'that URL'} is refused (the server's "
                          "--allowed-media-domains does not list it)")
+    opener = urllib.request.build_opener(_ListedHostsOnly(rules.allowed_media_domains, field))
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310 - host checked above
+        with opener.open(url, timeout=FETCH_TIMEOUT_S) as resp:  # host checked above, redirects by the handler
             raw = resp.read(rules.max_image_bytes + 1)
-    except OSError as e:
+    except OSError as e:  # (a refused redirect is the handler's ValueError, which passes through)
         raise ValueError(f"{field}: cannot fetch the image ({type(e).__name__})") from None
     if len(raw) > rules.max_image_bytes:
         raise ValueError(f"{field}: the image is more than {rules.max_image_bytes:,} bytes")
     return raw
+
+
+class _ListedHostsOnly(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to a listed host (a listed host must not lead the server anywhere else)."""
+
+    def __init__(self, hosts: tuple[str, ...], field: str) -> None:
+        super().__init__()
+        self.hosts, self.field = hosts, field
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        host = (urllib.parse.urlparse(newurl).hostname or "").lower()
+        if host not in self.hosts or not newurl.startswith(("http://", "https://")):
+            raise ValueError(f"{self.field}: the image URL redirects to {host or 'another scheme'}, which "
+                             "--allowed-media-domains does not list")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)

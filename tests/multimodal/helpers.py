@@ -61,10 +61,14 @@ def image(seed: int, size: tuple[int, int] = (40, 52)):
     return Image.fromarray(arr)
 
 
-def data_url(img, fmt: str = "PNG") -> str:
+def png_bytes(img, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def data_url(img, fmt: str = "PNG") -> str:
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(png_bytes(img, fmt)).decode()
 
 
 @torch.inference_mode()

@@ -64,3 +64,41 @@ def test_limit_mm_per_prompt_option():
     for bad in ('{"video": 1}', "[1]", '{"image": -1}', "{"):
         with pytest.raises(ValueError, match="^limit_mm_per_prompt"):
             parse_limit_mm_per_prompt(bad)
+
+
+def test_http_only_from_listed_hosts_and_never_redirected_elsewhere():
+    """A local HTTP server: 127.0.0.1 listed, its redirect to localhost (not listed) refused."""
+    import http.server
+    import threading
+
+    from tests.multimodal.helpers import png_bytes
+
+    body = png_bytes(image(2))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/cat.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_port}/cat.png")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        rules = MediaRules(allowed_media_domains=("127.0.0.1",))
+        assert load_image(f"{base}/cat.png", rules, FIELD).tobytes() == image(2).tobytes()
+        with pytest.raises(ValueError, match=r"redirects to localhost, which --allowed-media-domains"):
+            load_image(f"{base}/elsewhere", rules, FIELD)
+        with pytest.raises(ValueError, match=r"127.0.0.1 is refused"):
+            load_image(f"{base}/cat.png", MediaRules(), FIELD)
+    finally:
+        server.shutdown()

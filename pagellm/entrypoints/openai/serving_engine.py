@@ -239,7 +239,7 @@ class OpenAIServing:
         try:
             parts, urls = split_image_parts(parts, mm.placeholder if mm is not None else None)
         except ValueError as e:
-            raise APIError(str(e), param=str(e).split(":")[0]) from None
+            raise APIError(str(e), param="messages") from None  # the message names the part
         result = []
         for m, flat in zip(messages, parts):
             content = flat["content"] or ""
@@ -306,7 +306,8 @@ class OpenAIServing:
             raise APIError(re.sub(r"^multi_modal_data", "messages", str(e)), param="messages") from None
 
     def _load_images(self, urls: list[tuple[str, str]]) -> list[Any]:
-        """The images of a chat request's image parts (a 400 naming the part when one is refused)."""
+        """The images of a chat request's image parts (a 400 whose message names the part when one is refused;
+        its param is the top-level field, as every 400's)."""
         mm = self.engine.processor.mm
         try:
             mm.check_count(len(urls), "messages")
@@ -317,7 +318,7 @@ class OpenAIServing:
             try:
                 images.append(mm.load_image(url, field))
             except ValueError as e:
-                raise APIError(str(e), param=field) from None
+                raise APIError(str(e), param="messages") from None
         return images
 
     # ---- logprob helpers ----

@@ -7,6 +7,12 @@ image until a step has computed the image's last placeholder position, then drop
 with its last image): an image is encoded once per prefill (again only if the request is preempted: it comes
 back with its features and recomputes). Steps that touch no image span (all
 decodes, text-only requests) go the usual input_ids path, CUDA graphs included.
+
+M-RoPE models (Qwen2-VL: the model has `mrope_positions(prompt_token_ids, image_grid_thw) -> ([3, P], delta)`):
+a request with images gets its prompt's 3-row positions once, when it arrives. Text tokens have three equal
+rows (their index plus the shift of the images before them; index + delta after the prompt), so a step without
+image tokens keeps 1-D positions, shifted in place (CUDA graphs still replay); a step with image tokens hands the
+model [3, T] positions (`rope_positions`). The KV slots stay at the tokens' indices.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from pagellm.core.sched_output import SchedulerOutput
@@ -39,6 +46,10 @@ class MultiModalEmbedder:
         self.features: dict[str, list[MultiModalFeature]] = {}
         self.embeddings: dict[tuple[str, int], torch.Tensor] = {}
         self.num_images_encoded = 0  # (tests and metrics: each image once per prefill)
+        # M-RoPE: request id -> (its prompt's positions [3, P], its delta), for requests with images.
+        self.uses_mrope = hasattr(model, "mrope_positions")
+        self.rope: dict[str, tuple[np.ndarray, int]] = {}
+        self.positions_3d: Optional[np.ndarray] = None  # this step's [3, T] positions, when it has image tokens
 
     def apply(self, sched: SchedulerOutput) -> None:
         """Follow the step message: forget requests that left or were preempted, take new ones' features."""
@@ -48,16 +59,50 @@ class MultiModalEmbedder:
             if r.mm_features:
                 self._drop(r.req_id)
                 self.features[r.req_id] = list(r.mm_features)
+                if self.uses_mrope:
+                    grids = torch.cat([f.tensors["image_grid_thw"].to_tensor() for f in r.mm_features])
+                    positions, delta = self.model.mrope_positions(list(r.prompt_token_ids), grids)
+                    self.rope[r.req_id] = (np.asarray(positions, dtype=np.int64), int(delta))
 
     def _drop(self, req_id: str) -> None:
+        self.rope.pop(req_id, None)
         feats = self.features.pop(req_id, None)
         for k in range(len(feats or ())):
             self.embeddings.pop((req_id, k), None)
 
     def plan(self, step: StepInputs) -> list[ImageSlice]:
-        """The image rows this step computes (empty for most steps)."""
-        if not self.features:
-            return []
+        """The image rows this step computes (empty for most steps); for an M-RoPE model, also this step's
+        positions (step.positions shifted in place, or positions_3d)."""
+        slices = self._image_slices(step) if self.features else []
+        self.positions_3d = None
+        if self.rope:
+            self._set_rope_positions(step, bool(slices))
+        return slices
+
+    def _set_rope_positions(self, step: StepInputs, with_images: bool) -> None:
+        pos = step.positions
+        full = np.broadcast_to(pos, (3, len(pos))).copy() if with_images else None
+        qsl = step.query_start_loc
+        for i, req_id in enumerate(step.req_ids):
+            entry = self.rope.get(req_id)
+            if entry is None:
+                continue
+            table, delta = entry
+            a, b = int(qsl[i]), int(qsl[i + 1])
+            idx = pos[a:b]
+            rows = np.where(idx < table.shape[1], table[:, np.minimum(idx, table.shape[1] - 1)], idx + delta)
+            if full is not None:
+                full[:, a:b] = rows
+            pos[a:b] = rows[0]  # text tokens: three equal rows
+        self.positions_3d = full
+
+    def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The positions the model reads this step: [3, T] when it holds M-RoPE image tokens, else as given."""
+        if self.positions_3d is None:
+            return positions
+        return torch.from_numpy(self.positions_3d).to(positions.device)
+
+    def _image_slices(self, step: StepInputs) -> list[ImageSlice]:
         slices = []
         for i, req_id in enumerate(step.req_ids):
             feats = self.features.get(req_id)

@@ -485,7 +485,7 @@ class ModelRunner:
             return self._sample(step, logits, sched)
         embeds = self.mm.inputs_embeds(images, input_ids) if images else None  # image rows in the embeddings
         hidden = (self.model(input_ids, positions, self.kv_caches, meta) if embeds is None
-                  else self.model(None, positions, self.kv_caches, meta, inputs_embeds=embeds))
+                  else self.model(None, self.mm.rope_positions(positions), self.kv_caches, meta, inputs_embeds=embeds))
         if hidden is None:  # a pipeline stage before the last: its output went to the next stage
             return PendingOutput()
         pending = PendingOutput()

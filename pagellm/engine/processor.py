@@ -104,15 +104,20 @@ class Processor:
         if not isinstance(ids, (list, tuple)):
             raise ValueError("prompt_token_ids must be a list of integers")
         ids, features = self.mm.process(list(ids), images)
-        processed = self._check_ids(ids, text)
+        processed = self._check_ids(ids, text, sum(f.length for f in features))
         processed.mm_features = features
         return processed
 
-    def _check_ids(self, ids: Any, text: Optional[str]) -> ProcessedPrompt:
+    def _check_ids(self, ids: Any, text: Optional[str], num_image_tokens: int = 0) -> ProcessedPrompt:
+        """`num_image_tokens`: what the prompt's images expanded to; a vision model's image token anywhere else
+        would reach the model without an image."""
         if not isinstance(ids, (list, tuple)):
             raise ValueError("prompt_token_ids must be a list of integers")
         ids = list(ids)
         check_prompt_token_ids(ids, self.limits)
+        if self.mm is not None and ids.count(self.mm.image_token_id) != num_image_tokens:
+            raise ValueError(f"prompt: holds image token {self.mm.image_token_id} without an image for it (one "
+                             f"placeholder {self.mm.placeholder} per image of multi_modal_data)")
         return ProcessedPrompt(prompt=text, prompt_token_ids=ids)
 
     def check_work(self, prompts: Sequence[ProcessedPrompt], params: SamplingParams) -> None:

@@ -3,8 +3,8 @@ tokens, and one MultiModalFeature per image (its processed tensors, span and has
 
 The image processor is the model folder's own (transformers' AutoImageProcessor, read from the local folder,
 never downloaded). What differs between families (the placeholder text, its token id, how many tokens an image
-becomes, which processor outputs the encoder reads) is asked of the model class (models/llava.py), which the
-registry record marks as multimodal.
+becomes, which processor outputs the encoder reads) is in multimodal/families.py, for the architectures the
+registry marks as multimodal.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from pagellm.multimodal.families import ImageFamily, image_family
 from pagellm.multimodal.inputs import MultiModalFeature, make_feature
 from pagellm.multimodal.media import MediaRules, load_image
 
@@ -51,13 +52,13 @@ class MultiModalConfig:
 class MultiModalProcessor:
     """Per engine: the model's image processor and the family's facts about image tokens."""
 
-    def __init__(self, model_class: Any, hf_config: Any, image_processor: Any, config: MultiModalConfig) -> None:
-        self.model_class = model_class
+    def __init__(self, family: ImageFamily, hf_config: Any, image_processor: Any, config: MultiModalConfig) -> None:
+        self.family = family
         self.hf_config = hf_config
         self.image_processor = image_processor
         self.config = config
-        self.placeholder, self.image_token_id = model_class.image_placeholder(hf_config)
-        self.input_names: tuple[str, ...] = tuple(model_class.image_input_names)
+        self.placeholder = family.placeholder
+        self.image_token_id = family.token_id(hf_config)
 
     @classmethod
     def for_model(cls, model_config: Any, config: Optional[MultiModalConfig]) -> Optional["MultiModalProcessor"]:
@@ -65,7 +66,7 @@ class MultiModalProcessor:
         from pagellm.model_executor.models.registry import spec_for
 
         try:
-            spec = spec_for(model_config.hf_config)
+            spec = spec_for(model_config.hf_config)  # (the registry imports no model code)
         except ValueError:
             return None
         if not spec.multimodal:
@@ -81,7 +82,7 @@ class MultiModalProcessor:
         except (OSError, ValueError) as e:
             raise ValueError(f"model: cannot load the image processor of {source.path} "
                              f"(preprocessor_config.json): {e}") from None
-        return cls(spec.model_class(), model_config.hf_config, image_processor,
+        return cls(image_family(spec.name), model_config.hf_config, image_processor,
                    config or MultiModalConfig(parse_limit_mm_per_prompt(None), MediaRules()))
 
     @property
@@ -110,7 +111,7 @@ class MultiModalProcessor:
         prev = 0
         for slot, image in zip(slots, images):
             tensors = self._image_tensors(image, field)
-            n = int(self.model_class.num_image_tokens(self.hf_config, tensors))
+            n = int(self.family.num_tokens(self.hf_config, tensors))
             out.extend(ids[prev:slot])
             features.append(make_feature("image", len(out), n, tensors))
             out.extend([self.image_token_id] * n)
@@ -127,7 +128,7 @@ class MultiModalProcessor:
             raise ValueError(f"{field}: the image is {width}x{height} pixels, more than "
                              f"{rules.max_image_pixels:,} in all")
         processed = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
-        return {name: processed[name] for name in self.input_names}
+        return {name: processed[name] for name in self.family.input_names}
 
 
 def images_of(multi_modal_data: Any, field: str = "multi_modal_data") -> list[Any]:

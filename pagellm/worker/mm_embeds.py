@@ -121,15 +121,18 @@ class MultiModalEmbedder:
     def inputs_embeds(self, slices: list[ImageSlice], input_ids: torch.Tensor) -> torch.Tensor:
         """The step's token embeddings with the planned image rows in place."""
         missing = {s.key: s.feature for s in slices if s.key not in self.embeddings}
-        if missing:
-            encoded = self.model.embed_images([f.torch_tensors() for f in missing.values()])
-            for key, emb in zip(missing, encoded):
+        if missing:  # the images first reached this step, through the vision tower in one call
+            feats = list(missing.values())
+            tensors = [f.torch_tensors() for f in feats]
+            device = input_ids.device
+            rows = self.model.get_image_embeddings(**{name: torch.cat([t[name] for t in tensors]).to(device)
+                                                      for name in tensors[0]})
+            for key, emb in zip(missing, rows.split([f.length for f in feats])):
                 self.embeddings[key] = emb
             self.num_images_encoded += len(missing)
-        embeds = self.model.embed_input_ids(input_ids)
-        for s in slices:
-            rows = self.embeddings[s.key][s.src : s.src + s.n]
-            embeds[s.dst : s.dst + s.n] = rows.to(embeds.dtype)
+        ordered = sorted(slices, key=lambda s: s.dst)  # the step's image tokens, in order
+        image_rows = torch.cat([self.embeddings[s.key][s.src : s.src + s.n] for s in ordered])
+        embeds = self.model.embed_input_ids(input_ids, image_rows)
         for s in slices:
             if s.done:
                 self.embeddings.pop(s.key, None)
@@ -140,5 +143,5 @@ class MultiModalEmbedder:
 
 
 def make_embedder(model: Any) -> Optional[MultiModalEmbedder]:
-    """An embedder for a model that encodes images, else None."""
-    return MultiModalEmbedder(model) if hasattr(model, "embed_images") else None
+    """An embedder for a model that encodes images (multimodal/families.py says what it provides), else None."""
+    return MultiModalEmbedder(model) if hasattr(model, "get_image_embeddings") else None

@@ -106,6 +106,8 @@ def test_bad_image_prompts_are_value_errors_naming_the_field(llm, tiny_model_dir
         llm.generate({"prompt": "USER: w1 ASSISTANT:", "multi_modal_data": {"image": image(1)}}, GREEDY)
     with pytest.raises(ValueError, match=r"multi_modal_data: 5 images in one prompt"):
         llm.generate({"prompt": "USER: " + "<image> " * 5, "multi_modal_data": {"image": [image(1)] * 5}}, GREEDY)
+    with pytest.raises(ValueError, match=r"prompt: holds image token 3 without an image"):
+        llm.generate({"prompt_token_ids": [1, 3, 5]}, GREEDY)  # would reach the model with no image rows
     with pytest.raises(ValueError, match=r"multi_modal_data: an image must be a PIL.Image"):
         llm.generate({"prompt": "USER: <image>", "multi_modal_data": {"image": "cat.png"}}, GREEDY)
     bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]

@@ -30,12 +30,15 @@ class StandIn:
         if mrope:
             self.mrope_positions = lambda ids, grids: (torch.from_numpy(TABLE), DELTA)
 
-    def embed_images(self, images):
-        self.encoded += len(images)
-        return [torch.arange(100.0, 104.0)[:, None] for _ in images]
+    def get_image_embeddings(self, pixel_values, image_grid_thw):
+        self.encoded += len(image_grid_thw)
+        return torch.arange(100.0, 104.0).repeat(len(image_grid_thw))[:, None]
 
-    def embed_input_ids(self, ids):
-        return ids.to(torch.float32)[:, None].clone()
+    def embed_input_ids(self, ids, image_embeds=None):
+        embeds = ids.to(torch.float32)[:, None].clone()
+        if image_embeds is not None:
+            embeds[ids == IMG] = image_embeds
+        return embeds
 
 
 def _steps(mrope: bool):
@@ -46,7 +49,7 @@ def _steps(mrope: bool):
     params = SamplingParams(max_tokens=4)
     first = SchedulerOutput(new_reqs=[
         NewRequestData("img", PROMPT, params, [0], 0, 4, mm_features=[feature]),
-        NewRequestData("txt", [5, 6, 7, 8], params, [1], 0, 4)])
+        NewRequestData("txt", [5, 6, 8, 9], params, [1], 0, 4)])
     second = SchedulerOutput(cached=CachedRequestData())
     second.cached.add("img", [], 4, 4, [])
     third = SchedulerOutput(cached=CachedRequestData())

@@ -2,9 +2,10 @@
 
 An image's embeddings are the projected hidden states of the vision tower's `vision_feature_layer` (-2 for
 LLaVA-1.5), without the class token under the "default" select strategy: one row per patch, one placeholder
-token each in the prompt. The model runner calls `embed_images` when a step first reaches an image's
-placeholder span and feeds the language model `inputs_embeds` with those rows scattered in
-(worker/mm_embeds.py); everything else is the Llama of models/llama.py, paged KV cache included.
+token each in the prompt. The model runner calls `get_image_embeddings` when a step first reaches an
+image's placeholder span and `embed_input_ids` to place its rows (worker/mm_embeds.py); the front end's facts
+(placeholder, token counts) are in multimodal/families.py; everything else is the Llama of models/llama.py, paged
+KV cache included.
 
 Checkpoint names: llava-hf's (`language_model.model.*`, `vision_tower.vision_model.*`,
 `multi_modal_projector.*`) and transformers 5's (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`).
@@ -23,9 +24,7 @@ from pagellm.model_executor.layers.linear import materialize
 from pagellm.model_executor.models.clip_vision import CLIPVisionTower, activation
 from pagellm.model_executor.models.llama import LlamaForCausalLM
 from pagellm.model_executor.models.utils import IntermediateTensors
-
-IMAGE_PLACEHOLDER = "<image>"
-
+from pagellm.multimodal.families import image_family
 
 class LlavaProjector(nn.Module):
     def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool, dtype=None, device=None) -> None:
@@ -46,9 +45,6 @@ def _feature_layer(config: Any) -> int:
 
 
 class LlavaForConditionalGeneration(nn.Module):
-    # What the processor (multimodal/processing.py) hands the vision tower, per image.
-    image_input_names = ("pixel_values",)
-
     def __init__(self, config: Any, dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
                  quant_config: Any = None) -> None:
         super().__init__()
@@ -59,6 +55,7 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not "
                              "supported (default, full)")
         self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.image_token_id = image_family("LlavaForConditionalGeneration").token_id(config)
         self.vision_tower = CLIPVisionTower(vc, _feature_layer(config), dtype, device)
         self.multi_modal_projector = LlavaProjector(vc.hidden_size, tc.hidden_size, config.projector_hidden_act,
                                                     bool(getattr(config, "multimodal_projector_bias", True)),
@@ -68,36 +65,23 @@ class LlavaForConditionalGeneration(nn.Module):
         self.arch = self.language_model.arch
         self.model = self.language_model.model  # the decoder stack, where the runner's helpers look for it
 
-    # ---- what the processor asks (front end, no weights) -------------------------------------------------
-    @staticmethod
-    def image_placeholder(config: Any) -> tuple[str, int]:
-        """(the text a chat image part becomes, the token id it tokenizes to)."""
-        token_id = getattr(config, "image_token_index", None)
-        if token_id is None:
-            token_id = config.image_token_id
-        return IMAGE_PLACEHOLDER, int(token_id)
-
-    @staticmethod
-    def num_image_tokens(config: Any, tensors: dict[str, torch.Tensor]) -> int:
-        vc = config.vision_config
-        height, width = tensors["pixel_values"].shape[-2:]
-        if height != vc.image_size or width != vc.image_size:
-            raise ValueError(f"the image processor gave {height}x{width} pixels; the vision tower takes "
-                             f"{vc.image_size}x{vc.image_size}")
-        patches = (height // vc.patch_size) * (width // vc.patch_size)
-        return patches + (0 if config.vision_feature_select_strategy == "default" else 1)
-
     # ---- what the model runner calls ---------------------------------------------------------------------
-    def embed_images(self, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """One [num_image_tokens, hidden] tensor per image (all images in one batch through the tower)."""
-        pixels = torch.cat([img["pixel_values"] for img in images]).to(self.vision_tower.pre_layrnorm.weight.device)
-        hidden = self.vision_tower(pixels)
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n_images, 3, H, W] -> their image-token rows [n_images * tokens, hidden], in order."""
+        hidden = self.vision_tower(pixel_values.to(self.vision_tower.pre_layrnorm.weight.device))
         if self.drop_cls:
             hidden = hidden[:, 1:]
-        return list(self.multi_modal_projector(hidden).unbind(0))
+        return self.multi_modal_projector(hidden).flatten(0, 1)
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
+    def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings [T, hidden] with the image tokens' rows replaced by `image_embeds`, in order."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if image_embeds is not None:
+            is_image = input_ids == self.image_token_id
+            if int(is_image.sum()) != image_embeds.shape[0]:
+                raise ValueError(f"{int(is_image.sum())} image tokens for {image_embeds.shape[0]} image rows")
+            embeds[is_image] = image_embeds.to(embeds.dtype)
+        return embeds
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,

@@ -362,6 +362,11 @@ class EngineArgs:
             step_timeout_s=self.distributed_step_timeout,
         )
         check_parallel_fits_model(model_config.arch, parallel_config)
+        from pagellm.model_executor.models.registry import is_multimodal
+
+        if parallel_config.pipeline_parallel_size > 1 and is_multimodal(hf_config):
+            raise ValueError("pipeline_parallel_size: a vision model runs with one pipeline stage for now (tensor "
+                             "parallelism works)")
         speculative_config = None
         async_scheduling = self.async_scheduling
         if self.speculative_config is not None:

@@ -63,14 +63,11 @@ class MultiModalProcessor:
     @classmethod
     def for_model(cls, model_config: Any, config: Optional[MultiModalConfig]) -> Optional["MultiModalProcessor"]:
         """The processor of a multimodal model, None for a text-only one."""
-        from pagellm.model_executor.models.registry import spec_for
+        from pagellm.model_executor.models.registry import is_multimodal, spec_for
 
-        try:
-            spec = spec_for(model_config.hf_config)  # (the registry imports no model code)
-        except ValueError:
+        if not is_multimodal(model_config.hf_config):
             return None
-        if not spec.multimodal:
-            return None
+        spec = spec_for(model_config.hf_config)
         source = model_config.source
         if source is None or source.kind != "hf":
             raise ValueError(f"model: {spec.name} needs an HF model folder with its image processor "

@@ -117,3 +117,8 @@ def test_bad_image_prompts_are_value_errors_naming_the_field(llm, tiny_model_dir
     with pytest.raises(ValueError, match="multi_modal_data: this model does not take images"):
         text_only.generate({"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"image": image(1)}}, GREEDY)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_pipeline_parallelism_is_refused_for_a_vision_model(llava_dir):
+    with pytest.raises(ValueError, match="^pipeline_parallel_size: a vision model runs with one pipeline stage"):
+        LLM(llava_dir, pipeline_parallel_size=2)

@@ -93,6 +93,14 @@ def architecture_of(config: Any) -> str:
                      f"architectures: {', '.join(supported_architectures())}")
 
 
+def is_multimodal(config: Any) -> bool:
+    """Whether the config's architecture takes images (False for one the registry does not know)."""
+    try:
+        return spec_for(config).multimodal
+    except ValueError:
+        return False
+
+
 def spec_for_gguf(gguf_arch: str) -> ArchSpec:
     """The record of a GGUF file's `general.architecture`."""
     try:

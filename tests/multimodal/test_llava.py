@@ -122,3 +122,19 @@ def test_bad_image_prompts_are_value_errors_naming_the_field(llm, tiny_model_dir
 def test_pipeline_parallelism_is_refused_for_a_vision_model(llava_dir):
     with pytest.raises(ValueError, match="^pipeline_parallel_size: a vision model runs with one pipeline stage"):
         LLM(llava_dir, pipeline_parallel_size=2)
+
+
+def test_a_preempted_image_request_encodes_its_image_again(llava_dir, reference):
+    """7 KV blocks for three image requests of 52 tokens each: one is preempted, comes back with its image and
+    recomputes it; every output still equals transformers'."""
+    llm = LLM(llava_dir, dtype="float32", kv_cache_memory=7 * 8192, max_model_len=96)
+    assert llm.llm_engine.config.cache_config.num_blocks == 7
+    prompts = [{"prompt": f"USER: <image> w{5 + i} w6 ASSISTANT:", "multi_modal_data": {"image": image(30 + i)}}
+               for i in range(3)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.core.scheduler.num_preemptions_total >= 1
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == reference_greedy(reference, llava_dir, out.prompt_token_ids,
+                                                            [image(30 + i)], 30)
+    assert runner_of(llm).mm.num_images_encoded > 3

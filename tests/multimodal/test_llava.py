@@ -9,6 +9,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.engine.core_messages import EngineCoreRequest, InputMessage
+from pagellm.model_executor.models.interface import VisionLanguageModel
 from pagellm.multimodal.inputs import TensorData
 from tests.multimodal.helpers import data_url, image, load_reference, make_tiny_llava, reference_greedy
 
@@ -83,6 +84,7 @@ def test_chunked_prefill_splits_an_image_span(llava_dir, reference):
                        GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == reference_greedy(reference, llava_dir, out.prompt_token_ids, [image(7)], 8)
     mm = runner_of(llm).mm
+    assert isinstance(runner_of(llm).model, VisionLanguageModel)
     assert mm.num_images_encoded == 1 and not mm.embeddings and not mm.features
 
 

@@ -45,6 +45,14 @@ def _config_window(config: Any) -> Optional[int]:
     return int(window)
 
 
+def text_config_of(config: Any) -> Any:
+    """The language model's config: a vision-language config's `text_config` (LLaVA, Qwen2-VL), else itself."""
+    text = getattr(config, "text_config", None)
+    if text is not None and getattr(config, "num_hidden_layers", None) is None:
+        return text
+    return config
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     architecture: str  # config.architectures[0] (or the registry's name for the model_type)
@@ -83,6 +91,8 @@ class ArchConfig:
 
     @classmethod
     def from_hf(cls, config: Any, architecture: Optional[str] = None) -> "ArchConfig":
+        archs = getattr(config, "architectures", None) or []
+        config = text_config_of(config)  # a vision-language model: its language model's facts
         g = lambda name, default=None: getattr(config, name, default)  # noqa: E731
         heads = int(config.num_attention_heads)
         layers = int(config.num_hidden_layers)
@@ -103,7 +113,6 @@ class ArchConfig:
             if g("rope_local_base_freq"):
                 local_theta, local_scaling = float(g("rope_local_base_freq")), {"rope_type": "default"}
         partial = g("partial_rotary_factor") or scaling.pop("partial_rotary_factor", None) or 1.0
-        archs = g("architectures") or []
         return cls(
             architecture=architecture or (archs[0] if archs else ""),
             model_type=str(g("model_type", "")),

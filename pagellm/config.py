@@ -79,6 +79,8 @@ class ModelConfig:
     # request leaves them out (EngineArgs.generation_config says where they come from).
     sampling_defaults: dict = field(default_factory=dict)
     runner: str = "generate"  # generate | pooling (pagellm/pooling: embeddings, one vector per prompt)
+    # Images per prompt and the media rules (multimodal/processing.MultiModalConfig); read for vision models.
+    multimodal_config: Any = None
 
     @property
     def arch(self) -> "ArchConfig":

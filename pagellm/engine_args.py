@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from pagellm.arch_config import text_config_of
 from pagellm.config import (
     CacheConfig,
     DeviceConfig,
@@ -92,6 +94,12 @@ _HELP = {
     "model field (server) or LoRARequest (LLM)",
     "max_loras": "adapters one batch may use at once (each holds a slot of max_lora_rank on the device)",
     "max_lora_rank": "largest adapter rank served (8, 16, 32, 64, ...); a higher-rank adapter is refused",
+    "limit_mm_per_prompt": 'most images one prompt may hold, as JSON: {"image": 2} (default 4); vision models '
+    "only (LLaVA-1.5)",
+    "allowed_local_media_path": "a folder whose images requests may name as file:// URLs (default: none, file:// "
+    "is refused)",
+    "allowed_media_domains": "hosts whose http(s) image URLs the server fetches (repeatable; default: none, "
+    "only data: URLs are read)",
     "distributed_executor_backend": "how the workers of a multi-device engine run: mp (one local process per "
     "device, the default) or ray (Ray actors in a placement group); uni: in the engine's process (1 device)",
 }
@@ -135,6 +143,9 @@ class EngineArgs:
     lora_modules: Optional[Any] = None  # list of "name=path" (CLI, LLM) or {name: path} (LLM)
     max_loras: int = 1
     max_lora_rank: int = 16
+    limit_mm_per_prompt: Optional[Any] = None  # {"image": N} (LLM) or its JSON text (CLI)
+    allowed_local_media_path: Optional[str] = None
+    allowed_media_domains: Optional[list[str]] = None
     data_parallel_rank: int = 0  # set by the data-parallel server for each engine core; not a CLI flag
 
     @classmethod
@@ -198,6 +209,10 @@ class EngineArgs:
                             help=_HELP["lora_modules"])
         parser.add_argument("--max-loras", type=int, default=defaults.max_loras, help=_HELP["max_loras"])
         parser.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank, help=_HELP["max_lora_rank"])
+        parser.add_argument("--limit-mm-per-prompt", default=None, help=_HELP["limit_mm_per_prompt"])
+        parser.add_argument("--allowed-local-media-path", default=None, help=_HELP["allowed_local_media_path"])
+        parser.add_argument("--allowed-media-domains", action="append", default=None, metavar="HOST",
+                            help=_HELP["allowed_media_domains"])
         return parser
 
     @classmethod
@@ -292,7 +307,7 @@ class EngineArgs:
         if isinstance(config_dtype, str):
             config_dtype = getattr(torch, config_dtype, None)
         dtype = resolve_dtype(self.dtype, config_dtype, device)
-        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        model_max = getattr(text_config_of(hf_config), "max_position_embeddings", None) or 2048
         if self.max_model_len is not None and self.max_model_len > model_max:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                              f"({model_max})")
@@ -320,6 +335,7 @@ class EngineArgs:
             quantization=quantization,
             sampling_defaults=sampling_defaults,
             runner=resolve_runner(self.runner, source, hf_config),
+            multimodal_config=self._multimodal_config(),
         )
         max_num_seqs = self.max_num_seqs or (256 if on_cuda else 64)
         max_batched = self.max_num_batched_tokens or (8192 if on_cuda else 2048)
@@ -346,6 +362,11 @@ class EngineArgs:
             step_timeout_s=self.distributed_step_timeout,
         )
         check_parallel_fits_model(model_config.arch, parallel_config)
+        from pagellm.model_executor.models.registry import is_multimodal
+
+        if parallel_config.pipeline_parallel_size > 1 and is_multimodal(hf_config):
+            raise ValueError("pipeline_parallel_size: a vision model runs with one pipeline stage for now (tensor "
+                             "parallelism works)")
         speculative_config = None
         async_scheduling = self.async_scheduling
         if self.speculative_config is not None:
@@ -369,6 +390,20 @@ class EngineArgs:
                                              if async_scheduling is None else async_scheduling)
         return EngineConfig(model_config, cache_config, scheduler_config, DeviceConfig(device), parallel_config,
                             speculative_config, self._lora_config(parallel_config, speculative_config))
+
+    def _multimodal_config(self) -> Any:
+        """Images per prompt and where images may come from (read by the processor of a vision model)."""
+        from pagellm.multimodal.media import MediaRules
+        from pagellm.multimodal.processing import MultiModalConfig, parse_limit_mm_per_prompt
+
+        path = self.allowed_local_media_path
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"allowed_local_media_path: {path!r} is not a folder")
+        domains = self.allowed_media_domains or []
+        if isinstance(domains, str):
+            domains = [domains]
+        hosts = tuple(h.strip().lower() for d in domains for h in str(d).split(",") if h.strip())
+        return MultiModalConfig(parse_limit_mm_per_prompt(self.limit_mm_per_prompt), MediaRules(path, hosts))
 
     def _lora_config(self, parallel: ParallelConfig, speculative: Optional[SpeculativeConfig]) -> Any:
         """The LoRA limits, or None without enable_lora (adapters named without it are an error)."""

@@ -203,6 +203,17 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
     if engine_args.dtype == "auto" and wl.dtype:
         engine_kwargs["dtype"] = wl.dtype
 
+    if wl.images:  # a vision model, one random image per request (bench/vision.py)
+        from pagellm.bench.vision import run_vision_bench
+
+        if tmp is None:
+            raise ValueError(f"--workload {wl.name} builds its own model folder of its shape; drop --model")
+        results = {"workload": wl.name, "model": wl.name + " shape (dummy weights)", "device": device,
+                   **run_vision_bench(engine_kwargs, wl.shape, tmp.name, wl.num_requests, wl.input_len,
+                                      wl.output_len, args.peer == "hf", args.peer_batch_size or 32, device)}
+        tmp.cleanup()
+        return _write_results(results, args.output_json)
+
     from pagellm.model_executor.loader.source import load_hf_config, resolve_model_source
 
     source = resolve_model_source(model)

@@ -19,6 +19,7 @@ class Workload:
     output_len: tuple[int, int]
     dtype: Optional[str]
     load_format: str = "auto"
+    images: bool = False  # one random image per request (a vision model's shape: bench/vision.py)
 
 
 @dataclass
@@ -52,11 +53,28 @@ QWEN3_30B_A3B = {
     "eos_token_id": 151645, "torch_dtype": "bfloat16",
 }
 
+# LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (layer -2, CLS dropped: 576 tokens an image) + Vicuna-7B (Llama-2-7B).
+LLAVA_15_7B = {
+    "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
+    "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                      "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768},
+    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False},
+}
+
+
 WORKLOADS: dict[str, Workload] = {
     "llama8b-mixed": Workload("llama8b-mixed", None, LLAMA_8B, 256, (128, 1024), (64, 512), "bfloat16", "dummy"),
     "qwen06b-nano": Workload("qwen06b-nano", None, QWEN3_06B, 256, (100, 1024), (100, 1024), "bfloat16", "dummy"),
     "qwen3moe-mixed": Workload("qwen3moe-mixed", None, QWEN3_30B_A3B, 256, (128, 1024), (64, 512), "bfloat16",
                                "dummy"),
+    "llava7b-image": Workload("llava7b-image", None, LLAVA_15_7B, 128, (32, 256), (64, 256), "bfloat16", "dummy",
+                              images=True),
     "smollm-cpu": Workload("smollm-cpu", None, None, 64, (32, 256), (16, 128), None, "auto"),
 }
 

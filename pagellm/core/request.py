@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional, Union
 
 from pagellm.core.block_pool import BlockHash, hash_block_tokens
 from pagellm.lora.request import LoRARequest
+from pagellm.multimodal.inputs import MultiModalFeature, block_mm_keys
 from pagellm.sampling_params import SamplingParams
 
 
@@ -55,6 +56,7 @@ class Request:
         cache_salt: Optional[str] = None,
         group_id: Optional[str] = None,
         lora_request: Optional[LoRARequest] = None,
+        mm_features: Optional[list[MultiModalFeature]] = None,
     ) -> None:
         self.request_id = request_id
         # The user request this sequence is part of (the n sequences of one request, the prompts of one
@@ -70,6 +72,8 @@ class Request:
         # so two adapters (or an adapter and the base) never share a block.
         self.lora_request = lora_request
         self.extra_keys: Any = cache_salt if lora_request is None else (cache_salt, lora_request.cache_key)
+        # Images of the prompt (their placeholder spans and hashes): a block their tokens occupy hashes them too.
+        self.mm_features: list[MultiModalFeature] = mm_features or []
 
         self.status = RequestStatus.WAITING
         self.stop_reason: Union[int, str, None] = None
@@ -149,7 +153,12 @@ class Request:
         hashes = self.block_hashes
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), len(tokens) // bs):
-            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], self.extra_keys)
+            extra = self.extra_keys
+            if self.mm_features:
+                images = block_mm_keys(self.mm_features, i * bs, (i + 1) * bs)
+                if images:
+                    extra = (extra, images)
+            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], extra)
             hashes.append(parent)
 
     # ---- status ----

@@ -22,6 +22,7 @@ from typing import Optional, Union
 import msgspec
 
 from pagellm.lora.request import LoRARequest
+from pagellm.multimodal.inputs import MultiModalFeature
 from pagellm.sampling_params import SamplingParams
 
 
@@ -36,6 +37,8 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     num_scheduled_tokens: int
     output_token_ids: list[int] = []  # a resumed request's tokens so far (the prompt's continuation)
     lora_request: Optional[LoRARequest] = None  # its adapter (None: the base model)
+    # The prompt's images: the runner encodes one when a step first computes part of its placeholder span.
+    mm_features: list[MultiModalFeature] = []
 
 
 class CachedRequestData(msgspec.Struct, array_like=True):

@@ -472,7 +472,7 @@ class Scheduler:
                 req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling_params=request.sampling_params, block_ids=list(block_ids), num_computed_tokens=start,
                 num_scheduled_tokens=n, output_token_ids=list(request.output_token_ids),
-                lora_request=request.lora_request,
+                lora_request=request.lora_request, mm_features=request.mm_features,
             ))
             assert not drafts, "drafts are only verified by a request the runner holds"
             request.runner_holds = True

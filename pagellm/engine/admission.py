@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from pagellm.engine.core_messages import EngineCoreRequest
+from pagellm.multimodal.inputs import check_features
 from pagellm.sampling_params import MAX_SEED, SamplingParams, check_range
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def check_request(req: EngineCoreRequest, limits: RequestLimits) -> None:
         check_range("eos_token_id", req.eos_token_id, key="token_id")
     if req.group_id is not None and not isinstance(req.group_id, str):
         raise ValueError(f"group_id must be a string, got {type(req.group_id).__name__}")
+    if req.mm_features:
+        check_features(req.mm_features, len(req.prompt_token_ids))
     if isinstance(req.priority, bool) or not isinstance(req.priority, int):
         raise ValueError(f"priority must be an integer, got {req.priority!r}")
     check_range("priority", req.priority)

@@ -56,7 +56,7 @@ class EngineCore:
         check_request(req, self.limits)
         request = Request(req.request_id, req.prompt_token_ids, req.params(), req.eos_token_id,
                           arrival_time=req.arrival_time, priority=req.priority, cache_salt=req.cache_salt,
-                          group_id=req.group_id, lora_request=req.lora_request)
+                          group_id=req.group_id, lora_request=req.lora_request, mm_features=req.mm_features)
         structured = request.sampling_params.structured_outputs
         if structured is None:
             self.scheduler.add_request(request)

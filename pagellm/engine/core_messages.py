@@ -19,6 +19,7 @@ import msgspec
 
 from pagellm.core.sched_output import EngineCoreOutput
 from pagellm.lora.request import LoRARequest
+from pagellm.multimodal.inputs import MultiModalFeature
 from pagellm.sampling_params import SamplingParams
 
 
@@ -41,6 +42,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", omit_defaults=True):
     # the scheduler shares seats fairly between groups. None: its own group.
     group_id: Optional[str] = None
     lora_request: Optional[LoRARequest] = None  # the adapter it runs with (None: the base model)
+    mm_features: list[MultiModalFeature] = []  # the prompt's images (pagellm/multimodal), in prompt order
 
     def params(self) -> SamplingParams:
         """The sampling parameters with the resolved stop ids in place."""

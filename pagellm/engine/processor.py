@@ -8,7 +8,7 @@ sees the request, so a bad request never disturbs the others. The core runs the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from pagellm.config import ModelConfig
@@ -24,16 +24,20 @@ from pagellm.engine.core_messages import EngineCoreRequest
 from pagellm.lora.adapter import read_adapter_config
 from pagellm.lora.request import LoRARequest
 from pagellm.model_executor.loader.source import resolve_eos_token_id
+from pagellm.multimodal.inputs import MultiModalFeature
+from pagellm.multimodal.processing import MultiModalProcessor, images_of
 from pagellm.sampling_params import SamplingParams, check_text
 
-# A prompt: text, token ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [...]}.
+# A prompt: text, token ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [...]}, either with
+# "multi_modal_data": {"image": PIL.Image | [PIL.Image, ...]} (one placeholder per image in the prompt).
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
 @dataclass
 class ProcessedPrompt:
     prompt: Optional[str]
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # image placeholders expanded into the model's image tokens
+    mm_features: list[MultiModalFeature] = field(default_factory=list)  # one per image, in prompt order
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:
@@ -56,8 +60,13 @@ class Processor:
         if self.eos_token_id is not None:
             extra.add(self.eos_token_id)
         self.eos_token_ids = extra
+        # A multimodal model's image processor (None: the model reads text only).
+        self.mm: Optional[MultiModalProcessor] = MultiModalProcessor.for_model(
+            model_config, getattr(model_config, "multimodal_config", None))
 
     def tokenize_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            return self._with_images(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return self._check_ids(prompt["prompt_token_ids"], prompt.get("prompt"))
@@ -75,11 +84,40 @@ class Processor:
             return self._check_ids(list(prompt), None)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def _check_ids(self, ids: Any, text: Optional[str]) -> ProcessedPrompt:
+    def _with_images(self, prompt: dict[str, Any]) -> ProcessedPrompt:
+        """A dict prompt with multi_modal_data: tokenized, then each image placeholder expanded."""
+        images = images_of(prompt["multi_modal_data"])
+        text_only = {k: v for k, v in prompt.items() if k != "multi_modal_data"}
+        if not images:
+            return self.tokenize_prompt(text_only)
+        if self.mm is None:
+            raise ValueError("multi_modal_data: this model does not take images")
+        self.mm.check_count(len(images), "multi_modal_data")
+        if "prompt_token_ids" in text_only:
+            ids, text = text_only["prompt_token_ids"], text_only.get("prompt")
+        elif isinstance(text_only.get("prompt"), str) and self.tokenizer is not None:
+            text = text_only["prompt"]
+            check_text("prompt", text)
+            ids = self.tokenizer.encode(text, add_special_tokens=True)
+        else:
+            return self.tokenize_prompt(text_only)  # its own error
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        ids, features = self.mm.process(list(ids), images)
+        processed = self._check_ids(ids, text, sum(f.length for f in features))
+        processed.mm_features = features
+        return processed
+
+    def _check_ids(self, ids: Any, text: Optional[str], num_image_tokens: int = 0) -> ProcessedPrompt:
+        """`num_image_tokens`: what the prompt's images expanded to; a vision model's image token anywhere else
+        would reach the model without an image."""
         if not isinstance(ids, (list, tuple)):
             raise ValueError("prompt_token_ids must be a list of integers")
         ids = list(ids)
         check_prompt_token_ids(ids, self.limits)
+        if self.mm is not None and ids.count(self.mm.image_token_id) != num_image_tokens:
+            raise ValueError(f"prompt: holds image token {self.mm.image_token_id} without an image for it (one "
+                             f"placeholder {self.mm.placeholder} per image of multi_modal_data)")
         return ProcessedPrompt(prompt=text, prompt_token_ids=ids)
 
     def check_work(self, prompts: Sequence[ProcessedPrompt], params: SamplingParams) -> None:
@@ -164,6 +202,7 @@ class Processor:
                 cache_salt=cache_salt,
                 group_id=request_id if group_id is None else group_id,
                 lora_request=lora_request,
+                mm_features=prompt.mm_features,
             )
             check_request(req, limits)
             requests.append(req)

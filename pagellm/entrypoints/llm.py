@@ -16,6 +16,7 @@ from pagellm.entrypoints.llm_pooling import PoolingCalls
 from pagellm.inputs import as_prompt_list
 from pagellm.engine_args import EngineArgs
 from pagellm.lora.request import LoRARequest
+from pagellm.multimodal.chat_parts import split_image_parts
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -146,6 +147,8 @@ class LLM(PoolingCalls):
         chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
         """Formats each conversation with the model's chat template (or `chat_template`), then generates.
+        Content parts may be text or (a vision model) image_url, as OpenAI's: {"type": "image_url",
+        "image_url": {"url": "data:image/png;base64,..."}}.
 
         `tools` reach the template (written into the system message in the Hermes format when the template does
         not read them); `chat_template_kwargs` are more template variables (e.g. enable_thinking);
@@ -154,10 +157,18 @@ class LLM(PoolingCalls):
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("messages: chat needs a tokenizer (the engine runs with skip_tokenizer_init)")
+        mm = self._generating_engine().processor.mm  # a vision model's image processor, else None
         prompts: list[PromptType] = []
         for conversation in conversations:
+            # image_url parts -> the model's placeholder in the text, and the images they name
+            conversation, urls = split_image_parts(conversation, mm.placeholder if mm is not None else None)
+            if mm is not None:
+                mm.check_count(len(urls), "messages")
             ids = render_chat(tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message,
                               tools, chat_template_kwargs)
-            prompts.append({"prompt_token_ids": ids})
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            if urls:
+                prompt["multi_modal_data"] = {"image": [mm.load_image(url, field) for url, field in urls]}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 

@@ -60,6 +60,7 @@ from pagellm.model_executor.layers.sampler import (
 )
 from pagellm.model_executor.loader import load_model
 from pagellm.worker.input_batch import InputBatch, StepInputs
+from pagellm.worker.mm_embeds import make_embedder
 from pagellm.worker.speculation import VERIFY_GRAPH_MAX_BATCH, PaddedVerify, Speculator
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.model: Optional[torch.nn.Module] = None
         self.lora: Any = None  # LoRAManager with enable_lora (set in load_model)
+        self.mm: Any = None  # MultiModalEmbedder of a vision model (set in load_model)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         # The last stage computes logits; its tensor-parallel rank 0 (the driver) samples and answers.
@@ -227,6 +229,7 @@ class ModelRunner:
     # ---- set-up -----------------------------------------------------------------------------------------
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.device)
+        self.mm = make_embedder(self.model)  # a vision model: images encoded into inputs_embeds (mm_embeds.py)
         lc = self.config.lora_config
         if lc is not None:  # before memory profiling: the adapter slots are part of the weights' memory
             from pagellm.lora.manager import LoRAManager
@@ -449,6 +452,8 @@ class ModelRunner:
         decision, like top-p's fallback check)."""
         if self.lora is not None:
             self.lora.update(sched)
+        if self.mm is not None:
+            self.mm.apply(sched)
         step = self.batch.apply(sched)
         if step.num_reqs == 0:
             return PendingOutput()
@@ -458,11 +463,12 @@ class ModelRunner:
         return pending
 
     def _launch(self, step: StepInputs, sched: SchedulerOutput) -> PendingOutput:
-        if self.pad_verify_steps and step.num_spec.any():
+        images = self.mm.plan(step) if self.mm is not None else []  # image rows: an eager step
+        if self.pad_verify_steps and step.num_spec.any() and not images:
             padded = self.spec.padded_layout(step)
             if padded is not None and (not self.verify_graphs or step.num_reqs <= self.verify_graph_sizes[-1]):
                 return self._launch_padded_verify(step, sched, padded)
-        graph_bs = self._graph_size(step)
+        graph_bs = None if images else self._graph_size(step)
         if self.lora is not None:
             self.lora.set_step(step.req_ids, step.q_lens, graph_bs)
         input_ids, positions, meta = self._upload_inputs(step, pad_to=graph_bs)
@@ -477,7 +483,9 @@ class ModelRunner:
             if sample.size != step.num_reqs:
                 logits = logits[to_device(torch.from_numpy(sample), torch.int64, self.device)]
             return self._sample(step, logits, sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        embeds = self.mm.inputs_embeds(images, input_ids) if images else None  # image rows in the embeddings
+        hidden = (self.model(input_ids, positions, self.kv_caches, meta) if embeds is None
+                  else self.model(None, self.mm.rope_positions(positions), self.kv_caches, meta, inputs_embeds=embeds))
         if hidden is None:  # a pipeline stage before the last: its output went to the next stage
             return PendingOutput()
         pending = PendingOutput()

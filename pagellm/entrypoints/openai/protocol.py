@@ -360,9 +360,24 @@ class CompletionStreamResponse(OpenAIModel):
 # ---- /v1/chat/completions ----
 
 
-class ChatContentPart(RequestModel):
-    type: Literal["text"]  # the only kind of content this server reads
+class ChatTextPart(RequestModel):
+    type: Literal["text"]
     text: str
+
+
+class ImageURL(RequestModel):
+    url: str  # data:image/...;base64,... (file:// and http(s):// only where the server's flags allow them)
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted, not used: the model's processor decides
+
+
+class ChatImagePart(RequestModel):
+    """An image (vision models): it takes the model's image tokens where it stands among the message's parts."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ChatContentPart = Annotated[Union[ChatTextPart, ChatImagePart], Field(discriminator="type")]
 
 
 class CalledFunction(RequestModel):

@@ -21,6 +21,7 @@ from pagellm.engine.async_llm import (
 )
 from pagellm.engine.processor import ProcessedPrompt
 from pagellm.entrypoints.chat_utils import check_chat_template_kwargs, render_chat, template_text
+from pagellm.multimodal.chat_parts import split_image_parts
 from pagellm.entrypoints.openai.protocol import CalledTool, ChatMessage, ErrorInfo, ErrorResponse
 from pagellm.lora.request import LoRARequest
 from pagellm.outputs import Logprob, PositionLogprobs, RequestOutput
@@ -228,16 +229,20 @@ class OpenAIServing:
     def _template_renders_tool_calls(self) -> bool:
         return "tool_calls" in template_text(self.tokenizer, self.chat_template)
 
-    def chat_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        """The messages as chat templates take them (their number, roles and parts are checked by the model)."""
+    def chat_messages(self, messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """The messages as chat templates take them (their number, roles and parts are checked by the model), and
+        the URLs of their image parts with each part's field name: an image part became the model's placeholder
+        text where it stood (multimodal/chat_parts.py); a model without images refuses them."""
+        mm = self.engine.processor.mm
+        parts = [{"content": [p.model_dump(exclude_none=True) for p in m.content] if isinstance(m.content, list)
+                  else m.content} for m in messages]
+        try:
+            parts, urls = split_image_parts(parts, mm.placeholder if mm is not None else None)
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None  # the message names the part
         result = []
-        for m in messages:
-            if m.content is None:
-                content = ""
-            elif isinstance(m.content, str):
-                content = m.content
-            else:
-                content = "\n".join(part.text for part in m.content)
+        for m, flat in zip(messages, parts):
+            content = flat["content"] or ""
             message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
             if m.role == "tool" and m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
@@ -251,7 +256,7 @@ class OpenAIServing:
                                       for c in message["tool_calls"])
                     message["content"] = (content + "\n" if content else "") + calls
             result.append(message)
-        return result
+        return result, urls
 
     @staticmethod
     def _tool_calls_for_template(tool_calls: list[CalledTool]) -> list[dict[str, Any]]:
@@ -273,7 +278,7 @@ class OpenAIServing:
                           chat_template_kwargs: Optional[dict[str, Any]] = None) -> ProcessedPrompt:
         tokenizer = self._need_tokenizer("messages")
         chat_template_kwargs = check_chat_template_kwargs(chat_template_kwargs)
-        conversation = self.chat_messages(messages)
+        conversation, image_urls = self.chat_messages(messages)
         total_chars = sum(len(m["content"]) for m in conversation)
         if total_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
             raise APIError(f"messages: {total_chars} characters, far more than max_model_len "
@@ -291,7 +296,30 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - what these messages do to the template, told without internals
             logger.warning("the chat template failed on a request: %r", e)
             raise APIError("messages: the chat template cannot render these messages", param="messages") from None
-        return self.engine.processor.tokenize_prompt({"prompt_token_ids": ids})
+        if not image_urls:
+            return self.engine.processor.tokenize_prompt({"prompt_token_ids": ids})
+        images = await asyncio.to_thread(self._load_images, image_urls)
+        try:
+            return await asyncio.to_thread(self.engine.processor.tokenize_prompt,
+                                           {"prompt_token_ids": ids, "multi_modal_data": {"image": images}})
+        except ValueError as e:  # told in the request's terms: its images are its messages' image parts
+            raise APIError(re.sub(r"^multi_modal_data", "messages", str(e)), param="messages") from None
+
+    def _load_images(self, urls: list[tuple[str, str]]) -> list[Any]:
+        """The images of a chat request's image parts (a 400 whose message names the part when one is refused;
+        its param is the top-level field, as every 400's)."""
+        mm = self.engine.processor.mm
+        try:
+            mm.check_count(len(urls), "messages")
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
+        images = []
+        for url, field in urls:
+            try:
+                images.append(mm.load_image(url, field))
+            except ValueError as e:
+                raise APIError(str(e), param="messages") from None
+        return images
 
     # ---- logprob helpers ----
 

@@ -31,3 +31,21 @@ class CausalLM(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into the parameters; returns the names of the parameters filled."""
         ...
+
+
+@runtime_checkable
+class VisionLanguageModel(CausalLM, Protocol):
+    """A model that takes images (registry record multimodal=True; its front-end facts in multimodal/families.py).
+    `forward` also takes `inputs_embeds` [T, H] instead of input_ids on steps that hold image tokens."""
+
+    def get_image_embeddings(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """The image processor's outputs of several images, concatenated (families.py names them) -> the rows
+        of their image tokens [sum of the images' token counts, H], images in order."""
+        ...
+
+    def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [T] -> [T, H], the image tokens' rows replaced by image_embeds (one row each, in order)."""
+        ...
+
+    # An M-RoPE model (Qwen2-VL) adds mrope_positions(prompt_token_ids, image_grid_thw) -> ([3, P], delta) and
+    # takes positions [3, T] on steps with image tokens (worker/mm_embeds.py).

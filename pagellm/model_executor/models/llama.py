@@ -179,12 +179,13 @@ class LlamaModel(nn.Module):
             else PPMissingLayer()
         self.embed_scale: Optional[float] = None  # Gemma multiplies the embeddings by sqrt(hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
-                ) -> torch.Tensor | IntermediateTensors:
-        """kv_caches: one per layer of this stage. `intermediate`: the previous stage's output (later stages)."""
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
+        """kv_caches: one per layer of this stage. `intermediate`: the previous stage's output (later stages).
+        `inputs_embeds`: the token embeddings, given instead of input_ids (a vision model's image rows in them)."""
         if intermediate is None:
-            hidden = self.embed_tokens(input_ids)
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             if self.embed_scale is not None:
                 hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
             residual = None

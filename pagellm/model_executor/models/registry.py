@@ -31,6 +31,8 @@ class ArchSpec:
     gguf_norm_offset: float = 0.0
     # The GGUF's `{arch}.attention.sliding_window` is the model's window (llama.cpp attends fully otherwise).
     gguf_sliding_window: bool = False
+    # Takes images (its class answers image_placeholder / num_image_tokens / embed_images: pagellm/multimodal).
+    multimodal: bool = False
 
     def model_class(self) -> type[nn.Module]:
         return getattr(importlib.import_module(f"pagellm.model_executor.models.{self.module}"), self.class_name)
@@ -53,6 +55,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("MixtralForCausalLM", "mixtral", "MixtralForCausalLM", ("mixtral",)),
     ArchSpec("Qwen2MoeForCausalLM", "qwen_moe", "Qwen2MoeForCausalLM", ("qwen2_moe",)),
     ArchSpec("Qwen3MoeForCausalLM", "qwen_moe", "Qwen3MoeForCausalLM", ("qwen3_moe",)),
+    ArchSpec("LlavaForConditionalGeneration", "llava", "LlavaForConditionalGeneration", ("llava",),
+             multimodal=True),
 )
 
 _BY_NAME = {spec.name: spec for spec in ARCHITECTURES}
@@ -87,6 +91,14 @@ def architecture_of(config: Any) -> str:
         return _BY_MODEL_TYPE[model_type].name
     raise ValueError(f"the model config names no architecture (model_type {model_type!r}); supported "
                      f"architectures: {', '.join(supported_architectures())}")
+
+
+def is_multimodal(config: Any) -> bool:
+    """Whether the config's architecture takes images (False for one the registry does not know)."""
+    try:
+        return spec_for(config).multimodal
+    except ValueError:
+        return False
 
 
 def spec_for_gguf(gguf_arch: str) -> ArchSpec:

@@ -1,0 +1,146 @@
+"""The image workload of `pagellm bench throughput` (`llava7b-image`): one random image per request through a
+LLaVA-1.5-7B-shaped model with dummy weights, and transformers' generate() on the same shape as the peer.
+
+Each request, in this order from random.Random(0): its text length, its output length, its text token ids, then
+its image (random pixels of a random size, so the image processor resizes and crops as it would a photo). The
+prompt is the text with one image placeholder after its first token; both engines expand it into the model's
+576 image tokens. pagellm's time includes its front end's image processing; the peer's includes its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class ImageRequest:
+    prompt_token_ids: list[int]  # one image placeholder, not yet expanded
+    output_len: int
+    image: Any  # PIL.Image
+
+
+def write_vision_model(shape: dict[str, Any], folder: str) -> str:
+    """config.json + a CLIP preprocessor_config.json: enough for load_format='dummy' and for the peer."""
+    size = shape["vision_config"]["image_size"]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(shape, f)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+                   "crop_size": {"height": size, "width": size}, "do_resize": True, "do_center_crop": True,
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+                   "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, f)
+    return folder
+
+
+def make_image_requests(shape: dict[str, Any], num_requests: int, input_len: tuple[int, int],
+                        output_len: tuple[int, int]) -> list[ImageRequest]:
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(0)
+    vocab = shape["text_config"]["vocab_size"]
+    image_id = shape["image_token_index"]
+    requests = []
+    for _ in range(num_requests):
+        in_len, out_len = rng.randint(*input_len), rng.randint(*output_len)
+        ids = [rng.randrange(1000, min(image_id, vocab) - 1000) for _ in range(in_len)]
+        w, h = rng.randint(300, 640), rng.randint(300, 640)
+        pixels = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        requests.append(ImageRequest(ids[:1] + [image_id] + ids[1:], out_len, Image.fromarray(pixels)))
+    return requests
+
+
+def run_pagellm_images(engine_kwargs: dict[str, Any], requests: list[ImageRequest]) -> dict[str, Any]:
+    from pagellm.entrypoints.llm import LLM
+    from pagellm.sampling_params import SamplingParams
+
+    llm = LLM(**engine_kwargs)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids, "multi_modal_data": {"image": r.image}} for r in requests]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in requests]
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * 2, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if out_tokens != sum(r.output_len for r in requests):
+        raise RuntimeError(f"pagellm generated {out_tokens} tokens, the workload asks for more or fewer")
+    num_in = sum(len(o.prompt_token_ids) for o in outputs)  # image tokens included
+    dtype = str(llm.llm_engine.config.model_config.dtype).replace("torch.", "")
+    llm.llm_engine.core.shutdown()  # the peer runs next on the same device
+    del llm, outputs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"engine": "pagellm", "seconds": elapsed, "input_tokens": num_in, "dtype": dtype}
+
+
+def run_hf_images(folder: str, dtype: torch.dtype, device: str, requests: list[ImageRequest],
+                  batch_size: int) -> dict[str, Any]:
+    """transformers' generate() on static batches, left-padded, each batch run to its longest output."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    vc = config.vision_config
+    n_image = (vc.image_size // vc.patch_size) ** 2
+    image_id = config.image_token_index
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i : i + batch_size]
+        prompts = [[t for tok in r.prompt_token_ids for t in ([tok] * n_image if tok == image_id else [tok])]
+                   for r in batch]
+        max_in, max_out = max(map(len, prompts)), max(r.output_len for r in batch)
+        ids = torch.zeros((len(batch), max_in), dtype=torch.long)
+        mask = torch.zeros((len(batch), max_in), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, max_in - len(p):] = torch.tensor(p)
+            mask[row, max_in - len(p):] = 1
+        pixels = processor(images=[r.image for r in batch], return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           pixel_values=pixels.to(device, dtype), max_new_tokens=max_out, min_new_tokens=max_out,
+                           do_sample=False, pad_token_id=0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del model
+    gc.collect()
+    return {"engine": f"transformers generate() static batches of {batch_size}, left-padded",
+            "seconds": elapsed, "dtype": str(dtype).replace("torch.", "")}
+
+
+def run_vision_bench(engine_kwargs: dict[str, Any], shape: dict[str, Any], folder: str, num_requests: int,
+                     input_len: tuple[int, int], output_len: tuple[int, int], peer: bool, peer_batch_size: int,
+                     device: str) -> dict[str, Any]:
+    """Both engines on the same requests; output tokens/s of each and their ratio."""
+    write_vision_model(shape, folder)
+    requests = make_image_requests(shape, num_requests, input_len, output_len)
+    num_out = sum(r.output_len for r in requests)
+    ours = run_pagellm_images({**engine_kwargs, "model": folder, "load_format": "dummy",
+                               "skip_tokenizer_init": True}, requests)
+    ours["output_tokens_per_s"] = num_out / ours["seconds"]
+    print(f"pagellm: {ours['seconds']:.1f} s, {ours['output_tokens_per_s']:.1f} output tokens/s "
+          f"({len(requests)} requests, one image each, {ours['input_tokens']} input tokens with the images)",
+          flush=True)
+    results: dict[str, Any] = {"num_requests": len(requests), "output_tokens": num_out, "pagellm": ours}
+    if peer:
+        theirs = run_hf_images(folder, getattr(torch, ours["dtype"]), device, requests, peer_batch_size)
+        theirs["output_tokens_per_s"] = num_out / theirs["seconds"]
+        results["peer"] = theirs
+        results["ratio_output_tokens_per_s"] = ours["output_tokens_per_s"] / theirs["output_tokens_per_s"]
+        print(f"transformers: {theirs['seconds']:.1f} s, {theirs['output_tokens_per_s']:.1f} output tokens/s")
+        print(f"ratio (pagellm / peer, output tokens/s): {results['ratio_output_tokens_per_s']:.2f}x")
+    return results

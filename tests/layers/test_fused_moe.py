@@ -5,16 +5,12 @@ partial sums, and inside a CUDA graph."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 from pagellm.model_executor.layers.fused_moe import select_experts
 from pagellm.model_executor.layers.fused_moe.torch_moe import fused_experts_torch
+from tests.triton_interpreter import interpreted as interpreted_module
 
 MODULE = "pagellm.model_executor.layers.fused_moe.triton_moe"
 CUDA = torch.cuda.is_available()
@@ -46,24 +42,8 @@ def assert_close(out, ref, dtype):
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def interpreted():
-    """triton_moe imported and run with TRITON_INTERPRET=1 (kernels run as numpy on CPU tensors; Triton reads
-    the variable at decoration and at launch); the variable is restored and the module dropped afterwards, so
-    that no other test sees interpreted kernels."""
-    if importlib.util.find_spec("triton") is None:  # (not imported here: it must see the variable first)
-        pytest.skip("triton is not installed")
-    if CUDA:
-        pytest.skip("CUDA is here: the compiled kernel is tested below")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop(MODULE, None)
-    try:
-        yield importlib.import_module(MODULE)
-    finally:
-        sys.modules.pop(MODULE, None)
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    with interpreted_module(MODULE) as module:
+        yield module
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,dtype", [

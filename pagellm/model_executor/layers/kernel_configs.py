@@ -1,0 +1,57 @@
+"""Tile configs of the Triton kernels, read from one small table per kernel (w4a16_configs.py, moe_configs.py).
+
+Why one shape of table: `benchmarks/tune_kernels.py` times candidate configs on a GPU and writes its winners as
+JSON in exactly this shape, so baking them in is pasting that JSON over the table's literal.
+
+    TABLE = {
+        "default": {"1": CONFIG, "16": CONFIG, "256": CONFIG},   # M bucket -> config
+        "4096->6144": {...},                                     # optional: one shape's own buckets
+    }
+
+A kernel looks up its shape's key (when the table has it, else "default"), then the smallest bucket that is at
+least M (past the last bucket: the last). A config is a flat dict of str -> int or str, which both JSON and
+Python read. Lookups are pure host work on shapes, so they run inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+Config = dict[str, Union[int, str]]
+Table = Mapping[str, Mapping[str, Config]]
+
+
+def buckets_of(table: Table, key: str = "default") -> list[int]:
+    """The M buckets of one entry, ascending."""
+    return sorted(int(b) for b in table[key])
+
+
+def bucket_for(m: float, buckets: list[int]) -> int:
+    """The smallest bucket >= m; the largest when m is past them all."""
+    for b in buckets:
+        if m <= b:
+            return b
+    return buckets[-1]
+
+
+def lookup(table: Table, m: float, shape_key: str | None = None) -> Config:
+    """The config for M rows (a float for the MoE's average rows per expert) of one shape."""
+    entry_key = shape_key if shape_key is not None and shape_key in table else "default"
+    entry = table[entry_key]
+    return dict(entry[str(bucket_for(m, buckets_of(table, entry_key)))])
+
+
+def check_table(table: Table, required: Mapping[str, type], name: str) -> None:
+    """ValueError naming the table and entry when an entry lacks "default", a bucket is not a positive integer,
+    or a config lacks a field or has one of the wrong type (the check a baked JSON must pass)."""
+    if "default" not in table:
+        raise ValueError(f"{name}: no 'default' entry")
+    for key, entry in table.items():
+        if not entry:
+            raise ValueError(f"{name}[{key!r}]: no buckets")
+        for bucket, config in entry.items():
+            if not str(bucket).isdigit() or int(bucket) < 1:
+                raise ValueError(f"{name}[{key!r}]: bucket {bucket!r} is not a positive integer")
+            for field, kind in required.items():
+                if not isinstance(config.get(field), kind):
+                    raise ValueError(f"{name}[{key!r}][{bucket!r}]: field {field!r} missing or not {kind.__name__}")

@@ -57,6 +57,37 @@ def test_interpreted_kernel_matches_torch(interpreted, tokens, experts, top_k, h
     assert_close(interpreted.fused_experts(x, w13, w2, weights, ids), reference(x, w13, w2, weights, ids), dtype)
 
 
+MOE_CONFIGS = [  # the grouped walk over blocks (group_m 1, 3: a last group shorter than the rest, 8), tile sizes
+    dict(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1),
+    dict(block_m=16, block_n=16, block_k=16, group_m=3, num_warps=4, num_stages=1),
+    dict(block_m=32, block_n=64, block_k=64, group_m=8, num_warps=8, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("config", MOE_CONFIGS, ids=lambda c: f"m{c['block_m']}-n{c['block_n']}-g{c['group_m']}")
+def test_interpreted_kernel_with_table_configs(interpreted, config):
+    x, w13, w2, weights, ids = make_case(45, 8, 2, 64, 48, torch.float32, "cpu", seed=5)
+    out = interpreted.fused_experts(x, w13, w2, weights, ids, config=config)
+    assert_close(out, reference(x, w13, w2, weights, ids), torch.float32)
+
+
+def test_moe_table_is_valid_and_picks_by_rows_per_expert(monkeypatch):
+    from pagellm.model_executor.layers.fused_moe import moe_configs as mc
+
+    mc.check_moe_table()
+    default = mc.FUSED_MOE_CONFIGS["default"]
+    assert mc.moe_config(1 * 8, 128, 768, 2048) == default["1"]  # Qwen3-30B-A3B decode: 8 rows, 128 experts
+    assert mc.moe_config(4096 * 2, 8, 14336, 4096) == default["1024"]  # Mixtral, 4096 tokens: 1024 per expert
+    assert mc.moe_config(10 ** 6, 8, 14336, 4096) == default["1024"]  # past the last bucket: the last
+    own = dict(MOE_CONFIGS[2])
+    monkeypatch.setattr(mc, "FUSED_MOE_CONFIGS", {"default": default, "8x14336x4096": {"2048": own}})
+    assert mc.moe_config(64, 8, 14336, 4096) == own
+    with pytest.raises(ValueError, match=r"\['default'\]\['1'\].*block_n"):
+        mc.check_moe_table({"default": {"1": {**own, "block_n": 48}}})
+    with pytest.raises(ValueError, match="group_m"):
+        mc.check_config({**own, "group_m": 0})
+
+
 def test_interpreted_kernel_expert_parallel_halves(interpreted):
     x, w13, w2, weights, ids = make_case(13, 8, 2, 64, 32, torch.float32, "cpu", seed=3)
     parts = [interpreted.fused_experts(x, w13[r * 4:(r + 1) * 4], w2[r * 4:(r + 1) * 4], weights, ids, r * 4)

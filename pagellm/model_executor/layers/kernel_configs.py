@@ -15,6 +15,7 @@ Python read. Lookups are pure host work on shapes, so they run inside CUDA-graph
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Union
 
 Config = dict[str, Union[int, str]]
@@ -55,3 +56,40 @@ def check_table(table: Table, required: Mapping[str, type], name: str) -> None:
             for field, kind in required.items():
                 if not isinstance(config.get(field), kind):
                     raise ValueError(f"{name}[{key!r}][{bucket!r}]: field {field!r} missing or not {kind.__name__}")
+
+
+def winners_table(cases: list[dict]) -> dict[str, dict[str, Config]]:
+    """A table of measured winners, from tuning cases {"shape": key, "bucket": int, "times": {config id: seconds
+    or None (failed, wrong, not run)}, "configs": {config id: Config}}.
+
+    Each shape's bucket gets the config whose time, relative to the fastest of each case, has the smallest
+    geometric mean over that bucket's cases (a config must have run every one of them); "default" gets the same
+    over every shape's cases of the bucket, so it is the best all-rounder for shapes the table does not name.
+    """
+    configs: dict[str, Config] = {}
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for case in cases:
+        configs.update(case["configs"])
+        groups.setdefault((case["shape"], case["bucket"]), []).append(case)
+        groups.setdefault(("default", case["bucket"]), []).append(case)
+    table: dict[str, dict[str, Config]] = {}
+    for (shape, bucket), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "default", kv[0])):
+        best = _best_overall(group)
+        if best is not None:
+            table.setdefault(shape, {})[str(bucket)] = dict(configs[best])
+    return table
+
+
+def _best_overall(group: list[dict]) -> str | None:
+    scores: dict[str, float] = {}
+    for cid in group[0]["times"]:
+        ratios = []
+        for case in group:
+            times = [t for t in case["times"].values() if t]
+            t = case["times"].get(cid)
+            if not t or not times:
+                break
+            ratios.append(t / min(times))
+        else:
+            scores[cid] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return min(scores, key=scores.get) if scores else None

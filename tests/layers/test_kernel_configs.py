@@ -1,0 +1,85 @@
+"""The kernel config tables' shared machinery (kernel_configs.py) and the tuning sweep that fills them
+(benchmarks/tune_kernels.py): winners picked from timings, every candidate valid, and the sweep's plumbing run
+end to end on tiny shapes under Triton's interpreter (skipped without triton, or with CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagellm.model_executor.layers.fused_moe import moe_configs
+from pagellm.model_executor.layers.kernel_configs import bucket_for, lookup, winners_table
+from pagellm.model_executor.layers.quantization import w4a16_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_tune_script():
+    spec = importlib.util.spec_from_file_location("tune_kernels", os.path.join(ROOT, "benchmarks", "tune_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bucket_for_and_lookup():
+    assert [bucket_for(m, [1, 4, 16]) for m in (0.1, 1, 1.5, 4, 5, 16, 17, 10 ** 6)] == [1, 1, 4, 4, 16, 16, 16, 16]
+    table = {"default": {"1": {"a": 1}, "8": {"a": 8}}, "s": {"2": {"a": 2}}}
+    assert lookup(table, 3) == {"a": 8} and lookup(table, 3, "s") == {"a": 2} and lookup(table, 3, "t") == {"a": 8}
+    lookup(table, 1)["a"] = 99  # a copy: the table is not changed through it
+    assert table["default"]["1"]["a"] == 1
+
+
+def test_winners_table_picks_per_shape_and_an_all_round_default():
+    a, b, c = {"x": 1}, {"x": 2}, {"x": 3}
+    configs = {"a": a, "b": b, "c": c}
+    cases = [  # shape s1: b fastest; shape s2: c fastest, b close; a never best. c failed on s1.
+        {"shape": "s1", "bucket": 1, "times": {"a": 3.0, "b": 1.0, "c": None}, "configs": configs},
+        {"shape": "s2", "bucket": 1, "times": {"a": 3.0, "b": 1.1, "c": 1.0}, "configs": configs},
+        # two cases of one shape in one bucket: b wins one by a little, a the other by a lot
+        {"shape": "s1", "bucket": 4, "times": {"a": 1.0, "b": 2.0, "c": None}, "configs": configs},
+        {"shape": "s1", "bucket": 4, "times": {"a": 1.1, "b": 1.0, "c": None}, "configs": configs},
+    ]
+    table = winners_table(cases)
+    assert table["s1"] == {"1": b, "4": a}
+    assert table["s2"] == {"1": c}
+    assert table["default"] == {"1": b, "4": a}  # c did not run on s1: it cannot be everyone's default
+    assert list(table)[0] == "default"
+
+
+def test_every_tuning_candidate_is_a_valid_config():
+    tune = load_tune_script()
+    for m, candidates in tune.W4A16_CANDIDATES.items():
+        assert len(tune.with_current(w4a16_configs.w4a16_config(m, 4096, 4096), candidates)) <= 8
+        for config in candidates:
+            w4a16_configs.check_config(config)
+    for bucket, candidates in tune.MOE_CANDIDATES.items():
+        assert str(bucket) in moe_configs.FUSED_MOE_CONFIGS["default"]  # the sweep's buckets are the table's
+        assert len(candidates) <= 8
+        for config in candidates:
+            moe_configs.check_config(config)
+    assert sorted(tune.W4A16_CANDIDATES) == sorted(int(b) for b in w4a16_configs.W4A16_CONFIGS["default"])
+    # The winners laid over the current table keep every bucket of it.
+    merged = tune.with_winners(w4a16_configs.W4A16_CONFIGS, {"4096->6144": {"1": tune.W4A16_CANDIDATES[1][1]}})
+    assert merged["default"] == w4a16_configs.W4A16_CONFIGS["default"] and merged["4096->6144"]["1"]["block_n"] == 64
+    w4a16_configs.check_w4a16_table(merged)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the sweep itself runs (gpu_check.sh tune)")
+def test_sweep_smoke_run_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tune_kernels.py"), "--smoke", "--out",
+                          str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tune w4a16: best/" in out.stdout and "tune moe: best/loop" in out.stdout
+    w4a16_configs.check_w4a16_table(json.loads((tmp_path / "tuned-w4a16.json").read_text()))
+    moe_configs.check_moe_table(json.loads((tmp_path / "tuned-moe.json").read_text()))
+    report = json.loads((tmp_path / "tune-report.json").read_text())
+    for kernel in ("w4a16", "moe"):
+        assert report[kernel] and all(case["best"] and not case["errors"] for case in report[kernel])

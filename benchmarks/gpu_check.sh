@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora ...
+#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora|
+#                           w4-tests|tune ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -11,6 +12,10 @@
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA).
+# w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
+# a CUDA graph, the tiny GPTQ/AWQ engines); pair it with quant-w4 (batch-1 decode, bf16 vs GPTQ) in one call.
+# tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (about 4 minutes),
+# winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json in the tables' own format (to bake in).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -146,6 +151,10 @@ PY
         -p no:cacheprovider tests/lora/test_triton_lora.py tests/lora/test_lora_cuda.py ;;&
     lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
         --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
+    w4-tests) logged "w4a16 kernel tests" w4-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "w4a16 or gptq or awq" ;;
+    tune) logged "kernel tuning" tune.log 295 '^tune' python3 benchmarks/tune_kernels.py --out "$OUT" \
+        --budget-s 120 ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

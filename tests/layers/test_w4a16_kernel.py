@@ -130,3 +130,15 @@ def test_interpreted_table_path_is_the_layer_path(kernels):
         y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group)
         ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
         assert (y.float() - ref.float()).abs().max().item() <= 2e-3 * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("kernel,block_m", [("fma", 1), ("mma", 16), ("gemm", 16)])
+def test_interpreted_split_whose_last_tile_starts_past_k(kernels, kernel, block_m):
+    """K = 640 in 128-tiles split 2 ways: the second program's tiles are 384, 512 and 640 (past K, all masked)."""
+    cfg = config(kernel, block_m, 32, 128, split_k=2)
+    assert wc.launch_params(2, 32, 640, 128, False, cfg, 4) == (128, 2, 384, True)
+    x, qweight, scales, zeros, g_idx, group = make_case(2, 32, 640, 128, False, torch.float16, seed=11)
+    y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=cfg)
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert torch.isfinite(y).all()
+    assert (y.float() - ref.float()).abs().max().item() <= 2e-3 * ref.float().abs().max().item()

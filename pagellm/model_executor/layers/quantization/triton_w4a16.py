@@ -10,10 +10,11 @@ Two kernels, chosen per call by the config table (w4a16_configs.py, keyed by M a
 - small M (`fma` and `mma`): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and read as eight slices,
   slice j holding input channels k0 + 8r + j; each slice is multiplied by the matching strided columns of x.
   No [BLOCK_K, BLOCK_N] unpacked copy, no 8x repeated loads. A nibble becomes a float by bits, not by an
-  int-to-float conversion (slow on every GPU): (q | 0x4B000000) read as float32 is 2**23 + q exactly, and
-  subtracting 2**23 + z leaves q - z exactly. When a tile lies in one group, the scale is applied once per
-  tile to the sum of x * (q - z) (exact small integers) instead of once per weight. `fma` sums on CUDA cores
-  (M = 1: a GEMV, where tensor cores would idle 15 of 16 rows); `mma` feeds the same slices to tl.dot.
+  int-to-float conversion (a slow instruction on every GPU). When a tile lies in one group (the common case:
+  BLOCK_K divides the group size), the weight is read as 1 + q / 16 (the nibble put under the exponent of 1.0)
+  and zero point and scale are applied once per tile and column: sum x (q - z) = 16 sum x (1 + q / 16) - (16 +
+  z) sum x. Three instructions per weight at M = 1 (shift, and-or, fma). `fma` sums on CUDA cores (M = 1: a
+  GEMV, where tensor cores would idle 15 of 16 rows); `mma` feeds the same slices to tl.dot.
 - large M (`gemm`): the weight tile is unpacked to [BLOCK_K, BLOCK_N], w = (q - z) * s rounded to the
   activation dtype, one tl.dot per K tile (the arithmetic of w4a16.w4a16_reference).
 
@@ -105,21 +106,44 @@ def _w4a16_small_m_kernel(
         row_ok = rows < K // 8
         packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                          mask=row_ok[:, None] & mask_n[None, :], other=0)
-        if GROUP_PER_TILE:
-            g = tl.minimum(k0, K - 1) // group_size
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zf = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 8388608.0
         if USE_DOT:
             tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:
             tile = tl.zeros([BLOCK_M, ROWS, BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(8):
-            offs_k = k0 + 8 * offs_r + j
-            x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & row_ok[None, :], other=0.0)
-            qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
-            if GROUP_PER_TILE:
-                w = qf - zf[None, :]  # q - z, exact
+        if GROUP_PER_TILE:
+            # One group: sum x * (1 + q / 16) and x, then (16 * that - (16 + z) * sum x) * s per column. The
+            # float 1 + q / 16 is the nibble moved to the top of the mantissa of 1.0 (one shift, one and-or),
+            # exact in bf16 too; no per-weight subtraction or scale.
+            x_sum = tl.zeros([BLOCK_M, ROWS], dtype=tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_rows + (k0 + 8 * offs_r + j)[None, :], mask=mask_m[:, None] & row_ok[None, :],
+                            other=0.0)
+                if 4 * j <= 19:
+                    field = packed << (19 - 4 * j)
+                else:
+                    field = packed >> (4 * j - 19)
+                v = ((field & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                x_sum += x.to(tl.float32)
+                if USE_DOT:
+                    tile = tl.dot(x, v.to(x.dtype), tile)
+                else:
+                    tile += x.to(tl.float32)[:, :, None] * v[None, :, :]
+            if USE_DOT:
+                part = tile
             else:
+                part = tl.sum(tile, axis=1)
+            g = tl.minimum(k0, K - 1) // group_size  # (the last split's tiles may start past K: x is 0 there)
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            x_total = tl.sum(x_sum, axis=1)
+            acc += (16.0 * part - (16.0 + z)[None, :] * x_total[:, None]) * s[None, :]
+        else:
+            # Groups inside the tile (small groups, act-order's g_idx): w = (q - z) * s per weight, with q - z
+            # exact as (q | 0x4B000000) read as float32 (2**23 + q) minus 2**23 + z.
+            for j in tl.static_range(8):
+                offs_k = k0 + 8 * offs_r + j
+                x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & row_ok[None, :], other=0.0)
+                qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
                 if HAS_GIDX:
                     g = tl.load(g_ptr + offs_k, mask=row_ok, other=0)
                 else:
@@ -129,18 +153,14 @@ def _w4a16_small_m_kernel(
                 sj = tl.load(s_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
                 zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
                 w = (qf - (zj + 8388608.0)) * sj
+                if USE_DOT:
+                    tile = tl.dot(x, w.to(x.dtype), tile)
+                else:
+                    tile += x.to(tl.float32)[:, :, None] * w[None, :, :]
             if USE_DOT:
-                tile = tl.dot(x, w.to(x.dtype), tile)
+                acc += tile
             else:
-                tile += x.to(tl.float32)[:, :, None] * w[None, :, :]
-        if USE_DOT:
-            part = tile
-        else:
-            part = tl.sum(tile, axis=1)
-        if GROUP_PER_TILE:
-            acc += part * s[None, :]
-        else:
-            acc += part
+                acc += tl.sum(tile, axis=1)
     out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -34,6 +34,13 @@ from pagellm.model_executor.layers.kernel_configs import Config
 from pagellm.model_executor.layers.quantization.w4a16_configs import launch_params, w4a16_config
 
 
+# (tl.zeros and tl.sum are themselves jit functions: once triton.language was imported without TRITON_INTERPRET,
+# as torch may do, the interpreter cannot call them; tl.full and tl.reduce with this combine run either way.)
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
@@ -50,7 +57,7 @@ def _w4a16_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     shifts = (tl.arange(0, BLOCK_K) % 8) * 4
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     k_start = pid_k * k_per_split
     for k_step in range(0, k_per_split, BLOCK_K):
         k0 = k_start + k_step
@@ -98,7 +105,7 @@ def _w4a16_small_m_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     k_start = pid_k * k_per_split
     for k_step in range(0, k_per_split, BLOCK_K):
         k0 = k_start + k_step
@@ -107,14 +114,14 @@ def _w4a16_small_m_kernel(
         packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                          mask=row_ok[:, None] & mask_n[None, :], other=0)
         if USE_DOT:
-            tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            tile = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
         else:
-            tile = tl.zeros([BLOCK_M, ROWS, BLOCK_N], dtype=tl.float32)
+            tile = tl.full([BLOCK_M, ROWS, BLOCK_N], 0.0, tl.float32)
         if GROUP_PER_TILE:
             # One group: sum x * (1 + q / 16) and x, then (16 * that - (16 + z) * sum x) * s per column. The
             # float 1 + q / 16 is the nibble moved to the top of the mantissa of 1.0 (one shift, one and-or),
             # exact in bf16 too; no per-weight subtraction or scale.
-            x_sum = tl.zeros([BLOCK_M, ROWS], dtype=tl.float32)
+            x_sum = tl.full([BLOCK_M, ROWS], 0.0, tl.float32)
             for j in tl.static_range(8):
                 x = tl.load(x_rows + (k0 + 8 * offs_r + j)[None, :], mask=mask_m[:, None] & row_ok[None, :],
                             other=0.0)
@@ -131,11 +138,11 @@ def _w4a16_small_m_kernel(
             if USE_DOT:
                 part = tile
             else:
-                part = tl.sum(tile, axis=1)
+                part = tl.reduce(tile, 1, _add)
             g = tl.minimum(k0, K - 1) // group_size  # (the last split's tiles may start past K: x is 0 there)
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            x_total = tl.sum(x_sum, axis=1)
+            x_total = tl.reduce(x_sum, 1, _add)
             acc += (16.0 * part - (16.0 + z)[None, :] * x_total[:, None]) * s[None, :]
         else:
             # Groups inside the tile (small groups, act-order's g_idx): w = (q - z) * s per weight, with q - z
@@ -160,7 +167,7 @@ def _w4a16_small_m_kernel(
             if USE_DOT:
                 acc += tile
             else:
-                acc += tl.sum(tile, axis=1)
+                acc += tl.reduce(tile, 1, _add)
     out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

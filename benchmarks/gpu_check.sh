@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
 #   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|kvfp8|fallback|moe|moe-ep|lora|
-#                           w4-tests|tune ...
+#                           w4-tests|tune|tune-w4a16|tune-moe ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -14,8 +14,9 @@
 # lora = lora-tests + lora-bench (issue 17's LoRA).
 # w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
 # a CUDA graph, the tiny GPTQ/AWQ engines); pair it with quant-w4 (batch-1 decode, bf16 vs GPTQ) in one call.
-# tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (about 4 minutes),
-# winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json in the tables' own format (to bake in).
+# tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
+# winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json in the tables' own format (to bake in); tune-w4a16
+# and tune-moe sweep one kernel each with more time (one call each).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -153,8 +154,11 @@ PY
         --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
     w4-tests) logged "w4a16 kernel tests" w4-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "w4a16 or gptq or awq" ;;
-    tune) logged "kernel tuning" tune.log 295 '^tune' python3 benchmarks/tune_kernels.py --out "$OUT" \
-        --budget-s 120 ;;
+    tune|tune-w4a16|tune-moe)  # both kernels 125 s each; one kernel alone 270 s (candidates past it: "not run")
+      kernels=w4a16,moe budget=125
+      case "$what" in tune-w4a16) kernels=w4a16 budget=270 ;; tune-moe) kernels=moe budget=270 ;; esac
+      logged "kernel tuning ($kernels)" "$what.log" 295 '^tune' python3 benchmarks/tune_kernels.py --out "$OUT" \
+        --kernels "$kernels" --budget-s "$budget" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

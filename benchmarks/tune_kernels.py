@@ -51,7 +51,7 @@ W4A16_GROUP = 128
 # small M are the kernel all of M ran before the small-M kernel: the before/after pair.
 W4A16_CANDIDATES: dict[int, list[Config]] = {
     1: [w4("fma", 1, 128, 128), w4("fma", 1, 64, 128), w4("fma", 1, 256, 128, warps=8), w4("fma", 1, 64, 128, warps=2),
-        w4("fma", 1, 128, 128, split=1), w4("mma", 16, 64, 128), w4("gemm", 16, 64, 128)],
+        w4("fma", 1, 128, 128, split=1), w4("fma", 1, 128, 64), w4("mma", 16, 64, 128), w4("gemm", 16, 64, 128)],
     4: [w4("mma", 16, 64, 128), w4("mma", 16, 128, 128), w4("mma", 16, 32, 128), w4("mma", 16, 64, 128, stages=4),
         w4("fma", 4, 64, 128), w4("fma", 4, 128, 128, warps=8), w4("gemm", 16, 64, 128)],
     16: [w4("mma", 16, 64, 128), w4("mma", 16, 128, 128), w4("mma", 16, 128, 128, warps=8), w4("mma", 16, 32, 128),

@@ -111,6 +111,25 @@ def test_every_w4a16_kernel_variant(config, m, n, k, group, act_order):
     assert err <= 1e-2 * ref.float().abs().max().item() + 1e-2, err
 
 
+def _table_configs():
+    from pagellm.model_executor.layers.quantization.w4a16_configs import W4A16_CONFIGS
+
+    return [pytest.param(c, id=f"{key}-{bucket}") for key, entry in W4A16_CONFIGS.items()
+            for bucket, c in entry.items()]
+
+
+@pytest.mark.parametrize("config", _table_configs())
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_every_w4a16_table_config(config, m):
+    """Whatever the table holds (baked tuning winners included) computes the product, on any M and shape."""
+    from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
+
+    x, qweight, scales, zeros, g_idx, group = _w4_case(m, 1536, 576, 64, False, torch.bfloat16, seed=m)
+    y = w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config)
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert (y.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item() + 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 4, 16, 64])
 def test_w4a16_kernel_in_a_cuda_graph(m):
     """The table's kernel for M (split-K partial sums included) captured once, replayed with other inputs."""

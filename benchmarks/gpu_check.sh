@@ -15,7 +15,7 @@
 # w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
 # a CUDA graph, the tiny GPTQ/AWQ engines); pair it with quant-w4 (batch-1 decode, bf16 vs GPTQ) in one call.
 # tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
-# winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json in the tables' own format (to bake in); tune-w4a16
+# winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json (bake: tune_kernels.py --bake DIR); tune-w4a16
 # and tune-moe sweep one kernel each with more time (one call each).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.

@@ -10,12 +10,13 @@ it) and checked against the reference; a wrong or failing candidate is left out.
 
 Prints one line per case and one summary line per kernel; writes under --out:
     tuned-w4a16.json  tuned-moe.json   the tables with the winners laid over them, in the format of
-                                       W4A16_CONFIGS / FUSED_MOE_CONFIGS (paste them over the literals in
-                                       w4a16_configs.py / moe_configs.py)
+                                       W4A16_CONFIGS / FUSED_MOE_CONFIGS (--bake writes them over the literals
+                                       in w4a16_configs.py / moe_configs.py)
     tune-report.json                   every candidate's time and error, with the baselines
 Both are rewritten after every case, so a run cut short leaves what it measured.
 
     python benchmarks/tune_kernels.py --out DIR [--kernels w4a16,moe] [--budget-s 130]
+    python benchmarks/tune_kernels.py --bake DIR     # then: the tables of this checkout are DIR's winners
 """
 
 from __future__ import annotations
@@ -158,6 +159,50 @@ def with_winners(current, winners: dict[str, dict[str, Config]]) -> dict[str, di
     return table
 
 
+TABLE_FILES = {  # kernel -> (module file, the table's name there)
+    "w4a16": ("pagellm/model_executor/layers/quantization/w4a16_configs.py", "W4A16_CONFIGS"),
+    "moe": ("pagellm/model_executor/layers/fused_moe/moe_configs.py", "FUSED_MOE_CONFIGS"),
+}
+CHECKS = {"w4a16": w4a16_configs.check_w4a16_table, "moe": moe_configs.check_moe_table}
+
+
+def bake(kernel: str, tuned_json: str, module_path: str) -> None:
+    """Replace the table literal in module_path (from `NAME: Table = {` to the first line that is just `}`) with
+    the tuned JSON, after checking it as the tests will."""
+    with open(tuned_json) as f:
+        table = json.load(f)
+    CHECKS[kernel](table)
+    name = TABLE_FILES[kernel][1]
+    with open(module_path) as f:
+        lines = f.read().split("\n")
+    start = lines.index(f"{name}: Table = {{")
+    end = lines.index("}", start)
+    with open(module_path, "w") as f:
+        f.write("\n".join(lines[:start] + table_literal(name, table) + lines[end + 1:]))
+
+
+def table_literal(name: str, table: dict, width: int = 120) -> list[str]:
+    """The table as Python source lines, one config per bucket line (wrapped under width), as written by hand."""
+    out = [f"{name}: Table = {{"]
+    for key, entry in table.items():
+        out.append(f"    {json.dumps(key)}: {{")
+        for bucket, config in entry.items():
+            line = f"        {json.dumps(bucket)}: {{"
+            indent = " " * len(line)
+            fields = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in config.items()]
+            for i, field in enumerate(fields):
+                piece = field + ("}," if i == len(fields) - 1 else ",")
+                if len(line) + len(piece) + 1 > width and not line.endswith("{"):
+                    out.append(line)
+                    line = indent + piece
+                else:
+                    line += ("" if line.endswith("{") else " ") + piece
+            out.append(line)
+        out.append("    },")
+    out.append("}")
+    return out
+
+
 def _write(path: str, data: object) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -251,9 +296,19 @@ def main() -> None:
     parser.add_argument("--kernels", default="w4a16,moe", help="comma-separated: w4a16, moe")
     parser.add_argument("--budget-s", type=float, default=130.0, help="seconds per kernel; later candidates are "
                         "left out (and said so in the report) once it is spent")
+    parser.add_argument("--bake", metavar="DIR", help="no sweep: write DIR/tuned-*.json (a sweep's output) into "
+                        "the tables' modules of this checkout, checked first")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1, two "
                         "candidates per case, float16: checks the sweep's plumbing, measures nothing")
     args = parser.parse_args()
+    if args.bake:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for kernel, (module, _) in TABLE_FILES.items():
+            tuned = os.path.join(args.bake, f"tuned-{kernel}.json")
+            if os.path.exists(tuned):
+                bake(kernel, tuned, os.path.join(root, module))
+                print(f"baked {tuned} into {module}")
+        return
     if args.smoke:
         sweep = Sweep(args.out, "cpu", torch.float16, True)
         runs = {"w4a16": lambda: tune_w4a16(sweep, {"tiny": (128, 32)}, {1: W4A16_CANDIDATES[1][:2]}),
@@ -268,7 +323,7 @@ def main() -> None:
     for kernel in args.kernels.split(","):
         sweep.deadline = time.monotonic() + args.budget_s
         runs[kernel]()
-    print(f"tune: tables in {args.out}/tuned-*.json (paste over W4A16_CONFIGS / FUSED_MOE_CONFIGS)", flush=True)
+    print(f"tune: tables in {args.out}/tuned-*.json (bake: python benchmarks/tune_kernels.py --bake DIR)", flush=True)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,24 @@ def test_sweep_smoke_run_under_the_interpreter(tmp_path):
     report = json.loads((tmp_path / "tune-report.json").read_text())
     for kernel in ("w4a16", "moe"):
         assert report[kernel] and all(case["best"] and not case["errors"] for case in report[kernel])
+
+
+@pytest.mark.parametrize("kernel", ["w4a16", "moe"])
+def test_bake_writes_the_tuned_json_into_a_copy_of_the_module(tmp_path, kernel):
+    tune = load_tune_script()
+    module, name = tune.TABLE_FILES[kernel]
+    current = getattr(w4a16_configs if kernel == "w4a16" else moe_configs, name)
+    tuned = {key: dict(entry) for key, entry in current.items()}
+    first = next(iter(tuned["default"].values()))
+    tuned["123->456"] = {"2": dict(first, num_warps=2)}
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    copy = tmp_path / "module.py"
+    copy.write_text(open(os.path.join(ROOT, module)).read())
+    tune.bake(kernel, str(tmp_path / "tuned.json"), str(copy))
+    namespace: dict = {}
+    exec(compile(copy.read_text(), str(copy), "exec"), namespace)
+    assert namespace[name] == tuned
+    bad = dict(tuned, default={"1": dict(first, block_m=3)})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="block_m"):
+        tune.bake(kernel, str(tmp_path / "bad.json"), str(copy))

@@ -1,7 +1,7 @@
 """Tile configs of the Triton kernels, read from one small table per kernel (w4a16_configs.py, moe_configs.py).
 
 Why one shape of table: `benchmarks/tune_kernels.py` times candidate configs on a GPU and writes its winners as
-JSON in exactly this shape, so baking them in is pasting that JSON over the table's literal.
+JSON in exactly this shape, so baking them in is replacing the table's literal with it (`--bake`).
 
     TABLE = {
         "default": {"1": CONFIG, "16": CONFIG, "256": CONFIG},   # M bucket -> config

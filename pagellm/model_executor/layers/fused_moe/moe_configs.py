@@ -11,7 +11,7 @@ and hidden sizes: w13 is [E, 2I, H]); "default" serves every other shape. A conf
     num_warps, num_stages   Triton launch options
 
 The figures below are first guesses, not measurements: `benchmarks/tune_kernels.py` (gpu_check.sh part `tune`)
-writes measured winners in this format, to paste over FUSED_MOE_CONFIGS.
+writes measured winners in this format; `tune_kernels.py --bake OUT` writes them over FUSED_MOE_CONFIGS.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ every other shape. A config:
     num_warps, num_stages       Triton launch options
 
 The figures below are first guesses, not measurements: `benchmarks/tune_kernels.py` (gpu_check.sh part
-`tune`) writes measured winners in this format, to paste over W4A16_CONFIGS.
+`tune`) writes measured winners in this format; `tune_kernels.py --bake OUT` writes them over W4A16_CONFIGS.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Python read. Lookups are pure host work on shapes, so they run inside CUDA-graph
 from __future__ import annotations
 
 import math
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 Config = dict[str, Union[int, str]]
 Table = Mapping[str, Mapping[str, Config]]
@@ -42,20 +42,22 @@ def lookup(table: Table, m: float, shape_key: str | None = None) -> Config:
     return dict(entry[str(bucket_for(m, buckets_of(table, entry_key)))])
 
 
-def check_table(table: Table, required: Mapping[str, type], name: str) -> None:
-    """ValueError naming the table and entry when an entry lacks "default", a bucket is not a positive integer,
-    or a config lacks a field or has one of the wrong type (the check a baked JSON must pass)."""
+def check_table(table: Table, check_config: Callable[[Config], None], name: str) -> None:
+    """ValueError naming the table, entry and bucket when there is no "default" entry, an entry is empty, a
+    bucket is not a positive integer, or check_config refuses a config (the check a baked table must pass)."""
     if "default" not in table:
         raise ValueError(f"{name}: no 'default' entry")
     for key, entry in table.items():
         if not entry:
             raise ValueError(f"{name}[{key!r}]: no buckets")
         for bucket, config in entry.items():
+            where = f"{name}[{key!r}][{bucket!r}]"
             if not str(bucket).isdigit() or int(bucket) < 1:
-                raise ValueError(f"{name}[{key!r}]: bucket {bucket!r} is not a positive integer")
-            for field, kind in required.items():
-                if not isinstance(config.get(field), kind):
-                    raise ValueError(f"{name}[{key!r}][{bucket!r}]: field {field!r} missing or not {kind.__name__}")
+                raise ValueError(f"{where}: bucket {bucket!r} is not a positive integer")
+            try:
+                check_config(config)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
 
 
 def winners_table(cases: list[dict]) -> dict[str, dict[str, Config]]:

@@ -53,11 +53,5 @@ def moe_config(num_rows: int, experts: int, inter: int, hidden: int) -> Config:
 
 
 def check_moe_table(table: Table = FUSED_MOE_CONFIGS) -> None:
-    """ValueError naming the entry and bucket of the first bad config."""
-    check_table(table, FIELDS, "FUSED_MOE_CONFIGS")
-    for key, entry in table.items():
-        for bucket, config in entry.items():
-            try:
-                check_config(config)
-            except ValueError as e:
-                raise ValueError(f"FUSED_MOE_CONFIGS[{key!r}][{bucket!r}]: {e}") from None
+    """ValueError naming the entry and bucket of the first bad config (the tests run it on the baked table)."""
+    check_table(table, check_config, "FUSED_MOE_CONFIGS")

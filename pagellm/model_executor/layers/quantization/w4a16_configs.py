@@ -103,11 +103,5 @@ def w4a16_config(m: int, k: int, n: int) -> Config:
 
 
 def check_w4a16_table(table: Table = W4A16_CONFIGS) -> None:
-    """ValueError naming the entry and bucket of the first bad config (run by the tests on the baked table)."""
-    check_table(table, FIELDS, "W4A16_CONFIGS")
-    for key, entry in table.items():
-        for bucket, config in entry.items():
-            try:
-                check_config(config)
-            except ValueError as e:
-                raise ValueError(f"W4A16_CONFIGS[{key!r}][{bucket!r}]: {e}") from None
+    """ValueError naming the entry and bucket of the first bad config (the tests run it on the baked table)."""
+    check_table(table, check_config, "W4A16_CONFIGS")

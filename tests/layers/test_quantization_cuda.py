@@ -111,6 +111,22 @@ def test_every_w4a16_kernel_variant(config, m, n, k, group, act_order):
     assert err <= 1e-2 * ref.float().abs().max().item() + 1e-2, err
 
 
+@pytest.mark.parametrize("kernel,block_m", [("fma", 1), ("mma", 16), ("gemm", 16)])
+def test_w4a16_split_k_is_deterministic_and_leaves_the_counters_at_zero(kernel, block_m):
+    """Split K ends in the kernel (the last program of a tile adds the partials in split order): the same bits on
+    every call, whichever program finishes last, and every tile counter back at 0."""
+    from pagellm.model_executor.layers.quantization import triton_w4a16
+
+    config = dict(kernel=kernel, block_m=block_m, block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=3)
+    x, qweight, scales, zeros, g_idx, group = _w4_case(3, 4096, 4096, 128, False, torch.bfloat16, seed=4)
+    outs = [triton_w4a16.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config) for _ in range(5)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert not triton_w4a16._COUNTERS[x.device].any()
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert (outs[0].float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item() + 1e-2
+
+
 def _table_configs():
     from pagellm.model_executor.layers.quantization.w4a16_configs import W4A16_CONFIGS
 

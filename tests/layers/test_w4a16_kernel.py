@@ -142,3 +142,19 @@ def test_interpreted_split_whose_last_tile_starts_past_k(kernels, kernel, block_
     ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
     assert torch.isfinite(y).all()
     assert (y.float() - ref.float()).abs().max().item() <= 2e-3 * ref.float().abs().max().item()
+
+
+def test_interpreted_split_k_ends_in_the_kernel_and_leaves_the_counters_at_zero(kernels, monkeypatch):
+    """Split K: the last program of each tile writes the sum (the counters are back at 0 for the next call);
+    past the counters' size the partials are summed after the kernel instead. Both give the reference."""
+    cfg = config("fma", 1, 32, 64, split_k=4)
+    x, qweight, scales, zeros, g_idx, group = make_case(3, 64, 512, 128, False, torch.float16, seed=5)
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=cfg)
+    counters = kernels._COUNTERS[x.device]
+    assert not counters.any()
+    monkeypatch.setattr(kernels, "MAX_SPLIT_TILES", 1)  # 2 x 3 tiles: more than the buffer holds
+    y_after = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=cfg)
+    for out in (y, y_after):
+        assert (out.float() - ref.float()).abs().max().item() <= 2e-3 * ref.float().abs().max().item()
+    assert (y.float() - y_after.float()).abs().max().item() <= 1e-3 * ref.float().abs().max().item()

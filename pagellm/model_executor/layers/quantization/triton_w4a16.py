@@ -5,6 +5,10 @@ a bf16 one. Dequantizing first would write and read the 16-bit weight again; her
 unpacked in registers, scaled and fed to the product. Small batches split K across programs so that the few
 output tiles still fill every SM; partial sums are float32 and added once at the end.
 
+Split K ends inside the kernel: the last program of an output tile to finish adds the float32 partials in a
+fixed order and writes the tile (a counter per tile), so no reduction kernel follows (at batch 1 each linear is
+one launch, as cuBLAS's GEMV is).
+
 Two kernels, chosen per call by the config table (w4a16_configs.py, keyed by M and shape):
 
 - small M (`fma` and `mma`): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and read as eight slices,
@@ -42,12 +46,35 @@ def _add(a, b):
 
 
 @triton.jit
+def _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask, split, stride_ps, stride_om,
+               FIXUP: tl.constexpr):
+    """Store a program's [BLOCK_M, BLOCK_N] result. Split K: store the float32 partial; with FIXUP, the last of
+    the tile's `split` programs to finish (a counter per tile, acquire-release) adds the partials in split order
+    (the same sum whichever program comes last), stores the output and resets the counter for the next call,
+    so no reduction kernel follows. Without FIXUP the caller sums the partials."""
+    ptrs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if split == 1:
+        tl.store(out_ptr + ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + ptrs, acc, mask=mask)
+        if FIXUP:
+            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            count = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if count == split - 1:
+                total = acc * 0.0
+                for k in range(0, split):
+                    total += tl.load(part_ptr + k * stride_ps + ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + tile, 0)
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
-    M, N, K, group_size, k_per_split,
-    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
     HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -83,17 +110,17 @@ def _w4a16_gemm_kernel(
             z = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
         w = ((q - z) * s).to(x.dtype)
         acc += tl.dot(x, w)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], split,
+               stride_ps, stride_om, FIXUP)
 
 
 @triton.jit
 def _w4a16_small_m_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
-    M, N, K, group_size, k_per_split,
-    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
     HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
     pid_n = tl.program_id(0)
@@ -168,8 +195,8 @@ def _w4a16_small_m_kernel(
                 acc += tile
             else:
                 acc += tl.reduce(tile, 1, _add)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], split,
+               stride_ps, stride_om, FIXUP)
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,6 +208,26 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # Triton's interpreter on CPU tensors (the tests): any count
     return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Split-K's per-tile counters: int32 zeros, one buffer per device, each counter back at 0 after every call (so
+# calls must not overlap: one stream per device, as the engine runs).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_SPLIT_TILES = 1 << 16
+
+
+def _tile_counters(device: torch.device, tiles: int) -> Optional[torch.Tensor]:
+    """The device's counters, made on first use; None (the caller sums the partials itself) for more tiles than
+    the buffer holds, or when the first use comes during CUDA-graph capture (made there, the buffer would be
+    zeroed only by the graph's replays)."""
+    if tiles > MAX_SPLIT_TILES:
+        return None
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return counters
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -196,18 +243,22 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     block_m, block_n = config["block_m"], config["block_n"]
     block_k, split, k_per_split, group_per_tile = launch_params(m, n, k, group_size, g_idx is not None, config,
                                                                 _num_sms(x.device))
-    if split == 1:
-        out = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    parts, counters = out, None
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    args = (x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out,
-            m, n, k, group_size, k_per_split,
-            x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1))
+    if split > 1:
+        parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, grid[0] * grid[1])
+    fixup = split > 1 and counters is not None
+    args = (x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out, parts,
+            counters if fixup else qweight, m, n, k, group_size, k_per_split, split,
+            x.stride(0), qweight.stride(0), scales.stride(0), m * n, n)
     opts = dict(HAS_GIDX=g_idx is not None, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_K=block_k, num_warps=config["num_warps"], num_stages=config["num_stages"])
+                BLOCK_K=block_k, FIXUP=fixup, num_warps=config["num_warps"], num_stages=config["num_stages"])
     if config["kernel"] == "gemm":
         _w4a16_gemm_kernel[grid](*args, **opts)
     else:
         _w4a16_small_m_kernel[grid](*args, USE_DOT=config["kernel"] == "mma", **opts)
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    if split > 1 and not fixup:
+        out = parts.sum(0).to(x.dtype)
+    return out

@@ -59,11 +59,14 @@ def _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask, split, s
         tl.store(part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + ptrs, acc, mask=mask)
         if FIXUP:
             tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            tl.debug_barrier()  # every thread's partial is stored before the (one-thread) release below
             count = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if count == split - 1:
                 total = acc * 0.0
-                for k in range(0, split):
-                    total += tl.load(part_ptr + k * stride_ps + ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                part = part_ptr + ptrs
+                for _ in range(0, split):
+                    total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # (L2: not this SM's L1)
+                    part += stride_ps
                 tl.store(out_ptr + ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + tile, 0)
 

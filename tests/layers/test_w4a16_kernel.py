@@ -44,6 +44,7 @@ def test_a_shape_entry_overrides_the_default(monkeypatch):
     (dict(kernel="mma", block_k=64), "block_k"),
     (dict(kernel="fma", block_n=96), "power of two"),
     (dict(kernel="gemm", block_m=8), "block_m"),
+    (dict(kernel="fma", block_m=4, block_n=64), "block_m 1"),
     (dict(kernel="wmma"), "kernel"),
     (dict(split_k=-1), "split_k"),
     (dict(num_warps="4"), "num_warps"),
@@ -99,11 +100,11 @@ CASES = [  # m, n, k, group, act_order
     (5, 32, 128, 32, False),    # groups smaller than the tile
     (2, 32, 256, 64, True),     # act-order g_idx
 ]
-CONFIGS = [config("fma", 1, 32, 128), config("fma", 4, 32, 64, split_k=3), config("mma", 16, 32, 128),
+CONFIGS = [config("fma", 1, 32, 128), config("fma", 1, 64, 64, split_k=3), config("mma", 16, 32, 128),
            config("gemm", 16, 32, 64, split_k=2)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['kernel']}-m{c['block_m']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['kernel']}-m{c['block_m']}-k{c['block_k']}")
 @pytest.mark.parametrize("m,n,k,group,act_order", CASES)
 def test_interpreted_kernels_match_the_reference(kernels, cfg, m, n, k, group, act_order):
     x, qweight, scales, zeros, g_idx, group = make_case(m, n, k, group, act_order, torch.float16, seed=m)

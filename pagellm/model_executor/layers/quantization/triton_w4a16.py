@@ -9,20 +9,22 @@ Split K ends inside the kernel: the last program of an output tile to finish add
 fixed order and writes the tile (a counter per tile), so no reduction kernel follows (at batch 1 each linear is
 one launch, as cuBLAS's GEMV is).
 
-Two kernels, chosen per call by the config table (w4a16_configs.py, keyed by M and shape):
+Three kernels, chosen per call by the config table (w4a16_configs.py, keyed by M and shape):
 
-- small M (`fma` and `mma`): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and read as eight slices,
-  slice j holding input channels k0 + 8r + j; each slice is multiplied by the matching strided columns of x.
-  No [BLOCK_K, BLOCK_N] unpacked copy, no 8x repeated loads. A nibble becomes a float by bits, not by an
-  int-to-float conversion (a slow instruction on every GPU). When a tile lies in one group (the common case:
-  BLOCK_K divides the group size), the weight is read as 1 + q / 16 (the nibble put under the exponent of 1.0)
-  and zero point and scale are applied once per tile and column: sum x (q - z) = 16 sum x (1 + q / 16) - (16 +
-  z) sum x. Three instructions per weight at M = 1 (shift, and-or, fma). `fma` sums on CUDA cores (M = 1: a
-  GEMV, where tensor cores would idle 15 of 16 rows); `mma` feeds the same slices to tl.dot.
+- small M (`fma`, one row of x per program, and `mma`): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and
+  read as eight slices, slice j holding input channels k0 + 8r + j; each slice is multiplied by the matching
+  strided columns of x. No [BLOCK_K, BLOCK_N] unpacked copy, no 8x repeated loads. A nibble becomes a float by
+  bits, not by an int-to-float conversion (a slow instruction on every GPU). When a tile lies in one group (the
+  common case: BLOCK_K divides the group size), the weight is read as 1 + q / 16 (the nibble put under the exponent
+  of 1.0) and zero point and scale are applied once per tile and column: sum x (q - z) = 16 sum x (1 + q / 16) -
+  (16 + z) sum x: a shift, an and-or and an fma per weight at M = 1 (the sm_90 SASS of `fma` at block_n 128, 4
+  warps, compiled here without a GPU: 5.7 instructions per weight in its loop, x's loads and moves the rest). `fma`
+  sums on CUDA cores (M = 1: a GEMV, where tensor cores would idle 15 of 16 rows); `mma` feeds the same slices to
+  tl.dot.
 - large M (`gemm`): the weight tile is unpacked to [BLOCK_K, BLOCK_N], w = (q - z) * s rounded to the
   activation dtype, one tl.dot per K tile (the arithmetic of w4a16.w4a16_reference).
 
-Both are CUDA-graph safe: shapes, not data, decide the grid and the buffers.
+All are CUDA-graph safe: shapes, not data, decide the grid and the buffers.
 """
 
 from __future__ import annotations
@@ -118,13 +120,76 @@ def _w4a16_gemm_kernel(
 
 
 @triton.jit
-def _w4a16_small_m_kernel(
+def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, group_size, k_per_split, split,
     stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
-    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
 ):
+    """`fma`: one row of x per program (BLOCK_M = 1), products summed on CUDA cores in a [BLOCK_K / 8, BLOCK_N]
+    tile (2-D, so each thread holds a few packed rows and columns and loads only its rows' x)."""
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_n = offs_n < N
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    # Rows stay apart until the end: summing over them is a reduction across warps, not worth a barrier per tile.
+    acc = tl.full([ROWS, BLOCK_N], 0.0, tl.float32)
+    k_start = pid_k * k_per_split
+    for k_step in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + k_step
+        rows = k0 // 8 + offs_r
+        row_ok = rows < K // 8
+        packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=row_ok[:, None] & mask_n[None, :], other=0)
+        if GROUP_PER_TILE:  # as in _w4a16_mma_kernel: 1 + q / 16, zero point and scale once per tile
+            tile = tl.full([ROWS, BLOCK_N], 0.0, tl.float32)
+            x_sum = tl.full([ROWS], 0.0, tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_row + k0 + 8 * offs_r + j, mask=row_ok, other=0.0).to(tl.float32)
+                if 4 * j <= 19:
+                    field = packed << (19 - 4 * j)
+                else:
+                    field = packed >> (4 * j - 19)
+                v = ((field & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                x_sum += x
+                tile += x[:, None] * v
+            g = tl.minimum(k0, K - 1) // group_size
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tile * (16.0 * s)[None, :] - x_sum[:, None] * ((16.0 + z) * s)[None, :]
+        else:
+            for j in tl.static_range(8):
+                offs_k = k0 + 8 * offs_r + j
+                x = tl.load(x_row + offs_k, mask=row_ok, other=0.0).to(tl.float32)
+                qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                if HAS_GIDX:
+                    g = tl.load(g_ptr + offs_k, mask=row_ok, other=0)
+                else:
+                    g = offs_k // group_size
+                ptrs = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :]
+                ok = row_ok[:, None] & mask_n[None, :]
+                sj = tl.load(s_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                acc += x[:, None] * ((qf - (zj + 8388608.0)) * sj)
+    _write_out(tl.reduce(acc, 0, _add)[None, :], out_ptr, part_ptr, count_ptr, offs_m, offs_n,
+               (offs_m < M)[:, None] & mask_n[None, :], split, stride_ps, stride_om, FIXUP)
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
+    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
+):
+    """`mma`: BLOCK_M rows (>= 16) of x per program, the eight slices of each packed tile fed to tl.dot."""
     ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -143,10 +208,7 @@ def _w4a16_small_m_kernel(
         row_ok = rows < K // 8
         packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                          mask=row_ok[:, None] & mask_n[None, :], other=0)
-        if USE_DOT:
-            tile = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-        else:
-            tile = tl.full([BLOCK_M, ROWS, BLOCK_N], 0.0, tl.float32)
+        tile = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
         if GROUP_PER_TILE:
             # One group: sum x * (1 + q / 16) and x, then (16 * that - (16 + z) * sum x) * s per column. The
             # float 1 + q / 16 is the nibble moved to the top of the mantissa of 1.0 (one shift, one and-or),
@@ -161,19 +223,12 @@ def _w4a16_small_m_kernel(
                     field = packed >> (4 * j - 19)
                 v = ((field & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
                 x_sum += x.to(tl.float32)
-                if USE_DOT:
-                    tile = tl.dot(x, v.to(x.dtype), tile)
-                else:
-                    tile += x.to(tl.float32)[:, :, None] * v[None, :, :]
-            if USE_DOT:
-                part = tile
-            else:
-                part = tl.reduce(tile, 1, _add)
+                tile = tl.dot(x, v.to(x.dtype), tile)
             g = tl.minimum(k0, K - 1) // group_size  # (the last split's tiles may start past K: x is 0 there)
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             x_total = tl.reduce(x_sum, 1, _add)
-            acc += (16.0 * part - (16.0 + z)[None, :] * x_total[:, None]) * s[None, :]
+            acc += (16.0 * tile - (16.0 + z)[None, :] * x_total[:, None]) * s[None, :]
         else:
             # Groups inside the tile (small groups, act-order's g_idx): w = (q - z) * s per weight, with q - z
             # exact as (q | 0x4B000000) read as float32 (2**23 + q) minus 2**23 + z.
@@ -189,15 +244,8 @@ def _w4a16_small_m_kernel(
                 ok = row_ok[:, None] & mask_n[None, :]
                 sj = tl.load(s_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
                 zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
-                w = (qf - (zj + 8388608.0)) * sj
-                if USE_DOT:
-                    tile = tl.dot(x, w.to(x.dtype), tile)
-                else:
-                    tile += x.to(tl.float32)[:, :, None] * w[None, :, :]
-            if USE_DOT:
-                acc += tile
-            else:
-                acc += tl.reduce(tile, 1, _add)
+                tile = tl.dot(x, ((qf - (zj + 8388608.0)) * sj).to(x.dtype), tile)
+            acc += tile
     _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], split,
                stride_ps, stride_om, FIXUP)
 
@@ -212,6 +260,8 @@ def _num_sms(device: torch.device) -> int:
         return 4  # Triton's interpreter on CPU tensors (the tests): any count
     return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
+
+_KERNELS = {"fma": _w4a16_gemv_kernel, "mma": _w4a16_mma_kernel, "gemm": _w4a16_gemm_kernel}
 
 # Split-K's per-tile counters: int32 zeros, one buffer per device, each counter back at 0 after every call (so
 # calls must not overlap: one stream per device, as the engine runs).
@@ -258,10 +308,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             x.stride(0), qweight.stride(0), scales.stride(0), m * n, n)
     opts = dict(HAS_GIDX=g_idx is not None, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_K=block_k, FIXUP=fixup, num_warps=config["num_warps"], num_stages=config["num_stages"])
-    if config["kernel"] == "gemm":
-        _w4a16_gemm_kernel[grid](*args, **opts)
-    else:
-        _w4a16_small_m_kernel[grid](*args, USE_DOT=config["kernel"] == "mma", **opts)
+    _KERNELS[config["kernel"]][grid](*args, **opts)
     if split > 1 and not fixup:
         out = parts.sum(0).to(x.dtype)
     return out

@@ -3,7 +3,7 @@
 Keys of a shape entry are "K->N" (input -> output features of the layer as this rank holds it); "default" serves
 every other shape. A config:
 
-    kernel      "fma": the small-M kernel on CUDA cores (no tensor cores; M = 1 decode)
+    kernel      "fma": the GEMV kernel on CUDA cores, one row of x per program (block_m 1; M = 1 decode)
                 "mma": the small-M kernel with tl.dot (tensor cores; BLOCK_M >= 16, BLOCK_K >= 128)
                 "gemm": the large-M kernel (one dot per K tile, the weight tile unpacked to [BLOCK_K, BLOCK_N])
     block_m, block_n, block_k   tile sizes (powers of two; block_k a multiple of 8: eight 4-bit rows per int32)
@@ -56,6 +56,8 @@ def check_config(config: Config) -> None:
             raise ValueError(f"w4a16 config {config}: {field} must be a power of two")
     if config["block_k"] < 16:
         raise ValueError(f"w4a16 config {config}: block_k must be at least 16")
+    if config["kernel"] == "fma" and config["block_m"] != 1:
+        raise ValueError(f"w4a16 config {config}: the fma kernel takes one row per program (block_m 1)")
     if config["kernel"] != "fma" and (config["block_m"] < 16 or config["block_n"] < 16):
         raise ValueError(f"w4a16 config {config}: tl.dot needs block_m and block_n of at least 16")
     if config["kernel"] == "mma" and config["block_k"] < 128:

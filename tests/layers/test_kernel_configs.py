@@ -20,11 +20,16 @@ from pagellm.model_executor.layers.quantization import w4a16_configs
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load_tune_script():
-    spec = importlib.util.spec_from_file_location("tune_kernels", os.path.join(ROOT, "benchmarks", "tune_kernels.py"))
+def load_script(name: str):
+    """A benchmarks/ script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_tune_script():
+    return load_script("tune_kernels")
 
 
 def test_bucket_for_and_lookup():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
 import re
 import subprocess
@@ -33,8 +34,7 @@ def loop_profile(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pagellm.model_executor.layers.quantization import triton_w4a16
-
+    triton_w4a16 = importlib.import_module("pagellm.model_executor.layers.quantization.triton_w4a16")
     consts = dict(HAS_GIDX=False, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_K=block_k, FIXUP=True)
     signature = {**_SIGNATURE, **{name: "constexpr" for name in consts}}

@@ -32,6 +32,9 @@ def interpreted(module: str) -> Iterator[ModuleType]:
         yield importlib.import_module(module)
     finally:
         sys.modules.pop(module, None)
+        parent, _, child = module.rpartition(".")
+        if parent in sys.modules and hasattr(sys.modules[parent], child):
+            delattr(sys.modules[parent], child)  # (`from parent import child` reads the attribute first)
         if old is None:
             del os.environ["TRITON_INTERPRET"]
         else:

@@ -13,7 +13,7 @@
 # qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA).
 # w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
-# a CUDA graph, the tiny GPTQ/AWQ engines); pair it with quant-w4 (batch-1 decode, bf16 vs GPTQ) in one call.
+# a CUDA graph, the tiny GPTQ/AWQ engines; up to 8 minutes, mostly Triton compiling the variants): a call of its own.
 # tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
 # winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json (bake: tune_kernels.py --bake DIR); tune-w4a16
 # and tune-moe sweep one kernel each with more time (one call each).
@@ -152,7 +152,7 @@ PY
         -p no:cacheprovider tests/lora/test_triton_lora.py tests/lora/test_lora_cuda.py ;;&
     lora|lora-bench) logged "llama8b-mixed lora" lora-bench.log 540 '^(base|lora)' "${BENCH[@]}" throughput \
         --workload llama8b-mixed --lora-adapters 8 --lora-rank 16 --output-json "$OUT/llama8b-mixed-lora.json" ;;
-    w4-tests) logged "w4a16 kernel tests" w4-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+    w4-tests) logged "w4a16 kernel tests" w4-tests.log 480 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "w4a16 or gptq or awq" ;;
     tune|tune-w4a16|tune-moe)  # both kernels 125 s each; one kernel alone 270 s (candidates past it: "not run")
       kernels=w4a16,moe budget=125

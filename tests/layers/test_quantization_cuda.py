@@ -95,9 +95,9 @@ W4_VARIANTS = [  # every kernel of triton_w4a16.py, whatever the table picks tod
 
 
 @pytest.mark.parametrize("config", W4_VARIANTS, ids=lambda c: f"{c['kernel']}-m{c['block_m']}-n{c['block_n']}")
-@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("m", [1, 40])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1536, 576), (72, 256)])
-@pytest.mark.parametrize("group,act_order", [(128, False), (32, False), (64, True), (-1, False)])
+@pytest.mark.parametrize("group,act_order", [(128, False), (32, False), (64, True)])
 def test_every_w4a16_kernel_variant(config, m, n, k, group, act_order):
     from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
 

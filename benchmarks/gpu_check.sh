@@ -10,7 +10,8 @@
 # fallback = fallback-tests + fallback-bench (issue 16: the transformers fallback on CUDA, and its speed against
 # pagellm's own Qwen3 on the same dummy weights).
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
-# qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
+# qwen3moe-mixed with the transformers peer in the same run; with the tile table's configs the tests compile more
+# variants: run moe-tests and moe-bench as two calls); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA).
 # w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
 # a CUDA graph, the tiny GPTQ/AWQ engines; up to 8 minutes, mostly Triton compiling the variants): a call of its own.
@@ -130,7 +131,7 @@ PY
     # Issue 16's Mixture-of-Experts. moe-tests: the fused kernel against the torch path (many shapes, EP parts, a
     # CUDA graph), the MoE models on CUDA, then the kernel's time against the unfused loop. moe-bench: qwen3moe-mixed
     # (Qwen3-30B-A3B shape, dummy bf16, ~61 GB) with the transformers peer (its grouped_mm experts) in the same run.
-    moe|moe-tests) logged "moe kernel tests" moe-tests.log 150 '(passed|failed|error)' python3 -m pytest -q \
+    moe|moe-tests) logged "moe kernel tests" moe-tests.log 240 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_fused_moe.py tests/models/test_moe.py
       logged "moe kernel vs loop" moe-kernel.log 75 '^moe kernel' python3 benchmarks/moe_kernel.py \
         --out "$OUT/moe-kernel.json" ;;&

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|mrope|vision ...
+#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|
+#                           mrope|vision|w4-tests|tune|tune-w4a16|tune-moe ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -10,11 +11,17 @@
 # fallback = fallback-tests + fallback-bench (issue 16: the transformers fallback on CUDA, and its speed against
 # pagellm's own Qwen3 on the same dummy weights).
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
-# qwen3moe-mixed with the transformers peer in the same run); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
+# qwen3moe-mixed with the transformers peer in the same run; with the tile table's configs the tests compile more
+# variants: run moe-tests and moe-bench as two calls); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA); lora-kernel: the LoRA kernels' GPU time per layer by tile config.
 # mrope = mrope-tests + mrope-bench (issue 18's Qwen2-VL parts: M-RoPE, the vision tower, the model module on CUDA;
 # then the tower against transformers' at Qwen2-VL-7B's shape and M-RoPE against 1-D RoPE, bf16, one run).
 # vision = vision-tests + vision-bench (issue 18 part 2: tiny LLaVA on CUDA, then llava7b-image with its peer).
+# w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
+# a CUDA graph, the tiny GPTQ/AWQ engines; up to 8 minutes, mostly Triton compiling the variants): a call of its own.
+# tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
+# winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json (bake: tune_kernels.py --bake DIR); tune-w4a16
+# and tune-moe sweep one kernel each with more time (one call each).
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -130,7 +137,7 @@ PY
     # Issue 16's Mixture-of-Experts. moe-tests: the fused kernel against the torch path (many shapes, EP parts, a
     # CUDA graph), the MoE models on CUDA, then the kernel's time against the unfused loop. moe-bench: qwen3moe-mixed
     # (Qwen3-30B-A3B shape, dummy bf16, ~61 GB) with the transformers peer (its grouped_mm experts) in the same run.
-    moe|moe-tests) logged "moe kernel tests" moe-tests.log 150 '(passed|failed|error)' python3 -m pytest -q \
+    moe|moe-tests) logged "moe kernel tests" moe-tests.log 240 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_fused_moe.py tests/models/test_moe.py
       logged "moe kernel vs loop" moe-kernel.log 75 '^moe kernel' python3 benchmarks/moe_kernel.py \
         --out "$OUT/moe-kernel.json" ;;&
@@ -175,6 +182,13 @@ PY
         -p no:cacheprovider "${vtests[@]}" ;;&
     vision|vision-bench) logged "llava7b-image vs peer" vision-bench.log 240 '^(pagellm|transformers|ratio)' \
         "${BENCH[@]}" throughput --workload llava7b-image --peer hf --output-json "$OUT/llava7b-image-peer.json" ;;
+    w4-tests) logged "w4a16 kernel tests" w4-tests.log 480 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "w4a16 or gptq or awq" ;;
+    tune|tune-w4a16|tune-moe)  # both kernels 125 s each; one kernel alone 270 s (candidates past it: "not run")
+      kernels=w4a16,moe budget=125
+      case "$what" in tune-w4a16) kernels=w4a16 budget=270 ;; tune-moe) kernels=moe budget=270 ;; esac
+      logged "kernel tuning ($kernels)" "$what.log" 295 '^tune' python3 benchmarks/tune_kernels.py --out "$OUT" \
+        --kernels "$kernels" --budget-s "$budget" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

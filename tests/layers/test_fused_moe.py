@@ -5,16 +5,12 @@ partial sums, and inside a CUDA graph."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 from pagellm.model_executor.layers.fused_moe import select_experts
 from pagellm.model_executor.layers.fused_moe.torch_moe import fused_experts_torch
+from tests.triton_interpreter import interpreted as interpreted_module
 
 MODULE = "pagellm.model_executor.layers.fused_moe.triton_moe"
 CUDA = torch.cuda.is_available()
@@ -46,24 +42,8 @@ def assert_close(out, ref, dtype):
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def interpreted():
-    """triton_moe imported and run with TRITON_INTERPRET=1 (kernels run as numpy on CPU tensors; Triton reads
-    the variable at decoration and at launch); the variable is restored and the module dropped afterwards, so
-    that no other test sees interpreted kernels."""
-    if importlib.util.find_spec("triton") is None:  # (not imported here: it must see the variable first)
-        pytest.skip("triton is not installed")
-    if CUDA:
-        pytest.skip("CUDA is here: the compiled kernel is tested below")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop(MODULE, None)
-    try:
-        yield importlib.import_module(MODULE)
-    finally:
-        sys.modules.pop(MODULE, None)
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    with interpreted_module(MODULE) as module:
+        yield module
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,dtype", [
@@ -75,6 +55,37 @@ def interpreted():
 def test_interpreted_kernel_matches_torch(interpreted, tokens, experts, top_k, hidden, inter, dtype):
     x, w13, w2, weights, ids = make_case(tokens, experts, top_k, hidden, inter, dtype, "cpu", seed=tokens)
     assert_close(interpreted.fused_experts(x, w13, w2, weights, ids), reference(x, w13, w2, weights, ids), dtype)
+
+
+MOE_CONFIGS = [  # the grouped walk over blocks (group_m 1, 3: a last group shorter than the rest, 8), tile sizes
+    dict(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1),
+    dict(block_m=16, block_n=16, block_k=16, group_m=3, num_warps=4, num_stages=1),
+    dict(block_m=32, block_n=64, block_k=64, group_m=8, num_warps=8, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("config", MOE_CONFIGS, ids=lambda c: f"m{c['block_m']}-n{c['block_n']}-g{c['group_m']}")
+def test_interpreted_kernel_with_table_configs(interpreted, config):
+    x, w13, w2, weights, ids = make_case(45, 8, 2, 64, 48, torch.float32, "cpu", seed=5)
+    out = interpreted.fused_experts(x, w13, w2, weights, ids, config=config)
+    assert_close(out, reference(x, w13, w2, weights, ids), torch.float32)
+
+
+def test_moe_table_is_valid_and_picks_by_rows_per_expert(monkeypatch):
+    from pagellm.model_executor.layers.fused_moe import moe_configs as mc
+
+    mc.check_moe_table()
+    default = mc.FUSED_MOE_CONFIGS["default"]
+    assert mc.moe_config(1 * 8, 128, 768, 2048) == default["1"]  # Qwen3-30B-A3B decode: 8 rows, 128 experts
+    assert mc.moe_config(4096 * 2, 8, 14336, 4096) == default["1024"]  # Mixtral, 4096 tokens: 1024 per expert
+    assert mc.moe_config(10 ** 6, 8, 14336, 4096) == default["1024"]  # past the last bucket: the last
+    own = dict(MOE_CONFIGS[2])
+    monkeypatch.setattr(mc, "FUSED_MOE_CONFIGS", {"default": default, "8x14336x4096": {"2048": own}})
+    assert mc.moe_config(64, 8, 14336, 4096) == own
+    with pytest.raises(ValueError, match=r"\['default'\]\['1'\].*block_n"):
+        mc.check_moe_table({"default": {"1": {**own, "block_n": 48}}})
+    with pytest.raises(ValueError, match="group_m"):
+        mc.check_config({**own, "group_m": 0})
 
 
 def test_interpreted_kernel_expert_parallel_halves(interpreted):
@@ -129,6 +140,26 @@ def test_cuda_kernel_matches_torch(tokens, experts, top_k, hidden, inter, dtype)
     x, w13, w2, weights, ids = make_case(tokens, experts, top_k, hidden, inter, dtype, "cuda", seed=tokens)
     assert_close(fused_experts(x, w13, w2, weights, ids), reference(x, w13, w2, weights, ids), dtype)
 
+
+
+def _table_configs():
+    from pagellm.model_executor.layers.fused_moe.moe_configs import FUSED_MOE_CONFIGS
+
+    return [pytest.param(c, id=f"{key}-{bucket}") for key, entry in FUSED_MOE_CONFIGS.items()
+            for bucket, c in entry.items()]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", _table_configs())
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_every_moe_table_config_on_cuda(config, tokens):
+    """Whatever the table holds (baked tuning winners included) computes the sum, whatever the rows per expert."""
+    from pagellm.model_executor.layers.fused_moe.triton_moe import fused_experts
+
+    x, w13, w2, weights, ids = make_case(tokens, 16, 4, 512, 384, torch.bfloat16, "cuda", seed=tokens)
+    out = fused_experts(x, w13, w2, weights, ids, config=config)
+    assert_close(out, reference(x, w13, w2, weights, ids), torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -84,6 +84,86 @@ def test_w4a16_kernel_matches_dequantize_then_matmul(m, n, k, group, act_order, 
     assert err <= 1e-2 * ref.float().abs().max().item() + 1e-2, err
 
 
+W4_VARIANTS = [  # every kernel of triton_w4a16.py, whatever the table picks today
+    dict(kernel="fma", block_m=1, block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3),
+    dict(kernel="fma", block_m=1, block_n=256, block_k=64, split_k=0, num_warps=8, num_stages=3),
+    dict(kernel="mma", block_m=16, block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3),
+    dict(kernel="mma", block_m=64, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3),
+    dict(kernel="gemm", block_m=16, block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3),
+    dict(kernel="gemm", block_m=64, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3),
+]
+
+
+@pytest.mark.parametrize("config", W4_VARIANTS, ids=lambda c: f"{c['kernel']}-m{c['block_m']}-n{c['block_n']}")
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1536, 576), (72, 256)])
+@pytest.mark.parametrize("group,act_order", [(128, False), (32, False), (64, True)])
+def test_every_w4a16_kernel_variant(config, m, n, k, group, act_order):
+    from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
+
+    if k % (group if group != -1 else k):
+        pytest.skip("group does not divide K")
+    x, qweight, scales, zeros, g_idx, group = _w4_case(m, n, k, group, act_order, torch.bfloat16, seed=m)
+    y = w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config)
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= 1e-2 * ref.float().abs().max().item() + 1e-2, err
+
+
+@pytest.mark.parametrize("kernel,block_m", [("fma", 1), ("mma", 16), ("gemm", 16)])
+def test_w4a16_split_k_is_deterministic_and_leaves_the_counters_at_zero(kernel, block_m):
+    """Split K ends in the kernel (the last program of a tile adds the partials in split order): the same bits on
+    every call, whichever program finishes last, and every tile counter back at 0."""
+    from pagellm.model_executor.layers.quantization import triton_w4a16
+
+    config = dict(kernel=kernel, block_m=block_m, block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=3)
+    x, qweight, scales, zeros, g_idx, group = _w4_case(3, 4096, 4096, 128, False, torch.bfloat16, seed=4)
+    outs = [triton_w4a16.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config) for _ in range(5)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert not triton_w4a16._COUNTERS[x.device].any()
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert (outs[0].float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item() + 1e-2
+
+
+def _table_configs():
+    from pagellm.model_executor.layers.quantization.w4a16_configs import W4A16_CONFIGS
+
+    return [pytest.param(c, id=f"{key}-{bucket}") for key, entry in W4A16_CONFIGS.items()
+            for bucket, c in entry.items()]
+
+
+@pytest.mark.parametrize("config", _table_configs())
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_every_w4a16_table_config(config, m):
+    """Whatever the table holds (baked tuning winners included) computes the product, on any M and shape."""
+    from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
+
+    x, qweight, scales, zeros, g_idx, group = _w4_case(m, 1536, 576, 64, False, torch.bfloat16, seed=m)
+    y = w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config)
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    assert (y.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item() + 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_w4a16_kernel_in_a_cuda_graph(m):
+    """The table's kernel for M (split-K partial sums included) captured once, replayed with other inputs."""
+    from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
+
+    x, qweight, scales, zeros, g_idx, group = _w4_case(m, 4096, 4096, 128, False, torch.bfloat16, seed=1)
+    w4a16_matmul(x, qweight, scales, zeros, g_idx, group)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16_matmul(x, qweight, scales, zeros, g_idx, group)
+    for seed in (2, 3):
+        x.copy_(torch.randn(m, 4096, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+        assert (y.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item() + 1e-2
+
+
 @pytest.mark.parametrize("quantization", ["fp8", "int8", "gptq", "awq"])
 def test_engine_with_cuda_graphs(tiny_model_dir, quantization):
     """A tiny model per method on CUDA in bf16, decode CUDA graphs on: runs, and (fp8/int8, whose float

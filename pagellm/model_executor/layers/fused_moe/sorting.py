@@ -6,12 +6,6 @@ from __future__ import annotations
 import torch
 
 
-def block_m_for(num_rows: int, num_experts: int) -> int:
-    """Rows per block: about the rows an expert gets on average (decode: few; prefill: many), 16 to 64."""
-    per_expert = num_rows / max(num_experts, 1)
-    return 16 if per_expert <= 16 else 32 if per_expert <= 96 else 64
-
-
 def sort_by_expert(topk_ids: torch.Tensor, num_local: int, first_expert: int, block_m: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_rows [max_blocks * block_m], block_expert [max_blocks]) with no host synchronization.

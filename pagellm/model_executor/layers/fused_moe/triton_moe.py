@@ -12,6 +12,8 @@ launch with a host round trip (`bincount(...).tolist()`); here a layer is a fixe
 no host synchronization, so it also runs inside a decode CUDA graph, and each expert's weight tile is read
 once per block of its tokens.
 
+Tile sizes come from one table keyed by the rows per expert (moe_configs.py): small blocks for decode, where an
+expert gets a row or two, large blocks walked in groups (GROUP_M) for prefill, where it gets hundreds.
 All shapes are upper bounds fixed by (tokens, top_k, experts): unused blocks are marked expert -1 and exit.
 float32 inputs multiply in IEEE float32 (no TF32), so the kernel matches the torch path to rounding.
 Runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1), which is how it is tested without a GPU.
@@ -19,29 +21,38 @@ Runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1), which is ho
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from pagellm.model_executor.layers.fused_moe.sorting import block_m_for, sort_by_expert
+from pagellm.model_executor.layers.fused_moe.moe_configs import moe_config
+from pagellm.model_executor.layers.fused_moe.sorting import sort_by_expert
+from pagellm.model_executor.layers.kernel_configs import Config
 
 
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_rows_ptr, block_expert_ptr,
-    N, num_rows,
+    N, num_rows, num_blocks,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     K: tl.constexpr, ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c[row, :] = a[row // ROWS_PER_A, :] @ b[expert].T (* weights[row]) for the rows of one block.
 
+    Programs run GROUP_M row blocks down one column of N tiles before the next column, so that a weight tile
+    is read from HBM once per GROUP_M blocks of the same expert, not once per block (large M).
     K (the hidden or the intermediate size) is a compile-time constant: two variants per model, and Triton
     3.6's interpreter cannot loop over a runtime bound with numpy 2.4."""
     pid = tl.program_id(0)
     num_n = (N + BLOCK_N - 1) // BLOCK_N
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -69,19 +80,18 @@ def _moe_gemm_kernel(
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor, sorted_rows: torch.Tensor,
-          block_expert: torch.Tensor, rows_per_a: int, mul_weight: bool, block_m: int) -> None:
+          block_expert: torch.Tensor, rows_per_a: int, mul_weight: bool, config: Config) -> None:
     num_rows = c.shape[0]
     n, k = b.shape[1], b.shape[2]
-    block_n = 128 if block_m >= 64 and n >= 128 else 64
-    block_k = 64
-    grid = (block_expert.numel() * triton.cdiv(n, block_n),)
+    num_blocks = block_expert.numel()
+    grid = (num_blocks * triton.cdiv(n, config["block_n"]),)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     _moe_gemm_kernel[grid](
-        a, b, c, weights, sorted_rows, block_expert, n, num_rows,
+        a, b, c, weights, sorted_rows, block_expert, n, num_rows, num_blocks,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         K=k, ROWS_PER_A=rows_per_a, MUL_WEIGHT=mul_weight, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8 if block_m * block_n >= 64 * 128 else 4, num_stages=3,
+        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], GROUP_M=config["group_m"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
 
@@ -95,19 +105,21 @@ def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
-    """The same sum as torch_moe.fused_experts_torch (same arguments), in three kernels and a sum."""
+                  topk_ids: torch.Tensor, first_expert: int = 0, config: Optional[Config] = None) -> torch.Tensor:
+    """The same sum as torch_moe.fused_experts_torch (same arguments), in three kernels and a sum.
+
+    config: a moe_configs config for both GEMMs (the tuning sweep passes its candidates); None: the table's."""
     num_tokens, top_k = topk_ids.shape
     num_local, two_inter, hidden = w13.shape
     num_rows = num_tokens * top_k
     x = x.contiguous()
-    block_m = block_m_for(num_rows, num_local)
-    sorted_rows, block_expert = sort_by_expert(topk_ids, num_local, first_expert, block_m)
+    config = config or moe_config(num_rows, num_local, two_inter // 2, hidden)
+    sorted_rows, block_expert = sort_by_expert(topk_ids, num_local, first_expert, config["block_m"])
     weights = topk_weights.reshape(-1).float().contiguous()
     gate_up = torch.empty(num_rows, two_inter, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, gate_up, weights, sorted_rows, block_expert, top_k, False, block_m)
+    _gemm(x, w13, gate_up, weights, sorted_rows, block_expert, top_k, False, config)
     act = _silu_and_mul(gate_up)
     # Rows of experts held elsewhere are never written: zeros, so the sum over picks skips them.
     down = torch.zeros(num_rows, hidden, dtype=x.dtype, device=x.device)
-    _gemm(act, w2, down, weights, sorted_rows, block_expert, 1, True, block_m)
+    _gemm(act, w2, down, weights, sorted_rows, block_expert, 1, True, config)
     return down.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

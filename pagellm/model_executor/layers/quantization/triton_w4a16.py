@@ -2,11 +2,29 @@
 
 Why: batch-1 decode reads every weight once per token, so its speed is bytes: a 4-bit weight is a quarter of
 a bf16 one. Dequantizing first would write and read the 16-bit weight again; here each tile of packed ints is
-unpacked in registers, scaled and fed to the dot product. Small batches (decode) split K across programs so
-that the few output tiles still fill every SM; partial sums are float32 and added once at the end.
+unpacked in registers, scaled and fed to the product. Small batches split K across programs so that the few
+output tiles still fill every SM; partial sums are float32 and added once at the end.
 
-Per K tile, w = (q - z) * s in float32, rounded to the activation dtype, and the dot accumulates in float32:
-the same arithmetic as w4a16.w4a16_reference.
+Split K ends inside the kernel: the last program of an output tile to finish adds the float32 partials in a
+fixed order and writes the tile (a counter per tile), so no reduction kernel follows (at batch 1 each linear is
+one launch, as cuBLAS's GEMV is).
+
+Three kernels, chosen per call by the config table (w4a16_configs.py, keyed by M and shape):
+
+- small M (`fma`, one row of x per program, and `mma`): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and
+  read as eight slices, slice j holding input channels k0 + 8r + j; each slice is multiplied by the matching
+  strided columns of x. No [BLOCK_K, BLOCK_N] unpacked copy, no 8x repeated loads. A nibble becomes a float by
+  bits, not by an int-to-float conversion (a slow instruction on every GPU). When a tile lies in one group (the
+  common case: BLOCK_K divides the group size), the weight is read as 1 + q / 16 (the nibble put under the exponent
+  of 1.0) and zero point and scale are applied once per tile and column: sum x (q - z) = 16 sum x (1 + q / 16) -
+  (16 + z) sum x: a shift, an and-or and an fma per weight at M = 1 (the sm_90 SASS of `fma` at block_n 128, 4
+  warps, compiled here without a GPU: 5.7 instructions per weight in its loop, x's loads and moves the rest). `fma`
+  sums on CUDA cores (M = 1: a GEMV, where tensor cores would idle 15 of 16 rows); `mma` feeds the same slices to
+  tl.dot.
+- large M (`gemm`): the weight tile is unpacked to [BLOCK_K, BLOCK_N], w = (q - z) * s rounded to the
+  activation dtype, one tl.dot per K tile (the arithmetic of w4a16.w4a16_reference).
+
+All are CUDA-graph safe: shapes, not data, decide the grid and the buffers.
 """
 
 from __future__ import annotations
@@ -18,14 +36,50 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.model_executor.layers.kernel_configs import Config
+from pagellm.model_executor.layers.quantization.w4a16_configs import launch_params, w4a16_config
+
+
+# (tl.zeros and tl.sum are themselves jit functions: once triton.language was imported without TRITON_INTERPRET,
+# as torch may do, the interpreter cannot call them; tl.full and tl.reduce with this combine run either way.)
+@triton.jit
+def _add(a, b):
+    return a + b
+
 
 @triton.jit
-def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
-    M, N, K, group_size, k_per_split,
-    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+def _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask, split, stride_ps, stride_om,
+               FIXUP: tl.constexpr):
+    """Store a program's [BLOCK_M, BLOCK_N] result. Split K: store the float32 partial; with FIXUP, the last of
+    the tile's `split` programs to finish (a counter per tile, acquire-release) adds the partials in split order
+    (the same sum whichever program comes last), stores the output and resets the counter for the next call,
+    so no reduction kernel follows. Without FIXUP the caller sums the partials."""
+    ptrs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if split == 1:
+        tl.store(out_ptr + ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + ptrs, acc, mask=mask)
+        if FIXUP:
+            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            tl.debug_barrier()  # every thread's partial is stored before the (one-thread) release below
+            count = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if count == split - 1:
+                total = acc * 0.0
+                part = part_ptr + ptrs
+                for _ in range(0, split):
+                    total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # (L2: not this SM's L1)
+                    part += stride_ps
+                tl.store(out_ptr + ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + tile, 0)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
     HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -35,7 +89,7 @@ def _w4a16_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     shifts = (tl.arange(0, BLOCK_K) % 8) * 4
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     k_start = pid_k * k_per_split
     for k_step in range(0, k_per_split, BLOCK_K):
         k0 = k_start + k_step
@@ -47,7 +101,7 @@ def _w4a16_kernel(
                          mask=mask_k[:, None] & mask_n[None, :], other=0)
         q = ((packed >> shifts[:, None]) & 0xF).to(tl.float32)
         if GROUP_PER_TILE:  # the whole tile is in one group: one row of scales and zeros
-            g = k0 // group_size
+            g = tl.minimum(k0, K - 1) // group_size  # (the last split's tiles may start past K: x is 0 there)
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         else:
@@ -61,8 +115,139 @@ def _w4a16_kernel(
             z = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
         w = ((q - z) * s).to(x.dtype)
         acc += tl.dot(x, w)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], split,
+               stride_ps, stride_om, FIXUP)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
+    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
+):
+    """`fma`: one row of x per program (BLOCK_M = 1), products summed on CUDA cores in a [BLOCK_K / 8, BLOCK_N]
+    tile (2-D, so each thread holds a few packed rows and columns and loads only its rows' x)."""
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_n = offs_n < N
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    # Rows stay apart until the end: summing over them is a reduction across warps, not worth a barrier per tile.
+    acc = tl.full([ROWS, BLOCK_N], 0.0, tl.float32)
+    k_start = pid_k * k_per_split
+    for k_step in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + k_step
+        rows = k0 // 8 + offs_r
+        row_ok = rows < K // 8
+        packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=row_ok[:, None] & mask_n[None, :], other=0)
+        if GROUP_PER_TILE:  # as in _w4a16_mma_kernel: 1 + q / 16, zero point and scale once per tile
+            tile = tl.full([ROWS, BLOCK_N], 0.0, tl.float32)
+            x_sum = tl.full([ROWS], 0.0, tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_row + k0 + 8 * offs_r + j, mask=row_ok, other=0.0).to(tl.float32)
+                if 4 * j <= 19:
+                    field = packed << (19 - 4 * j)
+                else:
+                    field = packed >> (4 * j - 19)
+                v = ((field & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                x_sum += x
+                tile += x[:, None] * v
+            g = tl.minimum(k0, K - 1) // group_size
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tile * (16.0 * s)[None, :] - x_sum[:, None] * ((16.0 + z) * s)[None, :]
+        else:
+            for j in tl.static_range(8):
+                offs_k = k0 + 8 * offs_r + j
+                x = tl.load(x_row + offs_k, mask=row_ok, other=0.0).to(tl.float32)
+                qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                if HAS_GIDX:
+                    g = tl.load(g_ptr + offs_k, mask=row_ok, other=0)
+                else:
+                    g = offs_k // group_size
+                ptrs = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :]
+                ok = row_ok[:, None] & mask_n[None, :]
+                sj = tl.load(s_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                acc += x[:, None] * ((qf - (zj + 8388608.0)) * sj)
+    _write_out(tl.reduce(acc, 0, _add)[None, :], out_ptr, part_ptr, count_ptr, offs_m, offs_n,
+               (offs_m < M)[:, None] & mask_n[None, :], split, stride_ps, stride_om, FIXUP)
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
+    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
+):
+    """`mma`: BLOCK_M rows (>= 16) of x per program, the eight slices of each packed tile fed to tl.dot."""
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    k_start = pid_k * k_per_split
+    for k_step in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + k_step
+        rows = k0 // 8 + offs_r
+        row_ok = rows < K // 8
+        packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=row_ok[:, None] & mask_n[None, :], other=0)
+        tile = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        if GROUP_PER_TILE:
+            # One group: sum x * (1 + q / 16) and x, then (16 * that - (16 + z) * sum x) * s per column. The
+            # float 1 + q / 16 is the nibble moved to the top of the mantissa of 1.0 (one shift, one and-or),
+            # exact in bf16 too; no per-weight subtraction or scale.
+            x_sum = tl.full([BLOCK_M, ROWS], 0.0, tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_rows + (k0 + 8 * offs_r + j)[None, :], mask=mask_m[:, None] & row_ok[None, :],
+                            other=0.0)
+                if 4 * j <= 19:
+                    field = packed << (19 - 4 * j)
+                else:
+                    field = packed >> (4 * j - 19)
+                v = ((field & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                x_sum += x.to(tl.float32)
+                tile = tl.dot(x, v.to(x.dtype), tile)
+            g = tl.minimum(k0, K - 1) // group_size  # (the last split's tiles may start past K: x is 0 there)
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            x_total = tl.reduce(x_sum, 1, _add)
+            acc += (16.0 * tile - (16.0 + z)[None, :] * x_total[:, None]) * s[None, :]
+        else:
+            # Groups inside the tile (small groups, act-order's g_idx): w = (q - z) * s per weight, with q - z
+            # exact as (q | 0x4B000000) read as float32 (2**23 + q) minus 2**23 + z.
+            for j in tl.static_range(8):
+                offs_k = k0 + 8 * offs_r + j
+                x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & row_ok[None, :], other=0.0)
+                qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                if HAS_GIDX:
+                    g = tl.load(g_ptr + offs_k, mask=row_ok, other=0)
+                else:
+                    g = offs_k // group_size
+                ptrs = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :]
+                ok = row_ok[:, None] & mask_n[None, :]
+                sj = tl.load(s_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                tile = tl.dot(x, ((qf - (zj + 8388608.0)) * sj).to(x.dtype), tile)
+            acc += tile
+    _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], split,
+               stride_ps, stride_om, FIXUP)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,49 +256,59 @@ def _num_sms_of(index: int) -> int:
 
 
 def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter on CPU tensors (the tests): any count
     return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps), chosen by shape: small batches are memory-bound and
-    split K so that about two waves of programs cover the SMs; large ones use bigger tiles and no split."""
-    if m <= 16:
-        block_m, block_n, block_k, warps = 16, 64, 128, 4
-    elif m <= 64:
-        block_m, block_n, block_k, warps = 32, 64, 128, 4
-    else:
-        block_m, block_n, block_k, warps = 64, 128, 64, 8
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split = 1
-    if m <= 64:
-        while tiles * split < 2 * sms and k // (split * 2) >= 4 * block_k:
-            split *= 2
-    return block_m, block_n, block_k, split, warps
+_KERNELS = {"fma": _w4a16_gemv_kernel, "mma": _w4a16_mma_kernel, "gemm": _w4a16_gemm_kernel}
+
+# Split-K's per-tile counters: int32 zeros, one buffer per device, each counter back at 0 after every call (so
+# calls must not overlap: one stream per device, as the engine runs).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_SPLIT_TILES = 1 << 16
+
+
+def _tile_counters(device: torch.device, tiles: int) -> Optional[torch.Tensor]:
+    """The device's counters, made on first use; None (the caller sums the partials itself) for more tiles than
+    the buffer holds, or when the first use comes during CUDA-graph capture (made there, the buffer would be
+    zeroed only by the graph's replays)."""
+    if tiles > MAX_SPLIT_TILES:
+        return None
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return counters
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 g_idx: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
-    """x [M, K] fp16/bf16 @ W [K, N] (qweight [K / 8, N] int32, scales and zeros [groups, N]) -> [M, N]."""
+                 g_idx: Optional[torch.Tensor], group_size: int, config: Optional[Config] = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 @ W [K, N] (qweight [K / 8, N] int32, scales and zeros [groups, N]) -> [M, N].
+
+    config: a w4a16_configs config (the tuning sweep passes its candidates); None: the table's for (M, K, N)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
-    block_m, block_n, block_k, split, warps = _config(m, n, k, group_size, _num_sms(x.device))
-    if g_idx is None and group_size % block_k and block_k > group_size >= 16:
-        block_k = group_size  # keep whole groups per tile (group sizes 16..64)
-    group_per_tile = g_idx is None and group_size % block_k == 0
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
-    if split == 1:
-        out = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    config = config or w4a16_config(m, k, n)
+    block_m, block_n = config["block_m"], config["block_n"]
+    block_k, split, k_per_split, group_per_tile = launch_params(m, n, k, group_size, g_idx is not None, config,
+                                                                _num_sms(x.device))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    parts, counters = out, None
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    _w4a16_kernel[grid](
-        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out,
-        m, n, k, group_size, k_per_split,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1),
-        HAS_GIDX=g_idx is not None, GROUP_PER_TILE=group_per_tile,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3,
-    )
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    if split > 1:
+        parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, grid[0] * grid[1])
+    fixup = split > 1 and counters is not None
+    args = (x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out, parts,
+            counters if fixup else qweight, m, n, k, group_size, k_per_split, split,
+            x.stride(0), qweight.stride(0), scales.stride(0), m * n, n)
+    opts = dict(HAS_GIDX=g_idx is not None, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k, FIXUP=fixup, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    _KERNELS[config["kernel"]][grid](*args, **opts)
+    if split > 1 and not fixup:
+        out = parts.sum(0).to(x.dtype)
+    return out

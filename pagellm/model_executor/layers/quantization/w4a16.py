@@ -12,8 +12,9 @@ act-order). They differ only in packing (gptq.py, awq.py say how). After loading
     perm    [K] int64 or None  act-order: input channels sorted by group, so the kernel reads groups in
                                order; the activations are gathered by the same permutation
 
-On CUDA (fp16/bf16) a Triton kernel dequantizes inside the GEMM (triton_w4a16.py): a decode step reads a
-quarter of a 16-bit weight's bytes. Elsewhere the weight is dequantized, then multiplied (the reference).
+On CUDA (fp16/bf16) Triton kernels dequantize inside the product (triton_w4a16.py: a GEMV-like kernel for small
+batches, a GEMM for large ones, picked by M from w4a16_configs.py): a decode step reads a quarter of a 16-bit
+weight's bytes. Elsewhere the weight is dequantized, then multiplied (the reference).
 """
 
 from __future__ import annotations

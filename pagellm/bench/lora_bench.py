@@ -62,10 +62,13 @@ def _timed_run(engine_kwargs: dict[str, Any], requests: list[BenchRequest], lora
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=1.0, top_p=1.0,
                              detokenize=False) for r in requests]
-    warm = [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * 2
     times = []
     for per_request in loras:
-        llm.generate(prompts[:2], warm, use_tqdm=False, lora_request=per_request[:2])  # loads the adapters' slots
+        # One warm-up request per distinct adapter: each is read from disk into its slot once, before the clock
+        # (steady-state throughput, as with --lora-modules at start-up; loading mid-run stalls the step loop).
+        first = list({id(lora): i for i, lora in reversed(list(enumerate(per_request)))}.values())
+        warm = [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * len(first)
+        llm.generate([prompts[i] for i in first], warm, use_tqdm=False, lora_request=[per_request[i] for i in first])
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_request)
         times.append(time.perf_counter() - start)

@@ -10,8 +10,9 @@ and hidden sizes: w13 is [E, 2I, H]); "default" serves every other shape. A conf
                 block is still in L2 for the next (1: no grouping)
     num_warps, num_stages   Triton launch options
 
-The figures below are first guesses, not measurements (their tile shapes are the ones the kernel used before the
-table, checked on an H200; group_m > 1 has run only under Triton's interpreter): `benchmarks/tune_kernels.py` (gpu_check.sh part `tune`)
+The figures below are not measurements: they are the tiles the kernel used before the table (checked on an H200,
+where qwen3moe-mixed ran at 40x its peer), with group_m 1 (the same walk; group_m > 1 has run only under
+Triton's interpreter, and the sweep tries it): `benchmarks/tune_kernels.py` (gpu_check.sh part `tune`)
 writes measured winners in this format; `tune_kernels.py --bake OUT` writes them over FUSED_MOE_CONFIGS.
 """
 
@@ -26,9 +27,9 @@ FUSED_MOE_CONFIGS: Table = {
         "1": {"block_m": 16, "block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3},
         "4": {"block_m": 16, "block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3},
         "16": {"block_m": 16, "block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3},
-        "64": {"block_m": 32, "block_n": 64, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 3},
-        "256": {"block_m": 64, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3},
-        "1024": {"block_m": 64, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3},
+        "64": {"block_m": 32, "block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3},
+        "256": {"block_m": 64, "block_n": 128, "block_k": 64, "group_m": 1, "num_warps": 8, "num_stages": 3},
+        "1024": {"block_m": 64, "block_n": 128, "block_k": 64, "group_m": 1, "num_warps": 8, "num_stages": 3},
     },
 }
 

@@ -149,3 +149,26 @@ def test_embed_input_ids_checks_the_image_rows():
     rows = torch.randn(4, 64)
     embeds = ours.embed_input_ids(ids, rows)
     assert torch.equal(embeds[ids == IMAGE_TOKEN], rows)
+
+
+def test_arch_config_reads_the_text_config_and_mrope_section():
+    """One ArchConfig for both spellings: transformers 5 (text_config, rope_parameters with mrope_section, tied
+    head at the top level) and an older flat config (rope_scaling type "mrope"); get_rope gives M-RoPE."""
+    from types import SimpleNamespace
+
+    from pagellm.arch_config import ArchConfig
+    from pagellm.model_executor.layers.mrope import MRotaryEmbedding
+    from pagellm.model_executor.layers.rotary import get_rope
+
+    new = ArchConfig.from_hf(tiny_qwen2_vl_config(tie_word_embeddings=True))
+    assert (new.num_heads, new.num_kv_heads, new.head_dim, new.num_layers) == (4, 2, 16, 2)
+    assert new.tie_word_embeddings and new.mrope_section == (2, 3, 3)
+    assert new.rope_scaling == {"rope_type": "default"} and new.rope_theta == 10000.0
+    old = ArchConfig.from_hf(SimpleNamespace(
+        architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+        rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False))
+    assert old.mrope_section == (2, 3, 3) and old.rope_scaling["rope_type"] == "default" and old.rope_theta == 1e6
+    for arch in (new, old):
+        rope = get_rope(arch)
+        assert isinstance(rope, MRotaryEmbedding) and rope.mrope_section == [2, 3, 3]

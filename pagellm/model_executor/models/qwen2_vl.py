@@ -2,9 +2,10 @@
 
 The language side is pagellm's Qwen2 (llama.py) unchanged: the ArchConfig of a Qwen2-VL config carries its
 mrope_section, so rotary.get_rope gives every layer M-RoPE and `positions` may be [3, T] (temporal, height, width
-rows; mrope_positions gives a prompt's) or [T] for plain text. The runner's part, not this file's: compute image embeddings with `get_image_embeddings`, put them at the
-prompt's image tokens with `embed_input_ids`, and pass the result as `inputs_embeds` with [3, T] positions; later
-tokens sit at index + delta in all three rows (mrope_decode_positions).
+rows; mrope_positions gives a prompt's) or [T] for plain text. The runner's part (worker/mm_embeds.py), not this
+file's: compute image embeddings with `get_image_embeddings`, put them at the prompt's image tokens with
+`embed_input_ids`, and pass the result as `inputs_embeds` with [3, T] positions; later tokens sit at index + delta
+in all three rows (mrope_decode_positions).
 
 Config: transformers' Qwen2VLConfig, read through ArchConfig (text facts in `text_config` in transformers 5, at
 the top level in older configs; `tie_word_embeddings` at the top level). Checkpoint names: original Qwen2-VL

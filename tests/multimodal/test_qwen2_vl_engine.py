@@ -34,18 +34,25 @@ def reference(qwen2_vl_dir):
     return load_reference(qwen2_vl_dir)
 
 
-def _check_batch(llm: LLM, reference) -> None:
+def _check_batch(llm: LLM, reference) -> list:
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.prompt_token_ids.count(IMAGE_TOKEN) for o in outs] == [30, 32, 0]
     for out, imgs in zip(outs, IMAGES):
         assert out.outputs[0].token_ids == reference_greedy(reference, out.prompt_token_ids, imgs, 10)
+    return outs
 
 
 def test_batch_with_two_image_sizes_and_text_matches_transformers(qwen2_vl_dir, reference):
     llm = LLM(qwen2_vl_dir, dtype="float32", kv_cache_memory=8 * 2**20, max_model_len=256)
     runner = llm.llm_engine.core.executor.worker.runner
     assert isinstance(runner.model, VisionLanguageModel) and runner.mm.uses_mrope
-    _check_batch(llm, reference)
+    first = _check_batch(llm, reference)[0]
+    # the same image prompt again: its full blocks come from the prefix cache, the rest (image rows included)
+    # is computed at the same M-RoPE positions
+    hits = llm.llm_engine.prefix_cache_stats.hits
+    again = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0]
+    assert llm.llm_engine.prefix_cache_stats.hits - hits >= 32
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
     messages = [{"role": "user", "content": [{"type": "text", "text": "w20 w21"},
                                              {"type": "image_url", "image_url": {"url": data_url(image(5))}}]}]

@@ -172,3 +172,20 @@ def test_arch_config_reads_the_text_config_and_mrope_section():
     for arch in (new, old):
         rope = get_rope(arch)
         assert isinstance(rope, MRotaryEmbedding) and rope.mrope_section == [2, 3, 3]
+
+
+def test_loads_lazy_checkpoint_tensors(tmp_path):
+    """Tensor parallelism reads a checkpoint lazily (each tensor valid only while its file is open): the tower's
+    tensors are copied as they stream past, so every parameter is filled with the checkpoint's values."""
+    from safetensors.torch import save_file
+
+    from pagellm.model_executor.loader.safetensors_loader import iterate_safetensors_weights
+
+    hf = _hf_model(False)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours = Qwen2VLForConditionalGeneration(hf.config, dtype=torch.float32)
+    loaded = ours.load_weights(iterate_safetensors_weights(str(tmp_path), lazy=True))
+    assert loaded == {n for n, _ in ours.named_parameters()}
+    assert torch.equal(ours.visual.patch_embed.proj.weight, state["model.visual.patch_embed.proj.weight"])
+    assert torch.equal(ours.visual.merger.mlp[2].weight, state["model.visual.merger.mlp.2.weight"])

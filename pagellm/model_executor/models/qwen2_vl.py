@@ -88,20 +88,21 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.language_model.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """HF-named checkpoint tensors (either layout) -> parameters; returns our parameter names filled."""
-        vision: list[tuple[str, torch.Tensor]] = []
+        """HF-named checkpoint tensors (either layout) -> parameters; returns our parameter names filled. A tower
+        tensor is copied as it streams past: a lazy checkpoint tensor can be read only while its file is open."""
+        vision: set[str] = set()
 
         def text_weights():
             for name, tensor in weights:
                 if name.startswith(VISION_PREFIXES):
-                    vision.append((name, tensor))
+                    vision.update(self.visual.load_weights([(name, tensor)]))
                 elif name.startswith("model.language_model."):
                     yield "model." + name[len("model.language_model."):], tensor
                 else:
                     yield name, tensor
 
         loaded = {"language_model." + n for n in self.language_model.load_weights(text_weights())}
-        return loaded | {"visual." + n for n in self.visual.load_weights(vision)}
+        return loaded | {"visual." + n for n in vision}
 
     def required_params(self) -> dict[str, set[str]]:
         """Our parameter name -> the checkpoint names that fill it (original layout), for error messages."""

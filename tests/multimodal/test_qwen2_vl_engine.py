@@ -69,3 +69,20 @@ def test_chunked_prefill_cuts_the_image_spans(qwen2_vl_dir, reference):
     _check_batch(llm, reference)
     mm = llm.llm_engine.core.executor.worker.runner.mm
     assert mm.num_images_encoded == 2 and not mm.embeddings and not mm.features
+
+
+def test_a_preempted_image_request_gets_its_positions_back(qwen2_vl_dir, reference):
+    """8 KV blocks for three image requests of about 70 tokens each: one is preempted, comes back with its image,
+    recomputes its M-RoPE positions and image rows, and every output still equals transformers'."""
+    llm = LLM(qwen2_vl_dir, dtype="float32", kv_cache_memory=8 * 8192, max_model_len=96,
+              enable_prefix_caching=False)  # the preempted request recomputes its image (no cache hit)
+    assert llm.llm_engine.config.cache_config.num_blocks == 8
+    prompts = [{"prompt": f"w{5 + i} {PLACEHOLDER} w6", "multi_modal_data": {"image": image(30 + i, SIZES[i % 2])}}
+               for i in range(3)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.core.scheduler.num_preemptions_total >= 1
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == reference_greedy(reference, out.prompt_token_ids,
+                                                            [image(30 + i, SIZES[i % 2])], 30)
+    assert llm.llm_engine.core.executor.worker.runner.mm.num_images_encoded > 3

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
 #   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|
-#                           mrope|vision|w4-tests|tune|tune-w4a16|tune-moe ...
+#                           mrope|vision|qwen2vl-bench|w4-tests|tune|tune-w4a16|tune-moe ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -16,7 +16,8 @@
 # lora = lora-tests + lora-bench (issue 17's LoRA); lora-kernel: the LoRA kernels' GPU time per layer by tile config.
 # mrope = mrope-tests + mrope-bench (issue 18's Qwen2-VL parts: M-RoPE, the vision tower, the model module on CUDA;
 # then the tower against transformers' at Qwen2-VL-7B's shape and M-RoPE against 1-D RoPE, bf16, one run).
-# vision = vision-tests + vision-bench (issue 18 part 2: tiny LLaVA on CUDA, then llava7b-image with its peer).
+# vision = vision-tests + vision-bench (issue 18 part 2: tiny LLaVA and Qwen2-VL on CUDA, then llava7b-image with
+# its peer); qwen2vl-bench: qwen2vl-image (Qwen2-VL-7B shape) with its peer, a part of its own (time).
 # w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
 # a CUDA graph, the tiny GPTQ/AWQ engines; up to 8 minutes, mostly Triton compiling the variants): a call of its own.
 # tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
@@ -171,14 +172,14 @@ PY
     mrope|mrope-bench) logged "qwen2-vl tower + M-RoPE" mrope-bench.log 300 '^qwen2-vl' python3 \
         benchmarks/qwen2_vl_parts.py --out "$OUT/qwen2-vl-parts.json" ;;
     # Issue 18 part 2, images in chat (needs pillow there: carry its wheel if `import PIL` fails): the tiny LLaVA
-    # tests on CUDA (vision-tests; the server test only where fastapi & co. import), then llava7b-image (LLaVA-1.5-7B
-    # shape, dummy bf16 weights, 128 requests with one random image each) with the transformers peer in the same
-    # run (vision-bench). Both under 5 minutes.
+    # and Qwen2-VL tests on CUDA (vision-tests; the server tests only where fastapi & co. import), then llava7b-image
+    # (LLaVA-1.5-7B shape, dummy bf16 weights, 128 requests with one random image each) with the transformers peer
+    # in the same run (vision-bench). Both under 5 minutes.
     vision|vision-tests)
       python3 -c "import PIL" 2>/dev/null || echo "vision: pillow is missing (pip install pillow)" | tee -a "$summary"
       vtests=(tests/multimodal)
       python3 -c "import fastapi, uvicorn, zmq, msgspec, openai" 2>/dev/null && vtests+=(tests/entrypoints/test_vision_server.py)
-      logged "vision tests (CUDA)" vision-tests.log 200 '(passed|failed|error)' python3 -m pytest -q \
+      logged "vision tests (CUDA)" vision-tests.log 240 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider "${vtests[@]}" ;;&
     vision|vision-bench) logged "llava7b-image vs peer" vision-bench.log 240 '^(pagellm|transformers|ratio)' \
         "${BENCH[@]}" throughput --workload llava7b-image --peer hf --output-json "$OUT/llava7b-image-peer.json" ;;
@@ -189,6 +190,10 @@ PY
       case "$what" in tune-w4a16) kernels=w4a16 budget=270 ;; tune-moe) kernels=moe budget=270 ;; esac
       logged "kernel tuning ($kernels)" "$what.log" 295 '^tune' python3 benchmarks/tune_kernels.py --out "$OUT" \
         --kernels "$kernels" --budget-s "$budget" ;;
+    # qwen2vl-image: Qwen2-VL-7B shape (M-RoPE, the 675M-parameter tower), dummy bf16 weights, 128 requests with one
+    # random 300-640 px image each (hundreds of image tokens apiece), with the transformers peer in the same run.
+    qwen2vl-bench) logged "qwen2vl-image vs peer" qwen2vl-bench.log 290 '^(pagellm|transformers|ratio)' \
+        "${BENCH[@]}" throughput --workload qwen2vl-image --peer hf --output-json "$OUT/qwen2vl-image-peer.json" ;;
     host) logged "host time per step $tag" "host-$tag.log" 400 '^(decode +256|mixed +256|workload)' python3 benchmarks/profile_steps.py \
             --workload llama8b-mixed --label "$tag" --out "$OUT" ;;
   esac

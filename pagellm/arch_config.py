@@ -25,6 +25,8 @@ def _rope_dict(params: Any, legacy_theta: Any, legacy_scaling: Any) -> tuple[flo
     if scaling["rope_type"] == "none":
         scaling["rope_type"] = "default"
     scaling.pop("rope_theta", None)
+    if scaling["rope_type"] == "mrope":  # older Qwen2-VL configs: M-RoPE is default RoPE with 3 position rows
+        scaling["rope_type"] = "default"
     return float(theta), scaling
 
 
@@ -88,11 +90,13 @@ class ArchConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     moe_renormalize: bool = False  # top-k weights renormalized to sum to 1 (Mixtral always; Qwen: norm_topk_prob)
+    # M-RoPE (Qwen2-VL): the rotary frequencies split into (temporal, height, width) sections; None: 1-D RoPE.
+    mrope_section: Optional[tuple[int, ...]] = None
 
     @classmethod
     def from_hf(cls, config: Any, architecture: Optional[str] = None) -> "ArchConfig":
         archs = getattr(config, "architectures", None) or []
-        config = text_config_of(config)  # a vision-language model: its language model's facts
+        top, config = config, text_config_of(config)  # a vision-language model: its language model's facts
         g = lambda name, default=None: getattr(config, name, default)  # noqa: E731
         heads = int(config.num_attention_heads)
         layers = int(config.num_hidden_layers)
@@ -113,6 +117,9 @@ class ArchConfig:
             if g("rope_local_base_freq"):
                 local_theta, local_scaling = float(g("rope_local_base_freq")), {"rope_type": "default"}
         partial = g("partial_rotary_factor") or scaling.pop("partial_rotary_factor", None) or 1.0
+        mrope_section = scaling.pop("mrope_section", None)
+        # Qwen2-VL's text config has no tie_word_embeddings of its own: the top-level config's holds.
+        tie = g("tie_word_embeddings")
         return cls(
             architecture=architecture or (archs[0] if archs else ""),
             model_type=str(g("model_type", "")),
@@ -126,7 +133,7 @@ class ArchConfig:
             max_position=int(g("max_position_embeddings") or 2048),
             rms_norm_eps=float(g("rms_norm_eps") or 1e-6),
             hidden_act=str(g("hidden_activation") or g("hidden_act") or "silu"),
-            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(getattr(top, "tie_word_embeddings", False) if tie is None else tie),
             eos_token_ids=_eos_ids(g("eos_token_id")),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -146,6 +153,7 @@ class ArchConfig:
             shared_expert_intermediate_size=int(g("shared_expert_intermediate_size") or 0),
             moe_renormalize=(bool(g("norm_topk_prob", False)) if g("moe_intermediate_size")
                              else bool(g("num_local_experts"))),
+            mrope_section=tuple(int(v) for v in mrope_section) if mrope_section else None,
         )
 
     def layer_window(self, layer: int) -> Optional[int]:

@@ -1,15 +1,18 @@
-"""The image workload of `pagellm bench throughput` (`llava7b-image`): one random image per request through a
-LLaVA-1.5-7B-shaped model with dummy weights, and transformers' generate() on the same shape as the peer.
+"""The image workloads of `pagellm bench throughput` (`llava7b-image`, `qwen2vl-image`): one random image per
+request through a LLaVA-1.5-7B- or Qwen2-VL-7B-shaped model with dummy weights, and transformers' generate() on
+the same shape as the peer.
 
 Each request, in this order from random.Random(0): its text length, its output length, its text token ids, then
 its image (random pixels of a random size, so the image processor resizes and crops as it would a photo). The
 prompt is the text with one image placeholder after its first token; both engines expand it into the model's
-576 image tokens. pagellm's time includes its front end's image processing; the peer's includes its own.
+image tokens (LLaVA: 576 an image; Qwen2-VL: one per 28x28 pixels of the resized image, so the count varies).
+pagellm's time includes its front end's image processing; the peer's includes its own.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import os
 import random
@@ -19,7 +22,9 @@ from typing import Any
 
 import torch
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+from pagellm.multimodal.families import image_family
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # (Qwen2-VL normalizes with CLIP's statistics too)
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
@@ -30,16 +35,40 @@ class ImageRequest:
     image: Any  # PIL.Image
 
 
+def _preprocessor_config(shape: dict[str, Any]) -> dict[str, Any]:
+    """The model's preprocessor_config.json, as its published checkpoint has it."""
+    vc = shape["vision_config"]
+    common = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}
+    if _architecture(shape) == "Qwen2VLForConditionalGeneration":  # Qwen2-VL-7B-Instruct's pixel bounds
+        min_pixels, max_pixels = 56 * 56, 28 * 28 * 1280
+        return {**common, "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": min_pixels,
+                "max_pixels": max_pixels, "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                "patch_size": vc["patch_size"], "temporal_patch_size": vc["temporal_patch_size"],
+                "merge_size": vc["spatial_merge_size"]}
+    size = vc["image_size"]
+    return {**common, "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+            "crop_size": {"height": size, "width": size}, "do_center_crop": True}
+
+
+def _architecture(shape: dict[str, Any]) -> str:
+    return shape["architectures"][0]
+
+
+def placeholder_ids(shape: dict[str, Any]) -> list[int]:
+    """The token ids of one image placeholder (the bench has no tokenizer): Qwen2-VL's image token sits between
+    its vision-start and vision-end tokens (M-RoPE finds images by them)."""
+    if _architecture(shape) == "Qwen2VLForConditionalGeneration":
+        return [shape["vision_start_token_id"], shape["image_token_id"], shape["vision_end_token_id"]]
+    return [shape["image_token_index"]]
+
+
 def write_vision_model(shape: dict[str, Any], folder: str) -> str:
-    """config.json + a CLIP preprocessor_config.json: enough for load_format='dummy' and for the peer."""
-    size = shape["vision_config"]["image_size"]
+    """config.json + preprocessor_config.json: enough for load_format='dummy' and for the peer."""
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(shape, f)
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
-                   "crop_size": {"height": size, "width": size}, "do_resize": True, "do_center_crop": True,
-                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-                   "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, f)
+        json.dump(_preprocessor_config(shape), f)
     return folder
 
 
@@ -50,14 +79,15 @@ def make_image_requests(shape: dict[str, Any], num_requests: int, input_len: tup
 
     rng = random.Random(0)
     vocab = shape["text_config"]["vocab_size"]
-    image_id = shape["image_token_index"]
+    placeholder = placeholder_ids(shape)
+    image_id = min(placeholder)  # text ids stay below the special tokens
     requests = []
     for _ in range(num_requests):
         in_len, out_len = rng.randint(*input_len), rng.randint(*output_len)
         ids = [rng.randrange(1000, min(image_id, vocab) - 1000) for _ in range(in_len)]
         w, h = rng.randint(300, 640), rng.randint(300, 640)
         pixels = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        requests.append(ImageRequest(ids[:1] + [image_id] + ids[1:], out_len, Image.fromarray(pixels)))
+        requests.append(ImageRequest(ids[:1] + placeholder + ids[1:], out_len, Image.fromarray(pixels)))
     return requests
 
 
@@ -87,32 +117,38 @@ def run_pagellm_images(engine_kwargs: dict[str, Any], requests: list[ImageReques
 
 def run_hf_images(folder: str, dtype: torch.dtype, device: str, requests: list[ImageRequest],
                   batch_size: int) -> dict[str, Any]:
-    """transformers' generate() on static batches, left-padded, each batch run to its longest output."""
+    """transformers' generate() on static batches, left-padded, each batch run to its longest output. Each image
+    is processed alone (as pagellm's front end does) and its placeholder expanded to its own token count."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
     processor = AutoImageProcessor.from_pretrained(folder)
-    vc = config.vision_config
-    n_image = (vc.image_size // vc.patch_size) ** 2
-    image_id = config.image_token_index
+    family = image_family(config.architectures[0])
+    image_id = family.token_id(config)
+    # newer transformers releases place Qwen2-VL's images by mm_token_type_ids (text 0, image 1)
+    token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
     start = time.perf_counter()
     for i in range(0, len(requests), batch_size):
         batch = requests[i : i + batch_size]
-        prompts = [[t for tok in r.prompt_token_ids for t in ([tok] * n_image if tok == image_id else [tok])]
-                   for r in batch]
+        images = [processor(images=[r.image], return_tensors="pt") for r in batch]
+        counts = [family.num_tokens(config, img) for img in images]
+        prompts = [[t for tok in r.prompt_token_ids for t in ([tok] * n if tok == image_id else [tok])]
+                   for r, n in zip(batch, counts)]
         max_in, max_out = max(map(len, prompts)), max(r.output_len for r in batch)
         ids = torch.zeros((len(batch), max_in), dtype=torch.long)
         mask = torch.zeros((len(batch), max_in), dtype=torch.long)
         for row, p in enumerate(prompts):
             ids[row, max_in - len(p):] = torch.tensor(p)
             mask[row, max_in - len(p):] = 1
-        pixels = processor(images=[r.image for r in batch], return_tensors="pt")["pixel_values"]
+        inputs = {name: torch.cat([img[name] for img in images]).to(device) for name in family.input_names}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        if token_types:
+            inputs["mm_token_type_ids"] = (ids == image_id).int().to(device)
         with torch.inference_mode():
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           pixel_values=pixels.to(device, dtype), max_new_tokens=max_out, min_new_tokens=max_out,
-                           do_sample=False, pad_token_id=0)
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **inputs,
+                           max_new_tokens=max_out, min_new_tokens=max_out, do_sample=False, pad_token_id=0)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

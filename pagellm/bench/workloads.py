@@ -67,6 +67,21 @@ LLAVA_15_7B = {
                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False},
 }
 
+# Qwen2-VL-7B-Instruct: a 675M-parameter ViT (14 px patches, 2x2 merged into one token) + Qwen2-7B with M-RoPE.
+QWEN2_VL_7B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "image_token_id": 151655,
+    "video_token_id": 151654, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+    "vision_config": {"model_type": "qwen2_vl", "depth": 32, "embed_dim": 1280, "hidden_size": 3584,
+                      "num_heads": 16, "mlp_ratio": 4, "hidden_act": "quick_gelu", "in_channels": 3,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "text_config": {"model_type": "qwen2_vl_text", "hidden_size": 3584, "intermediate_size": 18944,
+                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                    "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+                    "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu"},
+}
+
 
 WORKLOADS: dict[str, Workload] = {
     "llama8b-mixed": Workload("llama8b-mixed", None, LLAMA_8B, 256, (128, 1024), (64, 512), "bfloat16", "dummy"),
@@ -74,6 +89,8 @@ WORKLOADS: dict[str, Workload] = {
     "qwen3moe-mixed": Workload("qwen3moe-mixed", None, QWEN3_30B_A3B, 256, (128, 1024), (64, 512), "bfloat16",
                                "dummy"),
     "llava7b-image": Workload("llava7b-image", None, LLAVA_15_7B, 128, (32, 256), (64, 256), "bfloat16", "dummy",
+                              images=True),
+    "qwen2vl-image": Workload("qwen2vl-image", None, QWEN2_VL_7B, 128, (32, 256), (64, 256), "bfloat16", "dummy",
                               images=True),
     "smollm-cpu": Workload("smollm-cpu", None, None, 64, (32, 256), (16, 128), None, "auto"),
 }

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pagellm.arch_config import ArchConfig
-from pagellm.model_executor.layers.mrope import MRotaryEmbedding, get_mrope, mrope_decode_positions, mrope_positions
+from pagellm.model_executor.layers.mrope import MRotaryEmbedding, mrope_decode_positions, mrope_positions
+from pagellm.model_executor.layers.rotary import get_rope
 from tests.models.tiny_qwen2_vl import (IMAGE_TOKEN, MERGE, VISION_START, image_prompt, tiny_qwen2_vl_config,
                                        token_type_kwargs)
 
@@ -92,7 +93,7 @@ def test_rotation_matches_transformers(hf_model, name):
         ref_q, ref_k = hf.apply_multimodal_rotary_pos_emb(q4, k4, cos, sin, [2, 3, 3])
     else:
         ref_q, ref_k = hf.apply_rotary_pos_emb(q4, k4, cos, sin)
-    rope = get_mrope(ArchConfig.from_hf(text_config))
+    rope = get_rope(ArchConfig.from_hf(text_config))
     assert isinstance(rope, MRotaryEmbedding) and rope.mrope_section == [2, 3, 3]
     out_q, out_k = rope(positions, q, k)
     torch.testing.assert_close(out_q, ref_q.transpose(1, 2).reshape(t, -1), atol=1e-5, rtol=1e-5)

@@ -149,3 +149,43 @@ def test_embed_input_ids_checks_the_image_rows():
     rows = torch.randn(4, 64)
     embeds = ours.embed_input_ids(ids, rows)
     assert torch.equal(embeds[ids == IMAGE_TOKEN], rows)
+
+
+def test_arch_config_reads_the_text_config_and_mrope_section():
+    """One ArchConfig for both spellings: transformers 5 (text_config, rope_parameters with mrope_section, tied
+    head at the top level) and an older flat config (rope_scaling type "mrope"); get_rope gives M-RoPE."""
+    from types import SimpleNamespace
+
+    from pagellm.arch_config import ArchConfig
+    from pagellm.model_executor.layers.mrope import MRotaryEmbedding
+    from pagellm.model_executor.layers.rotary import get_rope
+
+    new = ArchConfig.from_hf(tiny_qwen2_vl_config(tie_word_embeddings=True))
+    assert (new.num_heads, new.num_kv_heads, new.head_dim, new.num_layers) == (4, 2, 16, 2)
+    assert new.tie_word_embeddings and new.mrope_section == (2, 3, 3)
+    assert new.rope_scaling == {"rope_type": "default"} and new.rope_theta == 10000.0
+    old = ArchConfig.from_hf(SimpleNamespace(
+        architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+        rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False))
+    assert old.mrope_section == (2, 3, 3) and old.rope_scaling["rope_type"] == "default" and old.rope_theta == 1e6
+    for arch in (new, old):
+        rope = get_rope(arch)
+        assert isinstance(rope, MRotaryEmbedding) and rope.mrope_section == [2, 3, 3]
+
+
+def test_loads_lazy_checkpoint_tensors(tmp_path):
+    """Tensor parallelism reads a checkpoint lazily (each tensor valid only while its file is open): the tower's
+    tensors are copied as they stream past, so every parameter is filled with the checkpoint's values."""
+    from safetensors.torch import save_file
+
+    from pagellm.model_executor.loader.safetensors_loader import iterate_safetensors_weights
+
+    hf = _hf_model(False)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours = Qwen2VLForConditionalGeneration(hf.config, dtype=torch.float32)
+    loaded = ours.load_weights(iterate_safetensors_weights(str(tmp_path), lazy=True))
+    assert loaded == {n for n, _ in ours.named_parameters()}
+    assert torch.equal(ours.visual.patch_embed.proj.weight, state["model.visual.patch_embed.proj.weight"])
+    assert torch.equal(ours.visual.merger.mlp[2].weight, state["model.visual.merger.mlp.2.weight"])

@@ -1,6 +1,6 @@
 """Qwen2-VL's front end (multimodal/families.py + processing.py): a prompt's image placeholders expand into the
 same token ids, and the features carry the same pixels and grids, as transformers' Qwen2VLProcessor gives.
-(The model itself is the mrope branch's; this checks only what the engine sends it.)"""
+(The model end to end: tests/multimodal/test_qwen2_vl_engine.py; this checks only what the engine sends it.)"""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ M-RoPE is plain 1-D RoPE. An image's tokens get (t, h, w) grid coordinates offse
 text after an image continues from the largest coordinate + 1, so a prompt's positions end below its length:
 later tokens sit at `index + delta` (delta <= 0) in all three rows.
 
-Two halves: `MRotaryEmbedding` rotates q/k (same call as RotaryEmbedding, so a model swaps it in), and
+Two halves: `MRotaryEmbedding` rotates q/k (same call as RotaryEmbedding; rotary.get_rope builds it for an
+ArchConfig with an mrope_section, so a Llama-family decoder takes it without a change), and
 `mrope_positions` / `mrope_decode_positions` compute the [3, T] positions of a prompt and of later tokens.
 """
 
@@ -17,11 +18,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from pagellm.model_executor.layers.rotary import RotaryEmbedding
-
-# rope types a Qwen2-VL config may name for its text rope: transformers 5 says "default" (with mrope_section in
-# rope_parameters), older configs "mrope" (in rope_scaling).
-MROPE_TYPES = ("default", "mrope")
-
 
 class MRotaryEmbedding(RotaryEmbedding):
     """forward(positions, q [T, Hq*D], k [T, Hk*D]) -> rotated (q, k), same shapes and dtypes.
@@ -72,16 +68,6 @@ class MRotaryEmbedding(RotaryEmbedding):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mrope_section={self.mrope_section}"
-
-
-def get_mrope(arch: Any, device: Optional[torch.device] = None) -> MRotaryEmbedding:
-    """The M-RoPE of an ArchConfig whose rope dict carries `mrope_section` (Qwen2-VL's text config)."""
-    scaling = dict(arch.rope_scaling)
-    if scaling.get("rope_type", "default") not in MROPE_TYPES:
-        raise NotImplementedError(f"M-RoPE with rope type {scaling.get('rope_type')!r} is not supported")
-    if "mrope_section" not in scaling:
-        raise ValueError("the model's rope parameters have no mrope_section")
-    return MRotaryEmbedding(arch.head_dim, arch.max_position, arch.rope_theta, scaling["mrope_section"], device)
 
 
 def _as_list(x: Any) -> list:

@@ -34,6 +34,15 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style ("rotate half") rotation of x [..., D] in float32 by cos/sin [..., D/2] (broadcast over the
+    heads), cast back to x's dtype. RoPE, M-RoPE and the Qwen2-VL vision tower's 2-D rope all rotate this way."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
     """forward(positions [T], q [T, Hq*D], k [T, Hk*D]) -> rotated (q, k), same shapes and dtypes.
 
@@ -86,12 +95,8 @@ class RotaryEmbedding(nn.Module):
         self._build(self.cos_sin_cache.device)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        xf = x.view(t, -1, self.head_dim).float()
-        half = self.head_dim // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype).view(x.shape)
+        """x [T, H*D] (heads flat) by cos/sin [T, 1, D/2]."""
+        return rotate_neox(x.view(x.shape[0], -1, self.head_dim), cos, sin).view(x.shape)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos_sin_cache.device != positions.device:
@@ -114,9 +119,16 @@ class RotaryEmbedding(nn.Module):
 def get_rope(arch: Any, head_dim: Optional[int] = None, device: Optional[torch.device] = None,
              max_position: Optional[int] = None, layer: Optional[int] = None) -> RotaryEmbedding:
     """The rotary embedding of an ArchConfig (pagellm/arch_config.py): its full layers', or `layer`'s (Gemma 3's
-    sliding layers have their own base)."""
+    sliding layers have their own base); an M-RoPE one (layers/mrope.py) when the config has an mrope_section."""
     theta, scaling = arch.layer_rope(layer) if layer is not None else (arch.rope_theta, dict(arch.rope_scaling))
     if arch.partial_rotary_factor != 1.0:
         raise NotImplementedError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    if getattr(arch, "mrope_section", None):
+        from pagellm.model_executor.layers.mrope import MRotaryEmbedding  # (mrope.py builds on this file)
+
+        if scaling["rope_type"] != "default":
+            raise NotImplementedError(f"M-RoPE with rope type {scaling['rope_type']!r} is not supported")
+        return MRotaryEmbedding(head_dim or arch.head_dim, max_position or arch.max_position, theta,
+                                arch.mrope_section, device)
     return RotaryEmbedding(head_dim or arch.head_dim, max_position or arch.max_position, theta, scaling,
                            device=device)

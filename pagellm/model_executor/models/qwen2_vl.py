@@ -1,14 +1,15 @@
 """Qwen2-VL: the vision tower (qwen2_vl_vision.py) and Qwen2's decoder with M-RoPE (layers/mrope.py).
 
-The language side is pagellm's Qwen2 (llama.py) with one block swapped: every layer rotates q/k by M-RoPE, so
-`positions` may be [3, T] (temporal, height, width rows; mrope_positions gives a prompt's) or [T] for plain text.
-The runner's part, not this file's: compute image embeddings with `get_image_embeddings`, put them at the
-prompt's image tokens with `embed_input_ids`, and pass the result as `inputs_embeds` with [3, T] positions; later
-tokens sit at index + delta in all three rows (mrope_decode_positions).
+The language side is pagellm's Qwen2 (llama.py) unchanged: the ArchConfig of a Qwen2-VL config carries its
+mrope_section, so rotary.get_rope gives every layer M-RoPE and `positions` may be [3, T] (temporal, height, width
+rows; mrope_positions gives a prompt's) or [T] for plain text. The runner's part (worker/mm_embeds.py), not this
+file's: compute image embeddings with `get_image_embeddings`, put them at the prompt's image tokens with
+`embed_input_ids`, and pass the result as `inputs_embeds` with [3, T] positions; later tokens sit at index + delta
+in all three rows (mrope_decode_positions).
 
-Config: transformers' Qwen2VLConfig (text facts in `text_config` in transformers 5, at the top level in older
-configs; `tie_word_embeddings` at the top level). Checkpoint names: original Qwen2-VL (`visual.*`, `model.*`,
-`lm_head.*`) and transformers 5 (`model.visual.*`, `model.language_model.*`, `lm_head.*`).
+Config: transformers' Qwen2VLConfig, read through ArchConfig (text facts in `text_config` in transformers 5, at
+the top level in older configs; `tie_word_embeddings` at the top level). Checkpoint names: original Qwen2-VL
+(`visual.*`, `model.*`, `lm_head.*`) and transformers 5 (`model.visual.*`, `model.language_model.*`, `lm_head.*`).
 """
 
 from __future__ import annotations
@@ -18,70 +19,12 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from pagellm.arch_config import ArchConfig
 from pagellm.attention import AttentionMetadata
-from pagellm.model_executor.layers.mrope import MRotaryEmbedding, get_mrope, mrope_positions
+from pagellm.model_executor.layers.mrope import MRotaryEmbedding, mrope_positions
 from pagellm.model_executor.layers.quantization.base import QuantizationConfig
-from pagellm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel, Qwen2ForCausalLM
+from pagellm.model_executor.models.llama import Qwen2ForCausalLM
 from pagellm.model_executor.models.qwen2_vl_vision import VISION_PREFIXES, Qwen2VisionTransformer
 from pagellm.model_executor.models.utils import IntermediateTensors
-
-
-class TextConfigView:
-    """The text side of a Qwen2-VL config as the Llama classes read it: attributes from `text_config` (or the
-    config itself when flat), with `tie_word_embeddings` from the top level and an "mrope" rope type read as
-    "default" (M-RoPE is plain RoPE on text; mrope_section stays in the dict)."""
-
-    def __init__(self, config: Any) -> None:
-        self._text = getattr(config, "text_config", None) or config
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        for key in ("rope_parameters", "rope_scaling"):
-            rope = getattr(self._text, key, None)
-            if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "mrope":
-                setattr(self, key, {**rope, "rope_type": "default", "type": "default"})
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_text":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self._text, name)
-
-
-class Qwen2VLTextModel(LlamaModel):
-    """LlamaModel whose forward also takes `inputs_embeds` [T, H] (text and image embeddings) in place of ids."""
-
-    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
-        if intermediate is not None or inputs_embeds is None:
-            return super().forward(input_ids, positions, kv_caches, attn_metadata, intermediate)
-        hidden, residual = inputs_embeds, None
-        for layer, kv_cache in zip(self.layers[self.start_layer:self.end_layer], kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
-        if not self.is_last_stage:
-            return IntermediateTensors(hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
-class Qwen2VLTextForCausalLM(Qwen2ForCausalLM):
-    """Qwen2 (q/k/v bias) with M-RoPE in every layer. `config`: a TextConfigView (or any flat text config)."""
-
-    def build_model(self, arch: ArchConfig, dtype, device, quant_config, need_embedding: bool) -> nn.Module:
-        qkv_bias, o_bias = self.attention_biases(self.config)
-        mrope = get_mrope(arch, device)
-
-        def make_layer(i: int, _rope, prefix: str) -> nn.Module:
-            return LlamaDecoderLayer(arch, i, qkv_bias, o_bias, False, False, dtype, device, mrope, quant_config,
-                                     prefix)
-
-        model = Qwen2VLTextModel(arch, make_layer, dtype, device, need_embedding)
-        model.rotary_emb = mrope  # the one table every layer shares (LlamaModel's 1-D one is dropped)
-        return model
-
-    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate, inputs_embeds)
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
@@ -98,8 +41,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.spatial_merge_size = int(config.vision_config.spatial_merge_size)
         # The tower stays unquantized: checkpoints quantize only the language model.
         self.visual = Qwen2VisionTransformer(config.vision_config, dtype, device)
-        self.language_model = Qwen2VLTextForCausalLM(TextConfigView(config), dtype, device, quant_config)
+        # Qwen2 with M-RoPE: its ArchConfig reads the text facts and the mrope_section from this config.
+        self.language_model = Qwen2ForCausalLM(config, dtype, device, quant_config)
         self.arch = self.language_model.arch
+        self.model = self.language_model.model  # the decoder stack, where the runner's helpers look for it
 
     @property
     def rotary_emb(self) -> MRotaryEmbedding:
@@ -136,26 +81,28 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                 attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
         """positions [3, T] (or [T] on text-only steps); inputs_embeds [T, H] when the step holds image tokens."""
-        return self.language_model(input_ids, positions, kv_caches, attn_metadata, intermediate, inputs_embeds)
+        return self.language_model.model(input_ids, positions, kv_caches, attn_metadata, intermediate,
+                                         inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """HF-named checkpoint tensors (either layout) -> parameters; returns our parameter names filled."""
-        vision: list[tuple[str, torch.Tensor]] = []
+        """HF-named checkpoint tensors (either layout) -> parameters; returns our parameter names filled. A tower
+        tensor is copied as it streams past: a lazy checkpoint tensor can be read only while its file is open."""
+        vision: set[str] = set()
 
         def text_weights():
             for name, tensor in weights:
                 if name.startswith(VISION_PREFIXES):
-                    vision.append((name, tensor))
+                    vision.update(self.visual.load_weights([(name, tensor)]))
                 elif name.startswith("model.language_model."):
                     yield "model." + name[len("model.language_model."):], tensor
                 else:
                     yield name, tensor
 
         loaded = {"language_model." + n for n in self.language_model.load_weights(text_weights())}
-        return loaded | {"visual." + n for n in self.visual.load_weights(vision)}
+        return loaded | {"visual." + n for n in vision}
 
     def required_params(self) -> dict[str, set[str]]:
         """Our parameter name -> the checkpoint names that fill it (original layout), for error messages."""

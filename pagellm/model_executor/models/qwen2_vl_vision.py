@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from pagellm.model_executor.layers.linear import copy_weight, materialize
+from pagellm.model_executor.layers.rotary import rotate_neox
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +92,6 @@ def patch_rows_cols(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> to
     return torch.cat(out).to(image_grid_thw.device)
 
 
-def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotation of x [N, H, D] in float32 by cos/sin [N, 1, D/2], cast back to x's dtype."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 def attention_runs(image_grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
     """The attention segments (one per frame of each image, t * (h*w) rows each) as runs of equal-length
     neighbours: (first row, number of segments, segment length). A run is one batched attention call."""
@@ -128,7 +121,7 @@ class VisionAttention(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+        q, k = rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
         out = torch.empty_like(q)
         for start, count, length in runs:
             end = start + count * length

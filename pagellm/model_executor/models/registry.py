@@ -31,7 +31,8 @@ class ArchSpec:
     gguf_norm_offset: float = 0.0
     # The GGUF's `{arch}.attention.sliding_window` is the model's window (llama.cpp attends fully otherwise).
     gguf_sliding_window: bool = False
-    # Takes images (its class answers image_placeholder / num_image_tokens / embed_images: pagellm/multimodal).
+    # Takes images: the class follows models/interface.py's VisionLanguageModel; its front-end facts are in
+    # multimodal/families.py.
     multimodal: bool = False
 
     def model_class(self) -> type[nn.Module]:
@@ -56,6 +57,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("Qwen2MoeForCausalLM", "qwen_moe", "Qwen2MoeForCausalLM", ("qwen2_moe",)),
     ArchSpec("Qwen3MoeForCausalLM", "qwen_moe", "Qwen3MoeForCausalLM", ("qwen3_moe",)),
     ArchSpec("LlavaForConditionalGeneration", "llava", "LlavaForConditionalGeneration", ("llava",),
+             multimodal=True),
+    ArchSpec("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLForConditionalGeneration", ("qwen2_vl",),
              multimodal=True),
 )
 

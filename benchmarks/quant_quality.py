@@ -88,6 +88,39 @@ def write_gptq_smollm(gguf: str, folder: str, group_size: int = 128) -> str:
     return folder
 
 
+def parse_offline(method: str) -> Optional[dict[str, Any]]:
+    """"ct-fp8", "ct-int8-sq0.5", "ct-fp8-sq0.8-qkv+gate_up+down": an offline checkpoint of `pagellm quantize`
+    (compressed-tensors W8A8, SmoothQuant alpha and mappings when named); None for any other method."""
+    parts = method.split("-")
+    if parts[0] != "ct" or len(parts) < 2:
+        return None
+    opts: dict[str, Any] = {"method": parts[1], "smoothquant": None}
+    for part in parts[2:]:
+        if part.startswith("sq"):
+            opts["smoothquant"] = float(part[2:])
+        else:
+            opts["smooth_mappings"] = part.split("+")
+    return opts
+
+
+def load_method(method: str, gguf: str, tmp: str, opts: dict[str, Any]):
+    """An engine on the embedded model quantized with `method`."""
+    from pagellm import LLM
+
+    if method == "gptq":
+        return LLM(write_gptq_smollm(gguf, tempfile.mkdtemp(dir=tmp)), skip_tokenizer_init=True, **opts)
+    if method == "bf16":  # no quantization: the noise floor of a 16-bit float model
+        return LLM(gguf, **{**opts, "dtype": "bfloat16"})
+    offline = parse_offline(method)
+    if offline is not None:
+        from pagellm.quantize import quantize_model
+
+        folder = os.path.join(tmp, method)
+        quantize_model(gguf, folder, **offline)  # calibrated on the built-in text, never on TEXT
+        return LLM(folder, **opts)
+    return LLM(gguf, quantization=method, **opts)
+
+
 def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
     from pagellm import LLM
     from tests.reference import smollm_file
@@ -103,21 +136,18 @@ def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
     ref = teacher_forced(base, token_ids)
     base.shutdown()
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="pagellm-gptq-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pagellm-quant-") as tmp:
         for method in methods:
             t0 = time.perf_counter()
-            if method == "gptq":
-                llm = LLM(write_gptq_smollm(gguf, tmp), skip_tokenizer_init=True, **opts)
-            else:
-                llm = LLM(gguf, quantization=method, **opts)
+            llm = load_method(method, gguf, tmp, opts)
             figures = compare(ref, teacher_forced(llm, token_ids))
             llm.shutdown()
-            if method in ("fp8", "int8"):
+            if method in ("fp8", "int8") or method.startswith("ct-"):
                 figures["meets_targets"] = (figures["top1_agreement"] >= TARGETS["top1_agreement_min"]
                                             and figures["mean_abs_logprob_diff"] < TARGETS["mean_abs_logprob_diff_max"])
             figures["seconds"] = round(time.perf_counter() - t0, 1)
             results[method] = figures
-            print(f"{method:>5}: top-1 agreement {figures['top1_agreement']:.3f}, mean |logprob diff| "
+            print(f"{method:>16}: top-1 agreement {figures['top1_agreement']:.3f}, mean |logprob diff| "
                   f"{figures['mean_abs_logprob_diff']:.4f}", flush=True)
     report = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)",

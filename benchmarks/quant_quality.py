@@ -89,14 +89,17 @@ def write_gptq_smollm(gguf: str, folder: str, group_size: int = 128) -> str:
 
 
 def parse_offline(method: str) -> Optional[dict[str, Any]]:
-    """"ct-fp8", "ct-int8-sq0.5", "ct-fp8-sq0.8-qkv+gate_up+down": an offline checkpoint of `pagellm quantize`
-    (compressed-tensors W8A8, SmoothQuant alpha and mappings when named); None for any other method."""
+    """"ct-fp8", "ct-int8-sq0.5", "ct-fp8-sq0.8-qkv+gate_up+down-gptq": an offline checkpoint of `pagellm
+    quantize` (compressed-tensors W8A8; SmoothQuant alpha and mappings, GPTQ rounding when named); None for any
+    other method."""
     parts = method.split("-")
     if parts[0] != "ct" or len(parts) < 2:
         return None
     opts: dict[str, Any] = {"method": parts[1], "smoothquant": None}
     for part in parts[2:]:
-        if part.startswith("sq"):
+        if part == "gptq":
+            opts["gptq"] = True
+        elif part.startswith("sq"):
             opts["smoothquant"] = float(part[2:])
         else:
             opts["smooth_mappings"] = part.split("+")

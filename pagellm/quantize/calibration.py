@@ -9,7 +9,7 @@ text of benchmarks/quant_quality.py.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -76,26 +76,60 @@ def hf_float_model(config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
+def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear modules of the decoder layers (the LM head is never quantized)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+
+
 @torch.no_grad()
-def collect_input_absmax(model: nn.Module, chunks: list[list[int]]) -> dict[str, torch.Tensor]:
-    """module name -> max over all calibration tokens of |input| per input channel ([in_features], float32),
-    for every nn.Linear of the decoder layers (the LM head is left out: it is never quantized)."""
-    found: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
-            found[name] = x if name not in found else torch.maximum(found[name], x)
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ".layers." in name:
-            hooks.append(module.register_forward_pre_hook(hook_for(name)))
+def _observe_inputs(model: nn.Module, chunks: list[list[int]], observe: Callable[[str, torch.Tensor], None]) -> None:
+    """Run the chunks through the model, calling observe(module name, input [tokens, in_features]) for each
+    decoder linear layer."""
+    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: observe(
+        name, args[0].detach().reshape(-1, args[0].shape[-1]).float())) for name, module in _decoder_linears(model)]
     try:
         for ids in chunks:
             model(torch.tensor([ids]))
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_input_absmax(model: nn.Module, chunks: list[list[int]]) -> dict[str, torch.Tensor]:
+    """module name -> max over all calibration tokens of |input| per input channel ([in_features], float32)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        m = x.abs().amax(dim=0)
+        found[name] = m if name not in found else torch.maximum(found[name], m)
+
+    _observe_inputs(model, chunks, observe)
     return found
+
+
+def collect_input_hessians(model: nn.Module, chunks: list[list[int]]) -> dict[str, torch.Tensor]:
+    """module name -> X^T X / tokens over the calibration tokens ([in, in], float32): the Hessian of a linear
+    layer's squared output error, which GPTQ rounds against. Sibling layers reading the very same input tensor
+    (q/k/v, gate/up) share one accumulator."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+    owner: dict[str, str] = {}  # module -> the sibling whose accumulator it shares
+    last_input: dict[str, tuple[int, tuple[int, ...], str]] = {}  # parent module -> (data_ptr, shape, reader)
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        parent = name.rpartition(".")[0]
+        prev = last_input.get(parent)
+        if prev is not None and prev[:2] == (x.data_ptr(), tuple(x.shape)) and owner.get(name, prev[2]) == prev[2]:
+            owner[name] = prev[2]  # the same tensor its sibling just read (alive for both calls)
+            return
+        last_input[parent] = (x.data_ptr(), tuple(x.shape), name)
+        owner[name] = name
+        if name in sums:
+            sums[name].addmm_(x.t(), x)
+        else:
+            sums[name] = x.t() @ x
+        tokens[name] = tokens.get(name, 0) + x.shape[0]
+
+    _observe_inputs(model, chunks, observe)
+    means = {o: sums[o] / tokens[o] for o in sums}
+    return {name: means[o] for name, o in owner.items()}

@@ -41,6 +41,15 @@ def _ignore_entries(ignore: Iterable[str]) -> list[str]:
     return entries
 
 
+def _check_calibration_ids(ids: Any, text: Optional[str]) -> list[list[int]]:
+    if text is not None:
+        raise ValueError("calibration_ids: give calibration_text or calibration_ids, not both")
+    if (not isinstance(ids, (list, tuple)) or not ids or not all(
+            isinstance(seq, (list, tuple)) and seq and all(isinstance(t, int) and t >= 0 for t in seq) for seq in ids)):
+        raise ValueError("calibration_ids must be a non-empty list of non-empty lists of token ids")
+    return [list(seq) for seq in ids]
+
+
 def _check_output(output: Any) -> str:
     if not isinstance(output, (str, os.PathLike)) or not str(output):
         raise ValueError(f"output: a folder path is required; got {output!r}")
@@ -75,24 +84,35 @@ def read_float_checkpoint(model: Optional[str]) -> tuple[Any, Any, dict[str, tor
 
 def quantize_model(model: Optional[str], output: str, method: str, smoothquant: Optional[float] = None,
                    calibration_text: Optional[str] = None, ignore: Iterable[str] = (),
-                   smooth_mappings: Iterable[str] = DEFAULT_MAPPINGS, max_calibration_tokens: int = 2048
+                   smooth_mappings: Iterable[str] = DEFAULT_MAPPINGS, gptq: bool = False,
+                   max_calibration_tokens: int = 2048, calibration_ids: Optional[list[list[int]]] = None
                    ) -> dict[str, Any]:
     """Write `model` quantized with `method` (fp8 | int8 W8A8) to the folder `output`; smoothed first when
     `smoothquant` (alpha in [0, 1]) is given, with activation maxima from `calibration_text` (None: the built-in
-    text). `ignore`: regexes of module names (HF's: "model.layers.0.mlp.down_proj") kept in float. Returns a
+    text; `calibration_ids`: token id sequences instead of a text). gptq: round the weights with GPTQ against the calibration inputs (else to nearest). `ignore`: regexes of module names (HF's: "model.layers.0.mlp.down_proj") kept in float. Returns a
     summary (folder, quantized and ignored layers, seconds)."""
     from pagellm.model_executor.layers.quantization.compressed_tensors import (
         MERGED_SHARDS,
         layer_is_ignored,
         name_is_ignored,
     )
-    from pagellm.model_executor.layers.quantization.rtn import LINEAR_WEIGHT, quantization_config, quantize_state_dict
+    from pagellm.model_executor.layers.quantization.rtn import LINEAR_WEIGHT, quantization_config
     from pagellm.model_executor.layers.quantization.w8a8 import FP8
-    from pagellm.quantize.smoothing import check_smoothing_args
+    from pagellm.model_executor.loader.source import load_tokenizer
+    from pagellm.quantize.calibration import (
+        BUILTIN_CALIBRATION_TEXT,
+        calibration_chunks,
+        collect_input_absmax,
+        collect_input_hessians,
+        hf_float_model,
+    )
+    from pagellm.quantize.smoothing import check_smoothing_args, smooth_state_dict
 
     start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not isinstance(gptq, bool):
+        raise ValueError(f"gptq must be True or False; got {gptq!r}")
     entries = _ignore_entries(ignore)
     mappings = tuple(smooth_mappings)
     output = _check_output(output)
@@ -109,15 +129,22 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
         if merged is not None:
             layer_is_ignored(entries, f"{parent}.{merged}")
 
+    chunks = None
+    if calibration_ids is not None:
+        chunks = _check_calibration_ids(calibration_ids, calibration_text)
+    elif smoothquant is not None or gptq:
+        text = BUILTIN_CALIBRATION_TEXT if calibration_text is None else calibration_text
+        chunks = calibration_chunks(load_tokenizer(source), text, max_calibration_tokens)
     if smoothquant is not None:
-        state = _smooth(source, config, state, float(smoothquant), calibration_text, mappings, max_calibration_tokens)
+        act_max = collect_input_absmax(hf_float_model(config, state), chunks)
+        state = smooth_state_dict(state, config, act_max, float(smoothquant), mappings)
+    hessians = collect_input_hessians(hf_float_model(config, state), chunks) if gptq else None
     qdtype = FP8 if method == "fp8" else torch.int8
-    quantized, _ = quantize_state_dict(state, "compressed-tensors", qdtype=qdtype,
-                                       skip=lambda m: name_is_ignored(entries, m))
+    quantized = _quantize_linears(state, entries, qdtype, hessians)
     qc = quantization_config("compressed-tensors", qdtype=qdtype, ignore=entries)
     _write_folder(output, source, config, quantized, qc)
     ignored = [m for m in linears if name_is_ignored(entries, m)]
-    summary = {"output": output, "method": method, "smoothquant": smoothquant,
+    summary = {"output": output, "method": method, "smoothquant": smoothquant, "gptq": bool(gptq),
                "smooth_mappings": list(mappings) if smoothquant is not None else [],
                "quantized_layers": len(linears) - len(ignored), "ignored_layers": ignored,
                "seconds": round(time.perf_counter() - start, 1)}
@@ -125,21 +152,35 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
     return summary
 
 
-def _smooth(source, config, state, alpha: float, text: Optional[str], mappings: tuple[str, ...],
-            max_tokens: int) -> dict[str, torch.Tensor]:
-    from pagellm.model_executor.loader.source import load_tokenizer
-    from pagellm.quantize.calibration import (
-        BUILTIN_CALIBRATION_TEXT,
-        calibration_chunks,
-        collect_input_absmax,
-        hf_float_model,
-    )
-    from pagellm.quantize.smoothing import smooth_state_dict
+def _quantize_linears(state: dict[str, torch.Tensor], ignore: list[str], qdtype: torch.dtype,
+                      hessians: Optional[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: each decoder linear's weight -> `weight` (qdtype) + `weight_scale` [out, 1]
+    (GPTQ-rounded against `hessians` when given, else rounded to nearest); ignored layers and the rest as they
+    are."""
+    from pagellm.model_executor.layers.quantization.compressed_tensors import name_is_ignored
+    from pagellm.model_executor.layers.quantization.rtn import LINEAR_WEIGHT, w8a8_quantize
+    from pagellm.quantize.gptq_w8 import gptq_quantize_w8
 
-    chunks = calibration_chunks(load_tokenizer(source), BUILTIN_CALIBRATION_TEXT if text is None else text,
-                                max_tokens)
-    act_max = collect_input_absmax(hf_float_model(config, state), chunks)
-    return smooth_state_dict(state, config, act_max, alpha, mappings)
+    out: dict[str, torch.Tensor] = {}
+    by_input: dict[int, list[str]] = {}  # GPTQ: siblings sharing one Hessian are rounded as one stacked matrix
+    for name, tensor in state.items():
+        match = LINEAR_WEIGHT.match(name)
+        if match is None or name_is_ignored(ignore, match.group(1)):
+            out[name] = tensor
+            continue
+        module = match.group(1)
+        if hessians is not None:
+            by_input.setdefault(id(hessians[module]), []).append(module)
+        else:
+            tensors, _ = w8a8_quantize(tensor, qdtype)
+            out.update({f"{module}.{key}": value for key, value in tensors.items()})
+    for modules in by_input.values():
+        weights = [state[f"{m}.weight"] for m in modules]
+        q, scale = gptq_quantize_w8(torch.cat(weights), hessians[modules[0]], qdtype)
+        rows = [w.shape[0] for w in weights]
+        for m, qm, sm in zip(modules, q.split(rows), scale.split(rows)):
+            out[f"{m}.weight"], out[f"{m}.weight_scale"] = qm.contiguous(), sm.contiguous()
+    return out
 
 
 def _write_folder(output: str, source, config, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth-mappings", default=",".join(DEFAULT_MAPPINGS),
                         help=f"which inputs --smoothquant flattens, comma-separated, of {', '.join(MAPPINGS)} "
                         f"(default {','.join(DEFAULT_MAPPINGS)})")
+    parser.add_argument("--gptq", action="store_true",
+                        help="round the weights with GPTQ against the calibration inputs (else to nearest)")
     parser.add_argument("--calibration-file", default=None,
                         help="a UTF-8 text file to calibrate on (default: a built-in mixed text)")
     parser.add_argument("--max-calibration-tokens", type=int, default=2048)
@@ -41,7 +43,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             raise ValueError(f"calibration_file: cannot read {args.calibration_file} ({e})") from None
     summary = quantize_model(args.model, args.output, args.method, smoothquant=args.smoothquant,
                              calibration_text=text, ignore=args.ignore,
-                             smooth_mappings=[m for m in args.smooth_mappings.split(",") if m],
+                             smooth_mappings=[m for m in args.smooth_mappings.split(",") if m], gptq=args.gptq,
                              max_calibration_tokens=args.max_calibration_tokens)
     print(json.dumps(summary))
     return 0

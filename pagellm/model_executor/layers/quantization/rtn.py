@@ -12,7 +12,7 @@ float weight they dequantize to (the reference a quantized model is compared wit
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -129,12 +129,10 @@ def quantization_config(method: str, **opts: Any) -> dict[str, Any]:
     }
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor], method: str, seed: int = 0,
-                        skip: Optional[Callable[[str], bool]] = None, **opts: Any
+def quantize_state_dict(state: dict[str, torch.Tensor], method: str, seed: int = 0, **opts: Any
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(checkpoint tensors, float tensors they dequantize to) of a model's state dict, every decoder linear
-    weight quantized with `method` (gptq, awq, compressed-tensors); the rest passes through, and so do the
-    linear layers whose module name `skip` accepts.
+    weight quantized with `method` (gptq, awq, compressed-tensors); the rest passes through.
 
     GPTQ act-order (`act_order=True`) draws one random channel order per layer and input size, so q/k/v (and
     gate/up), which read the same input, share their g_idx as in a real checkpoint."""
@@ -148,9 +146,6 @@ def quantize_state_dict(state: dict[str, torch.Tensor], method: str, seed: int =
             quantized[name] = dequantized[name] = tensor
             continue
         module, layer = match.group(1), match.group(2)
-        if skip is not None and skip(module):  # stays in float (a compressed-tensors `ignore` entry)
-            quantized[name] = dequantized[name] = tensor
-            continue
         if method == "gptq":
             perm = None
             if opts.get("act_order"):

@@ -20,7 +20,19 @@ DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse 
 
 def gptq_quantize_w8(w: torch.Tensor, hessian: torch.Tensor, qdtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [N, K] in qdtype, scale [N, 1] float32) of w [N, K], rounded against `hessian` [K, K]."""
+    """(q [N, K] in qdtype, scale [N, 1] float32) of w [N, K], rounded against `hessian` [K, K].
+
+    Runs on one CPU thread: the column loop is thousands of small ops, which intra-op threads only slow down
+    (20x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(w, hessian, qdtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     weight = w.float().clone()
     n, k = weight.shape
     if hessian.shape != (k, k):

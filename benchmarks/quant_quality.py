@@ -10,7 +10,13 @@ script quantizes the same float weights round-to-nearest (no calibration: real G
 checkpoint folder (group size 128, symmetric, the published packing), which the engine loads as any GPTQ
 checkpoint.
 
-    python benchmarks/quant_quality.py [--methods fp8,int8,gptq] [--out benchmarks/results/cpu-quant-quality.json]
+Offline checkpoints of `pagellm quantize` (calibrated on its built-in text, never on TEXT) are named
+`ct-<fp8|int8>[-sq<alpha>][-<mapping>+<mapping>...][-gptq][-ign=<regex>]`, e.g. ct-int8-sq0.8-gptq; `bf16` is
+the unquantized model in bfloat16 (the noise floor of 16-bit floats). `--text calibration` scores on the
+calibration text instead, to choose options such as an ignore list without looking at TEXT.
+
+    python benchmarks/quant_quality.py [--methods fp8,int8,gptq] [--text eval|calibration]
+                                       [--out benchmarks/results/cpu-quant-quality.json]
 """
 
 from __future__ import annotations
@@ -97,7 +103,9 @@ def parse_offline(method: str) -> Optional[dict[str, Any]]:
         return None
     opts: dict[str, Any] = {"method": parts[1], "smoothquant": None}
     for part in parts[2:]:
-        if part == "gptq":
+        if part.startswith("ign="):  # a regex of HF module names kept in float (no "-" or "," in it)
+            opts.setdefault("ignore", []).append(part[4:])
+        elif part == "gptq":
             opts["gptq"] = True
         elif part.startswith("sq"):
             opts["smoothquant"] = float(part[2:])
@@ -124,7 +132,7 @@ def load_method(method: str, gguf: str, tmp: str, opts: dict[str, Any]):
     return LLM(gguf, quantization=method, **opts)
 
 
-def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
+def run(methods: list[str], out: Optional[str], text: str = "eval") -> dict[str, Any]:
     from pagellm import LLM
     from tests.reference import smollm_file
 
@@ -135,7 +143,12 @@ def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
     opts = dict(dtype="float32", max_model_len=1024, kv_cache_memory=64 * 2**20, enable_prefix_caching=False)
     start = time.perf_counter()
     base = LLM(gguf, **opts)
-    token_ids = base.get_tokenizer().encode(TEXT)
+    if text == "calibration":  # to choose options (e.g. an ignore list) without looking at TEXT
+        from pagellm.quantize.calibration import BUILTIN_CALIBRATION_TEXT
+
+        token_ids = base.get_tokenizer().encode(BUILTIN_CALIBRATION_TEXT)[:1000]
+    else:
+        token_ids = base.get_tokenizer().encode(TEXT)
     ref = teacher_forced(base, token_ids)
     base.shutdown()
     results: dict[str, Any] = {}
@@ -154,6 +167,7 @@ def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
                   f"{figures['mean_abs_logprob_diff']:.4f}", flush=True)
     report = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)",
+        "text": "the built-in calibration text of pagellm quantize" if text == "calibration" else "TEXT (evaluation)",
         "positions": len(token_ids) - 1,
         "reference": "the same engine in float32",
         "targets": TARGETS,
@@ -174,8 +188,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="fp8,int8,gptq")
     parser.add_argument("--out", default="benchmarks/results/cpu-quant-quality.json")
+    parser.add_argument("--text", choices=("eval", "calibration"), default="eval",
+                        help="score on the evaluation text, or on the calibration text (to choose options)")
     args = parser.parse_args()
-    run([m for m in args.methods.split(",") if m], args.out)
+    run([m for m in args.methods.split(",") if m], args.out, args.text)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,13 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
                    smooth_mappings: Iterable[str] = DEFAULT_MAPPINGS, gptq: bool = False,
                    max_calibration_tokens: int = 2048, calibration_ids: Optional[list[list[int]]] = None
                    ) -> dict[str, Any]:
-    """Write `model` quantized with `method` (fp8 | int8 W8A8) to the folder `output`; smoothed first when
-    `smoothquant` (alpha in [0, 1]) is given, with activation maxima from `calibration_text` (None: the built-in
-    text; `calibration_ids`: token id sequences instead of a text). gptq: round the weights with GPTQ against the calibration inputs (else to nearest). `ignore`: regexes of module names (HF's: "model.layers.0.mlp.down_proj") kept in float. Returns a
-    summary (folder, quantized and ignored layers, seconds)."""
+    """Write `model` quantized with `method` (fp8 | int8 W8A8) to the folder `output`.
+
+    smoothquant: alpha in [0, 1], smooth first (`smooth_mappings` say which inputs) with activation maxima from
+    `calibration_text` (None: the built-in text) or `calibration_ids` (token id sequences instead of a text).
+    gptq: round the weights with GPTQ against the calibration inputs (else to nearest). ignore: regexes of HF
+    module names ("model.layers.0.mlp.down_proj") kept in float. Returns a summary (folder, quantized and
+    ignored layers, seconds)."""
     from pagellm.model_executor.layers.quantization.compressed_tensors import (
         MERGED_SHARDS,
         layer_is_ignored,

@@ -10,7 +10,13 @@ script quantizes the same float weights round-to-nearest (no calibration: real G
 checkpoint folder (group size 128, symmetric, the published packing), which the engine loads as any GPTQ
 checkpoint.
 
-    python benchmarks/quant_quality.py [--methods fp8,int8,gptq] [--out benchmarks/results/cpu-quant-quality.json]
+Offline checkpoints of `pagellm quantize` (calibrated on its built-in text, never on TEXT) are named
+`ct-<fp8|int8>[-sq<alpha>][-<mapping>+<mapping>...][-gptq][-ign=<regex>]`, e.g. ct-int8-sq0.8-gptq; `bf16` is
+the unquantized model in bfloat16 (the noise floor of 16-bit floats). `--text calibration` scores on the
+calibration text instead, to choose options such as an ignore list without looking at TEXT.
+
+    python benchmarks/quant_quality.py [--methods fp8,int8,gptq] [--text eval|calibration]
+                                       [--out benchmarks/results/cpu-quant-quality.json]
 """
 
 from __future__ import annotations
@@ -88,7 +94,45 @@ def write_gptq_smollm(gguf: str, folder: str, group_size: int = 128) -> str:
     return folder
 
 
-def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
+def parse_offline(method: str) -> Optional[dict[str, Any]]:
+    """"ct-fp8", "ct-int8-sq0.5", "ct-fp8-sq0.8-qkv+gate_up+down-gptq": an offline checkpoint of `pagellm
+    quantize` (compressed-tensors W8A8; SmoothQuant alpha and mappings, GPTQ rounding when named); None for any
+    other method."""
+    parts = method.split("-")
+    if parts[0] != "ct" or len(parts) < 2:
+        return None
+    opts: dict[str, Any] = {"method": parts[1], "smoothquant": None}
+    for part in parts[2:]:
+        if part.startswith("ign="):  # a regex of HF module names kept in float (no "-" or "," in it)
+            opts.setdefault("ignore", []).append(part[4:])
+        elif part == "gptq":
+            opts["gptq"] = True
+        elif part.startswith("sq"):
+            opts["smoothquant"] = float(part[2:])
+        else:
+            opts["smooth_mappings"] = part.split("+")
+    return opts
+
+
+def load_method(method: str, gguf: str, tmp: str, opts: dict[str, Any]):
+    """An engine on the embedded model quantized with `method`."""
+    from pagellm import LLM
+
+    if method == "gptq":
+        return LLM(write_gptq_smollm(gguf, tempfile.mkdtemp(dir=tmp)), skip_tokenizer_init=True, **opts)
+    if method == "bf16":  # no quantization: the noise floor of a 16-bit float model
+        return LLM(gguf, **{**opts, "dtype": "bfloat16"})
+    offline = parse_offline(method)
+    if offline is not None:
+        from pagellm.quantize import quantize_model
+
+        folder = os.path.join(tmp, method)
+        quantize_model(gguf, folder, **offline)  # calibrated on the built-in text, never on TEXT
+        return LLM(folder, **opts)
+    return LLM(gguf, quantization=method, **opts)
+
+
+def run(methods: list[str], out: Optional[str], text: str = "eval") -> dict[str, Any]:
     from pagellm import LLM
     from tests.reference import smollm_file
 
@@ -99,28 +143,31 @@ def run(methods: list[str], out: Optional[str]) -> dict[str, Any]:
     opts = dict(dtype="float32", max_model_len=1024, kv_cache_memory=64 * 2**20, enable_prefix_caching=False)
     start = time.perf_counter()
     base = LLM(gguf, **opts)
-    token_ids = base.get_tokenizer().encode(TEXT)
+    if text == "calibration":  # to choose options (e.g. an ignore list) without looking at TEXT
+        from pagellm.quantize.calibration import BUILTIN_CALIBRATION_TEXT
+
+        token_ids = base.get_tokenizer().encode(BUILTIN_CALIBRATION_TEXT)[:1000]
+    else:
+        token_ids = base.get_tokenizer().encode(TEXT)
     ref = teacher_forced(base, token_ids)
     base.shutdown()
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="pagellm-gptq-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pagellm-quant-") as tmp:
         for method in methods:
             t0 = time.perf_counter()
-            if method == "gptq":
-                llm = LLM(write_gptq_smollm(gguf, tmp), skip_tokenizer_init=True, **opts)
-            else:
-                llm = LLM(gguf, quantization=method, **opts)
+            llm = load_method(method, gguf, tmp, opts)
             figures = compare(ref, teacher_forced(llm, token_ids))
             llm.shutdown()
-            if method in ("fp8", "int8"):
+            if method in ("fp8", "int8") or method.startswith("ct-"):
                 figures["meets_targets"] = (figures["top1_agreement"] >= TARGETS["top1_agreement_min"]
                                             and figures["mean_abs_logprob_diff"] < TARGETS["mean_abs_logprob_diff_max"])
             figures["seconds"] = round(time.perf_counter() - t0, 1)
             results[method] = figures
-            print(f"{method:>5}: top-1 agreement {figures['top1_agreement']:.3f}, mean |logprob diff| "
+            print(f"{method:>16}: top-1 agreement {figures['top1_agreement']:.3f}, mean |logprob diff| "
                   f"{figures['mean_abs_logprob_diff']:.4f}", flush=True)
     report = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)",
+        "text": "the built-in calibration text of pagellm quantize" if text == "calibration" else "TEXT (evaluation)",
         "positions": len(token_ids) - 1,
         "reference": "the same engine in float32",
         "targets": TARGETS,
@@ -141,8 +188,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="fp8,int8,gptq")
     parser.add_argument("--out", default="benchmarks/results/cpu-quant-quality.json")
+    parser.add_argument("--text", choices=("eval", "calibration"), default="eval",
+                        help="score on the evaluation text, or on the calibration text (to choose options)")
     args = parser.parse_args()
-    run([m for m in args.methods.split(",") if m], args.out)
+    run([m for m in args.methods.split(",") if m], args.out, args.text)
 
 
 if __name__ == "__main__":

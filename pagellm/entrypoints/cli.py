@@ -1,4 +1,4 @@
-"""`pagellm serve | generate | chat | bench throughput | bench serve`: the command line."""
+"""`pagellm serve | generate | chat | quantize | bench throughput | bench serve`: the command line."""
 
 from __future__ import annotations
 
@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=_cmd_chat)
+
+    from pagellm.quantize.cli import add_quantize_args, run_quantize
+
+    quant = sub.add_parser("quantize", help="write an FP8 or INT8 W8A8 compressed-tensors checkpoint of a float "
+                           "model (optionally SmoothQuant-smoothed)", description="Quantize a float model offline "
+                           "into a compressed-tensors W8A8 checkpoint that LLM(folder) and `pagellm serve` load.")
+    add_quantize_args(quant)
+    quant.set_defaults(func=run_quantize)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

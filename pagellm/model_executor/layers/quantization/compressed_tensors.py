@@ -4,7 +4,8 @@ config.json's quantization_config names schemes in `config_groups`; each says ho
 `input_activations` are quantized. Supported here: 8-bit symmetric weights (float -> fp8 e4m3, int -> int8),
 one scale per output channel (`strategy: channel`, weight_scale [N, 1]) or per tensor (`tensor`, one scalar
 per checkpoint projection), with activations quantized per token at run time (`dynamic: true, strategy:
-token`) in the same type. Layers named in `ignore` stay in float. Anything else is refused by name.
+token`) in the same type. Layers named in `ignore` (names or "re:REGEX", the checkpoint's module names; a
+merged qkv/gate-up layer when all its projections are) stay in float. Anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,41 @@ from pagellm.model_executor.layers.quantization.w8a8 import FP8, W8A8LinearMetho
 def _refuse(what: str) -> ValueError:
     return ValueError(f"quantization: this compressed-tensors checkpoint uses {what}, which pagellm does not "
                       f"support (8-bit symmetric weights per channel or tensor, dynamic per-token activations)")
+
+
+# Our merged layers -> the checkpoint projections they hold (an `ignore` list names the checkpoint's modules).
+MERGED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def name_is_ignored(ignore: list[str], name: str) -> bool:
+    """`name` (a module name, e.g. "model.layers.0.mlp.down_proj") is in the ignore list: equal to an entry, or
+    fully matched by an entry "re:REGEX" (llm-compressor's convention)."""
+    for entry in ignore:
+        if entry.startswith("re:"):
+            if re.fullmatch(entry[3:], name):
+                return True
+        elif entry == name:
+            return True
+    return False
+
+
+def layer_is_ignored(ignore: list[str], prefix: str) -> bool:
+    """Whether the layer `prefix` stays in float. A merged layer (qkv_proj, gate_up_proj) is ignored when the
+    checkpoint projections it holds all are; only some of them is a ValueError naming `ignore`, since they are
+    computed as one matmul in one format."""
+    if name_is_ignored(ignore, prefix):
+        return True
+    parent, _, last = prefix.rpartition(".")
+    shards = MERGED_SHARDS.get(last)
+    if shards is None:
+        return False
+    names = [f"{parent}.{shard}" if parent else shard for shard in shards]
+    hits = [name_is_ignored(ignore, n) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(f"ignore: {', '.join(n for n, h in zip(names, hits) if h)} stay in float but "
+                         f"{', '.join(n for n, h in zip(names, hits) if not h)} do not; pagellm computes "
+                         f"{' and '.join(shards)} as one layer, so ignore all of them or none")
+    return all(hits)
 
 
 class CompressedTensorsConfig(QuantizationConfig):
@@ -60,13 +96,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         return cls(FP8 if kind == "float" else torch.int8, strategy, qc.get("ignore") or [])
 
     def is_ignored(self, prefix: str) -> bool:
-        for entry in self.ignore:
-            if entry.startswith("re:"):
-                if re.fullmatch(entry[3:], prefix):
-                    return True
-            elif entry == prefix:
-                return True
-        return False
+        return layer_is_ignored(self.ignore, prefix)
 
     def linear_method(self, prefix: str) -> LinearMethod:
         if self.is_ignored(prefix):

@@ -124,7 +124,8 @@ def quantization_config(method: str, **opts: Any) -> dict[str, Any]:
             "input_activations": {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "token",
                                   "dynamic": True},
         }},
-        "ignore": ["lm_head"],
+        "ignore": list(opts.get("ignore") or ["lm_head"]),
+        "quantization_status": "compressed",
     }
 
 

@@ -34,13 +34,18 @@ def quantize_per_row(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor
 
     scale = max|row| / qmax; q = x / scale, rounded to nearest even (int8) or cast (fp8, itself round to
     nearest even), clamped to +-qmax. The torch reference of the Triton kernel in triton_quant.py."""
-    qmax = QMAX[qdtype]
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_SCALE)
-    q = xf / scale
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / QMAX[qdtype]).clamp(min=MIN_SCALE)
+    return round_to_scale(xf, scale, qdtype), scale
+
+
+def round_to_scale(x: torch.Tensor, scale: torch.Tensor, qdtype: torch.dtype) -> torch.Tensor:
+    """x / scale on the qdtype grid: rounded to nearest even (int8) or cast (fp8), clamped to +-qmax."""
+    qmax = QMAX[qdtype]
+    q = x.float() / scale
     if qdtype == torch.int8:
         q = q.round()
-    return q.clamp(-qmax, qmax).to(qdtype), scale
+    return q.clamp(-qmax, qmax).to(qdtype)
 
 
 def quantize_activations(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,12 +113,13 @@ async def _one(client, endpoint: str, kwargs: dict, stream: bool, seed: int,
 
 
 def test_many_requests_every_grammar_streamed_and_not(server):
+    """16 of each spelling of each grammar at once: each (endpoint, streamed or not) pair 4 times."""
     async def run():
         client = server.async_client()
         await _model_of(client)  # once, before the concurrent requests
         jobs, checks = [], []
         for name, kwargs, check in _extra("all"):
-            for i in range(N):
+            for i in range(16):
                 endpoint = "chat" if i % 4 < 2 else "completions"
                 jobs.append(_one(client, endpoint, kwargs, stream=i % 2 == 1, seed=i))
                 checks.append((name, endpoint, i % 2 == 1, check))

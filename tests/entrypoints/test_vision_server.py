@@ -115,36 +115,3 @@ def test_a_model_without_images_refuses_image_parts():
         serving.chat_messages([message])
     assert e.value.param == "messages"
     assert str(e.value).startswith("messages[0].content[1].image_url: this model does not take images")
-
-
-def test_qwen2_vl_chat_with_an_image(tmp_path_factory):
-    """A tiny Qwen2-VL served: a chat image_url part (an image whose grid is not square, so M-RoPE's delta is
-    not zero) is answered with transformers' greedy tokens, streamed and not."""
-    from transformers import AutoTokenizer
-
-    from tests.models.tiny_qwen2_vl import IMAGE_TOKEN
-    from tests.multimodal.qwen2_vl_folder import load_reference, make_tiny_qwen2_vl
-    from tests.multimodal.qwen2_vl_folder import reference_greedy as qwen2_vl_greedy
-
-    folder = make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("server-qwen2-vl")))
-    img = image(23, (64, 30))  # grid (1, 8, 16): 32 image tokens
-    tok = AutoTokenizer.from_pretrained(folder)
-    content = "w40 w41\n<|vision_start|><|image_pad|><|vision_end|>"  # as the server renders _messages
-    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                   tokenize=False)
-    ids = tok.encode(text)
-    slot = ids.index(IMAGE_TOKEN)
-    ids = ids[:slot] + [IMAGE_TOKEN] * 32 + ids[slot + 1:]
-    expected = tok.decode(qwen2_vl_greedy(load_reference(folder), ids, [img], MAX_TOKENS), skip_special_tokens=True)
-    args = [folder, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", str(8 * 2**20),
-            "--served-model-name", "qwen2-vl"]
-    with RemoteServer(args) as server:
-        client = server.client()
-        answer = client.chat.completions.create(model="qwen2-vl", messages=_messages(data_url(img)),
-                                                max_tokens=MAX_TOKENS, temperature=0)
-        assert answer.choices[0].message.content.strip() == expected.strip()
-        assert answer.usage.prompt_tokens == len(ids)
-        chunks = client.chat.completions.create(model="qwen2-vl", messages=_messages(data_url(img)),
-                                                max_tokens=MAX_TOKENS, temperature=0, stream=True)
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed == answer.choices[0].message.content

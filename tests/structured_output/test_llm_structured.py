@@ -1,4 +1,4 @@
-"""Structured output through `LLM`: sampled requests (temperature 1) per grammar, 50 on a random model and 16
+"""Structured output through `LLM`: sampled requests (temperature 1) per grammar, 50 on a random model and 8
 on the embedded SmolLM2 (a CPU decodes it 20x slower); every output finishes by the grammar and parses /
 validates."""
 
@@ -10,7 +10,7 @@ from pagellm import SamplingParams, StructuredOutputsParams
 from tests.structured_output.cases import CHOICES, REGEX, SCHEMAS, check_choice, check_json, check_regex
 
 N = 50
-N_SMOLLM = 16
+N_SMOLLM = 8
 
 
 def _cases():
@@ -107,7 +107,7 @@ def test_smollm_json_object(smollm_llm):
     for o in outs:
         assert o.outputs[0].finish_reason == "stop", o.outputs[0].text
         check_json(o.outputs[0].text, None)
-    assert len({o.outputs[0].text for o in outs}) > 5  # sampled, not one answer 50 times
+    assert len({o.outputs[0].text for o in outs}) > 1  # sampled (seeds differ), not one answer every time
 
 
 def test_greedy_and_n(tiny_llm):

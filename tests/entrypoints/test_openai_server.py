@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 from tests.entrypoints.server_utils import SMOLLM_ARGS, RemoteServer, read_metrics, wait_until
+from tests.entrypoints.test_structured_server import MSG, N_SMOLLM, TOOLS, _areassemble, _check_call, _extra
+from tests.structured_output.cases import check_json
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,9 @@ CHAT = [{"role": "user", "content": "What is 2+2?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    with RemoteServer(SMOLLM_ARGS + ["--kv-cache-memory", str(128 * 2**20)], api_key=API_KEY) as srv:
+    """SmolLM2 with no tool flags (the README's serve command plus a key), and a KV cache that holds every
+    request of test_smollm_structured_server at once."""
+    with RemoteServer(SMOLLM_ARGS + ["--kv-cache-memory", str(256 * 2**20)], api_key=API_KEY) as srv:
         yield srv
 
 
@@ -464,3 +468,75 @@ def test_metrics_move(server, client):
     assert again["pagellm:kv_cache_usage_perc"] == 0.0
     for name in ("pagellm:num_preemptions_total", "pagellm:num_requests_waiting", "pagellm:kv_cache_num_blocks"):
         assert name in again
+
+
+# ---- structured output and tools on the embedded model (tests/entrypoints/test_structured_server.py has the rest)
+@pytest.mark.slow
+def test_auto_tool_choice_on_the_plain_server(server):
+    """SmolLM2's template ignores tools: the README's plain serve still takes tool_choice auto (the tools go
+    into the system message in the Hermes format); whatever the model answers comes back as content or as
+    tool calls that parse."""
+    client = server.client(timeout=600)
+    model = client.models.list().data[0].id
+    out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, max_tokens=60, temperature=0)
+    for call in out.choices[0].message.tool_calls or []:
+        json.loads(call.function.arguments)
+    assert out.choices[0].message.content or out.choices[0].message.tool_calls
+    out = client.chat.completions.create(model=model, messages=MSG, tools=TOOLS, tool_choice="required",
+                                         max_tokens=300, temperature=1.0, seed=0)
+    assert out.choices[0].message.tool_calls
+
+
+@pytest.mark.slow
+def test_smollm_structured_server(server):
+    """The embedded SmolLM2 behind the server: N_SMOLLM requests each of json_object, the three schemas, a regex,
+    a choice list and guided_json, half of them streamed, all concurrent, every output parses and validates; tool
+    calls (required, and a named function streamed) too."""
+    srv = server
+
+    async def run():
+        client = srv.async_client(timeout=600)
+        model = (await client.models.list()).data[0].id
+        prompt = [{"role": "user", "content":
+                   "Reply with a small JSON object about a cat, like {\"name\":\"Tom\",\"age\":3}."}]
+
+        async def chat(stream, seed, **kw):
+            kw = dict(model=model, messages=prompt, seed=seed, max_tokens=200, **kw)
+            if not stream:
+                out = await client.chat.completions.create(**kw)
+                return out.choices[0].message.content, out.choices[0].finish_reason
+            text, finish = "", None
+            async for chunk in await client.chat.completions.create(stream=True, **kw):
+                for ch in chunk.choices:
+                    text += ch.delta.content or ""
+                    finish = ch.finish_reason or finish
+            return text, finish
+
+        # json_object as in tests/structured_output (a penalty keeps SmolLM2 from looping over keys)
+        cases = [("json_object", {"response_format": {"type": "json_object"}, "temperature": 0.8,
+                                  "frequency_penalty": 1.0}, lambda t: check_json(t, None))]
+        cases += [(name, {**kwargs, "temperature": 0.5}, check) for name, kwargs, check in _extra("all")]
+        jobs, checks = [], []
+        for name, kwargs, check in cases:
+            for i in range(N_SMOLLM):
+                jobs.append(chat(i % 2 == 1, i, **kwargs))
+                checks.append((name, i % 2 == 1, check))
+        common = dict(model=model, messages=MSG, tools=TOOLS, temperature=0.7, max_tokens=200)
+        jobs += [client.chat.completions.create(tool_choice="required", seed=i, **common) for i in range(2)]
+        jobs += [_areassemble(await client.chat.completions.create(
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=i, stream=True,
+            **common)) for i in range(2)]
+        return checks, await asyncio.gather(*jobs)
+
+    checks, results = asyncio.run(run())
+    for (name, stream, check), (text, finish) in zip(checks, results):
+        assert finish == "stop", (name, stream, text, finish)
+        check(text)
+    rest = results[len(checks):]
+    for out in rest[:2]:
+        assert out.choices[0].finish_reason == "tool_calls"
+        for call in out.choices[0].message.tool_calls:
+            _check_call(call.function.name, call.function.arguments)
+    for calls, _, finish in rest[2:]:
+        assert [c["name"] for c in calls] == ["get_weather"]
+        _check_call("get_weather", calls[0]["arguments"])

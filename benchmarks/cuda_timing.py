@@ -1,4 +1,5 @@
-"""GPU time of a piece of work without the host's launch time: the work captured in a CUDA graph and replayed.
+"""GPU timings for the benchmark scripts: eager calls between CUDA events (events_ms), or the work captured in a
+CUDA graph and replayed (graph_ms).
 
 Timing small kernels with CUDA events around eager calls measures the host's launch time when it exceeds the
 kernels' (tens of microseconds a call); the engine's decode steps replay CUDA graphs, where that time is gone.
@@ -6,7 +7,24 @@ kernels' (tens of microseconds a call); the engine's decode steps replay CUDA gr
 
 from __future__ import annotations
 
+import statistics
+
 import torch
+
+
+def events_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of `repeats` eager calls of fn (CUDA events around each), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def graph_ms(fn, reps: int = 20) -> float:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+
+from benchmarks.cuda_timing import events_ms
 
 from pagellm.model_executor.layers.fused_moe import select_experts
 from pagellm.model_executor.layers.fused_moe.torch_moe import fused_experts_torch
@@ -25,20 +26,6 @@ SHAPES = {
     "mixtral-8x7b": (8, 2, 4096, 14336),
 }
 TOKENS = [1, 16, 64, 256, 1024, 4096]
-
-
-def time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,8 +45,8 @@ def main() -> None:
             fused = fused_experts(x, w13, w2, weights, ids)
             loop = fused_experts_torch(x, w13, w2, weights, ids)
             err = ((fused.float() - loop.float()).abs().max() / loop.float().abs().max()).item()
-            t_fused = time_ms(lambda: fused_experts(x, w13, w2, weights, ids), args.repeats)
-            t_loop = time_ms(lambda: fused_experts_torch(x, w13, w2, weights, ids), args.repeats)
+            t_fused = events_ms(lambda: fused_experts(x, w13, w2, weights, ids), args.repeats)
+            t_loop = events_ms(lambda: fused_experts_torch(x, w13, w2, weights, ids), args.repeats)
             row = {"shape": name, "tokens": tokens, "fused_ms": t_fused, "loop_ms": t_loop,
                    "speedup": t_loop / t_fused, "max_rel_err": err}
             rows.append(row)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+
+from benchmarks.cuda_timing import events_ms
 
 from pagellm.model_executor.layers.mrope import MRotaryEmbedding
 from pagellm.model_executor.layers.rotary import RotaryEmbedding
@@ -29,20 +30,6 @@ TOWER_7B = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ra
 BATCHES = {"1 x 448x448": [(1, 32, 32)], "8 x 448x448": [(1, 32, 32)] * 8, "1 x 1288x980": [(1, 92, 70)],
            "mixed 4": [(1, 32, 32), (1, 92, 70), (1, 16, 24), (1, 32, 32)]}
 ROPE_TOKENS = [1, 256, 4096, 16384]
-
-
-def time_ms(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_tower(repeats: int) -> list[dict]:
@@ -68,8 +55,8 @@ def bench_tower(repeats: int) -> list[dict]:
             want = (want.pooler_output if hasattr(want, "pooler_output") else want).float()  # newer / older releases
             got = ours(pixels, grid).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
-            t_ours = time_ms(lambda: ours(pixels, grid), repeats)
-            t_ref = time_ms(lambda: ref(pixels, grid_thw=grid.cuda()), repeats)
+            t_ours = events_ms(lambda: ours(pixels, grid), repeats, warmup=2)
+            t_ref = events_ms(lambda: ref(pixels, grid_thw=grid.cuda()), repeats, warmup=2)
         row = {"batch": name, "tokens": int(got.shape[0]), "pagellm_ms": t_ours, "transformers_ms": t_ref,
                "speedup": t_ref / t_ours, "max_rel_err": err}
         rows.append(row)
@@ -88,8 +75,8 @@ def bench_rope(repeats: int) -> list[dict]:
         q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         pos1 = torch.randint(0, 8192, (tokens,), device="cuda")
         pos3 = torch.randint(0, 8192, (3, tokens), device="cuda")
-        t_m = time_ms(lambda: mrope(pos3, q, k), repeats) * 1000
-        t_r = time_ms(lambda: rope(pos1, q, k), repeats) * 1000
+        t_m = events_ms(lambda: mrope(pos3, q, k), repeats, warmup=2) * 1000
+        t_r = events_ms(lambda: rope(pos1, q, k), repeats, warmup=2) * 1000
         rows.append({"tokens": tokens, "mrope_us": t_m, "rope_us": t_r})
         print(f"rope tokens {tokens:>6}  M-RoPE [3, T] {t_m:8.1f} us  1-D RoPE [T] {t_r:8.1f} us", flush=True)
     return rows

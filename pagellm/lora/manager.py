@@ -111,11 +111,13 @@ class LoRAManager:
         host[: len(per_token)] = per_token
         st = self.state
         if st.use_kernels:
+            from pagellm.lora.triton_lora import slot_order
+
             # The kernels visit tokens in slot order (see triton_lora.py): the base model's tokens last.
-            key = np.where(host < 0, self.max_loras, host)
-            both = np.stack([host, np.argsort(key, kind="stable").astype(np.int32)])
+            slots_host = torch.from_numpy(host)
+            both = torch.stack([slots_host, slot_order(slots_host, self.max_loras)])
             # pinned, so the copy is queued on the stream and the host does not wait for the step before it
-            st.token_slots[:, :total].copy_(torch.from_numpy(both).pin_memory(), non_blocking=True)
+            st.token_slots[:, :total].copy_(both.pin_memory(), non_blocking=True)
             return
         runs: list[tuple[int, int, int]] = []
         start = 0

@@ -108,8 +108,8 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def slot_order(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """The token indices sorted by slot, the base model's (-1) last: the `order` the kernels take. (The model
-    runner computes it on the host instead, from the same per-token slots: LoRAManager.set_step.)"""
+    """The token indices sorted by slot, the base model's (-1) last: the `order` the kernels take (LoRAManager.set_step
+    computes it on the host from each step's per-token slots)."""
     key = torch.where(slots < 0, num_slots, slots)
     return torch.argsort(key, stable=True).to(torch.int32)
 

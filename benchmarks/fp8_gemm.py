@@ -2,7 +2,9 @@
 
 For the Llama-3.1-8B projections and several token counts: the median time (CUDA events) of bf16
 `F.linear`, of the per-token activation quantization alone, of `torch._scaled_mm` with row-wise scales (what
-pagellm runs) and with one scale per tensor (cuBLASLt's native fp8 form), and of the whole `w8a8_linear`, each
+pagellm runs above FP8_UNSCALED_MAX_ROWS) and with one scale per tensor (cuBLASLt's native fp8 form), of the
+unscaled cuBLASLt GEMM into float32 followed by the Triton rescale (what pagellm runs up to
+FP8_UNSCALED_MAX_ROWS: "unscaled+rescale"), and of the whole `w8a8_linear`, each
 as CUDA-graph replays (GPU time, as in the engine's decode graphs; eager calls add ~30 us of launch each).
 Prints a table; writes JSON with --out. Not a test: it explains the end-to-end figure of `gpu_check.sh quant`.
 
@@ -18,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cuda_timing import graph_ms
+from pagellm.model_executor.layers.quantization.triton_quant import rescale_rows_cols_triton
 from pagellm.model_executor.layers.quantization.w8a8 import FP8, quantize_activations, quantize_per_row, w8a8_linear
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-TOKENS = [16, 64, 256, 1024, 4096]
+TOKENS = [1, 16, 64, 128, 256, 512, 1024, 4096]
 
 
 def main() -> None:
@@ -30,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
-    print(f"{'shape':8} {'M':>5} {'bf16':>7} {'quant':>7} {'rowwise':>8} {'tensor':>7} {'w8a8':>7} {'bf16/w8a8':>9}")
+    print(f"{'shape':8} {'M':>5} {'bf16':>7} {'quant':>7} {'rowwise':>8} {'tensor':>7} {'unscaled+rescale':>16} "
+          f"{'w8a8':>7} {'bf16/w8a8':>9}")
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         wq, ws = quantize_per_row(w, FP8)
@@ -46,14 +50,19 @@ def main() -> None:
                                                             out_dtype=torch.bfloat16)),
                 "tensor": graph_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one,
                                                            out_dtype=torch.bfloat16)),
+                "unscaled_rescale": graph_ms(lambda: rescale_rows_cols_triton(
+                    torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32), xs, ws,
+                    torch.bfloat16)),
                 "w8a8": graph_ms(lambda: w8a8_linear(x, wq, ws, None)),
             }
             rows.append({"shape": name, "tokens": m, **{f"{key}_ms": v for key, v in t.items()}})
             print(f"{name:8} {m:5d} {t['bf16']:7.3f} {t['quant']:7.3f} {t['rowwise']:8.3f} {t['tensor']:7.3f} "
-                  f"{t['w8a8']:7.3f} {t['bf16'] / t['w8a8']:9.2f}x")
-    total = {key: sum(r[f"{key}_ms"] for r in rows) for key in ("bf16", "w8a8", "rowwise", "tensor", "quant")}
+                  f"{t['unscaled_rescale']:16.3f} {t['w8a8']:7.3f} {t['bf16'] / t['w8a8']:9.2f}x")
+    total = {key: sum(r[f"{key}_ms"] for r in rows)
+             for key in ("bf16", "w8a8", "rowwise", "tensor", "unscaled_rescale", "quant")}
     print(f"fp8 gemm: all shapes and token counts, bf16/w8a8 {total['bf16'] / total['w8a8']:.2f}x, "
           f"bf16/rowwise {total['bf16'] / total['rowwise']:.2f}x, bf16/tensorwise {total['bf16'] / total['tensor']:.2f}x, "
+          f"bf16/unscaled+rescale {total['bf16'] / total['unscaled_rescale']:.2f}x, "
           f"quantization {100 * total['quant'] / total['w8a8']:.0f}% of w8a8")
     if args.out:
         with open(args.out, "w") as f:

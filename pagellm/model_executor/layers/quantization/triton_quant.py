@@ -1,4 +1,5 @@
-"""Per-token (per-row) symmetric quantization to fp8 or int8 in one Triton kernel (CUDA).
+"""Per-token (per-row) symmetric quantization to fp8 or int8 in one Triton kernel (CUDA), and the rescale that
+undoes it after an unscaled GEMM.
 
 Why: in torch it is five passes over the activations (upcast, abs, max, divide, cast) before every quantized
 matmul; here one program per row reads it twice (max, then quantize) and writes one byte per value. It computes
@@ -54,4 +55,39 @@ def quantize_per_row_triton(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch
     return q, scale
 
 
-__all__ = ["quantize_per_row_triton", "FP8"]
+@triton.jit
+def _rescale_kernel(acc_ptr, xs_ptr, ws_ptr, out_ptr, m, n, stride_acc, stride_out,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < m
+    col_ok = cols < n
+    ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    acc = tl.load(acc_ptr + rows64 * stride_acc + cols[None, :], mask=ok, other=0.0)
+    xs = tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
+    ws = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
+    y = acc * xs[:, None] * ws[None, :]
+    tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rescale_rows_cols_triton(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N] float32 * xs [M, 1] * ws [1, N], in out_dtype: one pass.
+
+    Why: cuBLASLt's fp8 GEMM takes only one scale per operand, and torch's row-wise scaled GEMM (a CUTLASS kernel)
+    is slower than it below a few hundred rows, so small batches run the unscaled GEMM into float32 and apply the
+    per-token and per-channel scales here."""
+    m, n = acc.shape
+    out = torch.empty((m, n), dtype=out_dtype, device=acc.device)
+    if m == 0:
+        return out
+    block_m = min(16, triton.next_power_of_2(m))
+    block_n = 4096 // block_m
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _rescale_kernel[grid](acc, xs, ws, out, m, n, acc.stride(0), out.stride(0),
+                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+__all__ = ["quantize_per_row_triton", "rescale_rows_cols_triton", "FP8"]

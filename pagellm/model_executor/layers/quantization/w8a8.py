@@ -5,7 +5,8 @@ at run time. Two element types share all of it: float8 e4m3 ("fp8") and int8 ("i
     y[m, n] = (sum_k xq[m, k] * wq[n, k]) * xs[m] * ws[n]
 
 The sum runs in float32 (fp8) or int32 (int8), then one rescale: on CUDA `torch._scaled_mm` (fp8, compute
-capability >= 8.9) or `torch._int_mm` (int8), with the per-token quantization in one Triton pass; on the CPU
+capability >= 8.9; row-wise scaled for large batches, unscaled into float32 plus one Triton rescale for small ones,
+where cuBLASLt's kernel is faster) or `torch._int_mm` (int8), with the per-token quantization in one Triton pass; on the CPU
 (and older GPUs for fp8) the same sum in float32 / torch's CPU int8 matmul, so CI checks the numerics the
 GPU runs.
 
@@ -27,6 +28,9 @@ from pagellm.model_executor.layers.quantization.base import LinearMethod, make_p
 FP8 = torch.float8_e4m3fn
 QMAX = {FP8: torch.finfo(FP8).max, torch.int8: 127.0}
 MIN_SCALE = 1e-10  # an all-zero row gets this scale (and zeros), not a division by zero
+# Up to this many rows an fp8 GEMM runs unscaled in cuBLASLt (float32 out) and is rescaled by a Triton pass:
+# on an H200 that beats torch's row-wise scaled GEMM at decode batch sizes (benchmarks/fp8_gemm.py).
+FP8_UNSCALED_MAX_ROWS = 256
 
 
 def quantize_per_row(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +62,12 @@ def quantize_activations(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Te
 
 
 @functools.lru_cache(maxsize=None)
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """The scalar 1.0 that an unscaled torch._scaled_mm takes as both scales (one per device, made once)."""
+    return torch.ones((), dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
 def _fp8_capable(index: int) -> bool:
     return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) >= (8, 9)
 
@@ -76,6 +86,12 @@ def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     n = wq.shape[0]
     if wq.dtype == FP8:
         if fp8_mm_supported(xq.device) and k % 16 == 0 and n % 16 == 0:
+            if m <= FP8_UNSCALED_MAX_ROWS:
+                from pagellm.model_executor.layers.quantization.triton_quant import rescale_rows_cols_triton
+
+                one = _unit_scale(xq.device)
+                acc = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+                return rescale_rows_cols_triton(acc, xs, ws, out_dtype)
             # Row-wise scaled fp8 GEMM (float32 accumulation); its row-wise form writes bfloat16.
             y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
             return y if out_dtype == torch.bfloat16 else y.to(out_dtype)

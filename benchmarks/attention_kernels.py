@@ -5,7 +5,9 @@ layer, block tables that are random permutations of the cache's blocks. Decode i
 the K/V bytes read (B * ctx * Hk * D * 2 tensors * 2 bytes) over the copy bandwidth (3.0 TB/s measured on
 the H100 these runs use). Prefill is matrix-bound: causal flops 4 * Hq * D * (visible query-key pairs).
 
-    PYTHONPATH=. python benchmarks/attention_kernels.py [--sweep] [--json out.json]
+    PYTHONPATH=. python benchmarks/attention_kernels.py [--sweep] [--json out.json] [--kv-dtype fp8 --decode-only]
+
+--kv-dtype fp8 stores the cache in float8 e4m3 (kv_cache_dtype="fp8"; scales 1.0): the floor halves.
 
 Times are medians of triton.testing.do_bench (eager, L2 flushed between runs) and do_bench_cudagraph
 (replays of a captured graph: no launch overhead, the way the decode path will run).
@@ -26,6 +28,8 @@ from pagellm.attention.backends.triton_attn import KernelConfig
 from pagellm.attention.metadata import AttentionMetadata
 
 HQ, HK, D, BS, DT = 32, 8, 128, 16, torch.bfloat16
+KV_DTYPE = {"auto": DT, "fp8": torch.float8_e4m3fn}
+kv_dtype = DT  # the cache's element type (--kv-dtype)
 COPY_TBPS = 3.0e12
 
 
@@ -43,7 +47,7 @@ def make_batch(q_lens: list[int], ctx_lens: list[int], num_decodes: int, hq=HQ, 
         tables[r, :nb] = ids.int()
         slots += [int(ids[p // bs]) * bs + p % bs for p in range(c, c + q)]
     t = len(slots)
-    cache = torch.randn((2, num_blocks, bs, hk, d), dtype=dtype, device=dev)
+    cache = torch.randn((2, num_blocks, bs, hk, d), dtype=dtype, device=dev).to(kv_dtype)
     q = torch.randn((t, hq, d), dtype=dtype, device=dev)
     k = torch.randn((t, hk, d), dtype=dtype, device=dev)
     v = torch.randn((t, hk, d), dtype=dtype, device=dev)
@@ -59,8 +63,8 @@ def make_batch(q_lens: list[int], ctx_lens: list[int], num_decodes: int, hq=HQ, 
     return q, k, v, cache, meta
 
 
-def kv_bytes(meta: AttentionMetadata, hk=HK, d=D, elem=2) -> int:
-    return sum(meta.seq_lens_cpu) * hk * d * 2 * elem
+def kv_bytes(meta: AttentionMetadata, hk=HK, d=D) -> int:
+    return sum(meta.seq_lens_cpu) * hk * d * 2 * kv_dtype.itemsize
 
 
 def causal_flops(q_lens, ctx_lens, hq=HQ, d=D) -> int:
@@ -91,6 +95,9 @@ def bench_decode(b: int, ctx: int, with_ref: bool, sweep: bool, try_splits=(1,))
     out = torch.empty_like(q)
     # correctness spot check against the reference (float32)
     ref = torch_ref.forward(q.float(), k.float(), v.float(), cache.float(), meta, scale)
+    if kv_dtype != DT:  # the new token's k/v are stored rounded to the cache's type: compare against that
+        ref = torch_ref.forward(q.float(), k.to(kv_dtype).float(), v.to(kv_dtype).float(), cache.float(), meta,
+                                scale)
     got = triton_attn.forward(q, k, v, cache, meta, scale)
     err = (got.float() - ref).abs().max().item()
     print(f"# {name}: splits={splits} max_abs_err_vs_ref={err:.3e}", flush=True)
@@ -111,8 +118,8 @@ def bench_decode(b: int, ctx: int, with_ref: bool, sweep: bool, try_splits=(1,))
         row(name, "torch_ref (gather + einsum)", do_bench(ref_fn, rep=50, return_mode="median"), nbytes=nbytes)
     if sweep:
         best = None
-        for tile_n in (32, 64, 128):
-            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+        for tile_n in (32, 64, 128, 256):
+            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
                 cfg = KernelConfig(16, tile_n, warps, stages)
                 fn = lambda: triton_attn.attend_decode(q, out, cache, meta, scale, cfg=cfg)  # noqa: E731
                 try:
@@ -173,20 +180,32 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also try other tile/warp/stage configs")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPE), default="auto", help="the cache's element type")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode cases (B=256 ctx=1024 and "
+                    "B=128 ctx=768 swept with --sweep)")
     args = ap.parse_args()
+    global kv_dtype
+    kv_dtype = KV_DTYPE[args.kv_dtype]
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
     torch.manual_seed(0)
-    print(f"# {torch.cuda.get_device_name(0)}  torch {torch.__version__}  triton {triton.__version__}")
-    bench_decode(256, 1024, with_ref=True, sweep=args.sweep)
-    bench_decode(1, 32768, with_ref=True, sweep=args.sweep)
-    bench_decode(64, 4096, with_ref=False, sweep=False, try_splits=(1, 2, 4))
-    bench_decode(32, 2048, with_ref=False, sweep=False, try_splits=(1, 2, 4))
-    bench_decode(16, 8192, with_ref=False, sweep=False, try_splits=(1, 2, 4, 8))
-    bench_prefill([2048] * 4, [0] * 4, sweep=args.sweep)
-    bench_prefill([512], [8192], sweep=False)
-    bench_prefill([1024] * 8, [0] * 8, sweep=False, hq=16, hk=8)  # Qwen3-0.6B heads
+    print(f"# {torch.cuda.get_device_name(0)}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"kv {kv_dtype}")
+    if args.decode_only:
+        bench_decode(256, 1024, with_ref=False, sweep=args.sweep)
+        bench_decode(128, 768, with_ref=False, sweep=args.sweep)
+        bench_decode(32, 2048, with_ref=False, sweep=args.sweep, try_splits=(1, 2, 4))
+        args.sweep = False
+    else:
+        bench_decode(256, 1024, with_ref=True, sweep=args.sweep)
+        bench_decode(1, 32768, with_ref=True, sweep=args.sweep)
+        bench_decode(64, 4096, with_ref=False, sweep=False, try_splits=(1, 2, 4))
+        bench_decode(32, 2048, with_ref=False, sweep=False, try_splits=(1, 2, 4))
+        bench_decode(16, 8192, with_ref=False, sweep=False, try_splits=(1, 2, 4, 8))
+        bench_prefill([2048] * 4, [0] * 4, sweep=args.sweep)
+        bench_prefill([512], [8192], sweep=False)
+        bench_prefill([1024] * 8, [0] * 8, sweep=False, hq=16, hk=8)  # Qwen3-0.6B heads
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)

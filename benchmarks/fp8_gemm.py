@@ -2,9 +2,9 @@
 
 For the Llama-3.1-8B projections and several token counts: the median time (CUDA events) of bf16
 `F.linear`, of the per-token activation quantization alone, of `torch._scaled_mm` with row-wise scales (what
-pagellm runs above FP8_UNSCALED_MAX_ROWS) and with one scale per tensor (cuBLASLt's native fp8 form), of the
+pagellm runs above FP8_UNSCALED_MAX_OUTPUTS) and with one scale per tensor (cuBLASLt's native fp8 form), of the
 unscaled cuBLASLt GEMM into float32 followed by the Triton rescale (what pagellm runs up to
-FP8_UNSCALED_MAX_ROWS: "unscaled+rescale"), and of the whole `w8a8_linear`, each
+FP8_UNSCALED_MAX_OUTPUTS: "unscaled+rescale"), and of the whole `w8a8_linear`, each
 as CUDA-graph replays (GPU time, as in the engine's decode graphs; eager calls add ~30 us of launch each).
 Prints a table; writes JSON with --out. Not a test: it explains the end-to-end figure of `gpu_check.sh quant`.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|
+#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|
 #                           mrope|vision|qwen2vl-bench|w4-tests|tune|tune-w4a16|tune-moe|bake ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
@@ -49,6 +49,11 @@ for part in "$@"; do
              -k "cuda or triton or rotary or rms or silu" ;;
     embed) logged "pooling tests (CUDA, float32)" embed-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
              -p no:cacheprovider tests/pooling ;;
+    attn-decode)  # the decode kernel's tile sweep at llama8b-mixed-like batches, bf16 cache and fp8 cache
+      for kv in auto fp8; do
+        logged "decode attention kv=$kv" "attn-decode-$kv.log" 200 '(sweep best|attend_decode graph)' python3 \
+          benchmarks/attention_kernels.py --decode-only --sweep --kv-dtype "$kv" --json "$OUT/attn-decode-$kv.json"
+      done ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
     models) logged "sliding-window attention + Gemma 3 on CUDA" models.log 480 "(passed|failed|error)" \

@@ -28,9 +28,11 @@ from pagellm.model_executor.layers.quantization.base import LinearMethod, make_p
 FP8 = torch.float8_e4m3fn
 QMAX = {FP8: torch.finfo(FP8).max, torch.int8: 127.0}
 MIN_SCALE = 1e-10  # an all-zero row gets this scale (and zeros), not a division by zero
-# Up to this many rows an fp8 GEMM runs unscaled in cuBLASLt (float32 out) and is rescaled by a Triton pass:
-# on an H200 that beats torch's row-wise scaled GEMM at decode batch sizes (benchmarks/fp8_gemm.py).
-FP8_UNSCALED_MAX_ROWS = 256
+# An fp8 GEMM whose output has at most this many elements runs unscaled in cuBLASLt (float32 out) and is rescaled
+# by a Triton pass: on an H200 that beats torch's row-wise scaled GEMM at decode batch sizes, until the float32
+# intermediate costs more than it gains (Llama-8B's projections, `benchmarks/fp8_gemm.py`, h200-tp1-fp8-gemm.json:
+# faster for o and down up to 256 rows, qkv up to 128, gate_up up to 16-64).
+FP8_UNSCALED_MAX_OUTPUTS = 1 << 20
 
 
 def quantize_per_row(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     n = wq.shape[0]
     if wq.dtype == FP8:
         if fp8_mm_supported(xq.device) and k % 16 == 0 and n % 16 == 0:
-            if m <= FP8_UNSCALED_MAX_ROWS:
+            if m * n <= FP8_UNSCALED_MAX_OUTPUTS:
                 from pagellm.model_executor.layers.quantization.triton_quant import rescale_rows_cols_triton
 
                 one = _unit_scale(xq.device)

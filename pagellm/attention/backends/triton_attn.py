@@ -43,8 +43,9 @@ Supported: head dims that are powers of two in [16, 256]; block sizes that are p
 
 FP8 KV cache (kv_cache_dtype="fp8", attention/fp8_kv.py; KV_FP8 below): the write kernel stores x / scale in
 e4m3, saturated; the attention kernel loads e4m3 tiles (half the bytes of bf16: decode is bound by reading
-them), widens them to q's dtype exactly, and folds the K scale into the softmax scale and the V scale into the
-output. q stays in the model's dtype (it is not quantized), so the dots run as with a bf16 cache. The scales
+them), widens them exactly to fp16 (fp32 for fp32 tests), and folds the K scale into the softmax scale and the
+V scale into the output. q is not quantized: it is multiplied by the softmax scale and rounded to fp16 (10
+mantissa bits, more than bf16's 7), so the dots run in fp16 with float32 sums. The scales
 are read from device memory in the kernels (never as host floats), so a captured graph reads the layer's
 loaded values.
 Sliding-window layers (WINDOW > 0, a compile-time constant: a model has one or two values, full and its
@@ -204,7 +205,14 @@ def _paged_attn_kernel(
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if KV_FP8:  # q . (k8 * s_k) = (q . k8) * s_k: fold the K scale into the softmax scale
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        if q.dtype.is_fp32():
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        else:
+            # Dots in fp16: an e4m3 pair widens to fp16 in one conversion, to bf16 in three, and at bf16 the
+            # conversions, not the bytes, bounded decode (half the bandwidth of a bf16 cache on an H200). q is
+            # scaled first (by the softmax scale, |q| / 8 or less), so fp16's range holds it.
+            q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+            scale_log2 = tl.load(k_scale_ptr)
     else:
         q = q.to(cache_ptr.dtype.element_ty)
     ctx0 = seq_len - q_len + q_off0  # position of the tile's first query
@@ -314,7 +322,12 @@ def prefill_config(head_dim: int, group_p2: int, elem_size: int) -> KernelConfig
 
 
 def decode_config(head_dim: int, group_p2: int, elem_size: int) -> KernelConfig:
+    """elem_size: the cache's bytes per element. An fp8 cache takes tiles of 128 keys (same bytes as 64 of bf16;
+    on an H200 the fastest at Llama-8B shapes: `benchmarks/attention_kernels.py --decode-only --sweep --kv-dtype
+    fp8`)."""
     block_m = max(16, group_p2)
+    if elem_size == 1:
+        return KernelConfig(block_m, 128 if head_dim <= 128 else 64, 4, 2)
     if elem_size >= 4:
         return KernelConfig(block_m, 32, 8, 2)
     if head_dim <= 128:
@@ -413,7 +426,7 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     if cfg is None:
-        cfg = decode_config(head_dim, group_p2, q.element_size())
+        cfg = decode_config(head_dim, group_p2, 4 if q.element_size() >= 4 else kv_cache.element_size())
     if num_splits is None:
         # A window bounds the keys one decode reads: split by that length, not the context's.
         span = meta.max_seq_len if sliding_window is None else min(meta.max_seq_len, sliding_window)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|kvfp8|fallback|moe|moe-ep|lora|
+#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|lora|
 #                           mrope|vision|qwen2vl-bench|w4-tests|tune|tune-w4a16|tune-moe|bake ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
@@ -94,6 +94,13 @@ for part in "$@"; do
       done
       python3 benchmarks/quant_ratio.py throughput "$OUT/llama8b-mixed-none.json" "$OUT/llama8b-mixed-fp8.json" \
         1.35 | tee -a "$summary" ;;&
+    fp8-matrix)  # llama8b-mixed: bf16, fp8 weights, fp8 KV cache, both; one run each, same call
+      for qk in none:auto fp8:auto none:fp8 fp8:fp8; do
+        q=${qk%:*} kv=${qk#*:}; qflag=(); [ "$q" != none ] && qflag=(--quantization "$q")
+        logged "llama8b-mixed quantization=$q kv=$kv" "llama-$q-$kv.log" 200 '^pagellm ' "${BENCH[@]}" throughput \
+          --workload llama8b-mixed --peer none "${qflag[@]}" --kv-cache-dtype "$kv" \
+          --output-json "$OUT/llama8b-mixed-$q-kv-$kv.json"
+      done ;;
     fp8gemm) logged "fp8 gemm parts" fp8-gemm.log 120 '^fp8 gemm' python3 benchmarks/fp8_gemm.py \
         --out "$OUT/fp8-gemm.json" ;;
     quant|quant-w4)  # issue 15: batch-1 decode, bf16 vs 4-bit GPTQ dummy weights (target >= 1.8x tokens/s)

@@ -237,9 +237,6 @@ class ModelRunner:
             sc = self.config.scheduler_config
             self.lora = LoRAManager(self.model, lc.max_loras, lc.max_lora_rank, self.model_config.num_layers,
                                     max(sc.max_num_batched_tokens, sc.max_num_seqs), self.device, self.dtype)
-        from pagellm.model_executor.layers.quant_fusion import fuse_activation_quant
-
-        fuse_activation_quant(self.model)  # after LoRA's wrapping, which a fused pair must not straddle
         if self.spec is not None:
             self.spec.load()  # a draft model, if any
 

@@ -53,39 +53,6 @@ def test_w8a8_gemm_matches_float_reference(qdtype, m, n, k):
     assert err <= 1e-2 * ref.abs().max().item() + 1e-3, err
 
 
-@pytest.mark.parametrize("qdtype", [FP8, torch.int8])
-@pytest.mark.parametrize("rows,cols", [(1, 4096), (7, 576), (300, 1000), (3, 16)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_rms_norm_quant_kernel_equals_norm_then_quant(qdtype, rows, cols, residual):
-    """The fused RMSNorm + per-token quantization writes what the two kernels write one after the other."""
-    from pagellm.model_executor.layers.quantization.triton_quant import rms_norm_quant_triton
-    from pagellm.model_executor.layers.triton_ops import rms_norm
-
-    x = (torch.randn(rows, cols, device="cuda") * 3).to(torch.bfloat16)
-    w = torch.randn(cols, device="cuda").to(torch.bfloat16)
-    res = torch.randn(rows, cols, device="cuda").to(torch.bfloat16) if residual else None
-    res_ref = res.clone() if residual else None
-    q, s = rms_norm_quant_triton(x, w, 1e-6, qdtype, res)
-    q_ref, s_ref = quantize_per_row(rms_norm(x, w, 1e-6, res_ref), qdtype)
-    assert torch.equal(s, s_ref)
-    assert (q.float() != q_ref.float()).float().mean().item() < 1e-4
-    if residual:
-        assert torch.equal(res, res_ref)
-
-
-@pytest.mark.parametrize("qdtype", [FP8, torch.int8])
-@pytest.mark.parametrize("rows,d", [(1, 14336), (5, 1536), (200, 3000), (2, 8)])
-def test_silu_and_mul_quant_kernel_equals_act_then_quant(qdtype, rows, d):
-    from pagellm.model_executor.layers.quantization.triton_quant import silu_and_mul_quant_triton
-    from pagellm.model_executor.layers.triton_ops import silu_and_mul
-
-    x = (torch.randn(rows, 2 * d, device="cuda") * 2).to(torch.bfloat16)
-    q, s = silu_and_mul_quant_triton(x, qdtype)
-    q_ref, s_ref = quantize_per_row(silu_and_mul(x), qdtype)
-    assert torch.equal(s, s_ref)
-    assert (q.float() != q_ref.float()).float().mean().item() < 1e-4
-
-
 def _w4_case(m, n, k, group, act_order, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     group = group if group != -1 else k

@@ -139,36 +139,3 @@ def test_dummy_weights_with_every_method(tiny_model_dir, tmp_path, quantization)
     lps = [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)]
     assert all(torch.isfinite(torch.tensor(lps)))
     assert max(lps) > torch.log(torch.tensor(1 / 512)).item() + 0.01
-
-
-@pytest.mark.parametrize("quantization", ["fp8", "int8"])
-def test_activation_quantization_fused_into_the_ops_before(tiny_model_dir, quantization):
-    """W8A8: each layer's two norms and its SiLU-and-mul write their output quantized for the linear after them
-    (layers/quant_fusion.py), with the same numerics as the linear quantizing it: the same tokens and logprobs
-    with the fusion undone on the same engine. LoRA-wrapped linears are left unfused."""
-    from pagellm.model_executor.layers.quant_fusion import fuse_activation_quant
-
-    opts = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_memory=8 * 2**20, max_model_len=256,
-                enable_prefix_caching=False)
-    llm = LLM(tiny_model_dir("llama"), quantization=quantization, **opts)
-    try:
-        model = llm.llm_engine.core.executor.worker.runner.model
-        ops = [m for m in model.modules() if getattr(m, "out_qdtype", None) is not None]
-        assert len(ops) == 3 * len(model.model.layers)
-        fused = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-        for op in ops:
-            op.out_qdtype = None
-        plain = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-    finally:
-        llm.shutdown()
-    for f, p in zip(fused, plain):
-        assert f.token_ids == p.token_ids
-        assert [lp[t].logprob for t, lp in zip(f.token_ids, f.logprobs)] == \
-            [lp[t].logprob for t, lp in zip(p.token_ids, p.logprobs)]
-    lora = LLM(tiny_model_dir("llama"), quantization=quantization, enable_lora=True, max_lora_rank=8, **opts)
-    try:
-        model = lora.llm_engine.core.executor.worker.runner.model
-        assert fuse_activation_quant(model) == 0
-        assert not any(getattr(m, "out_qdtype", None) is not None for m in model.modules())
-    finally:
-        lora.shutdown()

@@ -43,8 +43,8 @@ Supported: head dims that are powers of two in [16, 256]; block sizes that are p
 
 FP8 KV cache (kv_cache_dtype="fp8", attention/fp8_kv.py; KV_FP8 below): the write kernel stores x / scale in
 e4m3, saturated; the attention kernel loads e4m3 tiles (half the bytes of bf16: decode is bound by reading
-them), widens them exactly to fp16 by moving bits (values 256 times smaller; fp32 casts for fp32 tests), and
-folds the K scale (and that 256) into the softmax scale and the V scale into the output. q is not quantized: it is multiplied by the softmax scale and rounded to fp16 (10
+them), widens them exactly to fp16 (fp32 for fp32 tests), and folds the K scale into the softmax scale and the
+V scale into the output. q is not quantized: it is multiplied by the softmax scale and rounded to fp16 (10
 mantissa bits, more than bf16's 7), so the dots run in fp16 with float32 sums. The scales
 are read from device memory in the kernels (never as host floats), so a captured graph reads the layer's
 loaded values.
@@ -104,31 +104,17 @@ def _write_kv_kernel(
     tl.store(dst + stride_c_kv, val.to(cache_ptr.dtype.element_ty), mask=ok)
 
 
-E4M3_AS_F16 = tl.constexpr(256.0)  # _e4m3_bits_to_f16(x) == x / 256
-
-
-@triton.jit
-def _e4m3_bits_to_f16(x):
-    """e4m3 values as fp16 values 256 times smaller, exactly, with integer operations only: e4m3's sign, 4
-    exponent and 3 mantissa bits moved into fp16's places (shift left 7) read as fp16, whose exponent bias is 8
-    more (subnormals land on fp16 subnormals, just as exact). A cast is a conversion instruction per pair of
-    values, and on an H200 those, not the bytes, bounded decode over an fp8 cache; these are plain integer ops."""
-    b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
-    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-
-
 @triton.jit
 def _attn_kv_tile(
     acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n, offs_d,
     stride_c_b, stride_c_s, scale_log2,
     BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
-    F16_DOTS: tl.constexpr, WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One KV tile [start, start + TILE_N) of the online softmax. With MASK, keys >= kv_hi and keys after a
     row's query position are masked (and K/V loads past kv_hi are skipped, so garbage there cannot leak);
     with a WINDOW (> 0) also keys at or before a row's query position - WINDOW.
-    KV_FP8: K/V tiles are e4m3, widened exactly to q's dtype, or with F16_DOTS to fp16 values / 256 (the scales,
-    and that 256, are applied by the caller)."""
+    KV_FP8: K/V tiles are e4m3, widened to q's dtype exactly (the scales are applied by the caller)."""
     n = start + offs_n
     if MASK:
         n_ok = n < kv_hi
@@ -141,9 +127,7 @@ def _attn_kv_tile(
         k = tl.load(k_base + kv_off2, mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_base + kv_off2)
-    if F16_DOTS:
-        k = _e4m3_bits_to_f16(k)
-    elif KV_FP8:
+    if KV_FP8:
         k = k.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
@@ -160,9 +144,7 @@ def _attn_kv_tile(
         v = tl.load(v_base + kv_off2, mask=n_ok[:, None], other=0.0)
     else:
         v = tl.load(v_base + kv_off2)
-    if F16_DOTS:
-        v = _e4m3_bits_to_f16(v)
-    elif KV_FP8:
+    if KV_FP8:
         v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
@@ -181,7 +163,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
-    F16_DOTS: tl.constexpr, WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -222,14 +204,15 @@ def _paged_attn_kernel(
     offs_d = tl.arange(0, HEAD_D)
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    if F16_DOTS:
-        # Dots in fp16 on e4m3 tiles widened by bit moves (_e4m3_bits_to_f16); casting them to bf16 took three
-        # conversions per pair and bounded decode at half a bf16 cache's bandwidth on an H200. q is scaled
-        # first (by the softmax scale, |q| / 8 or less), so fp16's range holds it.
-        q = (q.to(tl.float32) * scale_log2).to(tl.float16)
-        scale_log2 = tl.load(k_scale_ptr) * E4M3_AS_F16
-    elif KV_FP8:  # q . (k8 * s_k) = (q . k8) * s_k: fold the K scale into the softmax scale
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+    if KV_FP8:  # q . (k8 * s_k) = (q . k8) * s_k: fold the K scale into the softmax scale
+        if q.dtype.is_fp32():
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        else:
+            # Dots in fp16: an e4m3 pair widens to fp16 in one conversion, to bf16 in three, and at bf16 the
+            # conversions, not the bytes, bounded decode (half the bandwidth of a bf16 cache on an H200). q is
+            # scaled first (by the softmax scale, |q| / 8 or less), so fp16's range holds it.
+            q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+            scale_log2 = tl.load(k_scale_ptr)
     else:
         q = q.to(cache_ptr.dtype.element_ty)
     ctx0 = seq_len - q_len + q_off0  # position of the tile's first query
@@ -264,16 +247,14 @@ def _paged_attn_kernel(
     for start in range(kv_lo, kv_mid, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
                                       offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, False, PREC,
-                                      KV_FP8, F16_DOTS, WINDOW)
+                                      KV_FP8, WINDOW)
     for start in range(kv_mid, kv_hi, TILE_N):
         acc, l_i, m_i = _attn_kv_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, kv_hi, q_pos, offs_n,
                                       offs_d, stride_c_b, stride_c_s, scale_log2, BLOCK_SIZE, True, PREC,
-                                      KV_FP8, F16_DOTS, WINDOW)
+                                      KV_FP8, WINDOW)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if F16_DOTS:  # p . (v8 * s_v) = (p . v16) * 256 * s_v
-        out = out * (tl.load(v_scale_ptr) * E4M3_AS_F16)
-    elif KV_FP8:  # p . (v8 * s_v) = (p . v8) * s_v
+    if KV_FP8:  # p . (v8 * s_v) = (p . v8) * s_v
         out = out * tl.load(v_scale_ptr)
     if SPLIT:
         num_heads = tl.num_programs(1) * GROUP
@@ -427,11 +408,6 @@ def _scales(k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
     return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
 
 
-def _f16_dots(fp8: bool, q: torch.Tensor) -> bool:
-    """An fp8 cache is read into fp16 dots, except under float32 queries (tests), which keep IEEE fp32."""
-    return fp8 and q.dtype != torch.float32
-
-
 @functools.lru_cache(maxsize=None)
 def _unit_scale(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
@@ -470,7 +446,6 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
         0, nd, num_splits,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=1, BLOCK_M=cfg.block_m, TILE_N=cfg.tile_n, HEAD_D=head_dim,
         BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(q), KV_FP8=fp8,
-        F16_DOTS=_f16_dots(fp8, q),
         WINDOW=sliding_window or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -506,7 +481,6 @@ def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, m
         nd, nr, 1,
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_q * group_p2, TILE_N=cfg.tile_n,
         HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(q), KV_FP8=fp8,
-        F16_DOTS=_f16_dots(fp8, q),
         WINDOW=sliding_window or 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

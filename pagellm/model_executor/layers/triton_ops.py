@@ -18,11 +18,11 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_row(x_ptr, res_ptr, w_ptr, row, stride_x, stride_r, n_cols, eps, HAS_RES: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """One row of weight * rmsnorm(x [+ residual]) in float32, its terms rounded where the torch layer rounds
-    them (the sum written back into the residual). Returns (values, column mask); the caller rounds them to the
-    activations' dtype and stores them (here; or quantized, quantization/triton_quant.py)."""
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
@@ -35,17 +35,7 @@ def rms_norm_row(x_ptr, res_ptr, w_ptr, row, stride_x, stride_r, n_cols, eps, HA
     var = tl.sum(xf * xf, axis=0) / n_cols
     y = (xf * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    return w * y, ok
-
-
-@triton.jit
-def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    y, ok = rms_norm_row(x_ptr, res_ptr, w_ptr, row, stride_x, stride_r, n_cols, eps, HAS_RES, BLOCK)
-    tl.store(out_ptr + row * stride_o + tl.arange(0, BLOCK), y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,23 +64,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def silu_and_mul_cols(x_ptr, row, stride_x, d, cols, ok):
-    """silu(gate) * up at columns `cols` of one row of x = [gate | up], in float32 (silu rounded to x's dtype
-    first, as F.silu is); the caller rounds the product to the output's dtype."""
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=ok, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    return act * up.to(tl.float32)
-
-
-@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < d
-    y = silu_and_mul_cols(x_ptr, row, stride_x, d, cols, ok)
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # F.silu rounds to the dtype before the product
+    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

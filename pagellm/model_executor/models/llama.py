@@ -70,10 +70,6 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
-    def quant_input_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """The activation's output feeds only down_proj (layers/quant_fusion.py)."""
-        return [(self.act_fn, self.down_proj)]
-
 
 class LlamaAttention(nn.Module):
     """qkv_proj -> (optional per-head q/k norm: Qwen3, Gemma 3) -> RoPE -> paged attention -> o_proj.
@@ -141,14 +137,6 @@ class LlamaDecoderLayer(nn.Module):
                                                         mlp_bias, dtype, device, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-
-    def quant_input_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """Each norm's output feeds only the projection after it (layers/quant_fusion.py); a Mixture-of-Experts
-        block also routes on its input, so only a dense MLP's gate_up_proj is paired."""
-        pairs = [(self.input_layernorm, self.self_attn.qkv_proj)]
-        if isinstance(self.mlp, LlamaMLP):
-            pairs.append((self.post_attention_layernorm, self.mlp.gate_up_proj))
-        return pairs
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

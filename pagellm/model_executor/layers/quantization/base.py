@@ -45,10 +45,6 @@ def replace_param(layer: nn.Module, name: str, data: torch.Tensor) -> None:
 class LinearMethod:
     """Base of the methods; also the float (unquantized) one's interface."""
 
-    # Set by a method whose apply() also takes x already quantized per token to this type (a
-    # w8a8.QuantizedActivation), so the op before the layer may write it so (layers/quant_fusion.py).
-    input_qdtype: Optional[torch.dtype] = None
-
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], full_input_size: int,
                        dtype: torch.dtype, device) -> None:
         """`input_size`, `output_sizes`: this rank's (output_sizes one per merged projection);

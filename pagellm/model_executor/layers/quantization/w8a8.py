@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +33,6 @@ MIN_SCALE = 1e-10  # an all-zero row gets this scale (and zeros), not a division
 # intermediate costs more than it gains (Llama-8B's projections, `benchmarks/fp8_gemm.py`, h200-tp1-fp8-gemm.json:
 # faster for o and down up to 256 rows, qkv up to 128, gate_up up to 16-64).
 FP8_UNSCALED_MAX_OUTPUTS = 1 << 20
-
-
-class QuantizedActivation(NamedTuple):
-    """Activations already quantized per token by the op before a W8A8 linear (RMSNorm or SiLU-and-mul, when a
-    model's layer says that op feeds only this linear: layers/quant_fusion.py), so the linear skips its own
-    quantization pass. q [M, K] and scale [M, 1] as quantize_per_row returns them; dtype: the activations'."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    dtype: torch.dtype
 
 
 def quantize_per_row(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,18 +109,12 @@ def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     return (acc * xs * ws).to(out_dtype)
 
 
-def w8a8_linear(x: Union[torch.Tensor, QuantizedActivation], wq: torch.Tensor, ws: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y = x W^T (+ bias) with W = wq * ws (ws [1, N] float32) and x quantized per token like wq (here, or by
-    the op before: a QuantizedActivation, 2-D)."""
-    if isinstance(x, QuantizedActivation):
-        if x.q.dtype != wq.dtype:
-            raise ValueError(f"quantized input is {x.q.dtype}, the weight {wq.dtype}")
-        shape, dtype, (xq, xs) = x.q.shape, x.dtype, (x.q, x.scale)
-    else:
-        shape, dtype = x.shape, x.dtype
-        xq, xs = quantize_activations(x.reshape(-1, shape[-1]), wq.dtype)
-    y = w8a8_matmul(xq, xs, wq, ws, dtype)
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x W^T (+ bias) with W = wq * ws (ws [1, N] float32) and x quantized per token like wq."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, xs = quantize_activations(x2, wq.dtype)
+    y = w8a8_matmul(xq, xs, wq, ws, x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], wq.shape[0])
@@ -164,7 +148,6 @@ class W8A8LinearMethod(LinearMethod):
         if weight_strategy not in ("channel", "tensor"):
             raise ValueError(f"quantization: weight strategy {weight_strategy!r} is not supported (channel, tensor)")
         self.qdtype = qdtype
-        self.input_qdtype = qdtype  # apply() also takes its input as a QuantizedActivation of this type
         self.serialized = serialized
         self.weight_strategy = weight_strategy
 

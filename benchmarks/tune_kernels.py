@@ -1,8 +1,9 @@
 """Tile-config sweep for the W4A16 and fused MoE Triton kernels on one GPU: the tables' next figures.
 
-For each case a handful of candidate configs (<= 8, the table's current one first) is timed (triton.testing.
-do_bench: median, the L2 flushed before each call, as a decode step that streams every layer's weights finds
-it) and checked against the reference; a wrong or failing candidate is left out. Cases:
+For each case a handful of candidate configs (<= 8, the table's current one first) is timed (CUDA-graph
+replays with the L2 flushed before each call, as a decode step that streams every layer's weights finds it:
+cuda_timing.graph_ms_cold; eager timings measured the host's launch path at small M) and checked against the
+reference; a wrong or failing candidate is left out. Cases:
 
 - W4A16 (GPTQ layout, group 128, bf16): Llama-3.1-8B's qkv 4096->6144, o 4096->4096, gate_up 4096->28672 and
   down 14336->4096 at M = 1, 4, 16, 64, 256, against torch.nn.functional.linear of the same bf16 weight.
@@ -88,7 +89,9 @@ def with_current(current: Config, candidates: list[Config]) -> list[Config]:
     return ([current] + rest)[:8]
 
 
-def time_us(fn: Callable[[], object]) -> float:
+def time_us(fn: Callable[[], object], capturable: bool = True) -> float:
+    """Microseconds of one call of fn. capturable=False: fn syncs with the host (the MoE torch loop), so it is
+    timed eagerly (triton's do_bench, L2 flushed), which includes the host's launch time."""
     if not torch.cuda.is_available():  # --smoke: the plumbing under Triton's interpreter, timed by the clock
         times = []
         for _ in range(2):
@@ -96,9 +99,13 @@ def time_us(fn: Callable[[], object]) -> float:
             fn()
             times.append(time.perf_counter() - start)
         return 1e6 * min(times)
-    from triton.testing import do_bench
+    if not capturable:
+        from triton.testing import do_bench
 
-    return 1000.0 * do_bench(fn, warmup=5, rep=25, return_mode="median")
+        return 1000.0 * do_bench(fn, warmup=5, rep=25, return_mode="median")
+    from benchmarks.cuda_timing import graph_ms_cold
+
+    return 1000.0 * graph_ms_cold(fn)
 
 
 class Sweep:
@@ -247,7 +254,6 @@ def tune_w4a16(sweep: Sweep, shapes: dict[str, tuple[int, int]], candidates_by_m
                 tb = times[best]
                 line += (f" | best {tb:8.1f} us ({base / tb:5.2f}x, {weight_bytes / tb / 1e6:5.2f} TB/s) {best}")
             print(line + (f"  [{len(errors)} left out]" if errors else ""), flush=True)
-        del qweight, scales, zeros, w_16
     rows = [r for r in sweep.cases["w4a16"] if r["best"]]
     print("tune w4a16: best/bf16 " + ", ".join(
         f"{r['shape']} M={r['m']} {r['bf16_us'] / r['times'][r['best']]:.2f}x" for r in rows), flush=True)
@@ -272,7 +278,7 @@ def tune_moe(sweep: Sweep, shapes: dict[str, tuple[int, int, int, int]], token_c
             candidates = with_current(current, candidates_by_bucket[bucket])
             times, errors = sweep.run(candidates, lambda c: fused_experts(x, w13, w2, weights, ids, config=c), ref,
                                       5e-2)
-            loop = time_us(lambda: fused_experts_torch(x, w13, w2, weights, ids))
+            loop = time_us(lambda: fused_experts_torch(x, w13, w2, weights, ids), capturable=False)
             best = best_of(times)
             case = {"shape": name, "shape_key": moe_configs.shape_key(experts, inter, hidden), "tokens": tokens,
                     "bucket": bucket, "loop_us": loop, "times": times, "errors": errors, "best": best,
@@ -284,7 +290,6 @@ def tune_moe(sweep: Sweep, shapes: dict[str, tuple[int, int, int, int]], token_c
             if best:
                 line += f" | best {times[best]:9.1f} us ({loop / times[best]:6.2f}x) {best}"
             print(line + (f"  [{len(errors)} left out]" if errors else ""), flush=True)
-        del w13, w2
     rows = [r for r in sweep.cases["moe"] if r["best"]]
     print("tune moe: best/loop " + ", ".join(
         f"{r['shape']} x{r['tokens']} {r['loop_us'] / r['times'][r['best']]:.2f}x" for r in rows), flush=True)

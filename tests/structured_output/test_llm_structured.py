@@ -1,4 +1,4 @@
-"""Structured output through `LLM`: sampled requests (temperature 1) per grammar, 50 on a random model and 8
+"""Structured output through `LLM`: sampled requests (temperature 1) per grammar, 24 on a random model and 8
 on the embedded SmolLM2 (a CPU decodes it 20x slower); every output finishes by the grammar and parses /
 validates."""
 
@@ -9,7 +9,7 @@ import pytest
 from pagellm import SamplingParams, StructuredOutputsParams
 from tests.structured_output.cases import CHOICES, REGEX, SCHEMAS, check_choice, check_json, check_regex
 
-N = 50
+N = 24
 N_SMOLLM = 8
 
 

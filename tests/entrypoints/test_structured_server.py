@@ -2,8 +2,9 @@
 
 A random 2-layer model with the SmolLM2 tokenizer: sampled requests (temperature 1) of every grammar, each
 spelling of it once per (endpoint, streamed or not), all concurrent; every output must finish by its grammar
-and validate. Tool calling with tool_choice required / named / auto (the hermes parser, inferred: the server runs as the README's plain
-`pagellm serve`, with no tool flags), as LangChain's bind_tools and the openai SDK's parse helpers use them.
+and validate. Tool calling with tool_choice required / named / auto (the hermes parser, inferred: the server
+runs as the README's plain `pagellm serve`, with no tool flags), as LangChain's bind_tools and the openai SDK's
+parse helpers use them.
 Then the embedded SmolLM2 (slow) behind the server: a few of each grammar, streamed and not, all concurrent
 (tests/structured_output holds SmolLM2 to 8 of each grammar through `LLM`; here it is the server's path that is
 checked).

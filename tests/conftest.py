@@ -110,10 +110,10 @@ def tiny_so_model(tmp_path_factory, smollm_gguf) -> str:
 # waits for the transformers SmolLM2 that tests/models/test_gguf.py converts first, see hf_smollm.)
 SLOW_FILES = {
     "tests/distributed/test_parallel.py": 319, "tests/entrypoints/test_openai_server.py": 129,
-    "tests/entrypoints/test_structured_server.py": 127, "tests/structured_output/test_llm_structured.py": 126,
+    "tests/entrypoints/test_structured_server.py": 80, "tests/structured_output/test_llm_structured.py": 100,
     "tests/entrypoints/test_spec_server.py": 64, "tests/entrypoints/test_schemathesis.py": 48,
     "tests/entrypoints/test_tenants.py": 47, "tests/entrypoints/test_api_servers.py": 45,
-    "tests/models/test_gguf.py": 44, "tests/entrypoints/test_responses_server.py": 41,
+    "tests/models/test_gguf.py": 55, "tests/entrypoints/test_responses_server.py": 41,
     "tests/entrypoints/test_server_lifecycle.py": 37,
     "tests/entrypoints/test_vision_server.py": 31, "tests/entrypoints/test_input_hardening.py": 30,
     "tests/spec_decode/test_spec_engine.py": 27, "tests/entrypoints/test_shutdown.py": 24,

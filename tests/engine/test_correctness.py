@@ -46,34 +46,6 @@ def test_tiny_models_greedy_and_logprobs_match_transformers(tiny_model_dir, arch
             assert set(top) <= set(pos_lps)
 
 
-def test_smollm_greedy_matches_transformers(smollm_llm, hf_smollm):
-    model, tokenizer = hf_smollm
-    texts = [
-        "The capital of France is",
-        "Write a haiku about the sea.",
-        "def fibonacci(n):",
-        "Once upon a time, in a land far away, there lived a",
-        "List three colours:",
-        "Translate to French: Good morning, how are you today? I hope the weather is nice where you are.",
-        "1, 2, 3, 4,",
-        "Explain in one sentence why the sky is blue, and then explain why sunsets are red, "
-        "and finally say what colour the sky is on Mars and why it differs from the Earth.",
-    ]
-    ids = [tokenizer.encode(t) for t in texts]
-    assert len({len(i) for i in ids}) >= 6  # prompts of different lengths
-    outputs = smollm_llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=32, logprobs=1), use_tqdm=False)
-    for prompt_ids, out in zip(ids, outputs):
-        assert out.prompt_token_ids == prompt_ids
-        ref_tokens, ref_logprobs = hf_greedy(model, prompt_ids, 32)
-        seq = out.outputs[0]
-        assert seq.token_ids == ref_tokens, (out.prompt, seq.text)
-        for tok, pos_lps, ref in zip(seq.token_ids, seq.logprobs, ref_logprobs):
-            assert abs(pos_lps[tok].logprob - ref[tok].item()) < LOGPROB_TOL
-        if ref_tokens[-1] != tokenizer.eos_token_id:
-            assert seq.finish_reason == "length"
-        assert seq.text == tokenizer.decode(seq.token_ids, skip_special_tokens=True)
-
-
 def test_prompt_logprobs_match_transformers(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

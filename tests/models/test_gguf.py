@@ -1,6 +1,8 @@
 """GGUF loading. Fast tests write tiny GGUF files (llama arch with llama.cpp's q/k row permutation, qwen2 with
 biases, qwen3 with q/k norms; Q8_0 and F32 tensors) and compare with transformers on the same weights. The slow
-tests load the embedded SmolLM2 GGUF and compare with transformers' own GGUF loader."""
+tests load the embedded SmolLM2 GGUF and compare with transformers' own GGUF loader, and the whole engine's greedy
+tokens and logprobs on it with transformers' (in this file so that one test process pays for transformers'
+40-second conversion of the GGUF, instead of two waiting on each other)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reference import tiny_config
+from tests.reference import hf_greedy, tiny_config
 from tests.models.helpers import run_pagellm, run_transformers
 
+from pagellm import SamplingParams
 from pagellm.config import ModelConfig
 from pagellm.model_executor.loader import load_model
 from pagellm.model_executor.loader.source import (
@@ -28,6 +31,9 @@ HF_TO_GGUF = {
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
+
+
+ENGINE_LOGPROB_TOL = 1e-3  # absolute, the float32 engine against float32 transformers
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -199,3 +205,31 @@ def test_torch_dequantize_is_bit_identical_to_gguf(qtype_name):
     q.setflags(write=False)
     ours = dequantize_torch(q, int(qtype)).numpy().reshape(48, 96)
     np.testing.assert_array_equal(ours, gguf.quants.dequantize(q, qtype))
+
+
+def test_smollm_greedy_matches_transformers(smollm_llm, hf_smollm):
+    model, tokenizer = hf_smollm
+    texts = [
+        "The capital of France is",
+        "Write a haiku about the sea.",
+        "def fibonacci(n):",
+        "Once upon a time, in a land far away, there lived a",
+        "List three colours:",
+        "Translate to French: Good morning, how are you today? I hope the weather is nice where you are.",
+        "1, 2, 3, 4,",
+        "Explain in one sentence why the sky is blue, and then explain why sunsets are red, "
+        "and finally say what colour the sky is on Mars and why it differs from the Earth.",
+    ]
+    ids = [tokenizer.encode(t) for t in texts]
+    assert len({len(i) for i in ids}) >= 6  # prompts of different lengths
+    outputs = smollm_llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=32, logprobs=1), use_tqdm=False)
+    for prompt_ids, out in zip(ids, outputs):
+        assert out.prompt_token_ids == prompt_ids
+        ref_tokens, ref_logprobs = hf_greedy(model, prompt_ids, 32)
+        seq = out.outputs[0]
+        assert seq.token_ids == ref_tokens, (out.prompt, seq.text)
+        for tok, pos_lps, ref in zip(seq.token_ids, seq.logprobs, ref_logprobs):
+            assert abs(pos_lps[tok].logprob - ref[tok].item()) < ENGINE_LOGPROB_TOL
+        if ref_tokens[-1] != tokenizer.eos_token_id:
+            assert seq.finish_reason == "length"
+        assert seq.text == tokenizer.decode(seq.token_ids, skip_special_tokens=True)

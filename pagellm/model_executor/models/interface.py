@@ -49,3 +49,19 @@ class VisionLanguageModel(CausalLM, Protocol):
 
     # An M-RoPE model (Qwen2-VL) adds mrope_positions(prompt_token_ids, image_grid_thw) -> ([3, P], delta) and
     # takes positions [3, T] on steps with image tokens (worker/mm_embeds.py).
+
+
+def embed_with_images(embed_tokens: torch.nn.Module, input_ids: torch.Tensor, image_token_id: int,
+                      image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+    """A VisionLanguageModel's embed_input_ids: token embeddings [T, H], the image tokens' rows replaced by
+    image_embeds in order. The front end refuses a prompt whose image tokens lack their images
+    (engine/processor.py), so a count that differs here (image tokens without rows included) is a ValueError."""
+    embeds = embed_tokens(input_ids)
+    is_image = input_ids == image_token_id
+    n = int(is_image.sum())
+    rows = 0 if image_embeds is None else image_embeds.shape[0]
+    if rows != n:
+        raise ValueError(f"input_ids hold {n} image tokens but {rows} image embedding rows were given")
+    if n:
+        embeds[is_image] = image_embeds.to(embeds.dtype)
+    return embeds

@@ -22,6 +22,7 @@ from torch import nn
 from pagellm.attention import AttentionMetadata
 from pagellm.model_executor.layers.linear import materialize
 from pagellm.model_executor.models.clip_vision import CLIPVisionTower, activation
+from pagellm.model_executor.models.interface import embed_with_images
 from pagellm.model_executor.models.llama import LlamaForCausalLM
 from pagellm.model_executor.models.utils import IntermediateTensors
 from pagellm.multimodal.families import image_family
@@ -74,14 +75,10 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.multi_modal_projector(hidden).flatten(0, 1)
 
     def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings [T, hidden] with the image tokens' rows replaced by `image_embeds`, in order."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
-        if image_embeds is not None:
-            is_image = input_ids == self.image_token_id
-            if int(is_image.sum()) != image_embeds.shape[0]:
-                raise ValueError(f"{int(is_image.sum())} image tokens for {image_embeds.shape[0]} image rows")
-            embeds[is_image] = image_embeds.to(embeds.dtype)
-        return embeds
+        """Token embeddings [T, hidden], the image tokens' rows replaced by `image_embeds` in order (a prefill
+        chunk passes the rows of the image tokens it holds)."""
+        return embed_with_images(self.language_model.model.embed_tokens, input_ids, self.image_token_id,
+                                 image_embeds)
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,

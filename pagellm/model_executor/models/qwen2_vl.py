@@ -24,6 +24,7 @@ from pagellm.model_executor.layers.mrope import MRotaryEmbedding, mrope_position
 from pagellm.model_executor.layers.quantization.base import QuantizationConfig
 from pagellm.model_executor.models.llama import Qwen2ForCausalLM
 from pagellm.model_executor.models.qwen2_vl_vision import VISION_PREFIXES, Qwen2VisionTransformer
+from pagellm.model_executor.models.interface import embed_with_images
 from pagellm.model_executor.models.utils import IntermediateTensors
 
 
@@ -62,19 +63,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.visual(pixel_values, image_grid_thw)
 
     def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids [T] -> inputs_embeds [T, hidden]: token embeddings, with the image-token rows replaced by
-        `image_embeds` in order (as many rows as input_ids has image tokens: a prefill chunk passes the rows of
-        the image tokens it holds)."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
-        is_image = input_ids == self.image_token_id
-        n = int(is_image.sum())
-        if n == 0 and image_embeds is None:
-            return embeds
-        rows = 0 if image_embeds is None else image_embeds.shape[0]
-        if rows != n:
-            raise ValueError(f"input_ids hold {n} image tokens but {rows} image embedding rows were given")
-        embeds[is_image] = image_embeds.to(embeds.dtype)
-        return embeds
+        """Token embeddings [T, hidden], the image tokens' rows replaced by `image_embeds` in order (a prefill
+        chunk passes the rows of the image tokens it holds)."""
+        return embed_with_images(self.language_model.model.embed_tokens, input_ids, self.image_token_id,
+                                 image_embeds)
 
     # ---- the model interface -----------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from pagellm.bench.runs import free_device_memory, peer_result, time_peer_generate, timed_generate
 from pagellm.bench.workloads import WORKLOADS, BenchRequest, Workload, make_requests, write_dummy_model
 from pagellm.engine_args import EngineArgs
 
@@ -68,15 +69,7 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=1.0, top_p=1.0,
                              detokenize=False) for r in requests]
-    # A short warm-up, so that one-time costs (allocator, lazy init) are not timed.
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * 2, use_tqdm=False)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    expected = sum(r.output_len for r in requests)
-    if out_tokens != expected:
-        raise RuntimeError(f"pagellm generated {out_tokens} tokens, the workload asks for {expected}")
+    elapsed, _ = timed_generate(llm, prompts, params, sum(r.output_len for r in requests))
     config = llm.llm_engine.config
     result = {
         "engine": "pagellm",
@@ -90,10 +83,8 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
     if config.speculative_config is not None:
         result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)
     llm.llm_engine.core.shutdown()  # the peer runs next on the same device: free ours first
-    del llm, outputs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    del llm
+    free_device_memory()
     return result
 
 
@@ -164,27 +155,12 @@ def run_hf_peer(model_path: str, gguf_file: Optional[str], dtype: torch.dtype, d
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs).to(device)
     model.eval()
-    pad_id = 0
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i : i + batch_size]
-        max_in = max(len(r.prompt_token_ids) for r in batch)
-        max_out = max(r.output_len for r in batch)
-        ids = torch.full((len(batch), max_in), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), max_in), dtype=torch.long)
-        for row, r in enumerate(batch):
-            ids[row, max_in - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
-            mask[row, max_in - len(r.prompt_token_ids):] = 1
-        with torch.inference_mode():
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_out,
-                           min_new_tokens=max_out, do_sample=False, pad_token_id=pad_id)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    seconds = time_peer_generate(model, device, (
+        ([r.prompt_token_ids for r in batch], max(r.output_len for r in batch), None)
+        for batch in (requests[i : i + batch_size] for i in range(0, len(requests), batch_size))))
     del model
     gc.collect()
-    return {"engine": f"transformers generate() static batches of {batch_size}, left-padded",
-            "seconds": elapsed, "dtype": str(dtype).replace("torch.", "")}
+    return peer_result(batch_size, seconds, dtype)
 
 
 def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,12 +16,12 @@ import inspect
 import json
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pagellm.bench.runs import free_device_memory, peer_result, time_peer_generate, timed_generate
 from pagellm.multimodal.families import image_family
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # (Qwen2-VL normalizes with CLIP's statistics too)
@@ -98,27 +98,20 @@ def run_pagellm_images(engine_kwargs: dict[str, Any], requests: list[ImageReques
     llm = LLM(**engine_kwargs)
     prompts = [{"prompt_token_ids": r.prompt_token_ids, "multi_modal_data": {"image": r.image}} for r in requests]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, detokenize=False) for r in requests]
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)] * 2, use_tqdm=False)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if out_tokens != sum(r.output_len for r in requests):
-        raise RuntimeError(f"pagellm generated {out_tokens} tokens, the workload asks for more or fewer")
+    elapsed, outputs = timed_generate(llm, prompts, params, sum(r.output_len for r in requests))
     num_in = sum(len(o.prompt_token_ids) for o in outputs)  # image tokens included
     dtype = str(llm.llm_engine.config.model_config.dtype).replace("torch.", "")
     llm.llm_engine.core.shutdown()  # the peer runs next on the same device
     del llm, outputs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
     return {"engine": "pagellm", "seconds": elapsed, "input_tokens": num_in, "dtype": dtype}
 
 
 def run_hf_images(folder: str, dtype: torch.dtype, device: str, requests: list[ImageRequest],
                   batch_size: int) -> dict[str, Any]:
     """transformers' generate() on static batches, left-padded, each batch run to its longest output. Each image
-    is processed alone (as pagellm's front end does) and its placeholder expanded to its own token count."""
+    is processed alone (as pagellm's front end does), on the clock, and its placeholder expanded to its own token
+    count."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(folder)
@@ -129,33 +122,28 @@ def run_hf_images(folder: str, dtype: torch.dtype, device: str, requests: list[I
     image_id = family.token_id(config)
     # newer transformers releases place Qwen2-VL's images by mm_token_type_ids (text 0, image 1)
     token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i : i + batch_size]
-        images = [processor(images=[r.image], return_tensors="pt") for r in batch]
-        counts = [family.num_tokens(config, img) for img in images]
-        prompts = [[t for tok in r.prompt_token_ids for t in ([tok] * n if tok == image_id else [tok])]
-                   for r, n in zip(batch, counts)]
-        max_in, max_out = max(map(len, prompts)), max(r.output_len for r in batch)
-        ids = torch.zeros((len(batch), max_in), dtype=torch.long)
-        mask = torch.zeros((len(batch), max_in), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, max_in - len(p):] = torch.tensor(p)
-            mask[row, max_in - len(p):] = 1
-        inputs = {name: torch.cat([img[name] for img in images]).to(device) for name in family.input_names}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        if token_types:
-            inputs["mm_token_type_ids"] = (ids == image_id).int().to(device)
-        with torch.inference_mode():
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **inputs,
-                           max_new_tokens=max_out, min_new_tokens=max_out, do_sample=False, pad_token_id=0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+
+    def batches():
+        for i in range(0, len(requests), batch_size):
+            batch = requests[i : i + batch_size]
+            images = [processor(images=[r.image], return_tensors="pt") for r in batch]
+            counts = [family.num_tokens(config, img) for img in images]
+            prompts = [[t for tok in r.prompt_token_ids for t in ([tok] * n if tok == image_id else [tok])]
+                       for r, n in zip(batch, counts)]
+
+            def inputs(ids: torch.Tensor, images=images) -> dict[str, torch.Tensor]:
+                out = {name: torch.cat([img[name] for img in images]).to(device) for name in family.input_names}
+                out["pixel_values"] = out["pixel_values"].to(dtype)
+                if token_types:
+                    out["mm_token_type_ids"] = (ids == image_id).int().to(device)
+                return out
+
+            yield prompts, max(r.output_len for r in batch), inputs
+
+    seconds = time_peer_generate(model, device, batches())
     del model
     gc.collect()
-    return {"engine": f"transformers generate() static batches of {batch_size}, left-padded",
-            "seconds": elapsed, "dtype": str(dtype).replace("torch.", "")}
+    return peer_result(batch_size, seconds, dtype)
 
 
 def run_vision_bench(engine_kwargs: dict[str, Any], shape: dict[str, Any], folder: str, num_requests: int,

@@ -51,17 +51,36 @@ class VisionLanguageModel(CausalLM, Protocol):
     # takes positions [3, T] on steps with image tokens (worker/mm_embeds.py).
 
 
-def embed_with_images(embed_tokens: torch.nn.Module, input_ids: torch.Tensor, image_token_id: int,
-                      image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
-    """A VisionLanguageModel's embed_input_ids: token embeddings [T, H], the image tokens' rows replaced by
-    image_embeds in order. The front end refuses a prompt whose image tokens lack their images
-    (engine/processor.py), so a count that differs here (image tokens without rows included) is a ValueError."""
-    embeds = embed_tokens(input_ids)
-    is_image = input_ids == image_token_id
-    n = int(is_image.sum())
-    rows = 0 if image_embeds is None else image_embeds.shape[0]
-    if rows != n:
-        raise ValueError(f"input_ids hold {n} image tokens but {rows} image embedding rows were given")
-    if n:
-        embeds[is_image] = image_embeds.to(embeds.dtype)
-    return embeds
+
+class ImageTokenLM(torch.nn.Module):
+    """Base of a VisionLanguageModel whose text side is one of our causal LMs (`self.language_model`) and whose
+    images fill the rows of `self.image_token_id` tokens: the three methods such a model only hands on."""
+
+    language_model: torch.nn.Module
+    image_token_id: int
+
+    def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings [T, H], the image tokens' rows replaced by image_embeds in order (a prefill chunk
+        passes the rows of the image tokens it holds). The front end refuses a prompt whose image tokens lack
+        their images (engine/processor.py), so a count that differs here (image tokens without rows included) is
+        a ValueError."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        n = int(is_image.sum())
+        rows = 0 if image_embeds is None else image_embeds.shape[0]
+        if rows != n:
+            raise ValueError(f"input_ids hold {n} image tokens but {rows} image embedding rows were given")
+        if n:
+            embeds[is_image] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
+        """positions [T] ([3, T] for M-RoPE on steps with image tokens); inputs_embeds [T, H] when the step holds
+        image tokens."""
+        return self.language_model.model(input_ids, positions, kv_caches, attn_metadata, intermediate,
+                                         inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)

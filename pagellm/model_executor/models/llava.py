@@ -19,13 +19,12 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from pagellm.attention import AttentionMetadata
 from pagellm.model_executor.layers.linear import materialize
 from pagellm.model_executor.models.clip_vision import CLIPVisionTower, activation
-from pagellm.model_executor.models.interface import embed_with_images
+from pagellm.model_executor.models.interface import ImageTokenLM
 from pagellm.model_executor.models.llama import LlamaForCausalLM
-from pagellm.model_executor.models.utils import IntermediateTensors
 from pagellm.multimodal.families import image_family
+
 
 class LlavaProjector(nn.Module):
     def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool, dtype=None, device=None) -> None:
@@ -45,7 +44,7 @@ def _feature_layer(config: Any) -> int:
     return layer
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(ImageTokenLM):
     def __init__(self, config: Any, dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
                  quant_config: Any = None) -> None:
         super().__init__()
@@ -73,21 +72,6 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.drop_cls:
             hidden = hidden[:, 1:]
         return self.multi_modal_projector(hidden).flatten(0, 1)
-
-    def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings [T, hidden], the image tokens' rows replaced by `image_embeds` in order (a prefill
-        chunk passes the rows of the image tokens it holds)."""
-        return embed_with_images(self.language_model.model.embed_tokens, input_ids, self.image_token_id,
-                                 image_embeds)
-
-    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
-        return self.language_model.model(input_ids, positions, kv_caches, attn_metadata, intermediate,
-                                         inputs_embeds=inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
 
     # ---- weights ----------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -17,18 +17,15 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import torch
-from torch import nn
 
-from pagellm.attention import AttentionMetadata
 from pagellm.model_executor.layers.mrope import MRotaryEmbedding, mrope_positions
 from pagellm.model_executor.layers.quantization.base import QuantizationConfig
+from pagellm.model_executor.models.interface import ImageTokenLM
 from pagellm.model_executor.models.llama import Qwen2ForCausalLM
 from pagellm.model_executor.models.qwen2_vl_vision import VISION_PREFIXES, Qwen2VisionTransformer
-from pagellm.model_executor.models.interface import embed_with_images
-from pagellm.model_executor.models.utils import IntermediateTensors
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
+class Qwen2VLForConditionalGeneration(ImageTokenLM):
     """The tower (`visual`) and the language model (`language_model`); same constructor as every model class."""
 
     def __init__(self, config: Any, dtype: Optional[torch.dtype] = None,
@@ -61,23 +58,6 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         """pixel_values [N_patches, C*T*P*P], image_grid_thw [n_images, 3] -> [sum(t*h*w/m^2), hidden], the rows
         of the prompt's image tokens, images in order (see qwen2_vl_vision.image_token_counts)."""
         return self.visual(pixel_values, image_grid_thw)
-
-    def embed_input_ids(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings [T, hidden], the image tokens' rows replaced by `image_embeds` in order (a prefill
-        chunk passes the rows of the image tokens it holds)."""
-        return embed_with_images(self.language_model.model.embed_tokens, input_ids, self.image_token_id,
-                                 image_embeds)
-
-    # ---- the model interface -----------------------------------------------------------------------------
-    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, intermediate: Optional[IntermediateTensors] = None,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor | IntermediateTensors:
-        """positions [3, T] (or [T] on text-only steps); inputs_embeds [T, H] when the step holds image tokens."""
-        return self.language_model.model(input_ids, positions, kv_caches, attn_metadata, intermediate,
-                                         inputs_embeds=inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF-named checkpoint tensors (either layout) -> parameters; returns our parameter names filled. A tower

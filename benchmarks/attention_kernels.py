@@ -28,12 +28,12 @@ from pagellm.attention.backends.triton_attn import KernelConfig
 from pagellm.attention.metadata import AttentionMetadata
 
 HQ, HK, D, BS, DT = 32, 8, 128, 16, torch.bfloat16
-KV_DTYPE = {"auto": DT, "fp8": torch.float8_e4m3fn}
-kv_dtype = DT  # the cache's element type (--kv-dtype)
+KV_DTYPE = {"auto": DT, "fp8": torch.float8_e4m3fn}  # --kv-dtype: the cache's element type
 COPY_TBPS = 3.0e12
 
 
-def make_batch(q_lens: list[int], ctx_lens: list[int], num_decodes: int, hq=HQ, hk=HK, d=D, bs=BS, dtype=DT):
+def make_batch(q_lens: list[int], ctx_lens: list[int], num_decodes: int, hq=HQ, hk=HK, d=D, bs=BS, dtype=DT,
+               kv_dtype=DT):
     dev = "cuda"
     seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
     n_blocks = [-(-s // bs) for s in seq_lens]
@@ -63,8 +63,8 @@ def make_batch(q_lens: list[int], ctx_lens: list[int], num_decodes: int, hq=HQ, 
     return q, k, v, cache, meta
 
 
-def kv_bytes(meta: AttentionMetadata, hk=HK, d=D) -> int:
-    return sum(meta.seq_lens_cpu) * hk * d * 2 * kv_dtype.itemsize
+def kv_bytes(meta: AttentionMetadata, elem: int, hk=HK, d=D) -> int:
+    return sum(meta.seq_lens_cpu) * hk * d * 2 * elem
 
 
 def causal_flops(q_lens, ctx_lens, hq=HQ, d=D) -> int:
@@ -86,18 +86,17 @@ def row(case: str, variant: str, ms: float, *, nbytes: int | None = None, flops:
     print(json.dumps(r), flush=True)
 
 
-def bench_decode(b: int, ctx: int, with_ref: bool, sweep: bool, try_splits=(1,)):
+def bench_decode(b: int, ctx: int, with_ref: bool, sweep: bool, try_splits=(1,), kv_dtype=DT):
     name = f"decode B={b} ctx={ctx}"
-    q, k, v, cache, meta = make_batch([1] * b, [ctx - 1] * b, b)
+    q, k, v, cache, meta = make_batch([1] * b, [ctx - 1] * b, b, kv_dtype=kv_dtype)
     scale = D ** -0.5
-    nbytes = kv_bytes(meta)
-    splits = triton_attn.decode_num_splits(b, HK, meta.max_seq_len, torch.cuda.get_device_properties(0).multi_processor_count)
+    nbytes = kv_bytes(meta, cache.element_size())
+    splits = triton_attn.decode_num_splits(b, HK, meta.max_seq_len,
+                                           torch.cuda.get_device_properties(0).multi_processor_count)
     out = torch.empty_like(q)
     # correctness spot check against the reference (float32)
-    ref = torch_ref.forward(q.float(), k.float(), v.float(), cache.float(), meta, scale)
-    if kv_dtype != DT:  # the new token's k/v are stored rounded to the cache's type: compare against that
-        ref = torch_ref.forward(q.float(), k.to(kv_dtype).float(), v.to(kv_dtype).float(), cache.float(), meta,
-                                scale)
+    # (the new token's k/v are stored rounded to the cache's type: the reference takes them so rounded)
+    ref = torch_ref.forward(q.float(), k.to(kv_dtype).float(), v.to(kv_dtype).float(), cache.float(), meta, scale)
     got = triton_attn.forward(q, k, v, cache, meta, scale)
     err = (got.float() - ref).abs().max().item()
     print(f"# {name}: splits={splits} max_abs_err_vs_ref={err:.3e}", flush=True)
@@ -135,9 +134,9 @@ def bench_decode(b: int, ctx: int, with_ref: bool, sweep: bool, try_splits=(1,))
             row(name, f"sweep best tile_n={c.tile_n} w={c.num_warps} s={c.num_stages}", best[0], nbytes=nbytes)
 
 
-def bench_prefill(q_lens: list[int], ctx_lens: list[int], sweep: bool, hq: int = HQ, hk: int = HK):
+def bench_prefill(q_lens: list[int], ctx_lens: list[int], sweep: bool, hq: int = HQ, hk: int = HK, kv_dtype=DT):
     name = f"prefill q={q_lens[0]}x{len(q_lens)} ctx={ctx_lens[0]}" + ("" if hq == HQ else f" {hq}/{hk} heads")
-    q, k, v, cache, meta = make_batch(q_lens, ctx_lens, 0, hq=hq, hk=hk)
+    q, k, v, cache, meta = make_batch(q_lens, ctx_lens, 0, hq=hq, hk=hk, kv_dtype=kv_dtype)
     scale = D ** -0.5
     flops = causal_flops(q_lens, ctx_lens, hq=hq)
     out = torch.empty_like(q)
@@ -181,31 +180,29 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also try other tile/warp/stage configs")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPE), default="auto", help="the cache's element type")
-    ap.add_argument("--decode-only", action="store_true", help="only the decode cases (B=256 ctx=1024 and "
-                    "B=128 ctx=768 swept with --sweep)")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode cases of llama8b-mixed's batches "
+                    "(B=256 ctx=1024, B=128 ctx=768, B=32 ctx=2048), each swept with --sweep")
     args = ap.parse_args()
-    global kv_dtype
-    kv_dtype = KV_DTYPE[args.kv_dtype]
+    kv = KV_DTYPE[args.kv_dtype]
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name(0)}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"kv {kv_dtype}")
+          f"kv {kv}")
     if args.decode_only:
-        bench_decode(256, 1024, with_ref=False, sweep=args.sweep)
-        bench_decode(128, 768, with_ref=False, sweep=args.sweep)
-        bench_decode(32, 2048, with_ref=False, sweep=args.sweep, try_splits=(1, 2, 4))
-        args.sweep = False
+        bench_decode(256, 1024, with_ref=False, sweep=args.sweep, kv_dtype=kv)
+        bench_decode(128, 768, with_ref=False, sweep=args.sweep, kv_dtype=kv)
+        bench_decode(32, 2048, with_ref=False, sweep=args.sweep, try_splits=(1, 2, 4), kv_dtype=kv)
     else:
-        bench_decode(256, 1024, with_ref=True, sweep=args.sweep)
-        bench_decode(1, 32768, with_ref=True, sweep=args.sweep)
-        bench_decode(64, 4096, with_ref=False, sweep=False, try_splits=(1, 2, 4))
-        bench_decode(32, 2048, with_ref=False, sweep=False, try_splits=(1, 2, 4))
-        bench_decode(16, 8192, with_ref=False, sweep=False, try_splits=(1, 2, 4, 8))
-        bench_prefill([2048] * 4, [0] * 4, sweep=args.sweep)
-        bench_prefill([512], [8192], sweep=False)
-        bench_prefill([1024] * 8, [0] * 8, sweep=False, hq=16, hk=8)  # Qwen3-0.6B heads
+        bench_decode(256, 1024, with_ref=True, sweep=args.sweep, kv_dtype=kv)
+        bench_decode(1, 32768, with_ref=True, sweep=args.sweep, kv_dtype=kv)
+        bench_decode(64, 4096, with_ref=False, sweep=False, try_splits=(1, 2, 4), kv_dtype=kv)
+        bench_decode(32, 2048, with_ref=False, sweep=False, try_splits=(1, 2, 4), kv_dtype=kv)
+        bench_decode(16, 8192, with_ref=False, sweep=False, try_splits=(1, 2, 4, 8), kv_dtype=kv)
+        bench_prefill([2048] * 4, [0] * 4, sweep=args.sweep, kv_dtype=kv)
+        bench_prefill([512], [8192], sweep=False, kv_dtype=kv)
+        bench_prefill([1024] * 8, [0] * 8, sweep=False, hq=16, hk=8, kv_dtype=kv)  # Qwen3-0.6B heads
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)

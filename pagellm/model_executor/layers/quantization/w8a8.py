@@ -5,10 +5,10 @@ at run time. Two element types share all of it: float8 e4m3 ("fp8") and int8 ("i
     y[m, n] = (sum_k xq[m, k] * wq[n, k]) * xs[m] * ws[n]
 
 The sum runs in float32 (fp8) or int32 (int8), then one rescale: on CUDA `torch._scaled_mm` (fp8, compute
-capability >= 8.9; row-wise scaled for large batches, unscaled into float32 plus one Triton rescale for small ones,
-where cuBLASLt's kernel is faster) or `torch._int_mm` (int8), with the per-token quantization in one Triton pass; on the CPU
-(and older GPUs for fp8) the same sum in float32 / torch's CPU int8 matmul, so CI checks the numerics the
-GPU runs.
+capability >= 8.9; row-wise scaled for large batches, unscaled into float32 plus one Triton rescale for small
+ones, where cuBLASLt's kernel is faster) or `torch._int_mm` (int8), with the per-token quantization in one Triton
+pass; on the CPU (and older GPUs for fp8) the same sum in float32 / torch's CPU int8 matmul, so CI checks the
+numerics the GPU runs.
 
 Weights come either from a float checkpoint, quantized once after loading (`quantization="fp8"` or "int8"),
 or already quantized in a compressed-tensors checkpoint (`weight` + `weight_scale`, per channel or per tensor).

@@ -7,7 +7,7 @@ as an error event), then the engine process(es) and this one exit with status 0,
 timeout.
 
 With --api-server-count N > 1, launcher.py starts the engine cores and N of these processes
-(`run_api_server_process`), which share one listening socket and each reach every core.
+(`run_api_server_process`), which accept on the one port (a socket each, SO_REUSEPORT) and each reach every core.
 """
 
 from __future__ import annotations

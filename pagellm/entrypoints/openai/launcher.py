@@ -1,7 +1,7 @@
 """`pagellm serve --api-server-count N` (N > 1): the launcher process, which serves nothing itself.
 
-It binds the listening socket, starts the engine core process(es) (each loads the model once), then spawns N
-API processes (api_server.run_api_server_process) that accept connections on that one socket, each with its
+It binds the listening sockets, starts the engine core process(es) (each loads the model once), then spawns N
+API processes (api_server.run_api_server_process) that accept connections on the server's port, each with its
 own AsyncLLM connected to every core (engine/core_client.py: SharedCores). The API processes start while the
 cores load the model. The launcher waits for each core's Ready on its control connection to that core (which
 later carries Shutdown), then for each API process to say it has reached every core: a core that fails to
@@ -50,17 +50,28 @@ def run_launcher(args: argparse.Namespace, keyring: Optional[KeyRing] = None) ->
     return asyncio.run(_Launcher(args, keyring).run())
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The one listening socket of every API process (bound here, so the port is taken before they start)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """The listening sockets of the API processes, bound here (so the port is taken before they start): one per
+    process, all on the port with SO_REUSEPORT, so that the kernel spreads new connections over them. One socket
+    that every process accepts on would not: under load, the process that wakes first accepts whatever is queued,
+    and one process can take every connection. Where SO_REUSEPORT is missing, that one shared socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reuse_port = getattr(socket, "SO_REUSEPORT", None)
+    socks: list[socket.socket] = []
     try:
-        sock.bind((host, port))
-        sock.listen(2048)
+        for _ in range(count if reuse_port is not None else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port is not None:
+                sock.setsockopt(socket.SOL_SOCKET, reuse_port, 1)
+            sock.bind((host, socks[0].getsockname()[1] if len(socks) > 1 else port))
+            sock.listen(2048)
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 def _pidfd(pid: int) -> Optional[int]:
@@ -98,12 +109,12 @@ class _Launcher:
         main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, main)
-        listener: Optional[socket.socket] = None
+        listeners: list[socket.socket] = []
         pidfds: list[Optional[int]] = []
         ready_pipes: list[Any] = []
         try:
             load_chat_template(args.chat_template)  # as a single server does, before any process starts
-            listener = _listen(args.host, args.port)
+            listeners = _listen(args.host, args.port, self.count)
             # Per core, per API process: the (input, output) socket addresses that API process binds.
             addrs = [[(f"ipc://{tmpdir}/core{r}-api{i}-in", f"ipc://{tmpdir}/core{r}-api{i}-out")
                       for i in range(self.count)] for r in range(dp)]
@@ -119,7 +130,7 @@ class _Launcher:
                                      [InheritedFd(fd) if fd is not None else None for fd in pidfds])
                 ready, ready_child = mp.Pipe(duplex=False)
                 proc = mp.Process(target=run_api_server_process, name=f"pagellm-api-server-{i}",
-                                  args=(args, shared, listener, ready_child, self.keyring))
+                                  args=(args, shared, listeners[i % len(listeners)], ready_child, self.keyring))
                 proc.start()
                 ready_child.close()  # the child's end: closed there too, the pipe reads EOF if it dies
                 self.servers.append(proc)
@@ -156,7 +167,7 @@ class _Launcher:
             await asyncio.gather(*(asyncio.to_thread(core.close, timeout) for core in self.cores))
             for ready in ready_pipes:
                 ready.close()
-            if listener is not None:
+            for listener in listeners:
                 listener.close()
             for fd in pidfds:
                 if fd is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
 #   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|lora|
-#                           mrope|vision|qwen2vl-bench|w4-tests|tune|tune-w4a16|tune-moe|bake ...
+#                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-moe|
+#                           bake ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
 # Gemma 3 (interleaved sliding/global layers) through the CUDA engine, eager and with decode graphs.
@@ -20,9 +21,10 @@
 # its peer); qwen2vl-bench: qwen2vl-image (Qwen2-VL-7B shape) with its peer, a part of its own (time).
 # w4-tests = the W4A16 kernels only (every variant of triton_w4a16.py against the reference, the table's choice in
 # a CUDA graph, the tiny GPTQ/AWQ engines; up to 8 minutes, mostly Triton compiling the variants): a call of its own.
+# w4-gemv-tests = the batch-1 W4A16 kernel's CUDA checks only (M = 1 on every shape, split determinism, graphs).
 # tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
 # winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json (bake: tune_kernels.py --bake DIR); tune-w4a16
-# and tune-moe sweep one kernel each with more time (one call each).
+# and tune-moe sweep one kernel each with more time (one call each); tune-w4a16-m1 sweeps W4A16 at M = 1 only.
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -103,11 +105,13 @@ for part in "$@"; do
       done ;;
     fp8gemm) logged "fp8 gemm parts" fp8-gemm.log 120 '^fp8 gemm' python3 benchmarks/fp8_gemm.py \
         --out "$OUT/fp8-gemm.json" ;;
-    quant|quant-w4)  # issue 15: batch-1 decode, bf16 vs 4-bit GPTQ dummy weights (target >= 1.8x tokens/s)
+    quant|quant-w4)  # issue 15: batch-1 decode, bf16 vs 4-bit GPTQ dummy weights (target >= 1.8x tokens/s); with
+      # PROFILE=1 in the environment each run then prints its top GPU kernels per output token
       for q in none gptq; do
         qflag=(); [ "$q" != none ] && qflag=(--quantization "$q")
         logged "llama8b bs1 $q" "latency-$q.log" 240 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed \
-          --batch-size 1 --input-len 128 --output-len 256 "${qflag[@]}" --output-json "$OUT/llama8b-latency-bs1-$q.json"
+          --batch-size 1 --input-len 128 --output-len 256 "${qflag[@]}" --output-json "$OUT/llama8b-latency-bs1-$q.json" \
+          ${PROFILE:+--profile}
       done
       python3 benchmarks/quant_ratio.py latency "$OUT/llama8b-latency-bs1-none.json" \
         "$OUT/llama8b-latency-bs1-gptq.json" 1.8 | tee -a "$summary" ;;
@@ -197,11 +201,15 @@ PY
         "${BENCH[@]}" throughput --workload llava7b-image --peer hf --output-json "$OUT/llava7b-image-peer.json" ;;
     w4-tests) logged "w4a16 kernel tests" w4-tests.log 480 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "w4a16 or gptq or awq" ;;
-    tune|tune-w4a16|tune-moe)  # both kernels 125 s each; one kernel alone 270 s (candidates past it: "not run")
-      kernels=w4a16,moe budget=125
-      case "$what" in tune-w4a16) kernels=w4a16 budget=270 ;; tune-moe) kernels=moe budget=270 ;; esac
-      logged "kernel tuning ($kernels)" "$what.log" 295 '^tune' python3 benchmarks/tune_kernels.py --out "$OUT" \
-        --kernels "$kernels" --budget-s "$budget" ;;
+    w4-gemv-tests) logged "w4a16 batch-1 tests" w4-gemv-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/layers/test_quantization_cuda.py \
+        -k "gemv or deterministic or cuda_graph or (matches_dequantize and -1])" ;;
+    tune|tune-w4a16|tune-moe|tune-w4a16-m1)  # both kernels 125 s each; one kernel alone 270 s (past it: "not run")
+      kernels=w4a16,moe budget=125 only=()
+      case "$what" in tune-w4a16) kernels=w4a16 budget=270 ;; tune-moe) kernels=moe budget=270 ;;
+        tune-w4a16-m1) kernels=w4a16 budget=150 only=(--w4a16-m 1) ;; esac
+      logged "kernel tuning ($kernels)" "$what.log" 295 '^(tune|w4a16 )' python3 benchmarks/tune_kernels.py \
+        --out "$OUT" --kernels "$kernels" --budget-s "$budget" "${only[@]}" ;;
     # bake: write a tune part's winners ($OUT/tuned-*.json) into this copy's tables, so that later parts of the same
     # call run them (e.g. tune-w4a16 bake quant-w4); bake them here too from the returned JSON before committing.
     bake) python3 benchmarks/tune_kernels.py --bake "$OUT" | tee -a "$summary" ;;

@@ -37,6 +37,8 @@ def loop_profile(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
     triton_w4a16 = importlib.import_module("pagellm.model_executor.layers.quantization.triton_w4a16")
     consts = dict(HAS_GIDX=False, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_K=block_k, FIXUP=True)
+    if kernel == "gemv":
+        consts.update(BF16_PAIRS=True, STAGES=num_stages)  # x is bfloat16 in this signature; the loop's depth
     signature = {**_SIGNATURE, **{name: "constexpr" for name in consts}}
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in _DIVISIBLE}
@@ -48,7 +50,7 @@ def loop_profile(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    pattern = re.compile(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[\w.]+)?(?:\s+0x([0-9a-f]+))?")
+    pattern = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[\w.]+)?(?:\s+0x([0-9a-f]+))?")
     lines = [m for m in map(pattern.match, sass.splitlines()) if m]
     start = end = None
     for m in lines:  # the first backward branch closes the K loop
@@ -64,7 +66,7 @@ def loop_profile(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["fma", "mma", "gemm"])
+    parser.add_argument("kernel", choices=["fma", "gemv", "mma", "gemm"])
     for name in ("block_m", "block_n", "block_k", "num_warps"):
         parser.add_argument(name, type=int)
     parser.add_argument("--num-stages", type=int, default=3)

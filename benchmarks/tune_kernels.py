@@ -52,8 +52,10 @@ W4A16_GROUP = 128
 # M -> candidates (the table's current config is added first when it is not among them). "gemm" entries at
 # small M are the kernel all of M ran before the small-M kernel: the before/after pair.
 W4A16_CANDIDATES: dict[int, list[Config]] = {
-    1: [w4("fma", 1, 128, 128), w4("fma", 1, 64, 128), w4("fma", 1, 256, 128, warps=8), w4("fma", 1, 64, 128, warps=2),
-        w4("fma", 1, 128, 128, split=1), w4("fma", 1, 128, 64), w4("mma", 16, 64, 128), w4("gemm", 16, 64, 128)],
+    1: [w4("gemv", 1, 256, 128, warps=4, stages=3), w4("gemv", 1, 128, 128, warps=2, stages=3),
+        w4("gemv", 1, 128, 128, warps=4, stages=3), w4("gemv", 1, 256, 128, 16, warps=4, stages=3),
+        w4("gemv", 1, 512, 128, warps=4, stages=3), w4("gemv", 1, 256, 128, warps=8, stages=4),
+        w4("gemv", 1, 256, 128, warps=4, stages=1)],
     4: [w4("mma", 16, 64, 128), w4("mma", 16, 128, 128), w4("mma", 16, 32, 128), w4("mma", 16, 64, 128, stages=4),
         w4("fma", 1, 128, 128), w4("fma", 1, 256, 128, warps=8), w4("gemm", 16, 64, 128)],
     16: [w4("mma", 16, 64, 128), w4("mma", 16, 128, 128), w4("mma", 16, 128, 128, warps=8), w4("mma", 16, 32, 128),
@@ -303,6 +305,8 @@ def main() -> None:
                         "left out (and said so in the report) once it is spent")
     parser.add_argument("--bake", metavar="DIR", help="no sweep: write DIR/tuned-*.json (a sweep's output) into "
                         "the tables' modules of this checkout, checked first")
+    parser.add_argument("--w4a16-m", default=None, help="comma-separated M buckets of the W4A16 sweep (default: "
+                        "all of them)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1, two "
                         "candidates per case, float16: checks the sweep's plumbing, measures nothing")
     args = parser.parse_args()
@@ -323,7 +327,10 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("tune_kernels.py needs CUDA (or --smoke with TRITON_INTERPRET=1)")
         sweep = Sweep(args.out, "cuda", torch.bfloat16, False)
-        runs = {"w4a16": lambda: tune_w4a16(sweep, W4A16_SHAPES, W4A16_CANDIDATES),
+        w4_candidates = W4A16_CANDIDATES
+        if args.w4a16_m:
+            w4_candidates = {int(m): W4A16_CANDIDATES[int(m)] for m in args.w4a16_m.split(",")}
+        runs = {"w4a16": lambda: tune_w4a16(sweep, W4A16_SHAPES, w4_candidates),
                 "moe": lambda: tune_moe(sweep, MOE_SHAPES, MOE_TOKENS, MOE_CANDIDATES)}
     for kernel in args.kernels.split(","):
         sweep.deadline = time.monotonic() + args.budget_s

@@ -31,7 +31,32 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=256, help="new tokens per request (default: 256)")
     parser.add_argument("--num-iters", type=int, default=3, help="timed runs (default: 3)")
     parser.add_argument("--output-json", default=None, help="write the results here")
+    parser.add_argument("--profile", action="store_true", help="after the timed runs, one more under torch.profiler: "
+                        "the GPU kernels that took the most time, in microseconds per output token")
     EngineArgs.add_cli_args(parser)
+
+
+def profile_kernels(run, tokens: int, top: int = 15) -> dict[str, float]:
+    """Run once under torch.profiler; print and return the `top` GPU kernels by total time, in microseconds per
+    output token (kernels inside CUDA-graph replays are traced too), with the sum over all kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:
+            us = getattr(event, "self_cuda_time_total", 0.0)
+        if us > 0:
+            times[event.key] = times.get(event.key, 0.0) + us / tokens
+    ranked = dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+    ranked["all kernels"] = sum(times.values())
+    print(f"GPU kernels, us per output token ({tokens} tokens):")
+    for name, us in ranked.items():
+        print(f"  {us:9.1f}  {name[:100]}")
+    return ranked
 
 
 def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +117,9 @@ def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
         from pagellm.bench.throughput import spec_decode_summary
 
         result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)
+    if args.profile and on_cuda:
+        result["kernels_us_per_token"] = profile_kernels(lambda: llm.generate(prompts, params, use_tqdm=False),
+                                                         args.batch_size * args.output_len)
     if tmp is not None:
         tmp.cleanup()
     print(f"\nlatency: batch {args.batch_size}, {args.input_len} in / {args.output_len} out, {result['device']}, "

@@ -22,7 +22,7 @@ def config(kernel, block_m, block_n, block_k, split_k=0, num_warps=4, num_stages
 def test_table_is_valid_and_covers_every_kernel_choice():
     wc.check_w4a16_table()
     default = wc.W4A16_CONFIGS["default"]
-    assert default["1"]["kernel"] == "fma"  # batch-1 decode: no tensor cores
+    assert default["1"]["kernel"] == "gemv"  # batch-1 decode: no tensor cores
     assert buckets_of(wc.W4A16_CONFIGS) == sorted(int(b) for b in default)
 
 
@@ -70,6 +70,11 @@ def test_launch_params():
     # No program starts past K: K = 576 in 128-tiles asked for 4 ways gets 3 programs of 256.
     assert wc.launch_params(1, 64, 576, 576, False, config("fma", 1, 64, 128, split_k=4), 132) == (128, 3, 256,
                                                                                                  False)
+    # gemv: one K tile per program, or four when its loop is pipelined.
+    assert wc.launch_params(1, 4096, 4096, 128, False, config("gemv", 1, 128, 256), 132) == (128, 32, 128, True)
+    assert wc.launch_params(1, 28672, 14336, 128, False, config("gemv", 1, 128, 128), 132)[1:3] == (112, 128)
+    assert wc.launch_params(1, 4096, 4096, 128, False, config("gemv", 1, 128, 128, num_stages=3), 132)[1:3] == (
+        8, 512)
     # The table's large-M config is not split.
     assert wc.launch_params(256, 4096, 4096, 128, False, wc.w4a16_config(256, 4096, 4096), 132)[1] == 1
 
@@ -100,8 +105,8 @@ CASES = [  # m, n, k, group, act_order
     (5, 32, 128, 32, False),    # groups smaller than the tile
     (2, 32, 256, 64, True),     # act-order g_idx
 ]
-CONFIGS = [config("fma", 1, 32, 128), config("fma", 1, 64, 64, split_k=3), config("mma", 16, 32, 128),
-           config("gemm", 16, 32, 64, split_k=2)]
+CONFIGS = [config("fma", 1, 32, 128), config("fma", 1, 64, 64, split_k=3), config("gemv", 1, 32, 128),
+           config("gemv", 1, 64, 64, split_k=3), config("mma", 16, 32, 128), config("gemm", 16, 32, 64, split_k=2)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['kernel']}-m{c['block_m']}-k{c['block_k']}")
@@ -122,6 +127,41 @@ def test_interpreted_fma_kernel_in_bfloat16(kernels):
     ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
     assert y.dtype == torch.bfloat16
     assert (y.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("split_k", [0, 3])
+def test_interpreted_gemv_kernel_in_bfloat16_pairs(kernels, split_k):
+    """`gemv` with bf16 activations reads them two per int32, scaled by their exponent fields; large and tiny
+    magnitudes (to 2**20 and 2**-60) and zeros come out as the reference's."""
+    x, qweight, scales, zeros, g_idx, group = make_case(2, 64, 512, 128, False, torch.bfloat16, seed=3)
+    x[0, :64] *= 2.0 ** 20
+    x[0, 64:128] *= 2.0 ** -60
+    x[1, ::3] = 0.0
+    assert x.data_ptr() % 4 == 0
+    y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config("gemv", 1, 32, 64, split_k))
+    ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+    for row in range(2):
+        err = (y[row].float() - ref[row].float()).abs().max().item()
+        assert err <= 1e-2 * ref[row].float().abs().max().item(), (row, err)
+
+
+def test_interpreted_gemv_takes_fma_where_tiles_cross_groups_or_k(kernels, monkeypatch):
+    """Act-order and a K that tiles do not divide go to `fma`, which masks them; groups smaller than the tile
+    shrink the tile to the group (launch_params) and stay on `gemv`."""
+    ran = []
+    fma = kernels._KERNELS["fma"]
+
+    class Spy:
+        def __getitem__(self, grid):
+            ran.append(grid)
+            return fma[grid]
+    monkeypatch.setitem(kernels._KERNELS, "fma", Spy())
+    for m, n, k, group, act_order in CASES[1:]:
+        x, qweight, scales, zeros, g_idx, group = make_case(m, n, k, group, act_order, torch.float16, seed=m)
+        y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config("gemv", 1, 32, 128))
+        ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
+        assert (y.float() - ref.float()).abs().max().item() <= 2e-3 * ref.float().abs().max().item()
+    assert len(ran) == 2  # K = 192 in one group, and act-order
 
 
 def test_interpreted_table_path_is_the_layer_path(kernels):

@@ -49,7 +49,7 @@ def _add(a, b):
 
 @triton.jit
 def _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask, split, stride_ps, stride_om,
-               FIXUP: tl.constexpr):
+               FIXUP: tl.constexpr, UNROLL: tl.constexpr = 4):
     """Store a program's [BLOCK_M, BLOCK_N] result. Split K: store the float32 partial; with FIXUP, the last of
     the tile's `split` programs to finish (a counter per tile, acquire-release) adds the partials in split order
     (the same sum whichever program comes last), stores the output and resets the counter for the next call,
@@ -66,9 +66,13 @@ def _write_out(acc, out_ptr, part_ptr, count_ptr, offs_m, offs_n, mask, split, s
             if count == split - 1:
                 total = acc * 0.0
                 part = part_ptr + ptrs
-                for _ in range(0, split):
-                    total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # (L2: not this SM's L1)
-                    part += stride_ps
+                # UNROLL partials per round trip to L2 (a load then its add, in a loop, would wait for each load
+                # in turn: a long tail at split 16-64), still added in split order.
+                for first in range(0, split, UNROLL):
+                    for i in tl.static_range(UNROLL):
+                        ok = mask & (offs_m[:, None] * 0 + first + i < split)
+                        total += tl.load(part + (first + i) * stride_ps, mask=ok, other=0.0,
+                                         cache_modifier=".cg")  # (L2: not this SM's L1)
                 tl.store(out_ptr + ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + tile, 0)
 
@@ -178,7 +182,169 @@ def _w4a16_gemv_kernel(
                 zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
                 acc += x[:, None] * ((qf - (zj + 8388608.0)) * sj)
     _write_out(tl.reduce(acc, 0, _add)[None, :], out_ptr, part_ptr, count_ptr, offs_m, offs_n,
-               (offs_m < M)[:, None] & mask_n[None, :], split, stride_ps, stride_om, FIXUP)
+               (offs_m < M)[:, None] & mask_n[None, :], split, stride_ps, stride_om, FIXUP, 8)
+
+
+@triton.jit
+def _scaled_x(xr, i, BF16_PAIRS: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+    """Activations 2i and 2i + 1 after xr, as float32 times 2**E_LO and 2**E_HI. BF16_PAIRS: one int32 load holds
+    both bfloat16 values; the scales are added to their exponent fields (one integer add for the two), then each
+    half becomes a float32 by a shift or an and. Exact for |x| < 2**26 (zero becomes a float too small to count)."""
+    if BF16_PAIRS:
+        pair = tl.load(xr + i) + ((E_LO << 7) + (E_HI << 23))
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    lo = tl.load(xr + 2 * i).to(tl.float32) * (2.0 ** E_LO)
+    hi = tl.load(xr + 2 * i + 1).to(tl.float32) * (2.0 ** E_HI)
+    return lo, hi
+
+
+@triton.jit
+def _w4a16_colwise_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
+    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
+    BF16_PAIRS: tl.constexpr = False, STAGES: tl.constexpr = 1,
+):
+    """`gemv`: one row of x per program, a [BLOCK_K / 8, BLOCK_N] tile of packed ints per K step (its rows spread
+    over the warps, four columns per thread). STAGES > 1 (the config's num_stages): the K loop is software-
+    pipelined (tl.range), the next tiles' loads in flight while this one's products run; otherwise each tile's
+    load is waited for in turn, and the table splits K down to one tile per program instead
+    (w4a16_configs.auto_split_k). Split-K partials are added by the last program of each column tile. Needs
+    GROUP_PER_TILE, and K a multiple of BLOCK_K (w4a16_matmul runs `fma` otherwise).
+
+    About three instructions per weight (`fma`: 5.7): a nibble is masked where it lies in the packed int (the top
+    three after one shift per int) and the masked int is read as a float32 as it is, a subnormal q * 2**(b - 149)
+    for a nibble at bit b, so each weight is one and and one fma. x is scaled by 2**(101 - b) to match, so every
+    product is x q 2**-48, a normal float32 summed exactly as x q would be; sum x comes from one vector load per
+    tile for the zero points. (GPUs compute with subnormal operands at full speed; Triton does not flush them.)"""
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_n = offs_n < N
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    # Rows stay apart until the end: summing over them is a reduction across warps, not worth a barrier per tile.
+    acc = tl.full([ROWS, BLOCK_N], 0.0, tl.float32)
+    k_start = pid_k * k_per_split
+    for k_step in range(0, k_per_split, BLOCK_K):
+        k0 = k_start + k_step
+        rows = k0 // 8 + offs_r
+        row_ok = rows < K // 8
+        packed = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=row_ok[:, None] & mask_n[None, :], other=0)
+        if GROUP_PER_TILE:  # as in _w4a16_mma_kernel: 1 + q / 16, zero point and scale once per tile
+            tile = tl.full([ROWS, BLOCK_N], 0.0, tl.float32)
+            x_sum = tl.full([ROWS], 0.0, tl.float32)
+            for j in tl.static_range(8):
+                x = tl.load(x_row + k0 + 8 * offs_r + j, mask=row_ok, other=0.0).to(tl.float32)
+                if 4 * j <= 19:
+                    field = packed << (19 - 4 * j)
+                else:
+                    field = packed >> (4 * j - 19)
+                v = ((field & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                x_sum += x
+                tile += x[:, None] * v
+            g = tl.minimum(k0, K - 1) // group_size
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tile * (16.0 * s)[None, :] - x_sum[:, None] * ((16.0 + z) * s)[None, :]
+        else:
+            for j in tl.static_range(8):
+                offs_k = k0 + 8 * offs_r + j
+                x = tl.load(x_row + offs_k, mask=row_ok, other=0.0).to(tl.float32)
+                qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                if HAS_GIDX:
+                    g = tl.load(g_ptr + offs_k, mask=row_ok, other=0)
+                else:
+                    g = offs_k // group_size
+                ptrs = g[:, None].to(tl.int64) * stride_sg + offs_n[None, :]
+                ok = row_ok[:, None] & mask_n[None, :]
+                sj = tl.load(s_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                zj = tl.load(z_ptr + ptrs, mask=ok, other=0.0).to(tl.float32)
+                acc += x[:, None] * ((qf - (zj + 8388608.0)) * sj)
+    _write_out(tl.reduce(acc, 0, _add)[None, :], out_ptr, part_ptr, count_ptr, offs_m, offs_n,
+               (offs_m < M)[:, None] & mask_n[None, :], split, stride_ps, stride_om, FIXUP, 8)
+
+
+@triton.jit
+def _scaled_x(xr, i, BF16_PAIRS: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+    """Activations 2i and 2i + 1 after xr, as float32 times 2**E_LO and 2**E_HI. BF16_PAIRS: one int32 load holds
+    both bfloat16 values; the scales are added to their exponent fields (one integer add for the two), then each
+    half becomes a float32 by a shift or an and. Exact for |x| < 2**26 (zero becomes a float too small to count)."""
+    if BF16_PAIRS:
+        pair = tl.load(xr + i) + ((E_LO << 7) + (E_HI << 23))
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    lo = tl.load(xr + 2 * i).to(tl.float32) * (2.0 ** E_LO)
+    hi = tl.load(xr + 2 * i + 1).to(tl.float32) * (2.0 ** E_HI)
+    return lo, hi
+
+
+@triton.jit
+def _w4a16_colwise_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, group_size, k_per_split, split,
+    stride_xm, stride_qk, stride_sg, stride_ps, stride_om,
+    HAS_GIDX: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
+    BF16_PAIRS: tl.constexpr = False, STAGES: tl.constexpr = 1,
+):
+    """`gemv`: one row of x per program, a [BLOCK_K / 8, BLOCK_N] tile of packed ints per K step (with one warp,
+    every thread holds all its rows for four columns), the next tile's load issued before this one's products
+    (a two-deep pipeline: a program's loads are in flight while it computes). Needs GROUP_PER_TILE, and K a
+    multiple of BLOCK_K (w4a16_matmul runs `fma` otherwise).
+
+    About 2.5 instructions per weight (`fma`: 5.7): a nibble is masked where it lies in the packed int (the top
+    three after one shift per int) and the masked int is read as a float32 as it is, a subnormal q * 2**(b - 149)
+    for a nibble at bit b, so each weight is one and and one fma. x is scaled by 2**(101 - b) to match, so every
+    product is x q 2**-48, a normal float32 summed exactly as x q would be; sum x comes from one vector load per
+    tile for the zero points. (GPUs compute with subnormal operands at full speed; Triton does not flush them.)"""
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per tile
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_n = offs_n < N
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    if BF16_PAIRS:
+        x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + pid_m.to(tl.int64) * (stride_xm // 2)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
+        rows = k0 // 8 + offs_r
+        p = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        hi = p >> 12  # nibbles 5..7 to bits 8..19 (what the shift brings in above is masked off)
+        if BF16_PAIRS:
+            xr = x_pairs + 4 * rows
+        else:
+            xr = x_row + 8 * rows
+        # nibble j at bit b = 4j (j < 5) or 4j - 12: x scaled by 2**(101 - b)
+        x0, x1 = _scaled_x(xr, 0, BF16_PAIRS, 101, 97)
+        x2, x3 = _scaled_x(xr, 1, BF16_PAIRS, 93, 89)
+        x4, x5 = _scaled_x(xr, 2, BF16_PAIRS, 85, 93)
+        x6, x7 = _scaled_x(xr, 3, BF16_PAIRS, 89, 85)
+        t = x0[:, None] * (p & 0xF).to(tl.float32, bitcast=True)
+        t += x1[:, None] * (p & 0xF0).to(tl.float32, bitcast=True)
+        t += x2[:, None] * (p & 0xF00).to(tl.float32, bitcast=True)
+        t += x3[:, None] * (p & 0xF000).to(tl.float32, bitcast=True)
+        t += x4[:, None] * (p & 0xF0000).to(tl.float32, bitcast=True)
+        t += x5[:, None] * (hi & 0xF00).to(tl.float32, bitcast=True)
+        t += x6[:, None] * (hi & 0xF000).to(tl.float32, bitcast=True)
+        t += x7[:, None] * (hi & 0xF0000).to(tl.float32, bitcast=True)
+        x_total = tl.reduce(tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), 0, _add)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += (tl.reduce(t, 0, _add) * 281474976710656.0 - z * x_total) * s  # t * 2**48 = sum x q
+    _write_out(acc[None, :], out_ptr, part_ptr, count_ptr, offs_m, offs_n, (offs_m < M)[:, None] & mask_n[None, :],
+               split, stride_ps, stride_om, FIXUP, 32)
 
 
 @triton.jit
@@ -261,7 +427,8 @@ def _num_sms(device: torch.device) -> int:
     return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_KERNELS = {"fma": _w4a16_gemv_kernel, "mma": _w4a16_mma_kernel, "gemm": _w4a16_gemm_kernel}
+_KERNELS = {"fma": _w4a16_gemv_kernel, "gemv": _w4a16_colwise_kernel, "mma": _w4a16_mma_kernel,
+            "gemm": _w4a16_gemm_kernel}
 
 # Split-K's per-tile counters: int32 zeros, one buffer per device, each counter back at 0 after every call (so
 # calls must not overlap: one stream per device, as the engine runs).
@@ -308,7 +475,14 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             x.stride(0), qweight.stride(0), scales.stride(0), m * n, n)
     opts = dict(HAS_GIDX=g_idx is not None, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_K=block_k, FIXUP=fixup, num_warps=config["num_warps"], num_stages=config["num_stages"])
-    _KERNELS[config["kernel"]][grid](*args, **opts)
+    kernel = config["kernel"]
+    if kernel == "gemv":
+        if group_per_tile and k % block_k == 0:
+            opts["BF16_PAIRS"] = x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
+            opts["STAGES"] = opts.pop("num_stages")  # the loop's pipeline depth (tl.range), not the launch's
+        else:  # groups inside a tile (act-order, small groups) or a last partial tile: `fma`, which masks them
+            kernel = "fma"
+    _KERNELS[kernel][grid](*args, **opts)
     if split > 1 and not fixup:
         out = parts.sum(0).to(x.dtype)
     return out

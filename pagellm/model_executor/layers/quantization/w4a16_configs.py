@@ -3,7 +3,9 @@
 Keys of a shape entry are "K->N" (input -> output features of the layer as this rank holds it); "default" serves
 every other shape. A config:
 
-    kernel      "fma": the GEMV kernel on CUDA cores, one row of x per program (block_m 1; M = 1 decode)
+    kernel      "gemv": the batch-1 kernel on CUDA cores, one row of x per program, each thread whole columns
+                (block_m 1; about 2.7 instructions per weight; needs tiles inside one group, else runs "fma")
+                "fma": the older GEMV kernel on CUDA cores, one row of x per program (block_m 1)
                 "mma": the small-M kernel with tl.dot (tensor cores; BLOCK_M >= 16, BLOCK_K >= 128)
                 "gemm": the large-M kernel (one dot per K tile, the weight tile unpacked to [BLOCK_K, BLOCK_N])
     block_m, block_n, block_k   tile sizes (powers of two; block_k a multiple of 8: eight 4-bit rows per int32)
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 from pagellm.model_executor.layers.kernel_configs import Config, Table, check_table, lookup
 
-KERNELS = ("fma", "mma", "gemm")
+KERNELS = ("fma", "gemv", "mma", "gemm")
 FIELDS = {"kernel": str, "block_m": int, "block_n": int, "block_k": int, "split_k": int, "num_warps": int,
           "num_stages": int}
 
 W4A16_CONFIGS: Table = {
     "default": {
-        "1": {"kernel": "fma", "block_m": 1, "block_n": 128, "block_k": 128, "split_k": 0, "num_warps": 4,
-              "num_stages": 3},
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
         "4": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
               "num_stages": 3},
         "16": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
@@ -35,6 +37,22 @@ W4A16_CONFIGS: Table = {
                "num_stages": 3},
         "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
                 "num_stages": 3},
+    },
+    "14336->4096": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 16, "num_warps": 4,
+              "num_stages": 3},
+    },
+    "4096->28672": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
+    },
+    "4096->4096": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
+    },
+    "4096->6144": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
     },
 }
 
@@ -56,9 +74,9 @@ def check_config(config: Config) -> None:
             raise ValueError(f"w4a16 config {config}: {field} must be a power of two")
     if config["block_k"] < 16:
         raise ValueError(f"w4a16 config {config}: block_k must be at least 16")
-    if config["kernel"] == "fma" and config["block_m"] != 1:
-        raise ValueError(f"w4a16 config {config}: the fma kernel takes one row per program (block_m 1)")
-    if config["kernel"] != "fma" and (config["block_m"] < 16 or config["block_n"] < 16):
+    if config["kernel"] in ("fma", "gemv") and config["block_m"] != 1:
+        raise ValueError(f"w4a16 config {config}: the {config['kernel']} kernel takes one row per program (block_m 1)")
+    if config["kernel"] not in ("fma", "gemv") and (config["block_m"] < 16 or config["block_n"] < 16):
         raise ValueError(f"w4a16 config {config}: tl.dot needs block_m and block_n of at least 16")
     if config["kernel"] == "mma" and config["block_k"] < 128:
         raise ValueError(f"w4a16 config {config}: the mma kernel needs block_k >= 128 (16 packed rows per dot)")
@@ -70,18 +88,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def auto_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
+def auto_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, sms: int, kernel: str = "fma",
+                 num_stages: int = 1) -> int:
     """Programs along K so that the output tiles times the split cover about two waves of SMs, each program
-    still looping over at least four K tiles."""
+    still looping over at least four K tiles. `gemv`: four K tiles per program when its loop is pipelined
+    (num_stages > 1), else one (a program would wait for each tile's load in turn; many programs in flight
+    overlap them instead)."""
     tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
     split = 1
+    if kernel == "gemv":
+        return _cdiv(_cdiv(k, block_k), 4 if num_stages > 1 else 1)
     while tiles * split < 2 * sms and k // (split * 2) >= 4 * block_k:
         split *= 2
     return split
 
 
 # The smallest BLOCK_K each kernel takes: tl.dot wants 16 rows of K (the mma kernel's dots run on packed rows).
-_MIN_BLOCK_K = {"fma": 16, "mma": 128, "gemm": 16}
+_MIN_BLOCK_K = {"fma": 16, "gemv": 16, "mma": 128, "gemm": 16}
 
 
 def launch_params(m: int, n: int, k: int, group_size: int, has_g_idx: bool, config: Config, sms: int
@@ -94,7 +117,8 @@ def launch_params(m: int, n: int, k: int, group_size: int, has_g_idx: bool, conf
             and group_size & (group_size - 1) == 0):
         block_k = group_size
     group_per_tile = not has_g_idx and group_size % block_k == 0
-    split = config["split_k"] or auto_split_k(m, n, k, config["block_m"], config["block_n"], block_k, sms)
+    split = config["split_k"] or auto_split_k(m, n, k, config["block_m"], config["block_n"], block_k, sms,
+                                              config["kernel"], config["num_stages"])
     k_per_split = _cdiv(_cdiv(k, split), block_k) * block_k
     return block_k, _cdiv(k, k_per_split), k_per_split, group_per_tile
 

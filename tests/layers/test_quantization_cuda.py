@@ -87,6 +87,8 @@ def test_w4a16_kernel_matches_dequantize_then_matmul(m, n, k, group, act_order, 
 W4_VARIANTS = [  # every kernel of triton_w4a16.py, whatever the table picks today
     dict(kernel="fma", block_m=1, block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3),
     dict(kernel="fma", block_m=1, block_n=256, block_k=64, split_k=0, num_warps=8, num_stages=3),
+    dict(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=0, num_warps=4, num_stages=1),
+    dict(kernel="gemv", block_m=1, block_n=128, block_k=64, split_k=3, num_warps=2, num_stages=3),
     dict(kernel="mma", block_m=16, block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3),
     dict(kernel="mma", block_m=64, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3),
     dict(kernel="gemm", block_m=16, block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3),

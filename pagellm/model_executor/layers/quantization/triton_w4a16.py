@@ -9,9 +9,11 @@ Split K ends inside the kernel: the last program of an output tile to finish add
 fixed order and writes the tile (a counter per tile), so no reduction kernel follows (at batch 1 each linear is
 one launch, as cuBLAS's GEMV is).
 
-Three kernels, chosen per call by the config table (w4a16_configs.py, keyed by M and shape):
+Four kernels, chosen per call by the config table (w4a16_configs.py, keyed by M and shape):
 
-- small M (`fma`, one row of x per program, and `mma`): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and
+- batch 1 (`gemv`): see _w4a16_colwise_kernel; about 3.5 instructions per weight, one and and one fma each.
+- small M (`fma`, one row of x per program, and `mma`; `gemv` falls back to `fma` for act-order and for tiles
+  that cross groups): each packed tile [BLOCK_K / 8, BLOCK_N] is loaded once and
   read as eight slices, slice j holding input channels k0 + 8r + j; each slice is multiplied by the matching
   strided columns of x. No [BLOCK_K, BLOCK_N] unpacked copy, no 8x repeated loads. A nibble becomes a float by
   bits, not by an int-to-float conversion (a slow instruction on every GPU). When a tile lies in one group (the

@@ -161,11 +161,13 @@ CURRENT = {"w4a16": w4a16_configs.W4A16_CONFIGS, "moe": moe_configs.FUSED_MOE_CO
 
 def with_winners(current, winners: dict[str, dict[str, Config]]) -> dict[str, dict[str, Config]]:
     """The current table with the measured winners laid over it: a whole table even when the budget ran out
-    before some buckets, so that pasting it never drops one."""
+    before some buckets, so that pasting it never drops one. A shape entry made here starts from the default's
+    buckets (a lookup past an entry's last bucket takes that bucket: an entry holding only M = 1 would serve
+    every M); an entry that ends up the same as the default is left out."""
     table = {key: {b: dict(c) for b, c in entry.items()} for key, entry in current.items()}
     for key, entry in winners.items():
-        table.setdefault(key, {}).update(entry)
-    return table
+        table.setdefault(key, {b: dict(c) for b, c in table["default"].items()}).update(entry)
+    return {key: entry for key, entry in table.items() if key == "default" or entry != table["default"]}
 
 
 TABLE_FILES = {  # kernel -> (module file, the table's name there)

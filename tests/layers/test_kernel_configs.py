@@ -73,6 +73,11 @@ def test_every_tuning_candidate_is_a_valid_config():
     merged = tune.with_winners(w4a16_configs.W4A16_CONFIGS, {"4096->6144": {"1": tune.W4A16_CANDIDATES[1][1]}})
     assert merged["default"] == w4a16_configs.W4A16_CONFIGS["default"]
     assert merged["4096->6144"]["1"] == tune.W4A16_CANDIDATES[1][1]
+    # A new shape entry holds every bucket: its M = 1 winner does not serve M = 64.
+    merged = tune.with_winners({"default": w4a16_configs.W4A16_CONFIGS["default"]},
+                               {"1024->1024": {"1": tune.W4A16_CANDIDATES[1][1]}})
+    assert sorted(merged["1024->1024"]) == sorted(merged["default"])
+    assert merged["1024->1024"]["64"] == merged["default"]["64"]
     w4a16_configs.check_w4a16_table(merged)
 
 

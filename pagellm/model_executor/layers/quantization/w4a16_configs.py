@@ -41,18 +41,14 @@ W4A16_CONFIGS: Table = {
     "14336->4096": {
         "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 16, "num_warps": 4,
               "num_stages": 3},
-    },
-    "4096->28672": {
-        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
-              "num_stages": 1},
-    },
-    "4096->4096": {
-        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
-              "num_stages": 1},
-    },
-    "4096->6144": {
-        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
-              "num_stages": 1},
+        "4": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 3},
+        "16": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "64": {"kernel": "mma", "block_m": 64, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
+                "num_stages": 3},
     },
 }
 

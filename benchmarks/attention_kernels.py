@@ -182,6 +182,8 @@ def main() -> int:
     ap.add_argument("--kv-dtype", choices=sorted(KV_DTYPE), default="auto", help="the cache's element type")
     ap.add_argument("--decode-only", action="store_true", help="only the decode cases of llama8b-mixed's batches "
                     "(B=256 ctx=1024, B=128 ctx=768, B=32 ctx=2048), each swept with --sweep")
+    ap.add_argument("--short", action="store_true", help="only batch-1 and -2 decodes at short contexts (128 to "
+                    "1,024 tokens), each with 1 to 8 KV splits: where splitting starts to pay")
     args = ap.parse_args()
     kv = KV_DTYPE[args.kv_dtype]
     if not torch.cuda.is_available():
@@ -190,7 +192,11 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name(0)}  torch {torch.__version__}  triton {triton.__version__}  "
           f"kv {kv}")
-    if args.decode_only:
+    if args.short:
+        for b in (1, 2):
+            for ctx in (128, 256, 384, 512, 1024):
+                bench_decode(b, ctx, with_ref=False, sweep=False, try_splits=(1, 2, 3, 4, 6, 8), kv_dtype=kv)
+    elif args.decode_only:
         bench_decode(256, 1024, with_ref=False, sweep=args.sweep, kv_dtype=kv)
         bench_decode(128, 768, with_ref=False, sweep=args.sweep, kv_dtype=kv)
         bench_decode(32, 2048, with_ref=False, sweep=args.sweep, try_splits=(1, 2, 4), kv_dtype=kv)

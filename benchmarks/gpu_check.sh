@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|lora|
+#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|lora|
 #                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-moe|
 #                           bake ...
 #   (any subset, in order)
@@ -56,6 +56,8 @@ for part in "$@"; do
         logged "decode attention kv=$kv" "attn-decode-$kv.log" 200 '(sweep best|attend_decode graph)' python3 \
           benchmarks/attention_kernels.py --decode-only --sweep --kv-dtype "$kv" --json "$OUT/attn-decode-$kv.json"
       done ;;
+    attn-short) logged "decode attention at short contexts" attn-short.log 200 'attend_decode graph' python3 \
+        benchmarks/attention_kernels.py --short --json "$OUT/attn-short.json" ;;
     attn) logged "attention tests" attn.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider \
             tests/attention ;;
     models) logged "sliding-window attention + Gemma 3 on CUDA" models.log 480 "(passed|failed|error)" \

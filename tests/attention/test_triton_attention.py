@@ -350,7 +350,9 @@ def test_split_heuristic():
 
     assert decode_num_splits(256, 8, 1024, 132) == 1  # many programs: no split
     assert decode_num_splits(1, 8, 32768, 132) == 64  # batch 1, long context: split
-    assert decode_num_splits(4, 8, 300, 132) == 1  # short contexts: no split
+    assert decode_num_splits(4, 8, 200, 132) == 1  # short contexts: no split
+    assert decode_num_splits(1, 8, 384, 132) == 6  # batch 1 at 384: parts of 64 keys
+    assert decode_num_splits(4, 8, 300, 132) == 4
     assert 1 < decode_num_splits(8, 8, 4096, 132) <= 16
     assert decode_num_splits(32, 8, 2048, 132) == 1  # 256 programs: splitting measured slower
 

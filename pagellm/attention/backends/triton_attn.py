@@ -26,12 +26,15 @@ Why these kernels, and not something torch already has:
    e.g. batch 1 at 32k context) one program per pair would leave most SMs idle while it streams the whole
    context alone. Then each pair's KV range is cut into `num_splits` tile-aligned parts, each program writes a
    partial output and its log-sum-exp, and `_reduce_splits_kernel` combines them. See `decode_num_splits`:
-   split only when num_decodes * Hk < SMs and max_seq_len >= 512; aim at ~4 programs per SM, at least 256
+   split only when num_decodes * Hk < SMs and max_seq_len >= 256; aim at ~4 programs per SM, at least 64
    keys per part, at most 64 parts. The parts are cut from each request's own seq_len on the device, so a
    request much shorter than max_seq_len still spreads evenly. Measured on an H100 (Llama-8B heads, bf16,
    attention alone in a CUDA graph): B=1 x 32k 54 us with 64 parts vs 772 us unsplit; B=16 x 8k (128
    programs) 187 us with 5 parts vs 229 us; B=32 x 2k (256 programs) 95 us unsplit vs 108 us with 3 parts,
-   hence the threshold of one program per SM.
+   hence the threshold of one program per SM. Short contexts on an H200 (`attention_kernels.py --short`,
+   h200-tp1-attn-decode-short.json): B=1 x 384 5.6 us with 6 parts vs 9.0 unsplit, B=1 x 256 5.5 with 4 vs
+   6.8, but B=1 x 128 4.6 unsplit vs 5.3 with 2 (the reduce kernel's launch costs more than it saves), hence
+   256 and 64.
 
 Launch path: no `.item()`/`.tolist()`, no device->host reads; grids come from host ints (num_actual_tokens,
 num_decodes, num_reqs, max_seq_len) only. The decode path is CUDA-graph capturable: its grid depends only on
@@ -338,8 +341,8 @@ def decode_config(head_dim: int, group_p2: int, elem_size: int) -> KernelConfig:
 # Split-KV heuristic (see the module docstring).
 SPLIT_MAX_PROGRAMS_PER_SM = 1  # split only below this many (request, KV head) programs per SM
 SPLIT_TARGET_PROGRAMS_PER_SM = 4
-SPLIT_MIN_SEQ = 512
-SPLIT_MIN_KEYS = 256
+SPLIT_MIN_SEQ = 256
+SPLIT_MIN_KEYS = 64
 SPLIT_MAX = 64
 
 

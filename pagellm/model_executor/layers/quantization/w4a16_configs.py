@@ -3,8 +3,9 @@
 Keys of a shape entry are "K->N" (input -> output features of the layer as this rank holds it); "default" serves
 every other shape. A config:
 
-    kernel      "gemv": the batch-1 kernel on CUDA cores, one row of x per program, each thread whole columns
-                (block_m 1; about 2.7 instructions per weight; needs tiles inside one group, else runs "fma")
+    kernel      "gemv": the batch-1 kernel on CUDA cores, one row of x per program (block_m 1; about 3.5
+                instructions per weight; num_stages > 1 pipelines its K loop; needs tiles inside one group and
+                K a multiple of block_k, else runs "fma")
                 "fma": the older GEMV kernel on CUDA cores, one row of x per program (block_m 1)
                 "mma": the small-M kernel with tl.dot (tensor cores; BLOCK_M >= 16, BLOCK_K >= 128)
                 "gemm": the large-M kernel (one dot per K tile, the weight tile unpacked to [BLOCK_K, BLOCK_N])
@@ -13,8 +14,10 @@ every other shape. A config:
                 waves of the GPU's SMs (small M has few output tiles)
     num_warps, num_stages       Triton launch options
 
-The figures below are first guesses, not measurements: `benchmarks/tune_kernels.py` (gpu_check.sh part
-`tune`) writes measured winners in this format; `tune_kernels.py --bake OUT` writes them over W4A16_CONFIGS.
+The M = 1 entries are measured on an H200 (`gpu_check.sh tune-w4a16-m1 bake`: CUDA-graph replays, L2 flushed;
+benchmarks/results/h200-tp1-w4a16-m1-sweep.json); the other buckets are still first guesses.
+`benchmarks/tune_kernels.py` (gpu_check.sh part `tune`) writes measured winners in this format;
+`tune_kernels.py --bake OUT` writes them over W4A16_CONFIGS.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def check_config(config: Config) -> None:
     if config["block_k"] < 16:
         raise ValueError(f"w4a16 config {config}: block_k must be at least 16")
     if config["kernel"] in ("fma", "gemv") and config["block_m"] != 1:
-        raise ValueError(f"w4a16 config {config}: the {config['kernel']} kernel takes one row per program (block_m 1)")
+        raise ValueError(f"w4a16 config {config}: the {config['kernel']} kernel takes one row per program "
+                         "(block_m 1)")
     if config["kernel"] not in ("fma", "gemv") and (config["block_m"] < 16 or config["block_n"] < 16):
         raise ValueError(f"w4a16 config {config}: tl.dot needs block_m and block_n of at least 16")
     if config["kernel"] == "mma" and config["block_k"] < 128:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
 #   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|lora|
-#                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-moe|
+#                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-w4a16-m128|tune-moe|
 #                           bake ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
@@ -24,7 +24,7 @@
 # w4-gemv-tests = the batch-1 W4A16 kernel's CUDA checks only (M = 1 on every shape, split determinism, graphs).
 # tune = benchmarks/tune_kernels.py: the tile-config sweep of the W4A16 and fused MoE kernels (under 5 minutes),
 # winners under $OUT/tuned-w4a16.json and $OUT/tuned-moe.json (bake: tune_kernels.py --bake DIR); tune-w4a16
-# and tune-moe sweep one kernel each with more time (one call each); tune-w4a16-m1 sweeps W4A16 at M = 1 only.
+# and tune-moe sweep one kernel each with more time (one call each); tune-w4a16-m1 (-m128) sweeps W4A16 at M = 1 (128) only.
 # A part written before:PART runs the checkout in .old/ (an earlier commit's pagellm/, e.g.
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
@@ -206,10 +206,11 @@ PY
     w4-gemv-tests) logged "w4a16 batch-1 tests" w4-gemv-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_quantization_cuda.py \
         -k "gemv or deterministic or cuda_graph or (matches_dequantize and -1])" ;;
-    tune|tune-w4a16|tune-moe|tune-w4a16-m1)  # both kernels 125 s each; one kernel alone 270 s (past it: "not run")
+    tune|tune-w4a16|tune-moe|tune-w4a16-m1|tune-w4a16-m128)  # both kernels 125 s each; one kernel alone 270 s (past it: "not run")
       kernels=w4a16,moe budget=125 only=()
       case "$what" in tune-w4a16) kernels=w4a16 budget=270 ;; tune-moe) kernels=moe budget=270 ;;
-        tune-w4a16-m1) kernels=w4a16 budget=150 only=(--w4a16-m 1) ;; esac
+        tune-w4a16-m1) kernels=w4a16 budget=150 only=(--w4a16-m 1) ;;
+        tune-w4a16-m128) kernels=w4a16 budget=120 only=(--w4a16-m 128) ;; esac
       logged "kernel tuning ($kernels)" "$what.log" 295 '^(tune|w4a16 )' python3 benchmarks/tune_kernels.py \
         --out "$OUT" --kernels "$kernels" --budget-s "$budget" "${only[@]}" ;;
     # bake: write a tune part's winners ($OUT/tuned-*.json) into this copy's tables, so that later parts of the same

@@ -14,8 +14,9 @@ every other shape. A config:
                 waves of the GPU's SMs (small M has few output tiles)
     num_warps, num_stages       Triton launch options
 
-The M = 1 entries are measured on an H200 (`gpu_check.sh tune-w4a16-m1 bake`: CUDA-graph replays, L2 flushed;
-benchmarks/results/h200-tp1-w4a16-m1-sweep.json); the other buckets are still first guesses.
+The M = 1 and M = 128 entries are measured on an H200 (`gpu_check.sh tune-w4a16-m1 bake`, `tune-w4a16-m128
+bake`: CUDA-graph replays, L2 flushed; benchmarks/results/h200-tp1-w4a16-m{1,128}-sweep.json); the other buckets
+are still first guesses.
 `benchmarks/tune_kernels.py` (gpu_check.sh part `tune`) writes measured winners in this format;
 `tune_kernels.py --bake OUT` writes them over W4A16_CONFIGS.
 """
@@ -38,6 +39,8 @@ W4A16_CONFIGS: Table = {
                "num_stages": 3},
         "64": {"kernel": "mma", "block_m": 64, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
                "num_stages": 3},
+        "128": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
+                "num_stages": 3},
         "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
                 "num_stages": 3},
     },
@@ -50,6 +53,50 @@ W4A16_CONFIGS: Table = {
                "num_stages": 3},
         "64": {"kernel": "mma", "block_m": 64, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
                "num_stages": 3},
+        "128": {"kernel": "gemm", "block_m": 64, "block_n": 64, "block_k": 64, "split_k": 0, "num_warps": 4,
+                "num_stages": 3},
+        "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
+                "num_stages": 3},
+    },
+    "4096->6144": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
+        "4": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 3},
+        "16": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "64": {"kernel": "mma", "block_m": 64, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "128": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 0, "num_warps": 8,
+                "num_stages": 3},
+        "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
+                "num_stages": 3},
+    },
+    "4096->4096": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
+        "4": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 3},
+        "16": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "64": {"kernel": "mma", "block_m": 64, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "128": {"kernel": "gemm", "block_m": 64, "block_n": 64, "block_k": 64, "split_k": 0, "num_warps": 4,
+                "num_stages": 3},
+        "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
+                "num_stages": 3},
+    },
+    "4096->28672": {
+        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 1},
+        "4": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+              "num_stages": 3},
+        "16": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "64": {"kernel": "mma", "block_m": 64, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
+               "num_stages": 3},
+        "128": {"kernel": "gemm", "block_m": 128, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
+                "num_stages": 3},
         "256": {"kernel": "gemm", "block_m": 64, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8,
                 "num_stages": 3},
     },

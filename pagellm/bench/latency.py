@@ -46,11 +46,8 @@ def profile_kernels(run, tokens: int, top: int = 15) -> dict[str, float]:
         torch.cuda.synchronize()
     times: dict[str, float] = {}
     for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None)
-        if us is None:
-            us = getattr(event, "self_cuda_time_total", 0.0)
-        if us > 0:
-            times[event.key] = times.get(event.key, 0.0) + us / tokens
+        if event.self_device_time_total > 0:
+            times[event.key] = times.get(event.key, 0.0) + event.self_device_time_total / tokens
     ranked = dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
     ranked["all kernels"] = sum(times.values())
     print(f"GPU kernels, us per output token ({tokens} tokens):")

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pagellm.model_executor.layers.kernel_configs import Config, Table, check_table, lookup
 
 KERNELS = ("fma", "gemv", "mma", "gemm")
+ROW_KERNELS = ("fma", "gemv")  # one row of x per program, on CUDA cores (no tl.dot)
 FIELDS = {"kernel": str, "block_m": int, "block_n": int, "block_k": int, "split_k": int, "num_warps": int,
           "num_stages": int}
 
@@ -120,10 +121,10 @@ def check_config(config: Config) -> None:
             raise ValueError(f"w4a16 config {config}: {field} must be a power of two")
     if config["block_k"] < 16:
         raise ValueError(f"w4a16 config {config}: block_k must be at least 16")
-    if config["kernel"] in ("fma", "gemv") and config["block_m"] != 1:
+    if config["kernel"] in ROW_KERNELS and config["block_m"] != 1:
         raise ValueError(f"w4a16 config {config}: the {config['kernel']} kernel takes one row per program "
                          "(block_m 1)")
-    if config["kernel"] not in ("fma", "gemv") and (config["block_m"] < 16 or config["block_n"] < 16):
+    if config["kernel"] not in ROW_KERNELS and (config["block_m"] < 16 or config["block_n"] < 16):
         raise ValueError(f"w4a16 config {config}: tl.dot needs block_m and block_n of at least 16")
     if config["kernel"] == "mma" and config["block_k"] < 128:
         raise ValueError(f"w4a16 config {config}: the mma kernel needs block_k >= 128 (16 packed rows per dot)")

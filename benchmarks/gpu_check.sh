@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|lora|
+#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|x2-tp1|x2-tp2|x2-pp2|lora|
 #                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-w4a16-m128|tune-moe|
 #                           bake ...
 #   (any subset, in order)
@@ -14,6 +14,7 @@
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run; with the tile table's configs the tests compile more
 # variants: run moe-tests and moe-bench as two calls); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
+# x2-tp1, x2-tp2, x2-pp2 (2 GPUs, issue 12): llama8b-mixed on one GPU, at TP=2, at PP=2.
 # lora = lora-tests + lora-bench (issue 17's LoRA); lora-kernel: the LoRA kernels' GPU time per layer by tile config.
 # mrope = mrope-tests + mrope-bench (issue 18's Qwen2-VL parts: M-RoPE, the vision tower, the model module on CUDA;
 # then the tower against transformers' at Qwen2-VL-7B's shape and M-RoPE against 1-D RoPE, bf16, one run).
@@ -68,6 +69,12 @@ for part in "$@"; do
             --peer none --output-json "$OUT/qwen06b-nano-$tag.json" ;;
     llama) logged "llama8b-mixed $tag" "llama-$tag.log" 400 '^pagellm ' "${BENCH[@]}" throughput \
              --workload llama8b-mixed --peer none --output-json "$OUT/llama8b-mixed-$tag.json" ;;
+    x2-tp1|x2-tp2|x2-pp2)  # issue 12, on 2 GPUs: llama8b-mixed on one of them, at TP=2, at PP=2
+      par=(); case "$what" in x2-tp2) par=(-tp 2) ;; x2-pp2) par=(--pipeline-parallel-size 2) ;; esac
+      gpus=0,1; [ "$what" = x2-tp1 ] && gpus=0
+      CUDA_VISIBLE_DEVICES=$gpus logged "llama8b-mixed ${what#x2-} $tag" "llama-$what-$tag.log" 300 '^pagellm ' \
+        "${BENCH[@]}" throughput --workload llama8b-mixed --peer none "${par[@]}" \
+        --output-json "$OUT/h200x2-${what#x2-}-llama8b-mixed-$tag.json" ;;
     peer) logged "llama8b-mixed vs peer" peer.log 580 '^(pagellm|transformers|ratio)' "${BENCH[@]}" throughput \
             --workload llama8b-mixed --peer hf --output-json "$OUT/llama8b-mixed-peer.json" ;;
     latency) logged "llama8b bs1 $tag" "latency-$tag.log" 300 '^mean' "${BENCH[@]}" latency --workload llama8b-mixed \

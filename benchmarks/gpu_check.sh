@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
-#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|x2-tp1|x2-tp2|x2-pp2|lora|
+#   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|x2-tests|x2-tp1|x2-tp2|x2-pp2|lora|
 #                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-w4a16-m128|tune-moe|
 #                           bake ...
 #   (any subset, in order)
@@ -14,7 +14,8 @@
 # moe = moe-tests + moe-bench (issue 16: fused MoE kernel tests and its time against the torch loop, then
 # qwen3moe-mixed with the transformers peer in the same run; with the tile table's configs the tests compile more
 # variants: run moe-tests and moe-bench as two calls); moe-ep (2 GPUs): qwen3moe-mixed at TP=2 and EP=2.
-# x2-tp1, x2-tp2, x2-pp2 (2 GPUs, issue 12): llama8b-mixed on one GPU, at TP=2, at PP=2.
+# x2-tp1, x2-tp2, x2-pp2 (2 GPUs, issue 12): llama8b-mixed on one GPU, at TP=2, at PP=2; x2-tests: the tiny TP=2 and
+# PP=2 engines of tests/distributed/test_parallel.py on CUDA (decode graphs on) against one GPU.
 # lora = lora-tests + lora-bench (issue 17's LoRA); lora-kernel: the LoRA kernels' GPU time per layer by tile config.
 # mrope = mrope-tests + mrope-bench (issue 18's Qwen2-VL parts: M-RoPE, the vision tower, the model module on CUDA;
 # then the tower against transformers' at Qwen2-VL-7B's shape and M-RoPE against 1-D RoPE, bf16, one run).
@@ -30,7 +31,9 @@
 # `git archive COMMIT pagellm | tar -x -C .old`) instead, for a before/after pair measured in one run.
 set -uo pipefail
 BASE_PYTHONPATH=${PYTHONPATH:-}  # e.g. carried wheels installed with pip --target
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+# PYTHONSAFEPATH (Python >= 3.11): `python3 -m`/`-c` would put the working directory ahead of PYTHONPATH, so the
+# checkout's pagellm/ would shadow .old/'s in a before: part.
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONSAFEPATH=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 summary="$OUT/summary.txt"; : > "$summary"
@@ -45,7 +48,8 @@ BENCH=(python3 -m pagellm.entrypoints.cli --log-level info bench)
 for part in "$@"; do
   what=$part tag=after
   export PYTHONPATH=$PWD:$BASE_PYTHONPATH
-  case "$part" in before:*) what=${part#before:} tag=before; export PYTHONPATH=$PWD/.old:$PWD:$BASE_PYTHONPATH ;; esac
+  case "$part" in before:*) what=${part#before:} tag=before; export PYTHONPATH=$PWD/.old:$PWD:$BASE_PYTHONPATH
+    echo "$part runs $(python3 -c 'import pagellm; print(pagellm.__file__)')" | tee -a "$summary" ;; esac
   case "$what" in
     tests) logged tests tests.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider -x \
              tests/layers/test_triton_ops.py tests/engine/test_cuda_engine.py tests/models/test_models.py \
@@ -69,6 +73,8 @@ for part in "$@"; do
             --peer none --output-json "$OUT/qwen06b-nano-$tag.json" ;;
     llama) logged "llama8b-mixed $tag" "llama-$tag.log" 400 '^pagellm ' "${BENCH[@]}" throughput \
              --workload llama8b-mixed --peer none --output-json "$OUT/llama8b-mixed-$tag.json" ;;
+    x2-tests) logged "TP/PP on 2 GPUs against one" x2-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
+        -p no:cacheprovider tests/distributed/test_parallel.py -k "mp_parallel_matches or (micro_batches and mp)" ;;
     x2-tp1|x2-tp2|x2-pp2)  # issue 12, on 2 GPUs: llama8b-mixed on one of them, at TP=2, at PP=2
       par=(); case "$what" in x2-tp2) par=(-tp 2) ;; x2-pp2) par=(--pipeline-parallel-size 2) ;; esac
       gpus=0,1; [ "$what" = x2-tp1 ] && gpus=0

@@ -78,7 +78,10 @@ class GroupCoordinator:
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
              src: Optional[int] = None) -> torch.Tensor:
         """Point-to-point receive from a global rank (default: the previous member)."""
-        x = torch.empty(shape, dtype=dtype, device=device)
+        return self.recv_into(torch.empty(shape, dtype=dtype, device=device), src)
+
+    def recv_into(self, x: torch.Tensor, src: Optional[int] = None) -> torch.Tensor:
+        """recv into a given contiguous tensor (a CUDA graph's static input); returns x."""
         dist.recv(x, src=self.prev_rank if src is None else src)
         return x
 

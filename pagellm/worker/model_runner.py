@@ -10,7 +10,9 @@ On CUDA the inputs go into persistent device buffers (through pinned host twins,
 step made only of decodes replays a CUDA graph captured for the next batch size up (`GRAPH_BATCH_SIZES`), its
 padding rows marked as empty (slot -1, seq_len 0). The graph covers embedding, all layers, the final norm and
 the LM head; sampling runs eagerly on the GPU after it. Mixed and prefill steps run eagerly (their GPU work is
-large enough to hide the launches). `enforce_eager=True` turns the graphs off.
+large enough to hide the launches). `enforce_eager=True` turns the graphs off. A pipeline stage's graph holds
+its own layers only (and the LM head on the last); the activations go between stages outside the graphs
+(worker/pipeline.py).
 
 A step is launched (`execute_model_async`) and its result read later (`PendingOutput.result`), so that the
 engine can schedule and launch the next step while this one runs on the GPU (async scheduling). Nothing in the
@@ -207,10 +209,12 @@ class ModelRunner:
         if device.type == "cuda":
             self.buffers = StepBuffers(max(sc.max_num_batched_tokens, sc.max_num_seqs), sc.max_num_seqs,
                                        self.max_blocks_per_seq, device)
-        # Pipeline stages exchange tensors with their neighbours every step: they run eagerly.
-        self.use_graphs = (device.type == "cuda" and not config.model_config.enforce_eager
-                           and config.parallel_config.pipeline_parallel_size == 1)
-        # batch size -> (graph, logits it writes [bs, vocab])
+        # A pipeline stage (worker/pipeline.py) captures its own layers; the exchange with its neighbours stays
+        # outside the graphs.
+        self.pipelined = config.parallel_config.pipeline_parallel_size > 1
+        self.use_graphs = device.type == "cuda" and not config.model_config.enforce_eager
+        # batch size -> (graph, logits it writes [bs, vocab]; on a pipeline stage before the last, the [2, bs, H]
+        # activations it sends)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = graph_batch_sizes(sc.max_num_seqs) if self.use_graphs else []
         # Speculative decoding: drafts after a step, verified in a later one (worker/speculation.py); verify
@@ -219,7 +223,7 @@ class ModelRunner:
         self.spec = Speculator(self, spec, sc.max_num_seqs) if spec is not None else None
         self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.verify_graph_sizes: list[int] = []
-        if self.spec is not None and self.use_graphs:
+        if self.spec is not None and self.use_graphs and not self.pipelined:
             q = self.spec.query_len
             self.verify_graph_sizes = [bs for bs in self.graph_sizes
                                        if bs <= VERIFY_GRAPH_MAX_BATCH and bs * q <= self.buffers.max_tokens]
@@ -313,10 +317,13 @@ class ModelRunner:
         )
 
     def _graph_forward(self, bs: int, q: int = 1) -> torch.Tensor:
+        """What a graph captures: the logits; on a pipeline stage before the last, the activations it sends."""
         b = self.buffers
-        hidden = self.model(b.input_ids[: bs * q], b.positions[: bs * q], self.kv_caches,
-                            self._graph_metadata(bs, q))
-        return self.model.compute_logits(hidden)
+        args = (b.input_ids[: bs * q], b.positions[: bs * q], self.kv_caches, self._graph_metadata(bs, q))
+        if self.pipelined:
+            out = self.model.graph_forward(*args)
+            return self.model.compute_logits(out) if self.computes_logits else out
+        return self.model.compute_logits(self.model(*args))
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -331,6 +338,8 @@ class ModelRunner:
         q_verify = self.spec.query_len if self.spec is not None else 0
         shapes = [(bs, 1) for bs in self.graph_sizes] + [(bs, q_verify) for bs in self.verify_graph_sizes]
         for bs, q in sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True):
+            if self.pipelined:
+                self.model.prepare_graph_input(bs)
             self._fill_graph_padding(0, bs, q)
             self.buffers.upload(bs * q, bs, 0)
             self._graph_forward(bs, q)  # warm-up: compiles the Triton kernels of this shape outside the capture
@@ -476,7 +485,12 @@ class ModelRunner:
         sample = step.sample
         if graph_bs is not None:  # decodes only: every row samples, none has prompt logprobs left
             graph, graph_logits = self.graphs[graph_bs]
+            if self.pipelined:
+                self.model.recv_for_graph(graph_bs)
             graph.replay()
+            if self.pipelined and not self.computes_logits:
+                self.model.send(graph_logits)  # this stage's activations, not logits
+                return PendingOutput()
             if not sample.size or not self.computes_logits:
                 return PendingOutput()
             logits = graph_logits[: step.num_reqs]

@@ -5,6 +5,11 @@ that is not the last (nothing to sample there).
 Activations travel as one [2, T, H] tensor (hidden states and residual) over torch.distributed point-to-point
 send/recv (NCCL on GPUs, gloo on CPUs). Every stage sees the same SchedulerOutput, so T is known on both sides
 and nothing else is exchanged.
+
+Decode CUDA graphs: each stage captures its own layers for every graph batch size, reading the previous stage's
+activations from a static buffer of that size; the exchange stays outside the graph (`recv_for_graph` before a
+replay, `send` of the graph's output after). Both stages pick the same batch size from the same step, so the
+padded shapes match.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class PipelineStage:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = device
+        self.graph_inputs: dict[int, torch.Tensor] = {}  # graph batch size -> static [2, bs, H] activations
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  attn_metadata: AttentionMetadata) -> Optional[torch.Tensor]:
@@ -40,6 +46,35 @@ class PipelineStage:
             return out
         pp.send(torch.stack([out.hidden, out.residual]))
         return None
+
+    # ---- decode CUDA graphs ----
+    def prepare_graph_input(self, bs: int) -> None:
+        """The static input of graph batch size bs (stages after the first), made before the graph is captured
+        so that it lives outside the graphs' memory pool."""
+        if not get_pp_group().is_first_rank and bs not in self.graph_inputs:
+            self.graph_inputs[bs] = torch.zeros((2, bs, self.hidden_size), dtype=self.dtype, device=self.device)
+
+    def graph_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                      attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """What a decode graph of len(input_ids) rows captures: this stage's layers, no exchange. The last stage
+        returns its hidden states; the others the [2, T, H] tensor that `send` passes on after the replay."""
+        pp = get_pp_group()
+        intermediate = None
+        if not pp.is_first_rank:
+            buf = self.graph_inputs[input_ids.shape[0]]
+            intermediate = IntermediateTensors(buf[0], buf[1])
+        out = self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
+        return out if pp.is_last_rank else torch.stack([out.hidden, out.residual])
+
+    def recv_for_graph(self, bs: int) -> None:
+        """Before a replay of graph batch size bs: the previous stage's activations into its static input."""
+        pp = get_pp_group()
+        if not pp.is_first_rank:
+            pp.recv_into(self.graph_inputs[bs])
+
+    def send(self, out: torch.Tensor) -> None:
+        """After a replay on a stage before the last: the graph's output to the next stage."""
+        get_pp_group().send(out)
 
     def __getattr__(self, name: str) -> Any:  # compute_logits, parameters(), eval(), ...
         return getattr(self.model, name)

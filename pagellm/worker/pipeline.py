@@ -37,15 +37,22 @@ class PipelineStage:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  attn_metadata: AttentionMetadata) -> Optional[torch.Tensor]:
         pp = get_pp_group()
-        intermediate = None
+        received = None
         if not pp.is_first_rank:
-            buf = pp.recv((2, input_ids.shape[0], self.hidden_size), self.dtype, self.device)
-            intermediate = IntermediateTensors(buf[0], buf[1])
-        out = self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
+            received = pp.recv((2, input_ids.shape[0], self.hidden_size), self.dtype, self.device)
+        out = self._layers(input_ids, positions, kv_caches, attn_metadata, received)
         if pp.is_last_rank:
             return out
-        pp.send(torch.stack([out.hidden, out.residual]))
+        pp.send(out)
         return None
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, received: Optional[torch.Tensor]) -> torch.Tensor:
+        """This stage's layers on the previous stage's [2, T, H] activations (None on the first stage): the hidden
+        states on the last stage, else the [2, T, H] activations for the next."""
+        intermediate = None if received is None else IntermediateTensors(received[0], received[1])
+        out = self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
+        return out if get_pp_group().is_last_rank else torch.stack([out.hidden, out.residual])
 
     # ---- decode CUDA graphs ----
     def prepare_graph_input(self, bs: int) -> None:
@@ -56,15 +63,11 @@ class PipelineStage:
 
     def graph_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                       attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """What a decode graph of len(input_ids) rows captures: this stage's layers, no exchange. The last stage
-        returns its hidden states; the others the [2, T, H] tensor that `send` passes on after the replay."""
-        pp = get_pp_group()
-        intermediate = None
-        if not pp.is_first_rank:
-            buf = self.graph_inputs[input_ids.shape[0]]
-            intermediate = IntermediateTensors(buf[0], buf[1])
-        out = self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
-        return out if pp.is_last_rank else torch.stack([out.hidden, out.residual])
+        """What a decode graph of len(input_ids) rows captures: this stage's layers, no exchange, reading the
+        static input that `recv_for_graph` fills before each replay; on a stage before the last, its output is
+        what `send` passes on after the replay."""
+        received = None if get_pp_group().is_first_rank else self.graph_inputs[input_ids.shape[0]]
+        return self._layers(input_ids, positions, kv_caches, attn_metadata, received)
 
     def recv_for_graph(self, bs: int) -> None:
         """Before a replay of graph batch size bs: the previous stage's activations into its static input."""

@@ -49,7 +49,8 @@ for part in "$@"; do
   what=$part tag=after
   export PYTHONPATH=$PWD:$BASE_PYTHONPATH
   case "$part" in before:*) what=${part#before:} tag=before; export PYTHONPATH=$PWD/.old:$PWD:$BASE_PYTHONPATH
-    echo "$part runs $(python3 -c 'import pagellm; print(pagellm.__file__)')" | tee -a "$summary" ;; esac
+    echo "$part runs $(python3 -c 'import importlib.util; print(importlib.util.find_spec("pagellm").origin)')" \
+      | tee -a "$summary" ;; esac
   case "$what" in
     tests) logged tests tests.log 420 '(passed|failed|error)' python3 -m pytest -q -p no:cacheprovider -x \
              tests/layers/test_triton_ops.py tests/engine/test_cuda_engine.py tests/models/test_models.py \

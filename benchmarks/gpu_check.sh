@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks, results under $OUT. Usage:
 #   benchmarks/gpu_check.sh tests|embed|attn|attn-decode|attn-short|models|qwen|llama|latency|peer|host|spec|quant|fp8gemm|fp8-matrix|kvfp8|fallback|moe|moe-ep|x2-tests|x2-tp1|x2-tp2|x2-pp2|lora|
-#                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|tune|tune-w4a16|tune-w4a16-m1|tune-w4a16-m128|tune-moe|
+#                           mrope|vision|qwen2vl-bench|w4-tests|w4-gemv-tests|ncu-gemv|tune|tune-w4a16|tune-w4a16-m1|tune-w4a16-m128|tune-moe|
 #                           bake ...
 #   (any subset, in order)
 # models = issue 16 part 1: the sliding-window cases of the Triton attention tests against torch_ref, then a tiny
@@ -104,11 +104,12 @@ for part in "$@"; do
             --output-json "$OUT/llama8b-mixed-spec-ngram.json" ;;
     quant|quant-tests) logged "quant kernel tests" quant-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
             -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "not w4a16" ;;&
-    quant|quant-fp8)  # issue 15: fp8 W8A8 vs bf16 on llama8b-mixed, one run each, same call (target >= 1.35x)
+    quant|quant-fp8)  # issue 15: fp8 W8A8 vs bf16 on llama8b-mixed, one run each, same call (target >= 1.35x);
+      # with PROFILE=1 each run then repeats under torch.profiler and prints its top GPU kernels per output token
       for q in none fp8; do
         qflag=(); [ "$q" != none ] && qflag=(--quantization "$q")
         logged "llama8b-mixed $q" "llama-$q.log" 300 '^pagellm ' "${BENCH[@]}" throughput --workload llama8b-mixed \
-          --peer none "${qflag[@]}" --output-json "$OUT/llama8b-mixed-$q.json"
+          --peer none "${qflag[@]}" --output-json "$OUT/llama8b-mixed-$q.json" ${PROFILE:+--profile}
       done
       python3 benchmarks/quant_ratio.py throughput "$OUT/llama8b-mixed-none.json" "$OUT/llama8b-mixed-fp8.json" \
         1.35 | tee -a "$summary" ;;&
@@ -217,6 +218,15 @@ PY
         "${BENCH[@]}" throughput --workload llava7b-image --peer hf --output-json "$OUT/llava7b-image-peer.json" ;;
     w4-tests) logged "w4a16 kernel tests" w4-tests.log 480 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_quantization_cuda.py -k "w4a16 or gptq or awq" ;;
+    ncu-gemv)  # Nsight Compute on the batch-1 W4A16 kernel at the 8B shapes (one launch of each, after compiling)
+      ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 240 "${ncu:-ncu}" --clock-control none --kernel-name regex:w4a16 --launch-skip 4 --launch-count 4 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section WarpStateStats --section InstructionStats --section SourceCounters \
+        python3 benchmarks/w4a16_ncu.py > "$OUT/ncu-gemv.log" 2>&1
+      echo "ncu-gemv: rc $?, $(grep -cE 'w4a16' "$OUT/ncu-gemv.log") lines naming w4a16" >> "$summary"
+      grep -E "(w4a16_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Issued Ipc|No Eligible|Warp Cycles Per Issued)" \
+        "$OUT/ncu-gemv.log" | head -80 ;;
     w4-gemv-tests) logged "w4a16 batch-1 tests" w4-gemv-tests.log 300 '(passed|failed|error)' python3 -m pytest -q \
         -p no:cacheprovider tests/layers/test_quantization_cuda.py \
         -k "gemv or deterministic or cuda_graph or (matches_dequantize and -1])" ;;

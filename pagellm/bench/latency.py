@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pagellm.bench.runs import profile_kernels
 from pagellm.bench.workloads import WORKLOADS, write_dummy_model
 from pagellm.engine_args import EngineArgs
 
@@ -34,26 +35,6 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="after the timed runs, one more under torch.profiler: "
                         "the GPU kernels that took the most time, in microseconds per output token")
     EngineArgs.add_cli_args(parser)
-
-
-def profile_kernels(run, tokens: int, top: int = 15) -> dict[str, float]:
-    """Run once under torch.profiler; print and return the `top` GPU kernels by total time, in microseconds per
-    output token (kernels inside CUDA-graph replays are traced too), with the sum over all kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.self_device_time_total > 0:
-            times[event.key] = times.get(event.key, 0.0) + event.self_device_time_total / tokens
-    ranked = dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
-    ranked["all kernels"] = sum(times.values())
-    print(f"GPU kernels, us per output token ({tokens} tokens):")
-    for name, us in ranked.items():
-        print(f"  {us:9.1f}  {name[:100]}")
-    return ranked
 
 
 def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:

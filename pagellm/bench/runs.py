@@ -26,6 +26,30 @@ def timed_generate(llm: Any, prompts: list, params: list, expected_tokens: int) 
     return elapsed, outputs
 
 
+def profile_kernels(run, tokens: int, top: int = 15) -> dict[str, float]:
+    """Run once under torch.profiler; print and return the `top` GPU kernels by total time, in microseconds per
+    output token (kernels inside CUDA-graph replays are traced too), with the sum over all kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6 / tokens
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.self_device_time_total > 0:
+            times[event.key] = times.get(event.key, 0.0) + event.self_device_time_total / tokens
+    ranked = dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+    ranked["all kernels"] = sum(times.values())
+    ranked["wall time (profiled run)"] = wall_us
+    print(f"GPU kernels, us per output token ({tokens} tokens; the GPU is busy for "
+          f"{100 * ranked['all kernels'] / wall_us:.0f}% of the profiled run's wall time):")
+    for name, us in ranked.items():
+        print(f"  {us:9.1f}  {name[:100]}")
+    return ranked
+
+
 def free_device_memory() -> None:
     """After the engine is shut down and its last reference dropped: collect it and give its device memory back
     before the peer loads its model."""

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from pagellm.bench.runs import free_device_memory, peer_result, time_peer_generate, timed_generate
+from pagellm.bench.runs import free_device_memory, peer_result, profile_kernels, time_peer_generate, timed_generate
 from pagellm.bench.workloads import WORKLOADS, BenchRequest, Workload, make_requests, write_dummy_model
 from pagellm.engine_args import EngineArgs
 
@@ -47,6 +47,9 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                         help="time the workload on the base model alone and with N random LoRA adapters mixed in "
                         "(request i runs adapter i mod N; both in this run, no peer) and print the ratio")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the --lora-adapters adapters")
+    parser.add_argument("--profile", action="store_true", help="after the timed run, the workload once more under "
+                        "torch.profiler (CUDA): the GPU kernels that took the most time, in microseconds per output "
+                        "token")
     EngineArgs.add_cli_args(parser)
 
 
@@ -61,7 +64,7 @@ def _resolve_workload(args: argparse.Namespace) -> Workload:
     return wl
 
 
-def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> dict[str, Any]:
+def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest], profile: bool = False) -> dict[str, Any]:
     from pagellm.entrypoints.llm import LLM
     from pagellm.sampling_params import SamplingParams
 
@@ -82,6 +85,11 @@ def run_pagellm(engine_kwargs: dict[str, Any], requests: list[BenchRequest]) -> 
     }
     if config.speculative_config is not None:
         result["spec_decode"] = spec_decode_summary(llm.llm_engine.core.scheduler)
+    if profile and torch.cuda.is_available():
+        # The same work as the timed run: its prompts would otherwise come from the prefix cache.
+        llm.llm_engine.core.scheduler.reset_prefix_cache()
+        result["kernels_us_per_token"] = profile_kernels(lambda: llm.generate(prompts, params, use_tqdm=False),
+                                                         sum(r.output_len for r in requests), top=30)
     llm.llm_engine.core.shutdown()  # the peer runs next on the same device: free ours first
     del llm
     free_device_memory()
@@ -231,7 +239,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
             tmp.cleanup()
         return _write_results(results, args.output_json)
 
-    ours = run_pagellm(engine_kwargs, requests)
+    ours = run_pagellm(engine_kwargs, requests, getattr(args, "profile", False))
     results: dict[str, Any] = {
         "workload": wl.name,
         "model": source.display_name if tmp is None else wl.name + " shape (dummy weights)",

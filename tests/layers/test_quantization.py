@@ -100,6 +100,42 @@ def test_online_w8a8_linear(name):
     assert rel < (0.05 if name == "fp8" else 0.01)  # close to the float layer, not equal
 
 
+@pytest.mark.parametrize("name", ["fp8", "int8"])
+def test_norm_and_activation_hand_w8a8_layers_quantized_inputs(name, monkeypatch):
+    """Before a W8A8 linear, RMSNorm and SiLU-and-mul return their output quantized per token (fused into their
+    own pass on CUDA), and the linear uses it as it is: the same result as quantizing inside the linear. A float
+    linear gets no such hint."""
+    from pagellm.model_executor.layers.norm import RMSNorm
+    from pagellm.model_executor.layers.quantization.w8a8 import QuantizedActivations, W8A8LinearMethod
+    from pagellm.model_executor.models.llama import LlamaMLP
+
+    qdtype = FP8 if name == "fp8" else torch.int8
+    mlp = LlamaMLP(32, 48, "silu", dtype=torch.float32, quant_config=OnlineW8A8Config(name))
+    _load(mlp.gate_up_proj, {"weight": torch.randn(48, 32) * 0.1}, 0)
+    _load(mlp.gate_up_proj, {"weight": torch.randn(48, 32) * 0.1}, 1)
+    _load(mlp.down_proj, {"weight": torch.randn(32, 48) * 0.1})
+    _process(mlp.gate_up_proj)
+    _process(mlp.down_proj)
+    assert mlp.input_quant_dtype == qdtype and mlp.down_proj.input_quant_dtype == qdtype
+    assert Linear(4, 4, dtype=torch.float32).input_quant_dtype is None
+    seen = []
+    apply = W8A8LinearMethod.apply
+    monkeypatch.setattr(W8A8LinearMethod, "apply", lambda self, layer, x, bias: seen.append(type(x)) or
+                        apply(self, layer, x, bias))
+    norm = RMSNorm(32, dtype=torch.float32)
+    norm.weight.data.normal_(1.0, 0.2)
+    x, res = torch.randn(5, 32), torch.randn(5, 32)
+    normed, new_res = norm(x, res.clone(), mlp.input_quant_dtype)
+    assert isinstance(normed, QuantizedActivations) and normed.q.dtype == qdtype and normed.lead == (5,)
+    plain, plain_res = norm(x, res.clone())
+    assert torch.equal(new_res, plain_res)
+    assert torch.equal(normed.q.float(), quantize_per_row(plain, qdtype)[0].float())
+    y = mlp(normed)  # gate_up gets the norm's quantized rows, down_proj the activation's
+    assert seen == [QuantizedActivations, QuantizedActivations]
+    act = torch.nn.functional.silu(mlp.gate_up_proj(plain)[:, :48]) * mlp.gate_up_proj(plain)[:, 48:]
+    assert torch.equal(y, mlp.down_proj(act))  # a float input, quantized inside the linear: the same bits
+
+
 @pytest.mark.parametrize("qdtype", [FP8, torch.int8])
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])
 def test_compressed_tensors_merged_linear(qdtype, strategy):

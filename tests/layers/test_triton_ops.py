@@ -1,5 +1,6 @@
 """The fused Triton kernels (RMSNorm + residual, SiLU-and-mul, rotary) against the torch code of the same layers,
-on random inputs of many shapes and dtypes (CUDA only)."""
+on random inputs of many shapes and dtypes (CUDA only); the norm and activation ending in the W8A8 per-token
+quantization against the unfused kernels."""
 
 from __future__ import annotations
 
@@ -48,6 +49,55 @@ def test_silu_and_mul(dtype, rows, inter):
     d = inter
     ref = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
     _close(SiluAndMul()(x), ref, dtype)
+
+
+QDTYPES = [torch.float8_e4m3fn, torch.int8]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8) if
+                       b.element_size() == 1 else b)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (300, 4096), (2, 8192)])
+def test_rms_norm_quantized_is_the_norm_then_quantization(qdtype, dtype, rows, hidden):
+    """The fused norm + per-token quantization gives the bits of the norm, then quantize_per_row_triton."""
+    from pagellm.model_executor.layers.quantization.triton_quant import quantize_per_row_triton
+
+    torch.manual_seed(rows + hidden)
+    norm = RMSNorm(hidden, 1e-5, dtype=dtype, device="cuda")
+    norm.weight.data.normal_(1.0, 0.2)
+    x = torch.randn(rows, hidden, dtype=dtype, device="cuda") * 3
+    x[0, 0] = 40.0  # an outlier, as real activations have
+    res = torch.randn(rows, hidden, dtype=dtype, device="cuda")
+    for residual in (None, res):
+        r_fused, r_plain = (None, None) if residual is None else (residual.clone(), residual.clone())
+        fused = norm(x, r_fused, qdtype) if residual is not None else norm(x, quant_dtype=qdtype)
+        plain = norm(x, r_plain) if residual is not None else norm(x)
+        if residual is not None:
+            (fused, fused_res), (plain, plain_res) = fused, plain
+            _same_bits(fused_res, plain_res)
+        q, scale = quantize_per_row_triton(plain, qdtype)
+        _same_bits(fused.q, q)
+        _same_bits(fused.scale, scale)
+        assert fused.dtype == dtype and fused.lead == (rows,)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,inter", [(1, 128), (9, 1536), (257, 3072), (16, 14336), (3, 17)])
+def test_silu_and_mul_quantized_is_the_activation_then_quantization(qdtype, dtype, rows, inter):
+    from pagellm.model_executor.layers.quantization.triton_quant import quantize_per_row_triton
+
+    torch.manual_seed(rows * inter)
+    x = torch.randn(rows, 2 * inter, dtype=dtype, device="cuda") * 4
+    fused = SiluAndMul()(x, qdtype)
+    q, scale = quantize_per_row_triton(SiluAndMul()(x), qdtype)
+    _same_bits(fused.q, q)
+    _same_bits(fused.scale, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -85,6 +85,12 @@ def packed_size(param: torch.Tensor, dim: int, size: int) -> int:
     return size // factor
 
 
+def input_quant_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The 8-bit dtype a module quantizes its input to per token, for the layer before it to do instead: a W8A8
+    `Linear`'s (or a block's that says so); None for anything else (a float linear, a LoRA wrapper, MoE)."""
+    return getattr(module, "input_quant_dtype", None)
+
+
 def quant_method_for(quant_config: Optional[QuantizationConfig], prefix: str) -> LinearMethod:
     return UNQUANTIZED if quant_config is None else quant_config.linear_method(prefix)
 
@@ -110,6 +116,11 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
         for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader
+
+    @property
+    def input_quant_dtype(self) -> Optional[torch.dtype]:
+        """The 8-bit dtype this layer quantizes its input to per token (W8A8), else None: see LinearMethod."""
+        return self.quant_method.input_quant_dtype
 
     def partition_sizes(self) -> list[int]:
         """This rank's output rows of each merged projection (one projection here)."""

@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in a pre-norm transformer block."""
+"""RMSNorm, optionally fused with the residual add that precedes it in a pre-norm transformer block, and with
+the per-token quantization of a W8A8 linear after it."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from pagellm.model_executor.layers.quantization.w8a8 import QuantizedActivations, quantized
+
+Normed = Union[torch.Tensor, QuantizedActivations]
+
 
 class RMSNorm(nn.Module):
     """y = weight * (x / sqrt(mean(x^2) + eps)), computed in float32 and cast back to x's dtype before the weight
     is applied (the order HF Llama/Qwen use, so low-precision results agree with theirs).
 
     `forward(x)` returns the normed x. `forward(x, residual)` first adds the residual (in x's dtype, as the
-    unfused block would) and returns `(normed, x + residual)`: the sum is the next block's residual.
+    unfused block would) and returns `(normed, x + residual)`: the sum is the next block's residual. With
+    `quant_dtype` (the 8-bit dtype of the W8A8 linear that reads it), `normed` comes quantized per token
+    (w8a8.QuantizedActivations), in the same pass on CUDA.
     """
+
+    fused_kernel = True  # the Triton kernel computes this class's formula (GemmaRMSNorm's differs)
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None) -> None:
@@ -30,19 +39,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if x.is_cuda:  # one fused pass (the sum goes into `residual` in place)
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, quant_dtype: Optional[torch.dtype] = None
+    ) -> Union[Normed, tuple[Normed, torch.Tensor]]:
+        if x.is_cuda and self.fused_kernel and (residual is None or residual.is_contiguous()):
+            # one fused pass (the sum goes into `residual` in place)
             from pagellm.model_executor.layers import triton_ops
 
-            if residual is None:
-                return triton_ops.rms_norm(x, self.weight, self.eps)
-            if residual.is_contiguous():
-                return triton_ops.rms_norm(x, self.weight, self.eps, residual), residual
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+            out = triton_ops.rms_norm(x, self.weight, self.eps, residual, quant_dtype)
+            if quant_dtype is not None:
+                out = QuantizedActivations(*out, x.dtype, tuple(x.shape[:-1]))
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            x = x + residual
+        out = self._norm(x)
+        if quant_dtype is not None:
+            out = quantized(out, quant_dtype)
+        return out if residual is None else (out, x)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
@@ -51,7 +63,9 @@ class RMSNorm(nn.Module):
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: y = (x / sqrt(mean(x^2) + eps)) * (1 + weight), all in float32, then cast to x's dtype.
     The weight is stored as the checkpoint holds it (zero-centred); a GGUF's 1 + w is turned back by the loader.
-    Same residual-fused `forward(x, residual)` as RMSNorm (never the Triton kernel, which applies w, not 1 + w)."""
+    Same `forward(x, residual, quant_dtype)` as RMSNorm, always in torch (the Triton kernel applies w, not 1 + w)."""
+
+    fused_kernel = False
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None) -> None:
@@ -65,11 +79,3 @@ class GemmaRMSNorm(RMSNorm):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
-
-    def forward(
-        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x

@@ -36,7 +36,8 @@ from pagellm.attention.fp8_kv import load_kv_scale
 from pagellm.distributed.parallel_state import get_pp_group, pp_layer_range
 from pagellm.model_executor.layers.activation import get_act_and_mul
 from pagellm.model_executor.layers.embedding import LMHead, VocabEmbedding
-from pagellm.model_executor.layers.linear import MergedLinear, QKVLinear, RowParallelLinear, materialize
+from pagellm.model_executor.layers.linear import (MergedLinear, QKVLinear, RowParallelLinear, input_quant_dtype,
+                                                  materialize)
 from pagellm.model_executor.layers.norm import RMSNorm
 from pagellm.model_executor.layers.quantization.base import QuantizationConfig
 from pagellm.model_executor.layers.rotary import RotaryEmbedding, get_rope
@@ -67,8 +68,13 @@ class LlamaMLP(nn.Module):
                                            f"{prefix}.down_proj")
         self.act_fn = get_act_and_mul(hidden_act)
 
+    @property
+    def input_quant_dtype(self) -> Optional[torch.dtype]:
+        """The 8-bit dtype gate_up_proj quantizes its input to (W8A8; the norm before may do it), else None."""
+        return input_quant_dtype(self.gate_up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x), input_quant_dtype(self.down_proj)))
 
 
 class LlamaAttention(nn.Module):
@@ -140,13 +146,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # A W8A8 linear after a norm gets its input quantized by the norm, in the same pass.
+        qkv_quant = input_quant_dtype(self.self_attn.qkv_proj)
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.input_layernorm(hidden, quant_dtype=qkv_quant)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, qkv_quant)
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, input_quant_dtype(self.mlp))
         return self.mlp(hidden), residual
 
 

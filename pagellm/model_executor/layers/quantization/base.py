@@ -43,7 +43,13 @@ def replace_param(layer: nn.Module, name: str, data: torch.Tensor) -> None:
 
 
 class LinearMethod:
-    """Base of the methods; also the float (unquantized) one's interface."""
+    """Base of the methods; also the float (unquantized) one's interface.
+
+    `input_quant_dtype`: where a method quantizes its input per token (W8A8), the 8-bit dtype; the norm or
+    activation before such a layer may then hand `apply` its output already quantized (a
+    w8a8.QuantizedActivations), saving a pass over it. None: `apply` takes the activations as they are."""
+
+    input_quant_dtype: Optional[torch.dtype] = None
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], full_input_size: int,
                        dtype: torch.dtype, device) -> None:

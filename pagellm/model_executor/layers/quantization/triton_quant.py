@@ -19,6 +19,16 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| <
 
 
 @triton.jit
+def on_grid(v, scale, qmax, IS_INT8: tl.constexpr):
+    """float32 v / scale on the 8-bit grid: a correctly rounded division, round-half-even for int8, clamped to
+    +-qmax (the caller's cast to fp8 rounds to nearest even). Shared by every kernel that quantizes per row."""
+    v = tl.math.div_rn(v, tl.zeros_like(v) + scale)
+    if IS_INT8:
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    return tl.minimum(tl.maximum(v, -qmax), qmax)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, qmax, min_scale,
                           IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -33,11 +43,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, qmax,
     for start in range(0, n_cols, BLOCK):
         ok = start + cols < n_cols
         x = tl.load(x_ptr + row * stride_x + start + cols, mask=ok, other=0.0).to(tl.float32)
-        v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-        if IS_INT8:
-            v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
-        v = tl.minimum(tl.maximum(v, -qmax), qmax)
-        tl.store(q_ptr + row * stride_q + start + cols, v.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(q_ptr + row * stride_q + start + cols, on_grid(x, scale, qmax, IS_INT8).to(q_ptr.dtype.element_ty),
+                 mask=ok)
 
 
 def quantize_per_row_triton(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,4 +97,4 @@ def rescale_rows_cols_triton(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tens
     return out
 
 
-__all__ = ["quantize_per_row_triton", "rescale_rows_cols_triton", "FP8"]
+__all__ = ["quantize_per_row_triton", "rescale_rows_cols_triton", "on_grid", "FP8"]

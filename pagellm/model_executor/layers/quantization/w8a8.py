@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,23 @@ def round_to_scale(x: torch.Tensor, scale: torch.Tensor, qdtype: torch.dtype) ->
     if qdtype == torch.int8:
         q = q.round()
     return q.clamp(-qmax, qmax).to(qdtype)
+
+
+class QuantizedActivations(NamedTuple):
+    """Activations already quantized per token for a W8A8 linear, by the norm or activation before it (one pass
+    instead of two): q [M, K] fp8/int8, scale [M, 1] float32, and the dtype and leading dims the linear's output
+    takes (those of the 16-bit activations they stand for)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+    lead: tuple[int, ...]
+
+
+def quantized(y: torch.Tensor, qdtype: torch.dtype) -> QuantizedActivations:
+    """y quantized per token (the unfused way: the CPU, or a layer without a fused kernel)."""
+    q, scale = quantize_activations(y.reshape(-1, y.shape[-1]), qdtype)
+    return QuantizedActivations(q, scale, y.dtype, tuple(y.shape[:-1]))
 
 
 def quantize_activations(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,15 +126,18 @@ def w8a8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     return (acc * xs * ws).to(out_dtype)
 
 
-def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y = x W^T (+ bias) with W = wq * ws (ws [1, N] float32) and x quantized per token like wq."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    xq, xs = quantize_activations(x2, wq.dtype)
-    y = w8a8_matmul(xq, xs, wq, ws, x.dtype)
+def w8a8_linear(x: Union[torch.Tensor, QuantizedActivations], wq: torch.Tensor, ws: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x W^T (+ bias) with W = wq * ws (ws [1, N] float32) and x quantized per token like wq (here, unless
+    the layer before did it)."""
+    if not isinstance(x, QuantizedActivations):
+        x = quantized(x, wq.dtype)
+    elif x.q.dtype != wq.dtype:
+        raise ValueError(f"activations quantized to {x.q.dtype} for weights of {wq.dtype}")
+    y = w8a8_matmul(x.q, x.scale, wq, ws, x.dtype)
     if bias is not None:
         y = y + bias
-    return y.reshape(*shape[:-1], wq.shape[0])
+    return y.reshape(*x.lead, wq.shape[0])
 
 
 def _fill_q(qdtype: torch.dtype):
@@ -147,7 +167,7 @@ class W8A8LinearMethod(LinearMethod):
     def __init__(self, qdtype: torch.dtype, serialized: bool, weight_strategy: str = "channel") -> None:
         if weight_strategy not in ("channel", "tensor"):
             raise ValueError(f"quantization: weight strategy {weight_strategy!r} is not supported (channel, tensor)")
-        self.qdtype = qdtype
+        self.qdtype = self.input_quant_dtype = qdtype
         self.serialized = serialized
         self.weight_strategy = weight_strategy
 

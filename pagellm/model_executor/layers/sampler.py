@@ -12,6 +12,8 @@ Row i of the logits belongs to request i. The order of the work, per step:
    exponential-race or Gumbel tricks need) keeps the draw cheap on CPUs, where generating V random numbers
    per row cost more than the rest of sampling. A row with its own torch.Generator (a seeded request) draws
    its u with that generator only, so a seed gives the same tokens whatever else shares the batch.
+   On CUDA, when no random row has min_p, top_k or top_p, one Triton kernel (triton_sampling) makes the same
+   draw for the same u straight from the logits, in place of the upcast, softmax, cumsum and searchsorted.
 
 Everything per token is a tensor op; the only Python loops are per request while building the metadata and
 over the seeded rows' generators. `SamplingMetadata` carries flags (all_greedy, no_penalties, no_top_k, ...)
@@ -20,8 +22,9 @@ so the common cases skip the work they do not need.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -491,12 +494,13 @@ class Sampler(nn.Module):
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=1)
 
-        needs_changes = (md.logit_bias is not None or md.min_tokens_mask is not None
-                         or not md.no_penalties or not md.all_greedy)
-        if needs_changes:
+        edits = md.logit_bias is not None or md.min_tokens_mask is not None or not md.no_penalties
+        # The fused kernel only reads the logits, in their own dtype: without edits they need no float32 copy.
+        fused = not md.all_greedy and fused_sampler(logits, md) is not None
+        if edits or (not md.all_greedy and not fused):
             logits = logits.to(torch.float32, copy=True)  # never change the caller's tensor
             logits = self.process_logits(logits, md)
-        else:
+        elif not fused:
             logits = logits.to(torch.float32)
 
         if md.all_greedy:
@@ -527,8 +531,31 @@ class Sampler(nn.Module):
 
     @staticmethod
     def sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """Temperature, min_p, top_k/top_p, softmax, inverse-CDF draw. Changes `logits` in place."""
+        """Temperature, min_p, top_k/top_p, softmax, inverse-CDF draw. Changes `logits` in place, except on the
+        fused path (CUDA, temperature only), which reads them in any float dtype."""
+        kernel = fused_sampler(logits, md)
+        if kernel is not None:
+            return kernel(logits, md.temperature, draw_uniforms(md, logits.device))
         return inverse_cdf_sample(random_probs(logits, md), md)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_sample_from_logits() -> Optional[Callable[..., torch.Tensor]]:
+    """The Triton kernel's wrapper, or None where triton is missing (imported on first use: CUDA only)."""
+    try:
+        from pagellm.model_executor.layers.triton_sampling import sample_from_logits
+    except ImportError:
+        return None
+    return sample_from_logits
+
+
+def fused_sampler(logits: torch.Tensor, md: SamplingMetadata) -> Optional[Callable[..., torch.Tensor]]:
+    """The one-kernel draw (triton_sampling) where it applies: CUDA logits whose random rows have at most a
+    temperature (no min_p, top_k or top_p). It replaces the upcast, softmax, cumsum and searchsorted kernels and
+    draws the same token for the same uniform, up to float32 rounding. None: take the torch path."""
+    if not logits.is_cuda or not (md.no_top_k and md.no_top_p and md.no_min_p):
+        return None
+    return _triton_sample_from_logits()
 
 
 def random_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -60,6 +60,18 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
                        b.element_size() == 1 else b)
 
 
+def _same_quantization(fused, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """The fused kernel's (q, scale) against quantizing the unfused kernel's 16-bit output. The two are compiled
+    apart, so a sum of squares may contract into FMAs differently and move a normed value by one unit of the 16-bit
+    dtype: then a scale moves by as much and a few values land on the next 8-bit code. Anything more is a bug."""
+    assert fused.q.dtype == q.dtype and fused.q.shape == q.shape
+    torch.testing.assert_close(fused.scale, scale, rtol=2e-3, atol=0)
+    codes_a, codes_b = fused.q.view(torch.int8).int(), q.view(torch.int8).int()
+    off = codes_a != codes_b
+    assert off.float().mean() < 1e-3
+    assert ((codes_a - codes_b).abs()[off] <= 1).all()
+
+
 @pytest.mark.parametrize("qdtype", QDTYPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (300, 4096), (2, 8192)])
@@ -80,24 +92,19 @@ def test_rms_norm_quantized_is_the_norm_then_quantization(qdtype, dtype, rows, h
         if residual is not None:
             (fused, fused_res), (plain, plain_res) = fused, plain
             _same_bits(fused_res, plain_res)
-        q, scale = quantize_per_row_triton(plain, qdtype)
-        _same_bits(fused.q, q)
-        _same_bits(fused.scale, scale)
+        _same_quantization(fused, *quantize_per_row_triton(plain, qdtype))
         assert fused.dtype == dtype and fused.lead == (rows,)
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows,inter", [(1, 128), (9, 1536), (257, 3072), (16, 14336), (3, 17)])
+@pytest.mark.parametrize("rows,inter", [(1, 128), (9, 1536), (257, 3072), (16, 14336), (3, 17), (2, 20000)])
 def test_silu_and_mul_quantized_is_the_activation_then_quantization(qdtype, dtype, rows, inter):
     from pagellm.model_executor.layers.quantization.triton_quant import quantize_per_row_triton
 
     torch.manual_seed(rows * inter)
     x = torch.randn(rows, 2 * inter, dtype=dtype, device="cuda") * 4
-    fused = SiluAndMul()(x, qdtype)
-    q, scale = quantize_per_row_triton(SiluAndMul()(x), qdtype)
-    _same_bits(fused.q, q)
-    _same_bits(fused.scale, scale)
+    _same_quantization(SiluAndMul()(x, qdtype), *quantize_per_row_triton(SiluAndMul()(x), qdtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

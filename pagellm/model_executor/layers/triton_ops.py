@@ -103,7 +103,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.conste
 def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, d, qmax, min_scale,
                                IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program: its max |silu(gate) * up| first, then the row again, quantized (recomputing the
-    product costs less than writing and reading it in 16 bits)."""
+    product costs less than writing and reading it in 16 bits). Keeping a whole 14336-wide row in registers
+    instead (one read, 16 warps a row) was slower on an H200: 6.2 against 5.0 us per output token of
+    llama8b-mixed."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK)

@@ -11,7 +11,8 @@ checkpoint folder (group size 128, symmetric, the published packing), which the 
 checkpoint.
 
 Offline checkpoints of `pagellm quantize` (calibrated on its built-in text, never on TEXT) are named
-`ct-<fp8|int8>[-sq<alpha>][-<mapping>+<mapping>...][-gptq][-ign=<regex>]`, e.g. ct-int8-sq0.8-gptq; `bf16` is
+`ct-<fp8|int8>[-sq<alpha>][-<mapping>+<mapping>...][-gptq][-rot<block>][-ign=<regex>]`, e.g. ct-int8-sq0.8-gptq
+or ct-int8-rot128; `bf16` is
 the unquantized model in bfloat16 (the noise floor of 16-bit floats). `--text calibration` scores on the
 calibration text instead, to choose options such as an ignore list without looking at TEXT.
 
@@ -107,6 +108,8 @@ def parse_offline(method: str) -> Optional[dict[str, Any]]:
             opts.setdefault("ignore", []).append(part[4:])
         elif part == "gptq":
             opts["gptq"] = True
+        elif part.startswith("rot"):  # rot128: `pagellm quantize --rotate 128` (int8)
+            opts["rotate"] = int(part[3:])
         elif part.startswith("sq"):
             opts["smoothquant"] = float(part[2:])
         else:

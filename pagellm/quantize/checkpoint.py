@@ -85,17 +85,20 @@ def read_float_checkpoint(model: Optional[str]) -> tuple[Any, Any, dict[str, tor
 def quantize_model(model: Optional[str], output: str, method: str, smoothquant: Optional[float] = None,
                    calibration_text: Optional[str] = None, ignore: Iterable[str] = (),
                    smooth_mappings: Iterable[str] = DEFAULT_MAPPINGS, gptq: bool = False,
-                   max_calibration_tokens: int = 2048, calibration_ids: Optional[list[list[int]]] = None
-                   ) -> dict[str, Any]:
+                   max_calibration_tokens: int = 2048, calibration_ids: Optional[list[list[int]]] = None,
+                   rotate: Optional[int] = None) -> dict[str, Any]:
     """Write `model` quantized with `method` (fp8 | int8 W8A8) to the folder `output`.
 
     smoothquant: alpha in [0, 1], smooth first (`smooth_mappings` say which inputs) with activation maxima from
     `calibration_text` (None: the built-in text) or `calibration_ids` (token id sequences instead of a text).
     gptq: round the weights with GPTQ against the calibration inputs (else to nearest). ignore: regexes of HF
     module names ("model.layers.0.mlp.down_proj") kept in float. Returns a summary (folder, quantized and
-    ignored layers, seconds)."""
+    ignored layers, seconds). rotate: int8 only, rotate the residual stream offline and down_proj's input at run
+    time in blocks of this size (quantize/rotation.py; the engine applies the latter); not with smoothquant or
+    gptq, and down_proj may not be ignored."""
     from pagellm.model_executor.layers.quantization.compressed_tensors import (
         MERGED_SHARDS,
+        ROTATION_KEY,
         layer_is_ignored,
         name_is_ignored,
     )
@@ -109,6 +112,7 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
         collect_input_hessians,
         hf_float_model,
     )
+    from pagellm.quantize.rotation import rotate_state_dict
     from pagellm.quantize.smoothing import check_smoothing_args, smooth_state_dict
 
     start = time.perf_counter()
@@ -119,6 +123,13 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
     entries = _ignore_entries(ignore)
     mappings = tuple(smooth_mappings)
     output = _check_output(output)
+    if rotate is not None:
+        if method != "int8":
+            raise ValueError("rotate: only with method int8 (fp8's rounding error is relative, and rotations made "
+                             "it worse: benchmarks/quant_rotation_sim.py)")
+        if smoothquant is not None or gptq:
+            raise ValueError("rotate: not combined with smoothquant or gptq (their calibration would run the float "
+                             "model without down_proj's run-time rotation)")
     source, config, state = read_float_checkpoint(model)
     if smoothquant is not None:
         check_smoothing_args(smoothquant, mappings, config)
@@ -138,6 +149,14 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
     elif smoothquant is not None or gptq:
         text = BUILTIN_CALIBRATION_TEXT if calibration_text is None else calibration_text
         chunks = calibration_chunks(load_tokenizer(source), text, max_calibration_tokens)
+    config_overrides: dict[str, Any] = {}
+    if rotate is not None:
+        down = [m for m in linears if m.endswith(".mlp.down_proj")]
+        if any(name_is_ignored(entries, m) for m in down):
+            raise ValueError("ignore: with rotate, every down_proj is rotated at run time by its W8A8 layer; "
+                             "keep none of them in float")
+        state = rotate_state_dict(state, config, rotate)
+        config_overrides["tie_word_embeddings"] = False  # the rotated LM head holds the final norm's weight
     if smoothquant is not None:
         act_max = collect_input_absmax(hf_float_model(config, state), chunks)
         state = smooth_state_dict(state, config, act_max, float(smoothquant), mappings)
@@ -145,9 +164,11 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
     qdtype = FP8 if method == "fp8" else torch.int8
     quantized = _quantize_linears(state, entries, qdtype, hessians)
     qc = quantization_config("compressed-tensors", qdtype=qdtype, ignore=entries)
-    _write_folder(output, source, config, quantized, qc)
+    if rotate is not None:
+        qc[ROTATION_KEY] = {"block_size": rotate, "targets": [r"re:.*\.mlp\.down_proj"]}
+    _write_folder(output, source, config, quantized, qc, config_overrides)
     ignored = [m for m in linears if name_is_ignored(entries, m)]
-    summary = {"output": output, "method": method, "smoothquant": smoothquant, "gptq": bool(gptq),
+    summary = {"output": output, "method": method, "smoothquant": smoothquant, "gptq": bool(gptq), "rotate": rotate,
                "smooth_mappings": list(mappings) if smoothquant is not None else [],
                "quantized_layers": len(linears) - len(ignored), "ignored_layers": ignored,
                "seconds": round(time.perf_counter() - start, 1)}
@@ -186,7 +207,8 @@ def _quantize_linears(state: dict[str, torch.Tensor], ignore: list[str], qdtype:
     return out
 
 
-def _write_folder(output: str, source, config, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> None:
+def _write_folder(output: str, source, config, tensors: dict[str, torch.Tensor], qc: dict[str, Any],
+                  config_overrides: Optional[dict[str, Any]] = None) -> None:
     from safetensors.torch import save_file
 
     from pagellm.model_executor.loader.source import load_generation_eos_ids, load_tokenizer
@@ -197,6 +219,7 @@ def _write_folder(output: str, source, config, tensors: dict[str, torch.Tensor],
             cfg = json.load(f)
     else:
         cfg = config.to_dict()
+    cfg.update(config_overrides or {})
     cfg["quantization_config"] = qc
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, default=str)

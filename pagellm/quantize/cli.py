@@ -26,6 +26,10 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-file", default=None,
                         help="a UTF-8 text file to calibrate on (default: a built-in mixed text)")
     parser.add_argument("--max-calibration-tokens", type=int, default=2048)
+    parser.add_argument("--rotate", type=int, default=None, metavar="BLOCK",
+                        help="int8 only: rotate the residual stream (folded into the weights) and down_proj's input "
+                        "(at run time, in orthogonal blocks of BLOCK, e.g. 128) so that outlier channels spread "
+                        "before per-token rounding; not with --smoothquant or --gptq")
     parser.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                         help="keep the linear layers whose HF module name fully matches REGEX in float, e.g. "
                         "'model\\.layers\\.0\\..*' (repeatable; lm_head is always kept)")
@@ -44,6 +48,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     summary = quantize_model(args.model, args.output, args.method, smoothquant=args.smoothquant,
                              calibration_text=text, ignore=args.ignore,
                              smooth_mappings=[m for m in args.smooth_mappings.split(",") if m], gptq=args.gptq,
-                             max_calibration_tokens=args.max_calibration_tokens)
+                             max_calibration_tokens=args.max_calibration_tokens, rotate=args.rotate)
     print(json.dumps(summary))
     return 0

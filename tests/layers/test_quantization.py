@@ -136,6 +136,34 @@ def test_norm_and_activation_hand_w8a8_layers_quantized_inputs(name, monkeypatch
     assert torch.equal(y, mlp.down_proj(act))  # a float input, quantized inside the linear: the same bits
 
 
+def test_compressed_tensors_input_rotation():
+    """pagellm's `pagellm_input_rotation` entry: the named layers rotate their input by their `input_rotation`
+    block before quantizing it (the weight holds W R); a malformed entry is a ValueError naming quantization."""
+    from pagellm.model_executor.layers.quantization.w8a8 import rotate_blocks
+
+    qc = quantization_config("compressed-tensors", qdtype=torch.int8, ignore=["lm_head"])
+    cfg = CompressedTensorsConfig.from_dict({**qc, "pagellm_input_rotation": {"block_size": 8,
+                                                                              "targets": [r"re:.*\.down_proj"]}})
+    assert cfg.linear_method("model.layers.0.self_attn.qkv_proj").input_quant_dtype == torch.int8
+    layer = RowParallelLinear(32, 16, dtype=torch.float32, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
+    assert layer.input_quant_dtype is None
+    w = torch.randn(16, 32) * 0.1
+    block = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0].float()
+    tensors, _ = w8a8_quantize(w @ torch.block_diag(*[block] * 4), torch.int8)
+    _load(layer, {**tensors, "input_rotation": block})
+    _process(layer)
+    x = torch.randn(5, 32)
+    wq, ws = layer.weight.float(), layer.weight_scale.reshape(-1)
+    ref = _w8a8_reference(rotate_blocks(x, block), wq, ws, torch.int8)
+    assert torch.allclose(layer(x), ref, atol=1e-5, rtol=1e-5)
+    assert (layer(x) - x @ w.t()).norm() / (x @ w.t()).norm() < 0.02
+    for bad in ({"block_size": 1, "targets": ["x"]}, {"block_size": 8}, "yes"):
+        with pytest.raises(ValueError, match="quantization"):
+            CompressedTensorsConfig.from_dict({**qc, "pagellm_input_rotation": bad})
+    with pytest.raises(ValueError, match="quantization"):  # 12 input values in blocks of 8
+        RowParallelLinear(12, 4, dtype=torch.float32, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
+
+
 @pytest.mark.parametrize("qdtype", [FP8, torch.int8])
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])
 def test_compressed_tensors_merged_linear(qdtype, strategy):

@@ -149,7 +149,67 @@ def test_loader_refuses_half_ignored_merged_layer():
         layer_is_ignored(["model.layers.0.self_attn.q_proj"], "model.layers.0.self_attn.qkv_proj")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rotation_leaves_the_float_model_unchanged(tiny_model_dir, arch):
+    """R1 folded into the weights and R2 into down_proj's: transformers' float32 logits, with down_proj's input
+    rotated at run time as the engine does it, equal the original weights' (qwen2: tied embeddings, qkv bias)."""
+    import copy
+
+    from pagellm.model_executor.layers.quantization.w8a8 import rotate_blocks
+    from pagellm.quantize.rotation import rotate_state_dict
+
+    _, config, state = read_float_checkpoint(tiny_model_dir(arch))
+    rotated = rotate_state_dict(state, config, block_size=32)
+    assert torch.equal(rotated["model.norm.weight"], torch.ones_like(state["model.norm.weight"]))
+    assert not torch.allclose(rotated["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    untied = copy.deepcopy(config)
+    untied.tie_word_embeddings = False
+    model = hf_float_model(untied, rotated)
+    for i, layer in enumerate(model.model.layers):
+        block = rotated[f"model.layers.{i}.mlp.down_proj.input_rotation"]
+        assert block.shape == (32, 32)
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, b=block: (rotate_blocks(args[0], b),))
+    ids = random_prompt(7, 40)["prompt_token_ids"]
+    torch.testing.assert_close(_logits(model, ids), _logits(hf_float_model(config, state), ids), atol=1e-4, rtol=1e-4)
+
+
+def test_rotated_int8_checkpoint_runs_close_to_the_online_path(tiny_model_dir, tmp_path):
+    """`--rotate`: the engine reads the checkpoint's rotation for down_proj (no norm or activation quantizes for
+    it) and stays as close to float32 as plain int8 does (a random tiny model has no outlier channels to gain
+    on; on the embedded SmolLM2 it is what meets the quality targets: README, Quantization)."""
+    from pagellm import LLM
+    from pagellm.model_executor.layers.quantization.w8a8 import W8A8LinearMethod
+
+    base = tiny_model_dir("llama")
+    summary = quantize_model(base, tmp_path / "q", "int8", rotate=32)
+    assert summary["rotate"] == 32 and summary["quantized_layers"] == 2 * 7
+    with open(tmp_path / "q" / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["tie_word_embeddings"] is False
+    assert cfg["quantization_config"]["pagellm_input_rotation"]["block_size"] == 32
+    llm = LLM(str(tmp_path / "q"), dtype="float32", skip_tokenizer_init=True, kv_cache_memory=8 * 2**20,
+              max_model_len=256)
+    try:
+        layers = dict(llm.llm_engine.core.executor.worker.runner.model.named_modules())
+    finally:
+        llm.shutdown()
+    down, gate_up = layers["model.layers.0.mlp.down_proj"], layers["model.layers.0.mlp.gate_up_proj"]
+    assert isinstance(down.quant_method, W8A8LinearMethod) and down.quant_method.rotation_block == 32
+    assert down.input_quant_dtype is None and gate_up.input_quant_dtype == torch.int8
+    got = _prompt_logprobs(str(tmp_path / "q"))
+    ref = _prompt_logprobs(base, quantization="int8")
+    floats = _prompt_logprobs(base)
+    to_float = [abs(g - f) for g, f in zip(got, floats)]
+    online_to_float = [abs(r - f) for r, f in zip(ref, floats)]
+    assert sum(to_float) / len(to_float) < 1.5 * sum(online_to_float) / len(online_to_float)
+    assert max(to_float) < 2 * max(online_to_float) + 0.02
+
+
 @pytest.mark.parametrize("kwargs,field", [
+    (dict(method="fp8", rotate=32), "rotate"),
+    (dict(method="int8", rotate=32, gptq=True), "rotate"),
+    (dict(method="int8", rotate=48), "rotate"),  # does not divide the MLP's width (128)
+    (dict(method="int8", rotate=32, ignore=[r".*\.down_proj"]), "ignore"),
     (dict(method="fp4"), "method"),
     (dict(method="fp8", smoothquant=1.5), "smoothquant"),
     (dict(method="fp8", smoothquant=0.5, smooth_mappings=["qk"]), "smooth_mappings"),

@@ -6,6 +6,8 @@ one scale per output channel (`strategy: channel`, weight_scale [N, 1]) or per t
 per checkpoint projection), with activations quantized per token at run time (`dynamic: true, strategy:
 token`) in the same type. Layers named in `ignore` (names or "re:REGEX", the checkpoint's module names; a
 merged qkv/gate-up layer when all its projections are) stay in float. Anything else is refused by name.
+pagellm's own `pagellm_input_rotation` entry (from `pagellm quantize --rotate`) names layers whose input is
+rotated at run time by their checkpoint's `input_rotation` block before it is quantized.
 """
 
 from __future__ import annotations
@@ -62,10 +64,12 @@ def layer_is_ignored(ignore: list[str], prefix: str) -> bool:
 class CompressedTensorsConfig(QuantizationConfig):
     name = "compressed-tensors"
 
-    def __init__(self, qdtype: torch.dtype, weight_strategy: str, ignore: list[str]) -> None:
+    def __init__(self, qdtype: torch.dtype, weight_strategy: str, ignore: list[str],
+                 rotation: Optional[dict[str, Any]] = None) -> None:
         self.qdtype = qdtype
         self.weight_strategy = weight_strategy
         self.ignore = list(ignore)
+        self.rotation = rotation  # ROTATION_KEY's entry: {"block_size": B, "targets": [names or "re:REGEX"]}
 
     @classmethod
     def from_dict(cls, qc: dict[str, Any]) -> "CompressedTensorsConfig":
@@ -93,7 +97,8 @@ class CompressedTensorsConfig(QuantizationConfig):
         if (a.get("num_bits") != 8 or a.get("type") != kind or not a.get("dynamic")
                 or a.get("strategy") != "token" or not a.get("symmetric", True)):
             raise _refuse(f"input_activations {a} (only dynamic per-token is supported)")
-        return cls(FP8 if kind == "float" else torch.int8, strategy, qc.get("ignore") or [])
+        return cls(FP8 if kind == "float" else torch.int8, strategy, qc.get("ignore") or [],
+                   _check_rotation(qc.get(ROTATION_KEY)))
 
     def is_ignored(self, prefix: str) -> bool:
         return layer_is_ignored(self.ignore, prefix)
@@ -101,7 +106,25 @@ class CompressedTensorsConfig(QuantizationConfig):
     def linear_method(self, prefix: str) -> LinearMethod:
         if self.is_ignored(prefix):
             return UNQUANTIZED
-        return W8A8LinearMethod(self.qdtype, serialized=True, weight_strategy=self.weight_strategy)
+        rotated = self.rotation is not None and name_is_ignored(self.rotation["targets"], prefix)
+        return W8A8LinearMethod(self.qdtype, serialized=True, weight_strategy=self.weight_strategy,
+                                rotation_block=self.rotation["block_size"] if rotated else None)
+
+
+# pagellm's own entry in quantization_config (written by `pagellm quantize --rotate`; not llm-compressor's): the
+# layers whose input the engine rotates at run time by the checkpoint's `input_rotation` block before quantizing.
+ROTATION_KEY = "pagellm_input_rotation"
+
+
+def _check_rotation(entry: Any) -> Optional[dict[str, Any]]:
+    if entry is None:
+        return None
+    block, targets = (entry.get("block_size"), entry.get("targets")) if isinstance(entry, dict) else (None, None)
+    if (isinstance(block, bool) or not isinstance(block, int) or block < 2 or not isinstance(targets, list)
+            or not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"quantization: {ROTATION_KEY} must be {{'block_size': int >= 2, 'targets': [names]}}; "
+                         f"got {entry!r}")
+    return {"block_size": block, "targets": list(targets)}
 
 
 class OnlineW8A8Config(QuantizationConfig):

@@ -159,21 +159,40 @@ def _fill_scale(qdtype: torch.dtype):
     return fill
 
 
+def rotate_blocks(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ block_diag(block, block, ...) in float32: a checkpoint's online input rotation (R2 of
+    pagellm/quantize/rotation.py), whose weight already holds W R2."""
+    b = block.shape[0]
+    return (x.float().reshape(-1, x.shape[-1] // b, b) @ block).reshape(x.shape)
+
+
 class W8A8LinearMethod(LinearMethod):
     """qdtype: FP8 or torch.int8. serialized: the checkpoint holds the quantized weight and its scale (per output
     channel, or per tensor: one per merged projection), else it holds a float weight that is quantized after
-    loading. Activations are always quantized per token at run time."""
+    loading. Activations are always quantized per token at run time. rotation_block: the checkpoint rotates this
+    layer's input at run time by an orthogonal block of that size (an `input_rotation` tensor), before the
+    quantization (so no norm or activation may quantize for it)."""
 
-    def __init__(self, qdtype: torch.dtype, serialized: bool, weight_strategy: str = "channel") -> None:
+    def __init__(self, qdtype: torch.dtype, serialized: bool, weight_strategy: str = "channel",
+                 rotation_block: Optional[int] = None) -> None:
         if weight_strategy not in ("channel", "tensor"):
             raise ValueError(f"quantization: weight strategy {weight_strategy!r} is not supported (channel, tensor)")
-        self.qdtype = self.input_quant_dtype = qdtype
+        self.qdtype = qdtype
+        self.input_quant_dtype = qdtype if rotation_block is None else None
         self.serialized = serialized
         self.weight_strategy = weight_strategy
+        self.rotation_block = rotation_block
 
     def create_weights(self, layer, input_size, output_sizes, full_input_size, dtype, device) -> None:
         rows = sum(output_sizes)
         layer.output_partition_sizes = list(output_sizes)
+        if self.rotation_block is not None:
+            b = self.rotation_block
+            if input_size % b:
+                raise ValueError(f"quantization: an input rotation of blocks of {b} needs this layer's input size "
+                                 f"({input_size} on this rank) to be a multiple of it")
+            make_param(layer, "input_rotation", (b, b), torch.float32, device,
+                       fill_dummy=lambda param, gen, std: param.copy_(torch.eye(b)))
         if not self.serialized:
             make_param(layer, "weight", (rows, input_size), dtype, device, input_dim=1, output_dim=0)
             return
@@ -198,4 +217,6 @@ class W8A8LinearMethod(LinearMethod):
         replace_param(layer, "weight_scale", scale.reshape(1, -1).contiguous())
 
     def apply(self, layer, x, bias):
+        if self.rotation_block is not None:
+            x = quantized(rotate_blocks(x, layer.input_rotation), self.qdtype)._replace(dtype=x.dtype)
         return w8a8_linear(x, layer.weight, layer.weight_scale, bias)

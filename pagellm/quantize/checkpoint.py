@@ -94,8 +94,8 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
     gptq: round the weights with GPTQ against the calibration inputs (else to nearest). ignore: regexes of HF
     module names ("model.layers.0.mlp.down_proj") kept in float. Returns a summary (folder, quantized and
     ignored layers, seconds). rotate: int8 only, rotate the residual stream offline and down_proj's input at run
-    time in blocks of this size (quantize/rotation.py; the engine applies the latter); not with smoothquant or
-    gptq, and down_proj may not be ignored."""
+    time in blocks of this size (quantize/rotation.py; the engine applies the latter); not with smoothquant, and
+    down_proj may not be ignored."""
     from pagellm.model_executor.layers.quantization.compressed_tensors import (
         MERGED_SHARDS,
         ROTATION_KEY,
@@ -112,7 +112,7 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
         collect_input_hessians,
         hf_float_model,
     )
-    from pagellm.quantize.rotation import rotate_state_dict
+    from pagellm.quantize.rotation import rotate_state_dict, rotated_float_model
     from pagellm.quantize.smoothing import check_smoothing_args, smooth_state_dict
 
     start = time.perf_counter()
@@ -127,9 +127,9 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
         if method != "int8":
             raise ValueError("rotate: only with method int8 (fp8's rounding error is relative, and rotations made "
                              "it worse: benchmarks/quant_rotation_sim.py)")
-        if smoothquant is not None or gptq:
-            raise ValueError("rotate: not combined with smoothquant or gptq (their calibration would run the float "
-                             "model without down_proj's run-time rotation)")
+        if smoothquant is not None:
+            raise ValueError("rotate: not combined with smoothquant (the rotation spreads the outlier channels that "
+                             "smoothing would move into the weights)")
     source, config, state = read_float_checkpoint(model)
     if smoothquant is not None:
         check_smoothing_args(smoothquant, mappings, config)
@@ -160,7 +160,10 @@ def quantize_model(model: Optional[str], output: str, method: str, smoothquant: 
     if smoothquant is not None:
         act_max = collect_input_absmax(hf_float_model(config, state), chunks)
         state = smooth_state_dict(state, config, act_max, float(smoothquant), mappings)
-    hessians = collect_input_hessians(hf_float_model(config, state), chunks) if gptq else None
+    hessians = None
+    if gptq:  # a rotated model is calibrated as the engine runs it (down_proj's input rotated)
+        float_model = rotated_float_model(config, state) if rotate is not None else hf_float_model(config, state)
+        hessians = collect_input_hessians(float_model, chunks)
     qdtype = FP8 if method == "fp8" else torch.int8
     quantized = _quantize_linears(state, entries, qdtype, hessians)
     qc = quantization_config("compressed-tensors", qdtype=qdtype, ignore=entries)

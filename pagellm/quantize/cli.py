@@ -29,7 +29,7 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate", type=int, default=None, metavar="BLOCK",
                         help="int8 only: rotate the residual stream (folded into the weights) and down_proj's input "
                         "(at run time, in orthogonal blocks of BLOCK, e.g. 128) so that outlier channels spread "
-                        "before per-token rounding; not with --smoothquant or --gptq")
+                        "before per-token rounding; not with --smoothquant")
     parser.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                         help="keep the linear layers whose HF module name fully matches REGEX in float, e.g. "
                         "'model\\.layers\\.0\\..*' (repeatable; lm_head is always kept)")

@@ -21,9 +21,11 @@ fp8, whose error is relative, gets worse under rotation, and quantize_model refu
 from __future__ import annotations
 
 import re
+import copy
 from typing import Any
 
 import torch
+from torch import nn
 
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 INPUT_ROTATION = "input_rotation"  # the tensor name of R2's block on each down_proj
@@ -104,3 +106,19 @@ def rotate_state_dict(state: dict[str, torch.Tensor], config: Any, block_size: i
     return state
 
 
+
+
+def rotated_float_model(config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
+    """transformers' float32 model of a rotated state dict, computing what the engine will: LM head untied, and
+    each down_proj's input rotated by its block (a forward pre-hook), e.g. for GPTQ's calibration Hessians."""
+    from pagellm.model_executor.layers.quantization.w8a8 import rotate_blocks
+    from pagellm.quantize.calibration import hf_float_model
+
+    untied = copy.deepcopy(config)
+    untied.tie_word_embeddings = False
+    model = hf_float_model(untied, state)
+    for name, module in model.named_modules():
+        block = state.get(f"{name}.{INPUT_ROTATION}")
+        if block is not None:
+            module.register_forward_pre_hook(lambda mod, args, b=block.float(): (rotate_blocks(args[0], b),))
+    return model

@@ -153,35 +153,30 @@ def test_loader_refuses_half_ignored_merged_layer():
 def test_rotation_leaves_the_float_model_unchanged(tiny_model_dir, arch):
     """R1 folded into the weights and R2 into down_proj's: transformers' float32 logits, with down_proj's input
     rotated at run time as the engine does it, equal the original weights' (qwen2: tied embeddings, qkv bias)."""
-    import copy
-
-    from pagellm.model_executor.layers.quantization.w8a8 import rotate_blocks
-    from pagellm.quantize.rotation import rotate_state_dict
+    from pagellm.quantize.rotation import rotate_state_dict, rotated_float_model
 
     _, config, state = read_float_checkpoint(tiny_model_dir(arch))
     rotated = rotate_state_dict(state, config, block_size=32)
     assert torch.equal(rotated["model.norm.weight"], torch.ones_like(state["model.norm.weight"]))
     assert not torch.allclose(rotated["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
-    untied = copy.deepcopy(config)
-    untied.tie_word_embeddings = False
-    model = hf_float_model(untied, rotated)
-    for i, layer in enumerate(model.model.layers):
-        block = rotated[f"model.layers.{i}.mlp.down_proj.input_rotation"]
-        assert block.shape == (32, 32)
-        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, b=block: (rotate_blocks(args[0], b),))
+    assert rotated["model.layers.1.mlp.down_proj.input_rotation"].shape == (32, 32)
+    model = rotated_float_model(config, rotated)  # LM head untied, down_proj's input rotated by a forward hook
     ids = random_prompt(7, 40)["prompt_token_ids"]
     torch.testing.assert_close(_logits(model, ids), _logits(hf_float_model(config, state), ids), atol=1e-4, rtol=1e-4)
 
 
-def test_rotated_int8_checkpoint_runs_close_to_the_online_path(tiny_model_dir, tmp_path):
-    """`--rotate`: the engine reads the checkpoint's rotation for down_proj (no norm or activation quantizes for
-    it) and stays as close to float32 as plain int8 does (a random tiny model has no outlier channels to gain
-    on; on the embedded SmolLM2 it is what meets the quality targets: README, Quantization)."""
+@pytest.mark.parametrize("gptq", [False, True])
+def test_rotated_int8_checkpoint_runs_close_to_the_online_path(tiny_model_dir, tmp_path, gptq):
+    """`--rotate` (and GPTQ calibrated on the rotated model): the engine reads the checkpoint's rotation for
+    down_proj (no norm or activation quantizes for it) and stays as close to float32 as plain int8 does (a random
+    tiny model has no outlier channels to gain on; on the embedded SmolLM2 it is what meets the quality targets:
+    README, Quantization)."""
     from pagellm import LLM
     from pagellm.model_executor.layers.quantization.w8a8 import W8A8LinearMethod
 
     base = tiny_model_dir("llama")
-    summary = quantize_model(base, tmp_path / "q", "int8", rotate=32)
+    summary = quantize_model(base, tmp_path / "q", "int8", rotate=32, gptq=gptq,
+                             calibration_ids=CALIBRATION if gptq else None)
     assert summary["rotate"] == 32 and summary["quantized_layers"] == 2 * 7
     with open(tmp_path / "q" / "config.json") as f:
         cfg = json.load(f)
@@ -207,7 +202,7 @@ def test_rotated_int8_checkpoint_runs_close_to_the_online_path(tiny_model_dir, t
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(method="fp8", rotate=32), "rotate"),
-    (dict(method="int8", rotate=32, gptq=True), "rotate"),
+    (dict(method="int8", rotate=32, smoothquant=0.5), "rotate"),
     (dict(method="int8", rotate=48), "rotate"),  # does not divide the MLP's width (128)
     (dict(method="int8", rotate=32, ignore=[r".*\.down_proj"]), "ignore"),
     (dict(method="fp4"), "method"),

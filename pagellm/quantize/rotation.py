@@ -20,8 +20,8 @@ fp8, whose error is relative, gets worse under rotation, and quantize_model refu
 
 from __future__ import annotations
 
-import re
 import copy
+import re
 from typing import Any
 
 import torch
@@ -86,26 +86,23 @@ def rotate_state_dict(state: dict[str, torch.Tensor], config: Any, block_size: i
         raise ValueError("rotate: no decoder layers named *.layers.N.input_layernorm in the checkpoint")
     for layer in layers:
         attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
-        for norm, readers in ((f"{layer}.input_layernorm", ("q_proj", "k_proj", "v_proj")),
-                              (f"{layer}.post_attention_layernorm", ("gate_proj", "up_proj"))):
+        for norm, parent, readers in ((f"{layer}.input_layernorm", attn, ("q_proj", "k_proj", "v_proj")),
+                                      (f"{layer}.post_attention_layernorm", mlp, ("gate_proj", "up_proj"))):
             g = take_norm(f"{norm}.weight")
-            block_of = attn if "q_proj" in readers else mlp
             for r in readers:
-                if f"{block_of}.{r}.weight" not in state:
-                    raise ValueError(f"rotate: {block_of}.{r}.weight is missing (a fused projection?)")
-                fold(f"{block_of}.{r}.weight", right=q, col_scale=g)
+                if f"{parent}.{r}.weight" not in state:
+                    raise ValueError(f"rotate: {parent}.{r}.weight is missing (a fused projection?)")
+                fold(f"{parent}.{r}.weight", right=q, col_scale=g)
         for writer in (f"{attn}.o_proj", f"{mlp}.down_proj"):
             fold(f"{writer}.weight", left=q.t())
             if f"{writer}.bias" in state:
-                state[f"{writer}.bias"] = (q.t() @ state[f"{writer}.bias"].float()).to(state[f"{writer}.bias"].dtype)
+                fold(f"{writer}.bias", left=q.t())
         fold(f"{mlp}.down_proj.weight", right=r2)
         state[f"{mlp}.down_proj.{INPUT_ROTATION}"] = block.clone()
     g = take_norm("model.norm.weight")
     state["lm_head.weight"] = ((head.float() * g[None, :]) @ q).to(head.dtype)
     fold("model.embed_tokens.weight", right=q)
     return state
-
-
 
 
 def rotated_float_model(config: Any, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.model_executor.layers.quantization.triton_quant import on_grid
+from pagellm.model_executor.layers.quantization.triton_quant import on_grid, row_scale
 from pagellm.model_executor.layers.quantization.w8a8 import MIN_SCALE, QMAX
 
 
@@ -42,7 +42,7 @@ def _rms_norm_kernel(
     y = (w * y).to(dtype)
     if QUANT:  # what quantize_per_row_triton makes of the normed row, without writing it in 16 bits first
         y = y.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / qmax, min_scale)
+        scale = row_scale(tl.abs(y), qmax, min_scale)
         tl.store(s_ptr + row, scale)
         y = on_grid(y, scale, qmax, IS_INT8)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -112,7 +112,7 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, d, qmax,
     amax = tl.full([BLOCK], 0.0, tl.float32)
     for start in range(0, d, BLOCK):
         amax = tl.maximum(amax, tl.abs(_silu_mul(x_row, start + cols, d)))
-    scale = tl.maximum(tl.max(amax, axis=0) / qmax, min_scale)
+    scale = row_scale(amax, qmax, min_scale)
     tl.store(s_ptr + row, scale)
     for start in range(0, d, BLOCK):
         q = on_grid(_silu_mul(x_row, start + cols, d), scale, qmax, IS_INT8)

@@ -19,6 +19,13 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| <
 
 
 @triton.jit
+def row_scale(absmax, qmax, min_scale):
+    """A row's scale from the |x| maxima of its blocks (a vector): max / qmax, at least min_scale (w8a8.MIN_SCALE,
+    so that an all-zero row divides by something). Shared, like on_grid, by every kernel that quantizes per row."""
+    return tl.maximum(tl.max(absmax, axis=0) / qmax, min_scale)
+
+
+@triton.jit
 def on_grid(v, scale, qmax, IS_INT8: tl.constexpr):
     """float32 v / scale on the 8-bit grid: a correctly rounded division, round-half-even for int8, clamped to
     +-qmax (the caller's cast to fp8 rounds to nearest even). Shared by every kernel that quantizes per row."""
@@ -38,7 +45,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, qmax,
         ok = start + cols < n_cols
         x = tl.load(x_ptr + row * stride_x + start + cols, mask=ok, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / qmax, min_scale)
+    scale = row_scale(amax, qmax, min_scale)
     tl.store(s_ptr + row, scale)
     for start in range(0, n_cols, BLOCK):
         ok = start + cols < n_cols
@@ -97,4 +104,4 @@ def rescale_rows_cols_triton(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tens
     return out
 
 
-__all__ = ["quantize_per_row_triton", "rescale_rows_cols_triton", "on_grid", "FP8"]
+__all__ = ["quantize_per_row_triton", "rescale_rows_cols_triton", "row_scale", "on_grid", "FP8"]

@@ -496,18 +496,21 @@ class Sampler(nn.Module):
 
         edits = md.logit_bias is not None or md.min_tokens_mask is not None or not md.no_penalties
         # The fused kernel only reads the logits, in their own dtype: without edits they need no float32 copy.
-        fused = not md.all_greedy and fused_sampler(logits, md) is not None
-        if edits or (not md.all_greedy and not fused):
+        kernel = None if md.all_greedy else fused_sampler(logits, md)
+        if edits or (not md.all_greedy and kernel is None):
             logits = logits.to(torch.float32, copy=True)  # never change the caller's tensor
             logits = self.process_logits(logits, md)
-        elif not fused:
+        elif kernel is None:
             logits = logits.to(torch.float32)
 
         if md.all_greedy:
             sampled = logits.argmax(dim=1)
         else:
             greedy_tokens = None if md.all_random else logits.argmax(dim=1)
-            sampled = self.sample_random(logits, md)
+            if kernel is not None:
+                sampled = kernel(logits, md.temperature, draw_uniforms(md, logits.device))
+            else:
+                sampled = self.sample_random(logits, md)
             if greedy_tokens is not None:
                 sampled = torch.where(md.greedy_mask, greedy_tokens, sampled)
 
@@ -531,11 +534,8 @@ class Sampler(nn.Module):
 
     @staticmethod
     def sample_random(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """Temperature, min_p, top_k/top_p, softmax, inverse-CDF draw. Changes `logits` in place, except on the
-        fused path (CUDA, temperature only), which reads them in any float dtype."""
-        kernel = fused_sampler(logits, md)
-        if kernel is not None:
-            return kernel(logits, md.temperature, draw_uniforms(md, logits.device))
+        """Temperature, min_p, top_k/top_p, softmax, inverse-CDF draw. Changes `logits` in place. (On CUDA,
+        temperature-only rows take `fused_sampler` instead: forward decides which, once per step.)"""
         return inverse_cdf_sample(random_probs(logits, md), md)
 
 

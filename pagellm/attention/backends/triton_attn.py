@@ -70,6 +70,7 @@ import triton.language as tl
 
 from pagellm.attention import fp8_kv
 from pagellm.attention.metadata import AttentionMetadata
+from pagellm.model_executor.layers.pdl import pdl_options, pdl_prologue
 
 LOG2E = 1.4426950408889634
 FP8_MAX = tl.constexpr(fp8_kv.FP8_MAX)
@@ -86,7 +87,9 @@ def _write_kv_kernel(
     stride_c_kv, stride_c_b, stride_c_s, stride_c_h,
     num_elems,
     HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot < 0:  # padded token
@@ -167,7 +170,9 @@ def _paged_attn_kernel(
     TILE_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_FP8: tl.constexpr,
     WINDOW: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -274,7 +279,9 @@ def _paged_attn_kernel(
 def _reduce_splits_kernel(
     part_o_ptr, part_lse_ptr, o_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
     HEAD_D: tl.constexpr, SPLITS_P2: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -395,6 +402,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         num_elems,
         HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], BLOCK_E=block_e, KV_FP8=fp8, num_warps=4,
+        **pdl_options(k.device, num_tokens),
     )
 
 
@@ -450,12 +458,13 @@ def attend_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, me
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=1, BLOCK_M=cfg.block_m, TILE_N=cfg.tile_n, HEAD_D=head_dim,
         BLOCK_SIZE=kv_cache.shape[2], DECODE=True, SPLIT=split, PREC=_prec(q), KV_FP8=fp8,
         WINDOW=sliding_window or 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(q.device, nd),
     )
     if split:
         _reduce_splits_kernel[(nd, num_heads)](
             part_o, part_lse, out, meta.query_start_loc, num_splits, out.stride(0), out.stride(1),
             HEAD_D=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+            **pdl_options(q.device, nd),
         )
 
 
@@ -485,7 +494,8 @@ def attend_prefill(q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, m
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_q * group_p2, TILE_N=cfg.tile_n,
         HEAD_D=head_dim, BLOCK_SIZE=kv_cache.shape[2], DECODE=False, SPLIT=False, PREC=_prec(q), KV_FP8=fp8,
         WINDOW=sliding_window or 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, 
+        **pdl_options(q.device, meta.num_actual_tokens),
     )
 
 

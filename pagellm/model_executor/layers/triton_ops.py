@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.model_executor.layers.pdl import pdl_options, pdl_prologue
 from pagellm.model_executor.layers.quantization.triton_quant import on_grid, row_scale
 from pagellm.model_executor.layers.quantization.w8a8 import MIN_SCALE, QMAX
 
@@ -25,7 +26,9 @@ from pagellm.model_executor.layers.quantization.w8a8 import MIN_SCALE, QMAX
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, s_ptr, stride_x, stride_r, stride_o, n_cols, eps, qmax, min_scale,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, IS_INT8: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -72,7 +75,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out, scale, x2.stride(0), r2.stride(0), out.stride(0), n, eps,
             QMAX.get(quant_dtype, 1.0), MIN_SCALE, HAS_RES=residual is not None, QUANT=quant_dtype is not None,
-            IS_INT8=quant_dtype == torch.int8, BLOCK=block, num_warps=warps,
+            IS_INT8=quant_dtype == torch.int8, BLOCK=block, num_warps=warps, **pdl_options(x.device, rows),
         )
     if quant_dtype is not None:
         return out, scale
@@ -92,7 +95,8 @@ def _silu_mul(x_row, cols, d):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     y = _silu_mul(x_ptr + row * stride_x, cols, d)
@@ -101,11 +105,13 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.conste
 
 @triton.jit
 def _silu_and_mul_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, d, qmax, min_scale,
-                               IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
+                               IS_INT8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One row per program: its max |silu(gate) * up| first, then the row again, quantized (recomputing the
     product costs less than writing and reading it in 16 bits). Keeping a whole 14336-wide row in registers
     instead (one read, 16 warps a row) was slower on an H200: 6.2 against 5.0 us per output token of
-    llama8b-mixed."""
+    llama8b-mixed; so was a (row, chunk) grid in two kernels (chunk maxima, then the quantized chunks): 2.1 +
+    2.9 us."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK)
@@ -135,12 +141,12 @@ def silu_and_mul(x: torch.Tensor, quant_dtype: torch.dtype | None = None
             block = min(2048, triton.next_power_of_2(d))
             _silu_and_mul_quant_kernel[(rows,)](x2, out, scale, x2.stride(0), out.stride(0), d, QMAX[quant_dtype],
                                                 MIN_SCALE, IS_INT8=quant_dtype == torch.int8, BLOCK=block,
-                                                num_warps=4 if block <= 1024 else 8)
+                                                num_warps=4 if block <= 1024 else 8, **pdl_options(x.device, rows))
         return out, scale
     if rows > 0:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4,
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, **pdl_options(x.device, rows),
         )
     return out.view(*x.shape[:-1], d)
 
@@ -160,7 +166,9 @@ def _rotate_heads(base, offs, ok, cos, sin, HALF: tl.constexpr):
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_kt, stride_cache, num_q_heads, num_k_heads,
     HALF: tl.constexpr, HEADS_P2: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs = tl.arange(0, HALF)
@@ -185,4 +193,5 @@ def rotary_neox_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
     _rotary_kernel[(t,)](
         q, k, positions, cos_sin_cache, q.stride(0), k.stride(0), cos_sin_cache.stride(0), num_q, num_k,
         HALF=head_dim // 2, HEADS_P2=triton.next_power_of_2(max(num_q, num_k)), num_warps=4,
+        **pdl_options(q.device, t),
     )

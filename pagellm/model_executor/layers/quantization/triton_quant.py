@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.model_executor.layers.pdl import pdl_options, pdl_prologue
 from pagellm.model_executor.layers.quantization.w8a8 import FP8, MIN_SCALE, QMAX
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
@@ -37,7 +38,8 @@ def on_grid(v, scale, qmax, IS_INT8: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q, qmax, min_scale,
-                          IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
+                          IS_INT8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -65,13 +67,15 @@ def quantize_per_row_triton(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch
         return q, scale
     block = min(triton.next_power_of_2(k), 2048)
     _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), QMAX[qdtype], MIN_SCALE,
-                                IS_INT8=qdtype == torch.int8, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+                                IS_INT8=qdtype == torch.int8, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+                                **pdl_options(x.device, m))
     return q, scale
 
 
 @triton.jit
 def _rescale_kernel(acc_ptr, xs_ptr, ws_ptr, out_ptr, m, n, stride_acc, stride_out,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < m
@@ -100,7 +104,7 @@ def rescale_rows_cols_triton(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tens
     block_n = 4096 // block_m
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _rescale_kernel[grid](acc, xs, ws, out, m, n, acc.stride(0), out.stride(0),
-                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **pdl_options(acc.device, m))
     return out
 
 

@@ -36,9 +36,11 @@ def loop_profile(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
 
     triton_w4a16 = importlib.import_module("pagellm.model_executor.layers.quantization.triton_w4a16")
     consts = dict(HAS_GIDX=False, GROUP_PER_TILE=group_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k, FIXUP=True)
-    if kernel == "gemv":
+                  BLOCK_K=block_k, FIXUP=True, PDL=False)
+    if kernel in ("gemv", "gemv_rows"):
         consts.update(BF16_PAIRS=True, STAGES=num_stages)  # x is bfloat16 in this signature; the loop's depth
+    if kernel == "gemv_rows":
+        consts.update(EVEN_N=True)  # the 8B shapes' N are multiples of every block_n
     signature = {**_SIGNATURE, **{name: "constexpr" for name in consts}}
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in _DIVISIBLE}
@@ -66,7 +68,7 @@ def loop_profile(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["fma", "gemv", "mma", "gemm"])
+    parser.add_argument("kernel", choices=["fma", "gemv", "gemv_rows", "mma", "gemm"])
     for name in ("block_m", "block_n", "block_k", "num_warps"):
         parser.add_argument(name, type=int)
     parser.add_argument("--num-stages", type=int, default=3)

@@ -122,13 +122,15 @@ def test_small_m_kernels_spend_fewer_sm90_instructions_per_weight_than_the_gemm(
     """The point of the small-M W4A16 kernels, checked without a GPU: compiled for sm_90 (Triton ships ptxas and
     cuobjdump), their K loops spend at most 7 SASS instructions per weight (fma measured 5.7, mma 6.2), where the
     large-M kernel that served M = 1 before them spends about 12; the batch-1 `gemv` at most 4 (measured 3.3-3.5:
-    one and and one fma per weight, the rest shared by a thread's columns)."""
+    one and and one fma per weight, the rest shared by a thread's columns), `gemv_rows` at most 3.3."""
     pytest.importorskip("triton")
     sass = load_script("kernel_sass")
     fma, _ = sass.loop_profile("fma", 1, 128, 128, 4)
     mma, _ = sass.loop_profile("mma", 16, 128, 128, 4)
     gemm, ops = sass.loop_profile("gemm", 16, 64, 128, 4)
     gemv, gemv_ops = sass.loop_profile("gemv", 1, 256, 128, 4)
+    rows, _ = sass.loop_profile("gemv_rows", 1, 128, 128, 1, num_stages=1)  # gate_up's config
     assert fma <= 7.0 and mma <= 7.0, (fma, mma)
+    assert rows <= 3.3, rows  # measured 3.12 (2.66 at block_n 256)
     assert gemv <= 4.0 and gemv_ops["FFMA"] + gemv_ops["FMUL"] <= 1.05 * 256 * 128 / 128, gemv
     assert gemm > 1.5 * fma and ops["I2FP.F32.U32"] > 0  # the old path converts every nibble with I2F

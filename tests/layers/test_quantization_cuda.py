@@ -89,6 +89,8 @@ W4_VARIANTS = [  # every kernel of triton_w4a16.py, whatever the table picks tod
     dict(kernel="fma", block_m=1, block_n=256, block_k=64, split_k=0, num_warps=8, num_stages=3),
     dict(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=0, num_warps=4, num_stages=1),
     dict(kernel="gemv", block_m=1, block_n=128, block_k=64, split_k=3, num_warps=2, num_stages=3),
+    dict(kernel="gemv_rows", block_m=1, block_n=128, block_k=128, split_k=0, num_warps=1, num_stages=1),
+    dict(kernel="gemv_rows", block_m=1, block_n=512, block_k=64, split_k=3, num_warps=2, num_stages=1),
     dict(kernel="mma", block_m=16, block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3),
     dict(kernel="mma", block_m=64, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3),
     dict(kernel="gemm", block_m=16, block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3),
@@ -113,14 +115,14 @@ def test_every_w4a16_kernel_variant(config, m, n, k, group, act_order):
     assert err <= 1e-2 * ref.float().abs().max().item() + 1e-2, err
 
 
-@pytest.mark.parametrize("kernel,block_m", [("fma", 1), ("gemv", 1), ("mma", 16), ("gemm", 16)])
+@pytest.mark.parametrize("kernel,block_m", [("fma", 1), ("gemv", 1), ("gemv_rows", 1), ("mma", 16), ("gemm", 16)])
 def test_w4a16_split_k_is_deterministic_and_leaves_the_counters_at_zero(kernel, block_m):
     """Split K ends in the kernel (the last program of a tile adds the partials in split order): the same bits on
     every call, whichever program finishes last, and every tile counter back at 0."""
     from pagellm.model_executor.layers.quantization import triton_w4a16
 
     config = dict(kernel=kernel, block_m=block_m, block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=3)
-    if kernel == "gemv":  # its tiles: whole columns per thread; split 32 takes the unrolled fixup past one round
+    if kernel in ("gemv", "gemv_rows"):  # its tiles: whole columns per thread; split 32 takes the unrolled fixup past one round
         config.update(block_n=256, num_warps=1, split_k=32)
     x, qweight, scales, zeros, g_idx, group = _w4_case(3, 4096, 4096, 128, False, torch.bfloat16, seed=4)
     outs = [triton_w4a16.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config) for _ in range(5)]
@@ -134,13 +136,14 @@ def test_w4a16_split_k_is_deterministic_and_leaves_the_counters_at_zero(kernel, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 128), (4096, 4096, -1),
                                        (1536, 576, 32), (72, 256, 64)])
-def test_w4a16_gemv_with_extreme_activations(n, k, group, dtype):
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_rows"])
+def test_w4a16_gemv_with_extreme_activations(n, k, group, dtype, kernel):
     """The batch-1 `gemv` reads each masked nibble as a float32 subnormal and scales x by up to 2**101 through its
     exponent: large (2**14) and tiny (2**-40) activations and exact zeros give the reference's result, so no
     subnormal is flushed to zero and no scaled x overflows."""
     from pagellm.model_executor.layers.quantization.triton_w4a16 import w4a16_matmul
 
-    config = dict(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=0, num_warps=1, num_stages=1)
+    config = dict(kernel=kernel, block_m=1, block_n=256, block_k=128, split_k=0, num_warps=1, num_stages=1)
     x, qweight, scales, zeros, g_idx, group = _w4_case(3, n, k, group, False, dtype, seed=n + k)
     x[0, : k // 2] *= 2.0 ** 14 if dtype == torch.bfloat16 else 2.0 ** 4
     x[1, : k // 2] *= 2.0 ** -40 if dtype == torch.bfloat16 else 2.0 ** -8

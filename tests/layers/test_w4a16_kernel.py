@@ -75,6 +75,8 @@ def test_launch_params():
     assert wc.launch_params(1, 28672, 14336, 128, False, config("gemv", 1, 128, 128), 132)[1:3] == (112, 128)
     assert wc.launch_params(1, 4096, 4096, 128, False, config("gemv", 1, 128, 128, num_stages=3), 132)[1:3] == (
         8, 512)
+    # gemv_rows: two K tiles per program.
+    assert wc.launch_params(1, 28672, 4096, 128, False, config("gemv_rows", 1, 128, 128), 132)[1:3] == (16, 256)
     # The table's large-M config is not split.
     assert wc.launch_params(256, 4096, 4096, 128, False, wc.w4a16_config(256, 4096, 4096), 132)[1] == 1
 
@@ -106,7 +108,8 @@ CASES = [  # m, n, k, group, act_order
     (2, 32, 256, 64, True),     # act-order g_idx
 ]
 CONFIGS = [config("fma", 1, 32, 128), config("fma", 1, 64, 64, split_k=3), config("gemv", 1, 32, 128),
-           config("gemv", 1, 64, 64, split_k=3), config("mma", 16, 32, 128), config("gemm", 16, 32, 64, split_k=2)]
+           config("gemv", 1, 64, 64, split_k=3), config("gemv_rows", 1, 32, 128), config("gemv_rows", 1, 64, 64, 3),
+           config("mma", 16, 32, 128), config("gemm", 16, 32, 64, split_k=2)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['kernel']}-m{c['block_m']}-k{c['block_k']}")
@@ -129,8 +132,9 @@ def test_interpreted_fma_kernel_in_bfloat16(kernels):
     assert (y.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item()
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_rows"])
 @pytest.mark.parametrize("split_k", [0, 3])
-def test_interpreted_gemv_kernel_in_bfloat16_pairs(kernels, split_k):
+def test_interpreted_gemv_kernel_in_bfloat16_pairs(kernels, split_k, kernel):
     """`gemv` with bf16 activations reads them two per int32, scaled by their exponent fields; large and tiny
     magnitudes (to 2**20 and 2**-60) and zeros come out as the reference's."""
     x, qweight, scales, zeros, g_idx, group = make_case(2, 64, 512, 128, False, torch.bfloat16, seed=3)
@@ -138,7 +142,7 @@ def test_interpreted_gemv_kernel_in_bfloat16_pairs(kernels, split_k):
     x[0, 64:128] *= 2.0 ** -60
     x[1, ::3] = 0.0
     assert x.data_ptr() % 4 == 0
-    y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config("gemv", 1, 32, 64, split_k))
+    y = kernels.w4a16_matmul(x, qweight, scales, zeros, g_idx, group, config=config(kernel, 1, 32, 64, split_k))
     ref = w4a16_reference(x, qweight, scales, zeros, g_idx, group)
     for row in range(2):
         err = (y[row].float() - ref[row].float()).abs().max().item()

@@ -6,6 +6,8 @@ every other shape. A config:
     kernel      "gemv": the batch-1 kernel on CUDA cores, one row of x per program (block_m 1; about 3.5
                 instructions per weight; num_stages > 1 pipelines its K loop; needs tiles inside one group and
                 K a multiple of block_k, else runs "fma")
+                "gemv_rows": the same, each thread summing its columns down a tile's rows (about 2.7
+                instructions per weight; one warp per program suits it; same needs, same fallback)
                 "fma": the older GEMV kernel on CUDA cores, one row of x per program (block_m 1)
                 "mma": the small-M kernel with tl.dot (tensor cores; BLOCK_M >= 16, BLOCK_K >= 128)
                 "gemm": the large-M kernel (one dot per K tile, the weight tile unpacked to [BLOCK_K, BLOCK_N])
@@ -15,8 +17,9 @@ every other shape. A config:
     num_warps, num_stages       Triton launch options
 
 The M = 1 and M = 128 entries are measured on an H200 (`gpu_check.sh tune-w4a16-m1 bake`, `tune-w4a16-m128
-bake`: CUDA-graph replays, L2 flushed; benchmarks/results/h200-tp1-w4a16-m{1,128}-sweep.json); the other buckets
-are still first guesses.
+bake`: CUDA-graph replays, L2 flushed; benchmarks/results/h200-tp1-w4a16-m{1,128}-sweep.json; M = 1 again over
+split sizes and both batch-1 kernels by benchmarks/w4a16_gemv_sweep.py, h200-tp1-w4a16-gemv-sweep.json: only
+gate_up changed, to gemv_rows); the other buckets are still first guesses.
 `benchmarks/tune_kernels.py` (gpu_check.sh part `tune`) writes measured winners in this format;
 `tune_kernels.py --bake OUT` writes them over W4A16_CONFIGS.
 """
@@ -25,8 +28,8 @@ from __future__ import annotations
 
 from pagellm.model_executor.layers.kernel_configs import Config, Table, check_table, lookup
 
-KERNELS = ("fma", "gemv", "mma", "gemm")
-ROW_KERNELS = ("fma", "gemv")  # one row of x per program, on CUDA cores (no tl.dot)
+KERNELS = ("fma", "gemv", "gemv_rows", "mma", "gemm")
+ROW_KERNELS = ("fma", "gemv", "gemv_rows")  # one row of x per program, on CUDA cores (no tl.dot)
 FIELDS = {"kernel": str, "block_m": int, "block_n": int, "block_k": int, "split_k": int, "num_warps": int,
           "num_stages": int}
 
@@ -88,7 +91,7 @@ W4A16_CONFIGS: Table = {
                 "num_stages": 3},
     },
     "4096->28672": {
-        "1": {"kernel": "gemv", "block_m": 1, "block_n": 256, "block_k": 128, "split_k": 0, "num_warps": 4,
+        "1": {"kernel": "gemv_rows", "block_m": 1, "block_n": 128, "block_k": 128, "split_k": 16, "num_warps": 1,
               "num_stages": 1},
         "4": {"kernel": "mma", "block_m": 16, "block_n": 64, "block_k": 128, "split_k": 0, "num_warps": 4,
               "num_stages": 3},
@@ -141,18 +144,21 @@ def auto_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: in
     """Programs along K so that the output tiles times the split cover about two waves of SMs, each program
     still looping over at least four K tiles. `gemv`: four K tiles per program when its loop is pipelined
     (num_stages > 1), else one (a program would wait for each tile's load in turn; many programs in flight
-    overlap them instead)."""
+    overlap them instead). `gemv_rows`: two (on gate_up at batch 1, 24.9 us against 27.5 for one and 30.5 for
+    four)."""
     tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
     split = 1
     if kernel == "gemv":
         return _cdiv(_cdiv(k, block_k), 4 if num_stages > 1 else 1)
+    if kernel == "gemv_rows":
+        return _cdiv(_cdiv(k, block_k), 2)
     while tiles * split < 2 * sms and k // (split * 2) >= 4 * block_k:
         split *= 2
     return split
 
 
 # The smallest BLOCK_K each kernel takes: tl.dot wants 16 rows of K (the mma kernel's dots run on packed rows).
-_MIN_BLOCK_K = {"fma": 16, "gemv": 16, "mma": 128, "gemm": 16}
+_MIN_BLOCK_K = {"fma": 16, "gemv": 16, "gemv_rows": 16, "mma": 128, "gemm": 16}
 
 
 def launch_params(m: int, n: int, k: int, group_size: int, has_g_idx: bool, config: Config, sms: int

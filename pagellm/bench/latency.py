@@ -65,7 +65,9 @@ def run_latency_bench(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
 
     llm = LLM(**kwargs)
-    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    # The warm-up samples as the timed runs do (greedy), so that no kernel is first compiled inside them.
+    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0, detokenize=False),
+                 use_tqdm=False)
     llm.llm_engine.core.scheduler.reset_prefix_cache()
     times = []
     for _ in range(args.num_iters):

@@ -229,3 +229,57 @@ def test_the_cuda_sampler_draws_with_the_kernel():
     assert fused_sampler(logits, metadata([SamplingParams(top_k=5)])) is None
     assert fused_sampler(logits, metadata([SamplingParams(top_p=0.9)])) is None
     assert fused_sampler(logits, metadata([SamplingParams(min_p=0.1)])) is None
+
+
+# ---- the greedy argmax (argmax_rows) ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def argmax():
+    """logits on the CPU -> argmax_rows' indices on the CPU, run on CUDA when it is here."""
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+        from pagellm.model_executor.layers.triton_sampling import argmax_rows
+
+        yield lambda logits, **kw: argmax_rows(logits.to("cuda"), **kw).cpu()
+        return
+    with interpreted_module("pagellm.model_executor.layers.triton_sampling") as module:
+        yield module.argmax_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,vocab,block", [(1, 7, 4096), (3, 1000, 256), (2, 9000, 4096), (5, 4096, 1024)])
+def test_argmax_rows_is_torch_argmax(argmax, dtype, rows, vocab, block):
+    """Rows spread over several chunks: the index torch.argmax gives, in the logits' own dtype."""
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 4).to(dtype)
+    got = argmax(logits, block=block)
+    assert got.dtype == torch.int64 and torch.equal(got, logits.float().argmax(dim=1))
+
+
+def test_argmax_rows_takes_the_first_of_tied_maxima_across_chunks(argmax):
+    logits = torch.zeros(4, 1000)
+    logits[0, [700, 300, 999]] = 5.0  # ties in different chunks: the first
+    logits[1, [257, 256]] = 2.0  # ties in one chunk
+    logits[2] = float("-inf")  # nothing allowed: index 0, as torch.argmax
+    logits[3, :] = float("-inf")
+    logits[3, 999] = -1e30  # the only finite logit, in the last (partial) chunk
+    got = argmax(logits, block=256)
+    assert got.tolist() == [300, 256, 0, 999]
+
+
+def test_argmax_rows_strided_rows_and_empty_batch(argmax):
+    wide = torch.randn(3, 2048, generator=torch.Generator().manual_seed(1))
+    view = wide[:, :1500]  # rows 2048 apart
+    assert torch.equal(argmax(view, block=512), view.argmax(dim=1))
+    assert argmax(torch.zeros(0, 10)).shape == (0,)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_greedy_sampler_takes_the_argmax_kernel_and_keeps_torch_choices():
+    pytest.importorskip("triton")
+    from pagellm.model_executor.layers.sampler import fused_argmax
+
+    logits = (torch.randn(5, 128256, device="cuda") * 3).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.0)] * 5
+    md = SamplingMetadata.build(params, [[]] * 5, [[]] * 5, {}, logits.shape[1], "cuda")
+    assert fused_argmax(logits) is not None and fused_argmax(logits.cpu()) is None
+    assert torch.equal(Sampler()(logits, md).sampled_token_ids, logits.float().argmax(dim=1))

@@ -107,4 +107,52 @@ def sample_from_logits(logits: torch.Tensor, temperature: Optional[torch.Tensor]
     return out
 
 
-__all__ = ["sample_from_logits"]
+@triton.jit
+def _argmax_chunks_kernel(logits_ptr, val_ptr, idx_ptr, n_cols, stride_row, n_chunks, BLOCK: tl.constexpr):
+    """Program (row, chunk): the chunk's largest logit and its first index."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    best, arg = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(val_ptr + row * n_chunks + chunk, best)
+    tl.store(idx_ptr + row * n_chunks + chunk, chunk * BLOCK + arg)
+
+
+@triton.jit
+def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS_P2: tl.constexpr):
+    """Program row: the first chunk holding the row's largest logit, and that chunk's first index of it."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS_P2)
+    v = tl.load(val_ptr + row * n_chunks + c, mask=c < n_chunks, other=float("-inf"))
+    _, first = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(out_ptr + row, tl.load(idx_ptr + row * n_chunks + first).to(tl.int64))
+
+
+ARGMAX_BLOCK = 4096
+
+
+def argmax_rows(logits: torch.Tensor, block: int = ARGMAX_BLOCK) -> torch.Tensor:
+    """int64 [N]: each row's first index of its largest value, as torch.argmax(dim=1) gives it, for logits
+    [N, V] in any float dtype (read as they are, no float32 copy). Why: torch's argmax spends one block on a
+    row, 28 us per token for a 128256-wide row on an H200 at batch 1; here chunks of the row are searched in
+    parallel, then a second kernel picks the first chunk holding the maximum (deterministic, no atomics)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    n, vocab = logits.shape
+    out = torch.empty(n, dtype=torch.int64, device=logits.device)
+    if n == 0:
+        return out
+    block = min(triton.next_power_of_2(vocab), block)
+    chunks = triton.cdiv(vocab, block)
+    vals = torch.empty((n, chunks), dtype=torch.float32, device=logits.device)
+    idx = torch.empty((n, chunks), dtype=torch.int32, device=logits.device)
+    _argmax_chunks_kernel[(n, chunks)](logits, vals, idx, vocab, logits.stride(0), chunks, BLOCK=block,
+                                       num_warps=4 if block <= 2048 else 8)
+    _argmax_rows_kernel[(n,)](vals, idx, out, chunks, CHUNKS_P2=triton.next_power_of_2(chunks), num_warps=1)
+    return out
+
+
+__all__ = ["argmax_rows", "sample_from_logits"]

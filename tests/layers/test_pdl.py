@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pdl = pytest.importorskip("pagellm.model_executor.layers.pdl", reason="needs triton", exc_type=ImportError)
+pytest.importorskip("triton")
+from pagellm.model_executor.layers import pdl  # noqa: E402
 
 
 @pytest.fixture

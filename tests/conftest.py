@@ -5,6 +5,7 @@ The reference everywhere is transformers in float32 on the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # No test reaches the Hugging Face Hub (a model id that is not a local path fails at once, saying the hub is off):
@@ -54,6 +55,33 @@ def smollm_gguf() -> str:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """While transformers reads the embedded GGUF: one gguf.GGUFReader per file, and one gguf tensor-name map per
+    (architecture, layers). transformers opens a new reader for the tokenizer's config, the model's config and the
+    weights (each parses the 49k-entry vocabulary again, 8 s), and builds the name map anew for each of the
+    model's ~400 modules (13 s in all); both are read only, so sharing them gives the same tokenizer and tensors in
+    about a third of the time. transformers imports both names from gguf when it calls them: patched there."""
+    import functools
+
+    import gguf
+
+    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def one_reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = make_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = one_reader, functools.lru_cache(maxsize=None)(make_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
+
+
 @pytest.fixture(scope="session")
 def hf_smollm(smollm_gguf, tmp_path_factory):
     """transformers' float32 SmolLM2 from the same GGUF, and its tokenizer: the reference.
@@ -72,8 +100,9 @@ def hf_smollm(smollm_gguf, tmp_path_factory):
     with FileLock(str(saved) + ".lock"):
         if not (saved / "done").exists():
             folder, name = os.path.split(smollm_gguf)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            with _gguf_parsed_once():
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             tokenizer.save_pretrained(saved)
             model.config.save_pretrained(saved)  # (save_pretrained refuses a model read from a GGUF)
             safetensors.torch.save_model(model, str(saved / "model.safetensors"))
@@ -94,6 +123,43 @@ def smollm_llm():
     return LLM(dtype="float32", max_model_len=1024, kv_cache_memory=256 * 2**20)
 
 
+class _ForkserverForSpawn:
+    """Stands for the `multiprocessing` module in pagellm.executor.multiproc: its get_context("spawn") gives a
+    forkserver context whose server has imported what a worker imports (see forkserver_workers)."""
+
+    PRELOAD = ["pagellm.executor.multiproc", "pagellm.worker.worker", "transformers.models",
+               "transformers.models.llama.configuration_llama"]
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._mp = multiprocessing
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(self.PRELOAD)  # (read when the server starts: once per test process)
+
+    def get_context(self, method=None):
+        assert method == "spawn", method
+        return self._ctx
+
+    def __getattr__(self, name):
+        return getattr(self._mp, name)
+
+
+@pytest.fixture
+def forkserver_workers(monkeypatch):
+    """The multi-process executor's workers forked from one server process instead of spawned: a spawned worker
+    spends 4-9 s of a 2-core CPU importing torch and transformers (its config unpickles through transformers) before
+    it joins the group, a worker forked from the server that imported them once starts in a fraction of a second.
+    The same worker_main runs, with the same pickled config, in a process that inherited nothing of the test's; for
+    the tests that compare what the ranks compute. The spawned start itself stays covered by the tests that run
+    without this fixture (workers that die or hang, tests/entrypoints/test_server_worker_death.py). The server
+    keeps the environment of the first test that started it."""
+    import pagellm.executor.multiproc as multiproc
+
+    assert multiproc.multiprocessing.__name__ == "multiprocessing"  # what is patched is still there
+    monkeypatch.setattr(multiproc, "multiprocessing", _ForkserverForSpawn())
+
+
 @pytest.fixture(scope="session")
 def tiny_so_model(tmp_path_factory, smollm_gguf) -> str:
     """A 2-layer random Llama with the SmolLM2 tokenizer (vocabulary padded by 64): structured output tests."""
@@ -105,22 +171,21 @@ def tiny_so_model(tmp_path_factory, smollm_gguf) -> str:
 # ---- order: the slowest files first ------------------------------------------------------------------------------
 # `pytest -n 2 --dist loadfile` hands each worker one file at a time, by default the files with the most tests first,
 # which left the files of one slow test (a server start each) to the end, on one worker while the other idled.
-# Slowest first instead: seconds per file on a clean clone (CI, 2 cores; the tests' junit times at 4eef2d6).
-# A file not listed keeps its place after these. (tests/engine/test_correctness.py is left out on purpose: it
-# waits for the transformers SmolLM2 that tests/models/test_gguf.py converts first, see hf_smollm.)
+# Slowest first instead: seconds per file (junit times) of a whole run on a clean clone, 2 busy cores, after the
+# parallel tests' workers came from a forkserver and the SmolLM2 greedy reference from one forward pass per prompt.
+# A file not listed keeps its place after these.
 SLOW_FILES = {
-    "tests/distributed/test_parallel.py": 319, "tests/entrypoints/test_openai_server.py": 129,
-    "tests/entrypoints/test_structured_server.py": 80, "tests/structured_output/test_llm_structured.py": 100,
-    "tests/entrypoints/test_spec_server.py": 64, "tests/entrypoints/test_schemathesis.py": 48,
-    "tests/entrypoints/test_tenants.py": 47, "tests/entrypoints/test_api_servers.py": 45,
-    "tests/models/test_gguf.py": 55, "tests/entrypoints/test_responses_server.py": 41,
-    "tests/entrypoints/test_server_lifecycle.py": 37,
-    "tests/entrypoints/test_vision_server.py": 31, "tests/entrypoints/test_input_hardening.py": 30,
-    "tests/spec_decode/test_spec_engine.py": 27, "tests/entrypoints/test_shutdown.py": 24,
-    "tests/entrypoints/test_soak.py": 24, "tests/entrypoints/test_data_parallel.py": 22,
-    "tests/entrypoints/test_request_budget.py": 22, "tests/entrypoints/test_server_worker_death.py": 20,
-    "tests/entrypoints/test_habits_server.py": 19, "tests/entrypoints/test_every_request_answered.py": 16,
-    "tests/entrypoints/test_lora_server.py": 16, "tests/engine/test_requests.py": 15,
+    "tests/entrypoints/test_openai_server.py": 107, "tests/distributed/test_parallel.py": 100,
+    "tests/entrypoints/test_structured_server.py": 67, "tests/entrypoints/test_api_servers.py": 53,
+    "tests/entrypoints/test_schemathesis.py": 49, "tests/structured_output/test_llm_structured.py": 49,
+    "tests/entrypoints/test_tenants.py": 47, "tests/entrypoints/test_spec_server.py": 46,
+    "tests/entrypoints/test_server_lifecycle.py": 36, "tests/entrypoints/test_server_worker_death.py": 34,
+    "tests/entrypoints/test_shutdown.py": 34, "tests/models/test_gguf.py": 33, "tests/entrypoints/test_soak.py": 25,
+    "tests/entrypoints/test_responses_server.py": 25, "tests/entrypoints/test_request_budget.py": 24,
+    "tests/entrypoints/test_habits_server.py": 22, "tests/entrypoints/test_data_parallel.py": 21,
+    "tests/spec_decode/test_spec_engine.py": 21, "tests/entrypoints/test_input_hardening.py": 21,
+    "tests/entrypoints/test_embeddings_server.py": 20, "tests/entrypoints/test_vision_server.py": 19,
+    "tests/entrypoints/test_every_request_answered.py": 16, "tests/entrypoints/test_lora_server.py": 16,
 }
 
 

@@ -96,6 +96,17 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[i
     return tokens, logprobs
 
 
+def hf_forced_logprobs(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """transformers' log-softmax of the raw logits at each of `tokens` after `prompt_ids`, in one forward pass
+    (teacher forcing): row i is what transformers' greedy decoding picks token i from, given the same prefix. So
+    tokens that are each their row's argmax are transformers' greedy continuation (what hf_greedy decodes one
+    token at a time, a forward pass per token)."""
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids + tokens[:-1]])
+        logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt_ids) - 1:]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def tiny_llm(path: str, **kwargs):
     """A float32 pagellm engine on a tiny model, without a tokenizer, with a small KV cache."""
     from pagellm import LLM

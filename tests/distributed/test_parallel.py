@@ -1,7 +1,10 @@
 """Tensor and pipeline parallelism on the CPU (gloo): greedy tokens identical to one device, in float32.
 
 The single-device engine is itself checked against transformers (tests/engine/test_correctness.py), so equality
-with it is equality with the reference. Each multi-rank engine runs its ranks as processes (mp) or Ray actors.
+with it is equality with the reference. Each multi-rank engine runs its ranks as processes (mp) or Ray actors. The
+tests that compare what the ranks compute fork their mp workers from a server process that imported torch and
+transformers once (the forkserver_workers fixture of tests/conftest.py: seconds saved per engine); those about
+workers that die or hang spawn them, as the engine does by itself.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def _assert_same(got: list, ref: list) -> None:
     ("gemma3", 2, 1),     # sliding/global layers, Gemma norms; 2 KV heads, one per rank
     ("gemma3", 1, 2),     # the embedding scale on the first stage, the final norm on the last
 ])
+@pytest.mark.usefixtures("forkserver_workers")
 def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     path = tiny_model_dir(arch)
     got = _generate(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
@@ -80,6 +84,7 @@ def test_mp_parallel_matches_single_device(tiny_model_dir, arch, tp, pp):
     ("qwen2_moe", True),   # plus a shared expert (tensor-parallel) and a dense layer
     ("qwen3_moe", False),  # every expert's intermediate dim sliced over the two ranks
 ])
+@pytest.mark.usefixtures("forkserver_workers")
 def test_moe_tp2_and_ep2_match_single_device(tiny_model_dir, arch, ep):
     """Mixture-of-Experts at TP=2, with and without enable_expert_parallel: the single device's tokens and
     logprobs (the single device is checked against transformers in tests/engine/test_correctness.py)."""
@@ -131,6 +136,7 @@ def test_expert_parallel_needs_the_experts_to_divide():
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.usefixtures("forkserver_workers")
 def test_fp8_kv_cache_matches_single_device(tiny_model_dir, tp, pp):
     """kv_cache_dtype="fp8" split over ranks: each rank stores its own KV heads (TP) or layers (PP) in FP8 with
     the layer's scales, so the tokens and logprobs are the single device's FP8 engine's."""
@@ -151,9 +157,10 @@ def _reference_fp8(path: str) -> list:
 @pytest.mark.parametrize("backend", ["mp", "ray"])
 def test_async_scheduling_with_workers_matches_single_device(tiny_model_dir, backend, request):
     """TP=2 with async scheduling: step N+1 is sent while step N runs; a decode scheduled ahead of its input
-    token reads it on the device, where the driver's broadcast put it on the other rank too."""
-    if backend == "ray":
-        request.getfixturevalue("local_ray")
+    token reads it on the device, where the driver's broadcast put it on the other rank too. [ray] is also the
+    check of tensor parallelism over Ray actors (Ray's execute_model is its submit_model then collect_model, both
+    used here; pipeline parallelism over Ray: test_pp_keeps_two_micro_batches_in_flight[ray])."""
+    request.getfixturevalue("local_ray" if backend == "ray" else "forkserver_workers")
     path = tiny_model_dir("llama")
     llm = _llm(path, tensor_parallel_size=2, async_scheduling=True, distributed_executor_backend=backend)
     try:
@@ -164,8 +171,9 @@ def test_async_scheduling_with_workers_matches_single_device(tiny_model_dir, bac
     _assert_same(got, _reference(path))
 
 
+@pytest.mark.usefixtures("forkserver_workers")
 def test_mp_tp2_x_pp2_matches_single_device(tiny_model_dir):
-    """Four ranks (two stages of two TP ranks): about 25 s on 2 cores, one thread per worker."""
+    """Four ranks (two stages of two TP ranks)."""
     path = tiny_model_dir("llama")
     got = _generate(path, tensor_parallel_size=2, pipeline_parallel_size=2)
     _assert_same(got, _reference(path))
@@ -220,13 +228,6 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_tensor_parallel_matches_single_device(tiny_model_dir, local_ray):
-    """(Pipeline parallelism over Ray: test_pp_keeps_two_micro_batches_in_flight[ray].)"""
-    path = tiny_model_dir("llama")
-    got = _generate(path, tensor_parallel_size=2, distributed_executor_backend="ray")
-    _assert_same(got, _reference(path))
-
-
 def test_parallel_options_are_validated(tiny_model_dir):
     path = tiny_model_dir("llama")
     with pytest.raises(ValueError, match="num_attention_heads"):
@@ -245,8 +246,7 @@ def test_parallel_options_are_validated(tiny_model_dir):
 @pytest.mark.parametrize("backend", ["mp", "ray"])
 def test_pp_keeps_two_micro_batches_in_flight(tiny_model_dir, backend, request):
     """max_num_seqs=3 with 6 prompts: two groups of requests alternate, one batch on each stage at a time."""
-    if backend == "ray":
-        request.getfixturevalue("local_ray")
+    request.getfixturevalue("local_ray" if backend == "ray" else "forkserver_workers")
     path = tiny_model_dir("llama")
     llm = _llm(path, pipeline_parallel_size=2, max_num_seqs=3, distributed_executor_backend=backend)
     try:
@@ -258,6 +258,7 @@ def test_pp_keeps_two_micro_batches_in_flight(tiny_model_dir, backend, request):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("forkserver_workers")
 def test_gguf_tp3_matches_single_device(smollm_llm):
     """The embedded SmolLM2 GGUF (9 heads, 3 KV heads, tied 49152-token vocabulary) split over 3 ranks: the GGUF
     loader hands whole dequantized tensors and each layer's weight loader keeps its rank's slice."""
@@ -272,6 +273,7 @@ def test_gguf_tp3_matches_single_device(smollm_llm):
     assert got == ref
 
 
+@pytest.mark.usefixtures("forkserver_workers")
 def test_dummy_weights_under_tp(tiny_model_dir):
     llm = _llm(tiny_model_dir("qwen2"), tensor_parallel_size=2, load_format="dummy")
     try:

@@ -127,6 +127,7 @@ def test_peft_reads_the_test_adapters_as_the_merged_reference(adapters):
     assert os.path.isfile(os.path.join(paths["all"], "adapter_model.safetensors"))
 
 
+@pytest.mark.usefixtures("forkserver_workers")  # (tests/conftest.py: workers start in a second)
 def test_pipeline_parallel_stages_apply_their_layers_adapters(adapters):
     """At pipeline_parallel_size=2 each stage's runner holds the adapter slots of its own layers."""
     base, paths = adapters

@@ -104,6 +104,7 @@ def test_compressed_tensors_checkpoint_equals_quantizing_at_load(checkpoints, ti
             assert abs(glp[tok].logprob - rlp[tok].logprob) < 1e-5
 
 
+@pytest.mark.usefixtures("forkserver_workers")  # (tests/conftest.py: workers start in a second)
 def test_gptq_act_order_tensor_parallel_matches_one_device(checkpoints):
     """TP=2 (gloo): packed input channels, act-order g_idx and replicated scales split by the parameters' tags."""
     quantized, _ = checkpoints("gptq-act-order", "gptq", group_size=32, act_order=True)

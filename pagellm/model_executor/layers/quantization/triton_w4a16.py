@@ -209,6 +209,29 @@ def _scaled_x(xr, i, BF16_PAIRS: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.cons
 
 
 @triton.jit
+def _packed_products(p, xr, BF16_PAIRS: tl.constexpr, t=0.0):
+    """t + sum over the eight nibbles q_j of the packed ints p of x_j q_j 2**-48, x_j the activations at xr
+    (shaped to broadcast against p). Each nibble is masked where it lies (the top three after one shift) and
+    read as a float32 subnormal q * 2**(b - 149) for a nibble at bit b; x is scaled by 2**(101 - b) to match
+    (_scaled_x), so each weight is one and and one fma."""
+    hi = p >> 12  # nibbles 5..7 to bits 8..19 (what the shift brings in above is masked off)
+    # nibble j at bit b = 4j (j < 5) or 4j - 12: x scaled by 2**(101 - b)
+    x0, x1 = _scaled_x(xr, 0, BF16_PAIRS, 101, 97)
+    x2, x3 = _scaled_x(xr, 1, BF16_PAIRS, 93, 89)
+    x4, x5 = _scaled_x(xr, 2, BF16_PAIRS, 85, 93)
+    x6, x7 = _scaled_x(xr, 3, BF16_PAIRS, 89, 85)
+    t += x0 * (p & 0xF).to(tl.float32, bitcast=True)
+    t += x1 * (p & 0xF0).to(tl.float32, bitcast=True)
+    t += x2 * (p & 0xF00).to(tl.float32, bitcast=True)
+    t += x3 * (p & 0xF000).to(tl.float32, bitcast=True)
+    t += x4 * (p & 0xF0000).to(tl.float32, bitcast=True)
+    t += x5 * (hi & 0xF00).to(tl.float32, bitcast=True)
+    t += x6 * (hi & 0xF000).to(tl.float32, bitcast=True)
+    t += x7 * (hi & 0xF0000).to(tl.float32, bitcast=True)
+    return t
+
+
+@triton.jit
 def _w4a16_colwise_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, group_size, k_per_split, split,
@@ -248,24 +271,11 @@ def _w4a16_colwise_kernel(
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         rows = k0 // 8 + offs_r
         p = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
-        hi = p >> 12  # nibbles 5..7 to bits 8..19 (what the shift brings in above is masked off)
         if BF16_PAIRS:
             xr = x_pairs + 4 * rows
         else:
             xr = x_row + 8 * rows
-        # nibble j at bit b = 4j (j < 5) or 4j - 12: x scaled by 2**(101 - b)
-        x0, x1 = _scaled_x(xr, 0, BF16_PAIRS, 101, 97)
-        x2, x3 = _scaled_x(xr, 1, BF16_PAIRS, 93, 89)
-        x4, x5 = _scaled_x(xr, 2, BF16_PAIRS, 85, 93)
-        x6, x7 = _scaled_x(xr, 3, BF16_PAIRS, 89, 85)
-        t = x0[:, None] * (p & 0xF).to(tl.float32, bitcast=True)
-        t += x1[:, None] * (p & 0xF0).to(tl.float32, bitcast=True)
-        t += x2[:, None] * (p & 0xF00).to(tl.float32, bitcast=True)
-        t += x3[:, None] * (p & 0xF000).to(tl.float32, bitcast=True)
-        t += x4[:, None] * (p & 0xF0000).to(tl.float32, bitcast=True)
-        t += x5[:, None] * (hi & 0xF00).to(tl.float32, bitcast=True)
-        t += x6[:, None] * (hi & 0xF000).to(tl.float32, bitcast=True)
-        t += x7[:, None] * (hi & 0xF0000).to(tl.float32, bitcast=True)
+        t = _packed_products(p, xr[:, None], BF16_PAIRS)
         x_total = tl.reduce(tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), 0, _add)
         g = k0 // group_size
         s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -320,24 +330,11 @@ def _w4a16_gemv_rows_kernel(
         for r in tl.static_range(ROWS):
             row = k0 // 8 + r
             p = _load_cols(w_col + row.to(tl.int64) * stride_qk, mask_n, EVEN_N)
-            hi = p >> 12  # nibbles 5..7 to bits 8..19 (what the shift brings in above is masked off)
             if BF16_PAIRS:
                 xr = x_pairs + 4 * row
             else:
                 xr = x_row + 8 * row
-            # nibble j at bit b = 4j (j < 5) or 4j - 12: x scaled by 2**(101 - b)
-            x0, x1 = _scaled_x(xr, 0, BF16_PAIRS, 101, 97)
-            x2, x3 = _scaled_x(xr, 1, BF16_PAIRS, 93, 89)
-            x4, x5 = _scaled_x(xr, 2, BF16_PAIRS, 85, 93)
-            x6, x7 = _scaled_x(xr, 3, BF16_PAIRS, 89, 85)
-            t += x0 * (p & 0xF).to(tl.float32, bitcast=True)
-            t += x1 * (p & 0xF0).to(tl.float32, bitcast=True)
-            t += x2 * (p & 0xF00).to(tl.float32, bitcast=True)
-            t += x3 * (p & 0xF000).to(tl.float32, bitcast=True)
-            t += x4 * (p & 0xF0000).to(tl.float32, bitcast=True)
-            t += x5 * (hi & 0xF00).to(tl.float32, bitcast=True)
-            t += x6 * (hi & 0xF000).to(tl.float32, bitcast=True)
-            t += x7 * (hi & 0xF0000).to(tl.float32, bitcast=True)
+            t = _packed_products(p, xr, BF16_PAIRS, t)
         g = k0 // group_size
         s = _load_cols(s_ptr + g * stride_sg + offs_n, mask_n, EVEN_N).to(tl.float32)
         z = _load_cols(z_ptr + g * stride_sg + offs_n, mask_n, EVEN_N).to(tl.float32)

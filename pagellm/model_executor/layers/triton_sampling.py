@@ -84,18 +84,23 @@ def _sample_rows_kernel(logits_ptr, temp_ptr, u_ptr, out_ptr, n_cols, stride_row
 BLOCK = 8192
 
 
+def _rows_and_output(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] with contiguous rows, and the int64 [N] for one token per row (ValueError otherwise)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits, torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+
+
 def sample_from_logits(logits: torch.Tensor, temperature: Optional[torch.Tensor], u: torch.Tensor,
                        block: int = BLOCK) -> torch.Tensor:
     """int64 [N]: for each row of logits [N, V] (bfloat16, float16 or float32), the first token whose cumulative
     probability under softmax(logits / T) exceeds u * total. temperature: [N] float32 (None: 1); u: [N] (or
     [N, 1]) uniforms in [0, 1), float32 or float64; block: the tile, a power of two (smaller ones let the tests
     cross tiles with small vocabularies). The logits are only read."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits, out = _rows_and_output(logits)
     n, vocab = logits.shape
-    out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n == 0:
         return out
     u = u.reshape(n)
@@ -137,12 +142,8 @@ def argmax_rows(logits: torch.Tensor, block: int = ARGMAX_BLOCK) -> torch.Tensor
     [N, V] in any float dtype (read as they are, no float32 copy). Why: torch's argmax spends one block on a
     row, 28 us per token for a 128256-wide row on an H200 at batch 1; here chunks of the row are searched in
     parallel, then a second kernel picks the first chunk holding the maximum (deterministic, no atomics)."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits, out = _rows_and_output(logits)
     n, vocab = logits.shape
-    out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n == 0:
         return out
     block = min(triton.next_power_of_2(vocab), block)

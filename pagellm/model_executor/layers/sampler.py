@@ -24,6 +24,7 @@ so the common cases skip the work they do not need.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -544,29 +545,22 @@ class Sampler(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_sample_from_logits() -> Optional[Callable[..., torch.Tensor]]:
-    """The Triton kernel's wrapper, or None where triton is missing (imported on first use: CUDA only)."""
+def _triton_sampling() -> Optional[types.ModuleType]:
+    """The Triton kernels' module (triton_sampling), or None where triton is missing (imported on first use: CUDA
+    only)."""
     try:
-        from pagellm.model_executor.layers.triton_sampling import sample_from_logits
+        from pagellm.model_executor.layers import triton_sampling
     except ImportError:
         return None
-    return sample_from_logits
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_argmax_rows() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    try:
-        from pagellm.model_executor.layers.triton_sampling import argmax_rows
-    except ImportError:
-        return None
-    return argmax_rows
+    return triton_sampling
 
 
 def fused_argmax(logits: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The greedy rows' argmax in two Triton kernels (triton_sampling.argmax_rows) for CUDA logits, read in
     their own dtype: the index torch.argmax(dim=1) gives, without the float32 copy and torch's one-block-per-row
     reduction (31 us per token at batch 1 on an H200, vocabulary 128256). None: torch's."""
-    return _triton_argmax_rows() if logits.is_cuda else None
+    kernels = _triton_sampling() if logits.is_cuda else None
+    return kernels.argmax_rows if kernels is not None else None
 
 
 def fused_sampler(logits: torch.Tensor, md: SamplingMetadata) -> Optional[Callable[..., torch.Tensor]]:
@@ -575,7 +569,8 @@ def fused_sampler(logits: torch.Tensor, md: SamplingMetadata) -> Optional[Callab
     draws the same token for the same uniform, up to float32 rounding. None: take the torch path."""
     if not logits.is_cuda or not (md.no_top_k and md.no_top_p and md.no_min_p):
         return None
-    return _triton_sample_from_logits()
+    kernels = _triton_sampling()
+    return kernels.sample_from_logits if kernels is not None else None
 
 
 def random_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -350,8 +350,8 @@ class ModelRunner:
                 logits = self._graph_forward(bs, q)
             pool = graph.pool()
             (self.graphs if q == 1 else self.verify_graphs)[bs] = (graph, logits)
-        if self.computes_logits and fused_argmax(logits) is not None:
-            fused_argmax(logits)(logits)  # compiles the greedy argmax here, not in the first greedy request
+        if self.computes_logits and (argmax := fused_argmax(logits)) is not None:
+            argmax(logits)  # compiles the greedy argmax here, not in the first greedy request
         torch.cuda.synchronize(self.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) and %d for verify steps in %.1fs, %.2f GiB",
                     len(self.graphs), min(self.graph_sizes), max(self.graph_sizes), len(self.verify_graphs),
